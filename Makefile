@@ -1,0 +1,45 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   - local Kafka + PostgreSQL, topics, worker, a simulated month of traffic
+#   make test   - ruff and the whole test suite on real services
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install up down status topics demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev,tansu]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+up: $(STAMP)
+	$(BIN)/ledger stack up
+
+down: $(STAMP)
+	$(BIN)/ledger stack down
+
+status: $(STAMP)
+	$(BIN)/ledger stack status
+
+topics: up
+	$(BIN)/ledger topics create
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/pytest
+
+demo: $(STAMP)
+	$(BIN)/ledger demo
+
+bench: $(STAMP)
+	$(BIN)/python -m ledger.bench
+
+clean: down
+	rm -rf .ledger

@@ -1,0 +1,1 @@
+"""Event-sourced, double-entry billing ledger."""

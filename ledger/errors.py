@@ -1,0 +1,49 @@
+"""One error hierarchy for the ledger package, under one root."""
+
+
+class LedgerError(Exception):
+    """Root of every error the ledger raises on purpose."""
+
+
+class ConfigError(LedgerError):
+    """A setting (environment variable, CLI argument, policy or price book) is invalid."""
+
+
+class StackError(LedgerError):
+    """A local service (Kafka, PostgreSQL) could not be started, reached or stopped."""
+
+
+# --- wire format -----------------------------------------------------------------------------
+
+
+class DecodeError(LedgerError):
+    """Bytes from Kafka could not be turned into an event. `reason` is a stable short code."""
+
+    reason = "undecodable"
+
+
+class BadMagicError(DecodeError):
+    reason = "bad_magic"
+
+
+class UnknownFingerprintError(DecodeError):
+    reason = "unknown_fingerprint"
+
+
+class TruncatedBodyError(DecodeError):
+    reason = "truncated_body"
+
+
+class SchemaViolationError(DecodeError):
+    """The body decoded but does not satisfy the schema (or the event's own rules)."""
+
+    reason = "schema_violation"
+
+
+class InvalidEventError(LedgerError):
+    """A producer was handed an event that does not match its schema; nothing was sent."""
+
+    def __init__(self, event_type: str, field: str, message: str):
+        self.event_type = event_type
+        self.field = field
+        super().__init__(f"{event_type}.{field}: {message}")

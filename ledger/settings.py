@@ -1,0 +1,120 @@
+"""The one place settings come from: `LEDGER_*` environment variables, read once at start-up.
+
+`Settings.from_env()` builds a frozen object; a bad value raises `ConfigError` naming the
+variable. Nothing else in the project reads `os.environ`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from ledger.errors import ConfigError
+
+PREFIX = "LEDGER_"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    # Existing services; when set, the local stack starts nothing.
+    kafka_bootstrap: str | None = None
+    database_url: str | None = None
+    # Local stack.
+    home: Path = Path(".ledger")
+    cache_dir: Path = Path.home() / ".cache" / "billing-ledger"
+    broker: str = "auto"  # auto | kafka | tansu
+    # Topics.
+    topic_prefix: str = ""
+    partitions: int = 8
+    # Ledger consumer.
+    consumer_group: str = "ledger"
+    batch_max_events: int = 2000
+    batch_max_ms: int = 200
+    # Projection and relay.
+    poll_interval_ms: int = 200
+    # Business configuration files (None: the defaults shipped with the package).
+    price_book: Path | None = None
+    policy: Path | None = None
+    # Logging.
+    log_level: str = "INFO"
+    log_format: str = "auto"  # auto | json | console
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in env:
+            if key.startswith(PREFIX) and key[len(PREFIX) :].lower() not in known:
+                raise ConfigError(f"{key}: unknown setting (known: {_names(known)})")
+        for field in dataclasses.fields(cls):
+            var = PREFIX + field.name.upper()
+            raw = env.get(var)
+            if raw is None or raw == "":
+                continue
+            values[field.name] = _parse(var, field.name, raw)
+        return cls(**values)
+
+    def __post_init__(self) -> None:
+        _check_choice("LEDGER_BROKER", self.broker, ("auto", "kafka", "tansu"))
+        _check_choice("LEDGER_LOG_FORMAT", self.log_format, ("auto", "json", "console"))
+        _check_choice(
+            "LEDGER_LOG_LEVEL", self.log_level.upper(), ("DEBUG", "INFO", "WARNING", "ERROR")
+        )
+        for name, low, high in (
+            ("partitions", 1, 10_000),
+            ("batch_max_events", 1, 1_000_000),
+            ("batch_max_ms", 1, 600_000),
+            ("poll_interval_ms", 1, 600_000),
+        ):
+            value = getattr(self, name)
+            if not low <= value <= high:
+                raise ConfigError(f"LEDGER_{name.upper()}={value}: must be in [{low}, {high}]")
+        if self.database_url is not None and not self.database_url.startswith(
+            ("postgresql://", "postgres://")
+        ):
+            raise ConfigError(
+                f"LEDGER_DATABASE_URL={self.database_url!r}: must be a postgresql:// URL"
+            )
+        if self.kafka_bootstrap is not None:
+            for hostport in self.kafka_bootstrap.split(","):
+                host, _, port = hostport.strip().rpartition(":")
+                if not host or not port.isdigit():
+                    raise ConfigError(
+                        f"LEDGER_KAFKA_BOOTSTRAP={self.kafka_bootstrap!r}: "
+                        "expected host:port[,host:port...]"
+                    )
+
+    @property
+    def uses_existing_services(self) -> bool:
+        return self.kafka_bootstrap is not None and self.database_url is not None
+
+    def topic(self, name: str) -> str:
+        """The full name of one of the ledger's topics, e.g. `billing.usage.v1`."""
+        return self.topic_prefix + name
+
+
+def _parse(var: str, name: str, raw: str) -> object:
+    kind = {f.name: f.type for f in dataclasses.fields(Settings)}[name]
+    if "int" in str(kind):
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigError(f"{var}={raw!r}: not an integer") from None
+    if "Path" in str(kind):
+        path = Path(raw).expanduser()
+        if name in ("price_book", "policy") and not path.is_file():
+            raise ConfigError(f"{var}={raw!r}: no such file")
+        return path
+    return raw
+
+
+def _check_choice(var: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{var}={value!r}: must be one of {', '.join(choices)}")
+
+
+def _names(known: set[str]) -> str:
+    return ", ".join(sorted(PREFIX + n.upper() for n in known))
