@@ -30,9 +30,7 @@ def configure_logging(settings: Settings, *, force: bool = False) -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.StackInfoRenderer(),
-            structlog.processors.format_exc_info
-            if fmt == "json"
-            else structlog.dev.set_exc_info,
+            structlog.processors.format_exc_info if fmt == "json" else structlog.dev.set_exc_info,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(

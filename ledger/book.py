@@ -1,0 +1,400 @@
+"""The ledger's fold: (account book, event) → (new book, journal entry). Pure, no I/O.
+
+An account book is the ledger writer's view of one customer: which grants it holds and what is
+left of each, and what it owes (receivable). It decides how a charge is split between grants
+and receivable; the journal entry records that split as balanced postings (debit positive,
+credit negative):
+
+    AccountOpened ($1)    expense:promotional +1.00 / customer:A:credit:signup −1.00
+    UsageRecorded ($0.30) customer:A:credit:signup +0.30 / revenue:usage −0.30
+    ... past the credit   customer:A:receivable +x / revenue:usage −x
+    CreditPurchased ($500 with $750 owed)  cash +500 / customer:A:receivable −500
+    InvoicePaid           cash +x / customer:A:receivable −x
+
+Grant balances are credit-normal (a grant with $1 left has a posting sum of −1); receivable is
+debit-normal (an account owing $5 has a posting sum of +5).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from ledger.policy import Policy
+from ledger.rating import PriceBook, quantize
+
+ZERO = Decimal(0)
+
+REVENUE_USAGE = "revenue:usage"
+EXPENSE_PROMOTIONAL = "expense:promotional"
+CASH = "cash"
+REVENUE_BREAKAGE = "revenue:breakage"
+
+
+def credit_account(account_id: str, grant_id: str) -> str:
+    return f"customer:{account_id}:credit:{grant_id}"
+
+
+def receivable_account(account_id: str) -> str:
+    return f"customer:{account_id}:receivable"
+
+
+class Rejected(Exception):
+    """The event is well-formed Avro but breaks a rule of the ledger; it goes to quarantine."""
+
+    def __init__(self, reason: str, detail: str):
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}")
+
+
+@dataclasses.dataclass
+class Grant:
+    grant_id: str
+    kind: str  # promotional | goodwill | purchased
+    granted: Decimal
+    remaining: Decimal
+    expires_at: datetime | None
+    order: int
+
+    def usable_at(self, when: datetime) -> bool:
+        return self.remaining > 0 and (self.expires_at is None or when < self.expires_at)
+
+
+@dataclasses.dataclass
+class AccountBook:
+    account_id: str
+    opened: bool = False
+    receivable: Decimal = ZERO
+    grants: dict[str, Grant] = dataclasses.field(default_factory=dict)
+    next_order: int = 0
+
+    def copy(self) -> AccountBook:
+        grants = {gid: dataclasses.replace(g) for gid, g in self.grants.items()}
+        return dataclasses.replace(self, grants=grants)
+
+    def credit_balance(self) -> Decimal:
+        return sum((g.remaining for g in self.grants.values()), ZERO)
+
+    def add_grant(
+        self, grant_id: str, kind: str, amount: Decimal, expires_at: datetime | None
+    ) -> None:
+        self.grants[grant_id] = Grant(grant_id, kind, amount, amount, expires_at, self.next_order)
+        self.next_order += 1
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "opened": self.opened,
+            "receivable": str(self.receivable),
+            "next_order": self.next_order,
+            "grants": {
+                g.grant_id: {
+                    "kind": g.kind,
+                    "granted": str(g.granted),
+                    "remaining": str(g.remaining),
+                    "expires_at": g.expires_at.isoformat() if g.expires_at else None,
+                    "order": g.order,
+                }
+                for g in self.grants.values()
+            },
+        }
+
+    @classmethod
+    def from_json(cls, account_id: str, data: dict[str, Any]) -> AccountBook:
+        grants = {
+            gid: Grant(
+                gid,
+                g["kind"],
+                Decimal(g["granted"]),
+                Decimal(g["remaining"]),
+                datetime.fromisoformat(g["expires_at"]) if g["expires_at"] else None,
+                g["order"],
+            )
+            for gid, g in data["grants"].items()
+        }
+        return cls(
+            account_id,
+            data["opened"],
+            Decimal(data["receivable"]),
+            grants,
+            data["next_order"],
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Posting:
+    ledger_account: str
+    amount: Decimal
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    status: str  # posted | unpriced | noop
+    postings: tuple[Posting, ...] = ()
+    price_version: str | None = None
+    detail: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def burn_order(book: AccountBook, policy: Policy, when: datetime) -> list[Grant]:
+    """Usable grants in the order they are spent: promotional kinds before purchased, then the
+    earliest expiry (never-expiring last), then the oldest grant."""
+    rank = {kind: i for i, kind in enumerate(policy.burn_kinds)}
+    far = datetime.max.replace(tzinfo=when.tzinfo)
+    usable = [g for g in book.grants.values() if g.usable_at(when)]
+    return sorted(usable, key=lambda g: (rank[g.kind], g.expires_at or far, g.order))
+
+
+def burn_credits(
+    book: AccountBook, charge: Decimal, policy: Policy, when: datetime
+) -> tuple[list[tuple[Grant, Decimal]], Decimal]:
+    """Split `charge` over the account's grants in burn order; what is left goes to receivable.
+    Mutates the book's grant balances and receivable; returns (burns, to_receivable)."""
+    burns = []
+    left = charge
+    for grant in burn_order(book, policy, when):
+        if left <= 0:
+            break
+        take = min(grant.remaining, left)
+        grant.remaining -= take
+        left -= take
+        burns.append((grant, take))
+    book.receivable += left
+    return burns, left
+
+
+class LedgerFold:
+    """Posts events onto account books. Holds the price book and policy; no other state."""
+
+    def __init__(self, pricebook: PriceBook, policy: Policy):
+        self.pricebook = pricebook
+        self.policy = policy
+
+    def post(self, book: AccountBook, event_type: str, event: dict[str, Any]) -> Entry:
+        """Apply one event to `book` (mutated in place) and return its journal entry.
+        Raises `Rejected` for an event that breaks a rule; the book is then unchanged."""
+        handler = getattr(self, f"_on_{event_type}", None)
+        if handler is None:
+            raise Rejected("unknown_event_type", f"the ledger does not handle {event_type}")
+        if not event.get("account_id"):
+            raise Rejected("missing_account", "account_id is empty")
+        snapshot = book.copy()
+        try:
+            return handler(book, event)
+        except Exception:
+            book.__dict__.update(snapshot.__dict__)
+            raise
+
+    # --- accounts -------------------------------------------------------------------------
+
+    def _on_AccountOpened(self, book: AccountBook, event: dict) -> Entry:
+        if book.opened:
+            return Entry("noop", detail={"note": "account already opened"})
+        book.opened = True
+        policy = self.policy
+        if policy.signup_credit <= 0:
+            return Entry("noop")
+        expires = None
+        if policy.signup_expires_after_days:
+            expires = event["occurred_at"] + timedelta(days=policy.signup_expires_after_days)
+        gid = policy.signup_grant_id
+        book.add_grant(gid, "promotional", policy.signup_credit, expires)
+        return _entry(
+            (EXPENSE_PROMOTIONAL, policy.signup_credit),
+            (credit_account(book.account_id, gid), -policy.signup_credit),
+            detail={"grant_id": gid, "kind": "promotional", "amount": str(policy.signup_credit)},
+        )
+
+    def _no_money(self, book: AccountBook, event: dict) -> Entry:
+        return Entry("noop")
+
+    _on_SpendLimitConfigured = _on_SpendLimitOverridden = _no_money
+    _on_AccountHoldPlaced = _on_AccountHoldReleased = _no_money
+    _on_PaymentMethodAdded = _on_PaymentMethodRemoved = _on_PaymentFailed = _no_money
+
+    # --- usage ----------------------------------------------------------------------------
+
+    def _on_UsageRecorded(self, book: AccountBook, event: dict) -> Entry:
+        self._check_quantities(event)
+        rating = self.pricebook.rate(event)
+        lines = [line.to_json() for line in rating.lines]
+        if not rating.priced:
+            return Entry(
+                "unpriced",
+                price_version=rating.price_version,
+                detail={"unpriced_reason": rating.unpriced_reason},
+            )
+        charge = rating.total
+        if charge == 0:
+            return Entry("noop", price_version=rating.price_version, detail={"lines": lines})
+        burns, owed = burn_credits(book, charge, self.policy, event["occurred_at"])
+        postings = [(credit_account(book.account_id, g.grant_id), take) for g, take in burns]
+        postings += [(receivable_account(book.account_id), owed), (REVENUE_USAGE, -charge)]
+        return _entry(
+            *postings,
+            price_version=rating.price_version,
+            detail={
+                "lines": lines,
+                "charge": str(charge),
+                "burns": [{"grant_id": g.grant_id, "amount": str(t)} for g, t in burns],
+                "to_receivable": str(owed),
+            },
+        )
+
+    def _check_quantities(self, event: dict) -> None:
+        policy = self.policy
+        bounds = {
+            "input_tokens": policy.max_tokens_per_event,
+            "cached_input_tokens": policy.max_tokens_per_event,
+            "output_tokens": policy.max_tokens_per_event,
+            "training_tokens": policy.max_tokens_per_event,
+            "images": policy.max_images_per_event,
+            "steps": policy.max_steps_per_event,
+            "gpu_seconds": policy.max_gpu_seconds_per_event,
+        }
+        for meter, bound in bounds.items():
+            value = event.get(meter)
+            if value is None:
+                continue
+            if value < 0:
+                raise Rejected("negative_quantity", f"{meter} = {value}")
+            if value > bound:
+                raise Rejected("absurd_quantity", f"{meter} = {value} exceeds {bound}")
+        if event["product"] == "on_demand" and (
+            not event.get("gpu_type") or event.get("gpu_seconds") is None
+        ):
+            raise Rejected("missing_meter", "on_demand usage needs gpu_type and gpu_seconds")
+
+    # --- credits and payments ---------------------------------------------------------------
+
+    def _check_amount(self, event: dict, field: str = "amount") -> Decimal:
+        amount = event[field]
+        if amount <= 0:
+            raise Rejected("invalid_amount", f"{field} = {amount} must be positive")
+        if amount > self.policy.max_amount:
+            raise Rejected("absurd_amount", f"{field} = {amount} exceeds {self.policy.max_amount}")
+        if quantize(amount) != amount:
+            raise Rejected("invalid_amount", f"{field} = {amount} has more than 9 decimals")
+        return amount
+
+    def _new_grant_id(self, book: AccountBook, event: dict) -> str:
+        gid = event["grant_id"]
+        if not gid:
+            raise Rejected("missing_grant_id", "grant_id is empty")
+        if gid in book.grants:
+            raise Rejected("duplicate_grant", f"grant {gid} already exists on this account")
+        return gid
+
+    def _on_CreditPurchased(self, book: AccountBook, event: dict) -> Entry:
+        """Purchased credit pays any outstanding balance first; the rest becomes a grant."""
+        amount = self._check_amount(event)
+        gid = self._new_grant_id(book, event)
+        pays = min(amount, max(book.receivable, ZERO))
+        book.receivable -= pays
+        granted = amount - pays
+        postings = [(CASH, amount), (receivable_account(book.account_id), -pays)]
+        if granted > 0:
+            book.add_grant(gid, "purchased", granted, None)
+            postings.append((credit_account(book.account_id, gid), -granted))
+        return _entry(
+            *postings,
+            detail={
+                "grant_id": gid,
+                "kind": "purchased",
+                "paid": str(amount),
+                "applied_to_receivable": str(pays),
+                "granted": str(granted),
+            },
+        )
+
+    def _on_CreditGranted(self, book: AccountBook, event: dict) -> Entry:
+        amount = self._check_amount(event)
+        gid = self._new_grant_id(book, event)
+        book.add_grant(gid, event["kind"], amount, event.get("expires_at"))
+        return _entry(
+            (EXPENSE_PROMOTIONAL, amount),
+            (credit_account(book.account_id, gid), -amount),
+            detail={"grant_id": gid, "kind": event["kind"], "amount": str(amount)},
+        )
+
+    def _on_CreditRevoked(self, book: AccountBook, event: dict) -> Entry:
+        """Removes what is left of a grant; what was already spent becomes receivable."""
+        gid = event["grant_id"]
+        grant = book.grants.get(gid)
+        if grant is None:
+            raise Rejected("unknown_grant", f"no grant {gid} on this account")
+        if grant.granted == 0:
+            return Entry("noop", detail={"note": f"grant {gid} already revoked"})
+        remaining, spent = grant.remaining, grant.granted - grant.remaining
+        source = CASH if grant.kind == "purchased" else EXPENSE_PROMOTIONAL
+        grant.remaining = ZERO
+        grant.granted = ZERO
+        book.receivable += spent
+        return _entry(
+            (credit_account(book.account_id, gid), remaining),
+            (receivable_account(book.account_id), spent),
+            (source, -(remaining + spent)),
+            detail={"grant_id": gid, "removed": str(remaining), "to_receivable": str(spent)},
+        )
+
+    def _on_InvoicePaid(self, book: AccountBook, event: dict) -> Entry:
+        """Cash against receivable; an overpayment becomes a purchased credit grant."""
+        amount = self._check_amount(event)
+        pays = min(amount, max(book.receivable, ZERO))
+        book.receivable -= pays
+        extra = amount - pays
+        postings = [(CASH, amount), (receivable_account(book.account_id), -pays)]
+        detail = {
+            "invoice_id": event["invoice_id"],
+            "paid": str(amount),
+            "applied_to_receivable": str(pays),
+        }
+        if extra > 0:
+            gid = f"overpayment:{event['invoice_id']}"
+            gid = gid if gid not in book.grants else f"{gid}:{event['event_id']}"
+            book.add_grant(gid, "purchased", extra, None)
+            postings.append((credit_account(book.account_id, gid), -extra))
+            detail["overpayment_grant_id"] = gid
+        return _entry(*postings, detail=detail)
+
+
+def _entry(*postings: tuple[str, Decimal], price_version: str | None = None, detail: dict) -> Entry:
+    kept = tuple(Posting(acct, amount) for acct, amount in postings if amount != 0)
+    assert sum((p.amount for p in kept), ZERO) == 0, f"unbalanced postings {kept}"
+    return Entry("posted" if kept else "noop", kept, price_version, detail)
+
+
+# --- canonical forms and the hash chain -----------------------------------------------------
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def canonical_json(value: Any) -> str:
+    """Key-sorted, compact JSON with decimals as strings: the form every hash is taken over."""
+    return json.dumps(_jsonable(value), sort_keys=True, separators=(",", ":"))
+
+
+def content_hash(event_type: str, event: dict) -> bytes:
+    return hashlib.sha256(canonical_json([event_type, event]).encode()).digest()
+
+
+def chain_hash(prev_hash: bytes, event_id: str, entry: Entry, raw: bytes) -> bytes:
+    """The entry's link in its account's hash chain: over the previous link, the entry's
+    postings and status, and the raw event bytes."""
+    body = canonical_json(
+        [event_id, entry.status, [[p.ledger_account, p.amount] for p in entry.postings]]
+    )
+    return hashlib.sha256(prev_hash + body.encode() + hashlib.sha256(raw).digest()).digest()

@@ -1,0 +1,92 @@
+"""PostgreSQL at the edge: connections, named queries, migrations.
+
+Every SQL statement of the package lives in `ledger/sql/queries.sql` under a `-- name: x`
+header and is loaded once into `QUERIES`; migrations are the numbered files in
+`ledger/sql/migrations/`, applied in order and recorded in `schema_migrations`.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+
+import psycopg
+import structlog
+
+from ledger.errors import LedgerError
+
+log = structlog.get_logger(__name__)
+
+_NAME = re.compile(r"^-- name: ([a-z_]+)\s*$", re.MULTILINE)
+
+
+class DatabaseError(LedgerError):
+    """The database refused or failed an operation the ledger needs."""
+
+
+def _load_queries() -> dict[str, str]:
+    text = resources.files("ledger.sql").joinpath("queries.sql").read_text("utf-8")
+    parts = _NAME.split(text)
+    queries = {}
+    for name, body in zip(parts[1::2], parts[2::2], strict=True):
+        if name in queries:
+            raise DatabaseError(f"queries.sql: query {name!r} defined twice")
+        queries[name] = body.strip().rstrip(";")
+    return queries
+
+
+QUERIES: dict[str, str] = _load_queries()
+
+
+def connect(dsn: str, *, autocommit: bool = False) -> psycopg.Connection:
+    try:
+        return psycopg.connect(dsn, autocommit=autocommit, application_name="ledger")
+    except psycopg.OperationalError as exc:
+        raise DatabaseError(f"cannot connect to PostgreSQL at {_redact(dsn)}: {exc}") from exc
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """(version, name, sql) of every migration file, in order."""
+    folder = resources.files("ledger.sql").joinpath("migrations")
+    found = []
+    for entry in folder.iterdir():
+        match = re.fullmatch(r"(\d{4})_([a-z0-9_]+)\.sql", entry.name)
+        if match:
+            found.append((int(match[1]), match[2], entry.read_text("utf-8")))
+    found.sort()
+    versions = [v for v, _, _ in found]
+    if versions != list(range(1, len(versions) + 1)):
+        raise DatabaseError(f"migrations must be numbered 0001.. without gaps, found {versions}")
+    return found
+
+
+def migrate(dsn: str) -> list[int]:
+    """Apply the migrations not yet recorded; returns the versions applied. Idempotent."""
+    applied_now = []
+    with connect(dsn) as conn:
+        conn.execute(QUERIES["create_migrations_table"])
+        # One migrator at a time, even when several workers start together.
+        conn.execute(QUERIES["lock_migrations"])
+        done = {row[0] for row in conn.execute(QUERIES["applied_migrations"])}
+        for version, name, sql in migrations():
+            if version in done:
+                continue
+            conn.execute(sql)
+            conn.execute(QUERIES["record_migration"], (version, name))
+            applied_now.append(version)
+            log.info("migration_applied", version=version, name=name)
+        conn.commit()
+    return applied_now
+
+
+def describe_schema(conn: psycopg.Connection) -> dict[str, list[tuple]]:
+    """A comparable description of the public schema: tables, columns, constraints, indexes,
+    triggers and functions. Two databases with equal descriptions have the same schema."""
+    return {
+        key: [tuple(row) for row in conn.execute(QUERIES[f"describe_{key}"])]
+        for key in ("columns", "constraints", "indexes", "triggers", "functions")
+    }
+
+
+def _redact(dsn: str) -> str:
+    return re.sub(r"://([^:@/]+):[^@/]*@", r"://\1:***@", dsn)

@@ -1,0 +1,96 @@
+"""The billing policy (`policy.toml`): sign-up credit, burn order, tiers, limits. One place."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from decimal import Decimal, InvalidOperation
+from importlib import resources
+from pathlib import Path
+
+from ledger.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Tier:
+    name: str
+    paid_at_least: Decimal
+    monthly_limit: Decimal
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    signup_credit: Decimal
+    signup_grant_id: str
+    signup_expires_after_days: int
+    burn_kinds: tuple[str, ...]
+    tiers: tuple[Tier, ...]
+    warning_thresholds: tuple[int, ...]
+    grace_hours: int
+    max_tokens_per_event: int
+    max_gpu_seconds_per_event: Decimal
+    max_images_per_event: int
+    max_steps_per_event: int
+    max_amount: Decimal
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> Policy:
+        if path is None:
+            text = resources.files("ledger").joinpath("policy.toml").read_text("utf-8")
+            where = "ledger/policy.toml"
+        else:
+            text, where = path.read_text("utf-8"), str(path)
+        try:
+            return _parse(tomllib.loads(text))
+        except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"policy {where}: {exc}") from exc
+
+    def tier_for(self, paid: Decimal) -> Tier:
+        """The highest tier whose payment threshold `paid` reaches."""
+        reached = [t for t in self.tiers if paid >= t.paid_at_least]
+        return reached[-1]
+
+
+def _money(value: object, where: str) -> Decimal:
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: money must be a quoted decimal string, got {value!r}")
+    try:
+        amount = Decimal(value)
+    except InvalidOperation:
+        raise ValueError(f"{where}: not a decimal: {value!r}") from None
+    if not amount.is_finite() or amount < 0:
+        raise ValueError(f"{where}: must be a non-negative decimal")
+    return amount
+
+
+def _parse(data: dict) -> Policy:
+    tiers = tuple(
+        Tier(
+            str(t["tier"]),
+            _money(t["paid_at_least"], "tiers.paid_at_least"),
+            _money(t["monthly_limit"], "tiers.monthly_limit"),
+        )
+        for t in data["tiers"]
+    )
+    if not tiers or tiers[0].paid_at_least != 0:
+        raise ValueError('tiers: the first tier must start at paid_at_least = "0"')
+    if list(tiers) != sorted(tiers, key=lambda t: t.paid_at_least):
+        raise ValueError("tiers: must be in increasing paid_at_least order")
+    kinds = tuple(data["burn_order"]["kinds"])
+    if sorted(kinds) != sorted(("promotional", "goodwill", "purchased")):
+        raise ValueError("burn_order.kinds: must order exactly promotional, goodwill, purchased")
+    limits = data["limits"]
+    return Policy(
+        signup_credit=_money(data["signup"]["credit"], "signup.credit"),
+        signup_grant_id=str(data["signup"]["grant_id"]),
+        signup_expires_after_days=int(data["signup"]["expires_after_days"]),
+        burn_kinds=kinds,
+        tiers=tiers,
+        warning_thresholds=tuple(int(t) for t in data["warnings"]["thresholds_percent"]),
+        grace_hours=int(data["month_close"]["grace_hours"]),
+        max_tokens_per_event=int(limits["max_tokens_per_event"]),
+        max_gpu_seconds_per_event=_money(limits["max_gpu_seconds_per_event"], "limits.gpu"),
+        max_images_per_event=int(limits["max_images_per_event"]),
+        max_steps_per_event=int(limits["max_steps_per_event"]),
+        max_amount=_money(limits["max_amount"], "limits.max_amount"),
+    )

@@ -1,0 +1,196 @@
+"""Rating: turn a usage event's quantities into money with the price book. Pure, no I/O.
+
+Each meter becomes one charge line: quantity × unit price ÷ unit size × service-tier multiplier,
+rounded half-even to 9 decimal places (the ledger's internal scale). The charge is the sum of
+its lines. Rounding to cents happens only on invoices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from datetime import datetime
+from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
+from importlib import resources
+from pathlib import Path
+
+from ledger.errors import ConfigError
+
+SCALE = Decimal("0.000000001")
+MILLION = Decimal(1_000_000)
+HOUR = Decimal(3600)
+
+# (meter, price key, unit size) per product.
+_TOKEN_METERS = (
+    ("input_tokens", "input", MILLION),
+    ("cached_input_tokens", "cached_input", MILLION),
+    ("output_tokens", "output", MILLION),
+)
+_FINE_TUNING_METERS = (("training_tokens", "training", MILLION),)
+_IMAGE_METERS = (("images", "image", Decimal(1)), ("steps", "step", Decimal(1)))
+
+
+def quantize(amount: Decimal) -> Decimal:
+    return amount.quantize(SCALE, rounding=ROUND_HALF_EVEN)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChargeLine:
+    meter: str
+    quantity: Decimal
+    unit_price: Decimal
+    unit: str
+    multiplier: Decimal
+    amount: Decimal
+
+    def to_json(self) -> dict[str, str]:
+        return {k: str(v) for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Rating:
+    """A priced usage event; `unpriced_reason` is set (and lines empty) when no price applies."""
+
+    price_version: str | None
+    lines: tuple[ChargeLine, ...]
+    unpriced_reason: str | None = None
+
+    @property
+    def total(self) -> Decimal:
+        return sum((line.amount for line in self.lines), Decimal(0))
+
+    @property
+    def priced(self) -> bool:
+        return self.unpriced_reason is None
+
+
+@dataclasses.dataclass(frozen=True)
+class PriceVersion:
+    version: str
+    effective_from: datetime
+    cached_input_share: Decimal
+    tier_multipliers: dict[str, Decimal]
+    serverless: dict[str, dict[str, Decimal]]
+    fine_tuning: dict[str, dict[str, Decimal]]
+    on_demand: dict[str, Decimal]
+    image: dict[str, dict[str, Decimal]]
+
+
+class PriceBook:
+    def __init__(self, versions: list[PriceVersion]):
+        if not versions:
+            raise ConfigError("price book: no versions")
+        self.versions = sorted(versions, key=lambda v: v.effective_from)
+        names = [v.version for v in self.versions]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"price book: duplicate version names in {names}")
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> PriceBook:
+        """The price book at `path`, or the one shipped with the package."""
+        if path is None:
+            text = resources.files("ledger").joinpath("pricebook.toml").read_text("utf-8")
+            where = "ledger/pricebook.toml"
+        else:
+            text, where = path.read_text("utf-8"), str(path)
+        try:
+            data = tomllib.loads(text)
+            return cls([_parse_version(v) for v in data.get("versions", [])])
+        except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"price book {where}: {exc}") from exc
+
+    def version_at(self, when: datetime) -> PriceVersion | None:
+        current = None
+        for version in self.versions:
+            if version.effective_from <= when:
+                current = version
+        return current
+
+    def rate(self, usage: dict) -> Rating:
+        """Price one UsageRecorded event (fields as decoded by the codec)."""
+        version = self.version_at(usage["occurred_at"])
+        if version is None:
+            return Rating(None, (), f"no price version in force at {usage['occurred_at']}")
+        multiplier = version.tier_multipliers.get(usage["service_tier"])
+        if multiplier is None:
+            return Rating(version.version, (), f"no multiplier for tier {usage['service_tier']}")
+        product, model = usage["product"], usage["model"]
+        if product == "on_demand":
+            return _rate_gpu(version, usage, multiplier)
+        table, meters = {
+            "serverless": (version.serverless, _TOKEN_METERS),
+            "fine_tuning": (version.fine_tuning, _FINE_TUNING_METERS),
+            "image": (version.image, _IMAGE_METERS),
+        }[product]
+        prices = table.get(model)
+        if prices is None:
+            return Rating(version.version, (), f"no {product} price for model {model}")
+        if product == "serverless" and "cached_input" not in prices and "input" in prices:
+            prices = {**prices, "cached_input": prices["input"] * version.cached_input_share}
+        lines = []
+        for meter, key, unit_size in meters:
+            quantity = Decimal(usage.get(meter) or 0)
+            if quantity == 0:
+                continue
+            if key not in prices:
+                return Rating(version.version, (), f"no {key} price for model {model}")
+            lines.append(_line(meter, quantity, prices[key], unit_size, multiplier))
+        return Rating(version.version, tuple(lines))
+
+
+def _rate_gpu(version: PriceVersion, usage: dict, multiplier: Decimal) -> Rating:
+    gpu_type, seconds = usage.get("gpu_type"), usage.get("gpu_seconds")
+    price = version.on_demand.get(gpu_type or "")
+    if price is None:
+        return Rating(version.version, (), f"no on_demand price for gpu type {gpu_type}")
+    if not seconds:
+        return Rating(version.version, ())
+    return Rating(version.version, (_line("gpu_seconds", seconds, price, HOUR, multiplier),))
+
+
+def _line(
+    meter: str, quantity: Decimal, price: Decimal, unit_size: Decimal, multiplier: Decimal
+) -> ChargeLine:
+    unit = {MILLION: "1M", HOUR: "hour"}.get(unit_size, "1")
+    amount = quantize(quantity * price / unit_size * multiplier)
+    return ChargeLine(meter, quantity, price, unit, multiplier, amount)
+
+
+def _money(value: object, where: str) -> Decimal:
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: prices must be quoted decimal strings, got {value!r}")
+    try:
+        amount = Decimal(value)
+    except InvalidOperation:
+        raise ValueError(f"{where}: not a decimal: {value!r}") from None
+    if not amount.is_finite() or amount < 0:
+        raise ValueError(f"{where}: must be a non-negative decimal, got {value!r}")
+    return amount
+
+
+def _parse_version(raw: dict) -> PriceVersion:
+    name = raw["version"]
+    effective = raw["effective_from"]
+    if not isinstance(effective, datetime) or effective.tzinfo is None:
+        raise ValueError(f"version {name}: effective_from must be a UTC offset date-time")
+
+    def models(section: str) -> dict[str, dict[str, Decimal]]:
+        return {
+            model: {k: _money(v, f"{name}.{section}.{model}.{k}") for k, v in prices.items()}
+            for model, prices in raw.get(section, {}).items()
+        }
+
+    return PriceVersion(
+        version=name,
+        effective_from=effective,
+        cached_input_share=_money(raw.get("cached_input_share", "0.5"), f"{name}.share"),
+        tier_multipliers={
+            k: _money(v, f"{name}.tier_multipliers.{k}") for k, v in raw["tier_multipliers"].items()
+        },
+        serverless=models("serverless"),
+        fine_tuning=models("fine_tuning"),
+        on_demand={
+            k: _money(v, f"{name}.on_demand.{k}") for k, v in raw.get("on_demand", {}).items()
+        },
+        image=models("image"),
+    )

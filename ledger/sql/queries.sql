@@ -1,0 +1,161 @@
+-- Every SQL statement of the ledger package, one per `-- name:` header (loaded by ledger/db.py).
+
+-- name: create_migrations_table
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version    integer     PRIMARY KEY,
+    name       text        NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- name: lock_migrations
+SELECT pg_advisory_xact_lock(4242001);
+
+-- name: applied_migrations
+SELECT version FROM schema_migrations ORDER BY version;
+
+-- name: record_migration
+INSERT INTO schema_migrations (version, name) VALUES (%s, %s);
+
+-- name: describe_columns
+SELECT table_name, column_name, data_type, is_nullable, column_default, numeric_precision,
+       numeric_scale
+  FROM information_schema.columns
+ WHERE table_schema = 'public' AND table_name <> 'schema_migrations'
+ ORDER BY table_name, column_name;
+
+-- name: describe_constraints
+SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid)
+  FROM pg_constraint
+ WHERE connamespace = 'public'::regnamespace
+ ORDER BY 1, 2;
+
+-- name: describe_indexes
+SELECT tablename, indexname, indexdef FROM pg_indexes WHERE schemaname = 'public'
+ AND tablename <> 'schema_migrations'
+ ORDER BY 1, 2;
+
+-- name: describe_triggers
+SELECT tgrelid::regclass::text, tgname, pg_get_triggerdef(oid)
+  FROM pg_trigger WHERE NOT tgisinternal
+ ORDER BY 1, 2;
+
+-- name: describe_functions
+SELECT proname, pg_get_function_arguments(oid), prosrc
+  FROM pg_proc WHERE pronamespace = 'public'::regnamespace
+ ORDER BY 1, 2;
+
+-- ---------------------------------------------------------------------------------------------
+-- Ledger writer: one transaction per batch.
+
+-- name: lock_offsets
+SELECT topic, kafka_partition, next_offset FROM consumer_offsets
+ WHERE group_id = %(group_id)s AND topic = ANY(%(topics)s)
+ ORDER BY topic, kafka_partition
+   FOR UPDATE;
+
+-- name: stored_offsets
+SELECT topic, kafka_partition, next_offset FROM consumer_offsets
+ WHERE group_id = %(group_id)s AND topic = ANY(%(topics)s);
+
+-- name: save_offset
+INSERT INTO consumer_offsets (group_id, topic, kafka_partition, next_offset)
+VALUES (%s, %s, %s, %s)
+ON CONFLICT (group_id, topic, kafka_partition) DO UPDATE SET next_offset = EXCLUDED.next_offset
+ WHERE consumer_offsets.next_offset < EXCLUDED.next_offset;
+
+-- name: known_events
+SELECT event_id, content_hash FROM raw_events WHERE event_id = ANY(%s);
+
+-- name: lock_books
+SELECT account_id, book, last_hash FROM account_books
+ WHERE account_id = ANY(%s) ORDER BY account_id FOR UPDATE;
+
+-- name: save_book
+INSERT INTO account_books (account_id, book, last_hash) VALUES (%s, %s, %s)
+ON CONFLICT (account_id) DO UPDATE SET book = EXCLUDED.book, last_hash = EXCLUDED.last_hash;
+
+-- name: advance_shard
+INSERT INTO shard_heads (shard, last_seq) VALUES (%s, %s)
+ON CONFLICT (shard) DO UPDATE SET last_seq = shard_heads.last_seq + EXCLUDED.last_seq
+RETURNING last_seq;
+
+-- name: copy_raw_events
+COPY raw_events (event_id, event_type, account_id, topic, kafka_partition, kafka_offset,
+                 fingerprint, content_hash, raw, occurred_at) FROM STDIN;
+
+-- name: copy_journal_entries
+COPY journal_entries (shard, shard_seq, event_id, account_id, event_type, status, occurred_at,
+                      price_version, payload, detail, prev_hash, entry_hash) FROM STDIN;
+
+-- name: copy_postings
+COPY postings (shard, shard_seq, line, ledger_account, account_id, amount) FROM STDIN;
+
+-- name: insert_rejected
+INSERT INTO rejected_events (topic, kafka_partition, kafka_offset, event_id, event_type, reason,
+                             detail, raw)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+ON CONFLICT (topic, kafka_partition, kafka_offset) DO NOTHING;
+
+-- name: insert_outbox
+INSERT INTO outbox (topic, message_key, value, headers) VALUES (%s, %s, %s, %s);
+
+-- name: notify_journal
+SELECT pg_notify('ledger_journal', '');
+
+-- name: notify_outbox
+SELECT pg_notify('ledger_outbox', '');
+
+-- ---------------------------------------------------------------------------------------------
+-- Projection workers.
+
+-- name: known_shards
+SELECT shard, last_seq FROM shard_heads ORDER BY shard;
+
+-- name: ensure_position
+INSERT INTO projection_positions (projection, shard, position) VALUES (%s, %s, 0)
+ON CONFLICT (projection, shard) DO NOTHING;
+
+-- name: lock_position
+SELECT position FROM projection_positions
+ WHERE projection = %s AND shard = %s
+   FOR UPDATE SKIP LOCKED;
+
+-- name: save_position
+UPDATE projection_positions SET position = %s
+ WHERE projection = %s AND shard = %s AND position < %s;
+
+-- name: read_entries
+SELECT e.shard, e.shard_seq, e.account_id, e.event_type, e.status, e.occurred_at, e.payload,
+       coalesce(array_agg(p.ledger_account ORDER BY p.line) FILTER (WHERE p.line IS NOT NULL),
+                '{}'),
+       coalesce(array_agg(p.amount ORDER BY p.line) FILTER (WHERE p.line IS NOT NULL), '{}')
+  FROM journal_entries e
+  LEFT JOIN postings p ON p.shard = e.shard AND p.shard_seq = e.shard_seq
+ WHERE e.shard = %s AND e.shard_seq > %s AND e.shard_seq <= %s
+ GROUP BY e.shard, e.shard_seq
+ ORDER BY e.shard_seq;
+
+-- name: load_account_status
+SELECT account_id, state FROM account_status WHERE account_id = ANY(%s);
+
+-- name: save_account_status
+INSERT INTO account_status (account_id, opened, suspended, reasons, status_version,
+                            credit_balance, receivable, state)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+ON CONFLICT (account_id) DO UPDATE
+   SET opened = EXCLUDED.opened, suspended = EXCLUDED.suspended, reasons = EXCLUDED.reasons,
+       status_version = EXCLUDED.status_version, credit_balance = EXCLUDED.credit_balance,
+       receivable = EXCLUDED.receivable, state = EXCLUDED.state;
+
+-- ---------------------------------------------------------------------------------------------
+-- Outbox relay.
+
+-- name: relay_lock
+SELECT pg_try_advisory_lock(4242002);
+
+-- name: unpublished
+SELECT id, topic, message_key, value, headers FROM outbox
+ WHERE published_at IS NULL ORDER BY id LIMIT %s;
+
+-- name: mark_published
+UPDATE outbox SET published_at = clock_timestamp() WHERE id = ANY(%s);

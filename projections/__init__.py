@@ -1,0 +1,1 @@
+"""Projection workers: per-account state derived from the journal."""
