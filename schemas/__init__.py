@@ -1,0 +1,1 @@
+"""Avro schemas of the billing events (package data; loaded by `ledger.codec`)."""
