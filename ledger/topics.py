@@ -1,0 +1,98 @@
+"""The ledger's Kafka topics: which event type goes where, and idempotent creation.
+
+Names here are base names; the full name is `settings.topic(base)` (adds LEDGER_TOPIC_PREFIX).
+Every topic has `settings.partitions` partitions so the input topics are co-partitioned by
+account id (the record key), the control topic included.
+"""
+
+from __future__ import annotations
+
+from ledger.errors import StackError
+from ledger.settings import Settings
+
+USAGE = "billing.usage.v1"
+ACCOUNTS = "billing.accounts.v1"
+CREDITS = "billing.credits.v1"
+PAYMENTS = "billing.payment-methods.v1"
+CONTROL = "billing.control.v1"
+STATUS = "billing.account-status.v1"
+DEADLETTER = "billing.deadletter.v1"
+
+INPUTS = (USAGE, ACCOUNTS, CREDITS, PAYMENTS, CONTROL)
+ALL = (*INPUTS, STATUS, DEADLETTER)
+
+_EVENT_TOPICS = {
+    USAGE: ("UsageRecorded",),
+    ACCOUNTS: (
+        "AccountOpened",
+        "SpendLimitConfigured",
+        "SpendLimitOverridden",
+        "AccountHoldPlaced",
+        "AccountHoldReleased",
+    ),
+    CREDITS: ("CreditPurchased", "CreditGranted", "CreditRevoked"),
+    PAYMENTS: ("PaymentMethodAdded", "PaymentMethodRemoved", "PaymentFailed", "InvoicePaid"),
+    CONTROL: ("PeriodTick",),
+    STATUS: ("AccountSuspended", "AccountReinstated", "SpendLimitWarning", "InvoiceIssued"),
+}
+TOPIC_OF = {event_type: topic for topic, types in _EVENT_TOPICS.items() for event_type in types}
+
+
+def topic_for(event_type: str) -> str:
+    """The base topic name an event type is published to."""
+    try:
+        return TOPIC_OF[event_type]
+    except KeyError:
+        raise ValueError(f"no topic for event type {event_type!r}") from None
+
+
+def event_types_on(topic: str) -> tuple[str, ...]:
+    """The event types published to a base topic name (none for the dead-letter topic)."""
+    return _EVENT_TOPICS.get(topic, ())
+
+
+def input_topics(settings: Settings) -> list[str]:
+    return [settings.topic(name) for name in INPUTS]
+
+
+def all_topics(settings: Settings) -> list[str]:
+    return [settings.topic(name) for name in ALL]
+
+
+def create_topics(bootstrap: str, settings: Settings, *, timeout_ms: int = 30_000) -> list[str]:
+    """Create whichever of the ledger's topics are missing; return the names created."""
+    from kafka import KafkaAdminClient
+    from kafka.errors import KafkaError
+
+    try:
+        admin = KafkaAdminClient(
+            bootstrap_servers=bootstrap,
+            client_id="ledger-topics",
+            request_timeout_ms=timeout_ms,
+        )
+    except KafkaError as exc:
+        raise StackError(f"cannot reach Kafka at {bootstrap}: {exc}") from exc
+    try:
+        existing = set(admin.list_topics())
+        missing = [name for name in all_topics(settings) if name not in existing]
+        if not missing:
+            return []
+        spec = {
+            name: {"num_partitions": settings.partitions, "replication_factor": 1}
+            for name in missing
+        }
+        result = admin.create_topics(spec, timeout_ms=timeout_ms, raise_errors=False)
+        created = []
+        for topic in result.get("topics", []):
+            code = topic.get("error_code", 0)
+            if code == 0:
+                created.append(topic["name"])
+            elif code != 36:  # TOPIC_ALREADY_EXISTS: someone else won the race; fine
+                message = topic.get("error_message") or f"error code {code}"
+                raise StackError(f"cannot create topic {topic['name']}: {message}")
+        admin.wait_for_topics(missing, timeout_ms=timeout_ms)
+        return sorted(created, key=all_topics(settings).index)
+    except KafkaError as exc:
+        raise StackError(f"creating topics on {bootstrap} failed: {exc}") from exc
+    finally:
+        admin.close()
