@@ -531,3 +531,23 @@ def test_encode_does_not_mutate_its_input(codec):
 
 def test_default_codec_is_shared():
     assert Codec.default() is Codec.default()
+
+
+def test_load_reads_history_as_extra_writer_versions(tmp_path, monkeypatch):
+    root = resources.files("schemas")
+    for entry in root.iterdir():
+        if entry.name.endswith(".avsc"):
+            (tmp_path / entry.name).write_text(entry.read_text("utf-8"))
+    (tmp_path / "history").mkdir()
+    (tmp_path / "history" / "PaymentMethodAdded.v1.avsc").write_text(
+        json.dumps(payment_method_added_v1())
+    )
+    monkeypatch.setattr("ledger.codec.resources.files", lambda package: tmp_path)
+    loaded = Codec.load()
+    old = Codec()
+    old.register(payment_method_added_v1())
+    value = old.encode("PaymentMethodAdded", ev(30, payment_method_id="pm"))
+    assert loaded.decode(value).event["kind"] == "card"
+    assert loaded.fingerprint("PaymentMethodAdded") == Codec.default().fingerprint(
+        "PaymentMethodAdded"
+    )
