@@ -1,0 +1,94 @@
+"""Shared pytest fixtures.
+
+Session-scoped, in dependency order:
+
+    base_settings  Settings for the whole session: LEDGER_* from the environment, but with a
+                   private `home` under pytest's temp dir, so tests never touch (or stop) a
+                   developer's own `.ledger/` stack.
+    stack          the running Kafka + PostgreSQL (a `ledger.stack.StackInfo`): started once
+                   per session, stopped at the end. With LEDGER_KAFKA_BOOTSTRAP and/or
+                   LEDGER_DATABASE_URL set, those services are used and nothing is started.
+
+Add further fixtures (database connections, topics, ...) below, building on `stack`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import psycopg.conninfo
+import pytest
+from psycopg import sql
+
+from ledger import db, topics
+from ledger import stack as local_stack
+from ledger.settings import Settings
+
+
+@pytest.fixture(scope="session")
+def base_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    settings = Settings.from_env()
+    return dataclasses.replace(settings, home=tmp_path_factory.mktemp("ledger-home"))
+
+
+@pytest.fixture(scope="session")
+def stack(base_settings: Settings) -> Iterator[local_stack.StackInfo]:
+    info = local_stack.up(base_settings)
+    yield info
+    local_stack.down(base_settings)  # touches nothing external
+
+
+# --- more fixtures below ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def template_dsn(stack: local_stack.StackInfo) -> str:
+    """A database with every migration applied, cloned by each test (CREATE DATABASE …
+    TEMPLATE), so a test starts from a fresh schema in milliseconds."""
+    name = f"ledger_template_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(stack.dsn, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    dsn = _with_database(stack.dsn, name)
+    db.migrate(dsn)
+    return dsn
+
+
+@pytest.fixture
+def dsn(stack: local_stack.StackInfo, template_dsn: str) -> Iterator[str]:
+    name = f"ledger_test_{uuid.uuid4().hex[:12]}"
+    template = psycopg.conninfo.conninfo_to_dict(template_dsn)["dbname"]
+    with psycopg.connect(stack.dsn, autocommit=True) as admin:
+        admin.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(name), sql.Identifier(template)
+            )
+        )
+    yield _with_database(stack.dsn, name)
+    with psycopg.connect(stack.dsn, autocommit=True) as admin:
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+            sql.Identifier(name)))
+
+
+@pytest.fixture
+def settings(base_settings: Settings, stack: local_stack.StackInfo) -> Settings:
+    """Per-test settings: unique topic names and consumer group, topics created."""
+    prefix = f"t{uuid.uuid4().hex[:10]}."
+    per_test = dataclasses.replace(
+        base_settings,
+        topic_prefix=prefix,
+        consumer_group=f"{prefix}ledger",
+        partitions=4,
+        batch_max_ms=100,
+        poll_interval_ms=100,
+    )
+    topics.create_topics(stack.bootstrap, per_test)
+    return per_test
+
+
+def _with_database(dsn: str, name: str) -> str:
+    params = psycopg.conninfo.conninfo_to_dict(dsn)
+    params["dbname"] = name
+    return psycopg.conninfo.make_conninfo(**params)
