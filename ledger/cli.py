@@ -42,6 +42,51 @@ def _topics(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _db(args: argparse.Namespace, settings: Settings) -> int:
+    from ledger import db, stack
+
+    applied = db.migrate(stack.connect(settings).dsn)
+    print(f"applied migrations: {applied or 'none (up to date)'}")
+    return 0
+
+
+def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    from ledger import db, stack
+    from ledger.worker import ROLES, run_worker
+
+    roles = tuple(args.role or ROLES)
+    info = stack.connect(settings)
+    db.migrate(info.dsn)
+    return run_worker(settings, info.bootstrap, info.dsn, roles)
+
+
+def _trial_balance(args: argparse.Namespace, settings: Settings) -> int:
+    from ledger import db, stack
+    from ledger.reports import trial_balance
+
+    with db.connect(stack.connect(settings).dsn) as conn:
+        tb = trial_balance(conn)
+    for currency, total in sorted(tb.totals.items()) or [("USD", 0)]:
+        print(f"{currency}  {total:>24}  {'balanced' if total == 0 else 'UNBALANCED'}")
+    print(f"{tb.postings} postings")
+    return 0 if tb.balanced else 1
+
+
+def _account(args: argparse.Namespace, settings: Settings) -> int:
+    from ledger import db, stack
+    from ledger.reports import account_view
+
+    with db.connect(stack.connect(settings).dsn) as conn:
+        view = account_view(conn, args.account_id, last=args.last)
+    if args.json:
+        print(json.dumps(view, indent=2))
+    else:
+        from ledger.render import print_account
+
+        print_account(view)
+    return 0 if view["known"] else 4
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ledger", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -53,7 +98,40 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("topics", help="manage the ledger's Kafka topics")
     p.add_argument("action", choices=["create"])
     p.set_defaults(func=_topics)
+
+    p = sub.add_parser("db", help="database schema")
+    p.add_argument("action", choices=["migrate"])
+    p.set_defaults(func=_db)
+
+    p = sub.add_parser("worker", help="run the ledger consumer, projections and relay")
+    p.add_argument(
+        "--role",
+        action="append",
+        choices=["ledger", "projections", "relay"],
+        help="run only this role (repeatable); default: all three",
+    )
+    p.set_defaults(func=_worker)
+
+    p = sub.add_parser("trial-balance", help="sum of all postings per currency; exit 1 unless 0")
+    p.set_defaults(func=_trial_balance)
+
+    p = sub.add_parser("account", help="inspect one account")
+    p.add_argument("action", choices=["show"])
+    p.add_argument("account_id")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--last", type=_positive_int, default=10, help="entries to list (default 10)")
+    p.set_defaults(func=_account)
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

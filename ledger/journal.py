@@ -331,6 +331,7 @@ class LedgerWriter:
                 partition=record.partition,
                 offset=record.offset,
                 event_id=event_id,
+                event_type=event_type,
                 reason=reason,
                 detail=detail[:500],
             )

@@ -68,8 +68,9 @@ def dsn(stack: local_stack.StackInfo, template_dsn: str) -> Iterator[str]:
         )
     yield _with_database(stack.dsn, name)
     with psycopg.connect(stack.dsn, autocommit=True) as admin:
-        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-            sql.Identifier(name)))
+        admin.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ SELECT table_name, column_name, data_type, is_nullable, column_default, numeric_
 -- name: describe_constraints
 SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid)
   FROM pg_constraint
- WHERE connamespace = 'public'::regnamespace
+ WHERE connamespace = 'public'::regnamespace AND conrelid::regclass::text <> 'schema_migrations'
  ORDER BY 1, 2;
 
 -- name: describe_indexes
@@ -159,3 +159,28 @@ SELECT id, topic, message_key, value, headers FROM outbox
 
 -- name: mark_published
 UPDATE outbox SET published_at = clock_timestamp() WHERE id = ANY(%s);
+
+-- ---------------------------------------------------------------------------------------------
+-- Reports.
+
+-- name: trial_balance
+SELECT currency, coalesce(sum(amount), 0), count(*) FROM postings GROUP BY currency
+ ORDER BY currency;
+
+-- name: account_status_row
+SELECT opened, suspended, reasons, status_version, credit_balance, receivable, state
+  FROM account_status WHERE account_id = %s;
+
+-- name: account_ledger_balances
+SELECT ledger_account, sum(amount) FROM postings WHERE account_id = %s
+ GROUP BY ledger_account ORDER BY ledger_account;
+
+-- name: account_last_entries
+SELECT e.shard_seq, e.occurred_at, e.event_type, e.status, e.price_version,
+       coalesce(sum(p.amount) FILTER (WHERE p.ledger_account LIKE 'revenue:%%'), 0) * -1
+  FROM journal_entries e
+  LEFT JOIN postings p ON p.shard = e.shard AND p.shard_seq = e.shard_seq
+ WHERE e.account_id = %s
+ GROUP BY e.shard, e.shard_seq
+ ORDER BY e.occurred_at DESC, e.shard_seq DESC
+ LIMIT %s;

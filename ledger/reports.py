@@ -1,0 +1,61 @@
+"""Read-only reports over the journal and projections: trial balance, one account's view."""
+
+from __future__ import annotations
+
+import dataclasses
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+
+from ledger.db import QUERIES
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialBalance:
+    totals: dict[str, Decimal]  # currency → sum of all postings
+    postings: int
+
+    @property
+    def balanced(self) -> bool:
+        return all(total == 0 for total in self.totals.values())
+
+
+def trial_balance(conn: psycopg.Connection) -> TrialBalance:
+    rows = conn.execute(QUERIES["trial_balance"]).fetchall()
+    return TrialBalance({c: Decimal(t) for c, t, _ in rows}, sum(n for _, _, n in rows))
+
+
+def account_view(conn: psycopg.Connection, account_id: str, last: int = 10) -> dict[str, Any]:
+    """Everything `ledger account show` prints, as plain data (decimals as strings)."""
+    row = conn.execute(QUERIES["account_status_row"], (account_id,)).fetchone()
+    ledger = conn.execute(QUERIES["account_ledger_balances"], (account_id,)).fetchall()
+    entries = conn.execute(QUERIES["account_last_entries"], (account_id, last)).fetchall()
+    view: dict[str, Any] = {"account_id": account_id, "known": row is not None or bool(ledger)}
+    if row is not None:
+        opened, suspended, reasons, version, credit, receivable, state = row
+        view |= {
+            "opened": opened,
+            "status": "suspended" if suspended else "active",
+            "reasons": list(reasons),
+            "status_version": version,
+            "credit_balance": str(credit),
+            "receivable": str(receivable),
+            "grants": state["grants"],
+            "payment_methods": state["payment_methods"],
+            "payment_failed": state["payment_failed"],
+            "manual_hold": state["manual_hold"],
+        }
+    view["ledger_accounts"] = {acct: str(total) for acct, total in ledger}
+    view["last_entries"] = [
+        {
+            "seq": seq,
+            "occurred_at": occurred.isoformat(),
+            "event_type": event_type,
+            "status": status,
+            "price_version": price_version,
+            "charge": str(charge),
+        }
+        for seq, occurred, event_type, status, price_version, charge in entries
+    ]
+    return view

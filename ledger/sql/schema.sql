@@ -1,0 +1,174 @@
+-- The declared schema: what applying every migration in order must produce (a test proves it).
+-- Change it together with a new numbered migration.
+
+-- The append-only journal, the ledger writer's working state and its Kafka positions.
+--
+-- Journal tables (raw_events, journal_entries, postings) refuse UPDATE, DELETE and TRUNCATE:
+-- corrections are new entries. Everything else here is derived state that may be rewritten.
+
+-- Every accepted input event, byte for byte, where it came from, and a hash of its content
+-- (canonical JSON of the decoded event) that tells a redelivery from a conflicting duplicate.
+CREATE TABLE raw_events (
+    event_id      text        PRIMARY KEY,
+    event_type    text        NOT NULL,
+    account_id    text        NOT NULL,
+    topic         text        NOT NULL,
+    kafka_partition integer   NOT NULL,
+    kafka_offset  bigint      NOT NULL,
+    fingerprint   bigint      NOT NULL,
+    content_hash  bytea       NOT NULL,
+    raw           bytea       NOT NULL,
+    occurred_at   timestamptz NOT NULL,
+    recorded_at   timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+
+-- One entry per accepted event. (shard, shard_seq) is the projections' reading order: shard is
+-- the Kafka partition number (all input topics are co-partitioned by account), and shard_seq is
+-- gapless per shard, handed out under a row lock on shard_heads, so a higher seq never becomes
+-- visible before a lower one.
+CREATE TABLE journal_entries (
+    shard         integer     NOT NULL,
+    shard_seq     bigint      NOT NULL,
+    event_id      text        NOT NULL UNIQUE REFERENCES raw_events (event_id),
+    account_id    text        NOT NULL,
+    event_type    text        NOT NULL,
+    status        text        NOT NULL CHECK (status IN ('posted', 'unpriced', 'noop')),
+    occurred_at   timestamptz NOT NULL,
+    recorded_at   timestamptz NOT NULL DEFAULT clock_timestamp(),
+    price_version text,
+    payload       jsonb       NOT NULL,
+    detail        jsonb       NOT NULL DEFAULT '{}'::jsonb,
+    prev_hash     bytea       NOT NULL,
+    entry_hash    bytea       NOT NULL,
+    PRIMARY KEY (shard, shard_seq)
+);
+CREATE INDEX journal_entries_account ON journal_entries (account_id, occurred_at);
+
+-- Double entry: amounts are signed (debit positive, credit negative) and every entry's
+-- postings sum to zero, enforced at commit by a deferred constraint trigger.
+CREATE TABLE postings (
+    shard          integer        NOT NULL,
+    shard_seq      bigint         NOT NULL,
+    line           smallint       NOT NULL,
+    ledger_account text           NOT NULL,
+    account_id     text           NOT NULL,
+    amount         numeric(38, 9) NOT NULL CHECK (amount <> 0),
+    currency       text           NOT NULL DEFAULT 'USD',
+    PRIMARY KEY (shard, shard_seq, line),
+    FOREIGN KEY (shard, shard_seq) REFERENCES journal_entries (shard, shard_seq)
+);
+CREATE INDEX postings_ledger_account ON postings (ledger_account);
+CREATE INDEX postings_account ON postings (account_id);
+
+CREATE FUNCTION journal_refuse_change() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'journal table % is append-only: % refused', TG_TABLE_NAME, TG_OP
+        USING ERRCODE = 'insufficient_privilege';
+END;
+$$;
+
+CREATE TRIGGER raw_events_append_only BEFORE UPDATE OR DELETE ON raw_events
+    FOR EACH ROW EXECUTE FUNCTION journal_refuse_change();
+CREATE TRIGGER raw_events_no_truncate BEFORE TRUNCATE ON raw_events
+    FOR EACH STATEMENT EXECUTE FUNCTION journal_refuse_change();
+CREATE TRIGGER journal_entries_append_only BEFORE UPDATE OR DELETE ON journal_entries
+    FOR EACH ROW EXECUTE FUNCTION journal_refuse_change();
+CREATE TRIGGER journal_entries_no_truncate BEFORE TRUNCATE ON journal_entries
+    FOR EACH STATEMENT EXECUTE FUNCTION journal_refuse_change();
+CREATE TRIGGER postings_append_only BEFORE UPDATE OR DELETE ON postings
+    FOR EACH ROW EXECUTE FUNCTION journal_refuse_change();
+CREATE TRIGGER postings_no_truncate BEFORE TRUNCATE ON postings
+    FOR EACH STATEMENT EXECUTE FUNCTION journal_refuse_change();
+
+-- Balanced entries: checked once per entry at commit (after all its postings are in).
+CREATE FUNCTION journal_check_balanced() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    unbalanced record;
+BEGIN
+    SELECT currency, sum(amount) AS total INTO unbalanced
+      FROM postings WHERE shard = NEW.shard AND shard_seq = NEW.shard_seq
+     GROUP BY currency HAVING sum(amount) <> 0 LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'journal entry (%, %) is unbalanced: % % ',
+            NEW.shard, NEW.shard_seq, unbalanced.total, unbalanced.currency
+            USING ERRCODE = 'check_violation';
+    END IF;
+    RETURN NULL;
+END;
+$$;
+CREATE CONSTRAINT TRIGGER journal_entries_balanced AFTER INSERT ON journal_entries
+    DEFERRABLE INITIALLY DEFERRED
+    FOR EACH ROW EXECUTE FUNCTION journal_check_balanced();
+
+-- Events the ledger could not accept, with the reason; never blocks a partition. A copy goes
+-- to the dead-letter topic through the outbox.
+CREATE TABLE rejected_events (
+    id              bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    topic           text        NOT NULL,
+    kafka_partition integer     NOT NULL,
+    kafka_offset    bigint      NOT NULL,
+    event_id        text,
+    event_type      text,
+    reason          text        NOT NULL,
+    detail          text        NOT NULL,
+    raw             bytea       NOT NULL,
+    rejected_at     timestamptz NOT NULL DEFAULT clock_timestamp(),
+    UNIQUE (topic, kafka_partition, kafka_offset)
+);
+
+-- The ledger consumer's next offset per (group, topic, partition), written in the same
+-- transaction as the batch it covers. Kafka's committed offsets are advisory only.
+CREATE TABLE consumer_offsets (
+    group_id        text    NOT NULL,
+    topic           text    NOT NULL,
+    kafka_partition integer NOT NULL,
+    next_offset     bigint  NOT NULL,
+    PRIMARY KEY (group_id, topic, kafka_partition)
+);
+
+CREATE TABLE shard_heads (
+    shard    integer PRIMARY KEY,
+    last_seq bigint  NOT NULL
+);
+
+-- The ledger writer's working state per customer account: grants with their remaining
+-- balances, receivable, the hash chain head. A cache of what the postings say, kept in step
+-- in the same transaction; it decides how each charge is split across grants.
+CREATE TABLE account_books (
+    account_id text  PRIMARY KEY,
+    book       jsonb NOT NULL,
+    last_hash  bytea NOT NULL
+);
+
+-- Messages to publish to Kafka (account-status events, dead-letter copies), written in the
+-- transaction that decided them; the relay publishes them in id order.
+CREATE TABLE outbox (
+    id           bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    topic        text        NOT NULL,
+    message_key  bytea,
+    value        bytea       NOT NULL,
+    headers      jsonb       NOT NULL DEFAULT '[]'::jsonb,
+    created_at   timestamptz NOT NULL DEFAULT clock_timestamp(),
+    published_at timestamptz
+);
+CREATE INDEX outbox_unpublished ON outbox (id) WHERE published_at IS NULL;
+
+-- Per-account state kept by the projection workers, and their positions per shard.
+CREATE TABLE account_status (
+    account_id     text           PRIMARY KEY,
+    opened         boolean        NOT NULL,
+    suspended      boolean        NOT NULL,
+    reasons        text[]         NOT NULL,
+    status_version bigint         NOT NULL,
+    credit_balance numeric(38, 9) NOT NULL,
+    receivable     numeric(38, 9) NOT NULL,
+    state          jsonb          NOT NULL
+);
+CREATE INDEX account_status_suspended ON account_status (suspended) WHERE suspended;
+
+CREATE TABLE projection_positions (
+    projection text    NOT NULL,
+    shard      integer NOT NULL,
+    position   bigint  NOT NULL,
+    PRIMARY KEY (projection, shard)
+);
