@@ -201,11 +201,23 @@ class LedgerFold:
         if policy.signup_expires_after_days:
             expires = event["occurred_at"] + timedelta(days=policy.signup_expires_after_days)
         gid = policy.signup_grant_id
-        book.add_grant(gid, "promotional", policy.signup_credit, expires)
+        credit = policy.signup_credit
+        # Usage journaled before the account was opened (topics are not ordered with each
+        # other) is paid from the sign-up credit first, as it would have been in order.
+        covers = min(credit, max(book.receivable, ZERO))
+        book.receivable -= covers
+        if credit - covers > 0:
+            book.add_grant(gid, "promotional", credit - covers, expires)
         return _entry(
-            (EXPENSE_PROMOTIONAL, policy.signup_credit),
-            (credit_account(book.account_id, gid), -policy.signup_credit),
-            detail={"grant_id": gid, "kind": "promotional", "amount": str(policy.signup_credit)},
+            (EXPENSE_PROMOTIONAL, credit),
+            (receivable_account(book.account_id), -covers),
+            (credit_account(book.account_id, gid), -(credit - covers)),
+            detail={
+                "grant_id": gid,
+                "kind": "promotional",
+                "amount": str(credit),
+                "applied_to_receivable": str(covers),
+            },
         )
 
     def _no_money(self, book: AccountBook, event: dict) -> Entry:

@@ -166,6 +166,9 @@ class LedgerWriter:
             seen[event_id] = digest
             accepted.append(_Accepted(record, d.event_type, d.fingerprint, d.event, digest))
 
+        # Topics are not ordered with each other: within a batch, events are applied in
+        # occurred_at order (stable, so Kafka's order breaks ties).
+        accepted.sort(key=lambda a: a.event["occurred_at"])
         books = self._load_books(cur, {a.event["account_id"] for a in accepted})
         journaled: list[_Accepted] = []
         for item in accepted:
@@ -244,9 +247,6 @@ class LedgerWriter:
             expected[tp] = record.offset + 1
             fresh.append(record)
         result.next_offsets = {tp: o for tp, o in expected.items() if stored.get(tp) != o}
-        # Keep Kafka's arrival order within the batch across topics of the same shard.
-        order = {id(r): i for i, r in enumerate(records)}
-        fresh.sort(key=lambda r: order[id(r)])
         return fresh
 
     def _load_books(

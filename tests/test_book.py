@@ -67,6 +67,18 @@ def test_new_account_gets_exactly_one_dollar_of_promotional_credit(fold):
     assert book.credit_balance() == Decimal("1.00")
 
 
+def test_sign_up_credit_pays_usage_journaled_before_the_account_opened(fold):
+    book = AccountBook("acct-1")
+    fold.post(book, "UsageRecorded", usage(400_000))  # $0.36 before AccountOpened
+    entry = fold.post(book, "AccountOpened", ev(created_at=T0))
+    assert balances(entry) == {
+        "expense:promotional": Decimal("1.00"),
+        "customer:acct-1:receivable": Decimal("-0.36"),
+        "customer:acct-1:credit:signup": Decimal("-0.64"),
+    }
+    assert (book.receivable, book.credit_balance()) == (0, Decimal("0.64"))
+
+
 def test_usage_burns_credit_then_goes_to_receivable(fold):
     book = opened(fold)
     # 1,000,000 tokens of 70B at $0.90 / 1M = $0.90, all from the $1 credit.
