@@ -26,6 +26,7 @@ from psycopg import sql
 from ledger import db, topics
 from ledger import stack as local_stack
 from ledger.settings import Settings
+from tests.harness import Ledger
 
 
 @pytest.fixture(scope="session")
@@ -93,3 +94,16 @@ def _with_database(dsn: str, name: str) -> str:
     params = psycopg.conninfo.conninfo_to_dict(dsn)
     params["dbname"] = name
     return psycopg.conninfo.make_conninfo(**params)
+
+
+@pytest.fixture
+def ledger(settings: Settings, stack: local_stack.StackInfo, dsn: str) -> Iterator[Ledger]:
+    """A running ledger (consumer, projections, relay in threads) on this test's topics and
+    database. Every test that uses it ends with the trial balance checked to be zero."""
+    running = Ledger(settings, stack.bootstrap, dsn).start()
+    try:
+        yield running
+        running.stop()
+        running.assert_trial_balance_zero()
+    finally:
+        running.close()
