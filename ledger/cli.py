@@ -87,6 +87,12 @@ def _account(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if view["known"] else 4
 
 
+def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    from ledger.demo import run_demo
+
+    return run_demo(settings, accounts=args.accounts, seed=args.seed)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ledger", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -121,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--last", type=_positive_int, default=10, help="entries to list (default 10)")
     p.set_defaults(func=_account)
+
+    p = sub.add_parser("demo", help="local stack + worker + a simulated month of traffic")
+    p.add_argument("--accounts", type=_positive_int, default=1000, help="accounts (default 1000)")
+    p.add_argument("--seed", type=int, default=7, help="random seed (default 7)")
+    p.set_defaults(func=_demo)
     return parser
 
 
