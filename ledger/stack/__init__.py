@@ -130,12 +130,12 @@ def _postgres_up(settings: Settings, state: dict) -> str:
         log.info("stack.postgres_external")
         return settings.database_url
     pid = postgres.running_pid(settings)
-    port = state.get("postgres", {}).get("port")
-    if pid is not None and port:
+    port = postgres.running_port(settings)
+    if pid is not None and port is not None:
         postgres.wait_ready(port, pid=pid, logfile=postgres.log_path(settings))
         log.info("stack.already_running", service="postgres", pid=pid, port=port)
         return postgres.dsn(port)
-    if pid is not None:  # running, but we lost track of its port: restart it cleanly
+    if pid is not None:  # running, but its postmaster.pid is unreadable: restart it cleanly
         postgres.stop(settings)
     state["postgres"] = postgres.start(settings, state.get("postgres", {}))
     _save(settings, state)
@@ -212,7 +212,7 @@ def _postgres_status(settings: Settings, state: dict) -> dict[str, Any]:
     if settings.database_url:
         return {"external": True, "alive": postgres.answers(settings.database_url)}
     pid = postgres.running_pid(settings)
-    port = state.get("postgres", {}).get("port")
+    port = postgres.running_port(settings) or state.get("postgres", {}).get("port")
     alive = pid is not None and bool(port) and procs.tcp_reachable(procs.HOST, port)
     return {
         "pid": pid,

@@ -140,6 +140,17 @@ def running_pid(settings: Settings) -> int | None:
     return pid if procs.is_alive(pid, marker(settings)) else None
 
 
+def running_port(settings: Settings) -> int | None:
+    """The running postmaster's port (4th line of postmaster.pid)."""
+    if running_pid(settings) is None:
+        return None
+    try:
+        lines = (data_dir(settings) / "postmaster.pid").read_text().splitlines()
+        return int(lines[3])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def start(settings: Settings, state: dict) -> dict:
     """initdb (first time), start the server, create the `ledger` database; return state."""
     bins = bindir()
