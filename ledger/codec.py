@@ -36,6 +36,7 @@ from ledger.errors import (
     InvalidEventError,
     SchemaViolationError,
     TruncatedBodyError,
+    UnknownEnumValueError,
     UnknownFingerprintError,
 )
 
@@ -212,7 +213,7 @@ class Codec:
             raise SchemaViolationError(f"{what}: enum or union index out of range") from None
         except SchemaResolutionError as exc:
             if "symbol" in str(exc):
-                raise SchemaViolationError(f"{what}: unknown enum value: {exc}") from None
+                raise UnknownEnumValueError(f"{what}: unknown enum value: {exc}") from None
             raise SchemaViolationError(f"{what}: cannot resolve to reader: {exc}") from None
         except UnicodeDecodeError as exc:
             raise SchemaViolationError(f"{what}: invalid UTF-8 in a string: {exc}") from None

@@ -40,6 +40,12 @@ class SchemaViolationError(DecodeError):
     reason = "schema_violation"
 
 
+class UnknownEnumValueError(SchemaViolationError):
+    """An enum field holds a symbol (or index) the reader schema does not know."""
+
+    reason = "unknown_enum_value"
+
+
 class InvalidEventError(LedgerError):
     """A producer was handed an event that does not match its schema; nothing was sent."""
 

@@ -50,6 +50,7 @@ class Record(Protocol):
     topic: str
     partition: int
     offset: int
+    key: bytes | None
     value: bytes
     headers: Sequence[tuple[str, bytes]]
 
@@ -324,6 +325,7 @@ class LedgerWriter:
     ) -> None:
         if not rejects:
             return
+        rejects = sorted(rejects, key=lambda r: (r[0].topic, r[0].partition, r[0].offset))
         for record, event_id, event_type, reason, detail in rejects:
             log.warning(
                 "event_rejected",
@@ -347,7 +349,7 @@ class LedgerWriter:
             [
                 (
                     self.deadletter_topic,
-                    None,
+                    r.key,  # same partitioning as the original: per-account order kept
                     r.value,
                     Jsonb(_dead_letter_headers(r, reason, detail)),
                 )
