@@ -1,0 +1,142 @@
+"""The journal in PostgreSQL, written by LedgerWriter directly (no Kafka): append-only,
+balanced, exactly-once against the stored offsets."""
+
+import dataclasses
+import uuid
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import psycopg
+import pytest
+
+from ledger.book import LedgerFold
+from ledger.codec import Codec
+from ledger.journal import LedgerWriter, OffsetGapError
+from ledger.policy import Policy
+from ledger.rating import PriceBook
+
+T0 = datetime(2026, 3, 1, tzinfo=UTC)
+TOPIC = "billing.accounts.v1"
+
+
+@dataclasses.dataclass
+class FakeRecord:
+    """The shape of a Kafka record: the writer needs nothing else."""
+
+    topic: str
+    partition: int
+    offset: int
+    value: bytes
+    key: bytes | None = None
+    headers: tuple = ()
+
+
+def opened(account_id: str, offset: int, partition: int = 0) -> FakeRecord:
+    event = {
+        "event_id": str(uuid.uuid4()),
+        "account_id": account_id,
+        "occurred_at": T0,
+        "created_at": T0,
+    }
+    value = Codec.default().encode("AccountOpened", event)
+    return FakeRecord(TOPIC, partition, offset, value, account_id.encode())
+
+
+@pytest.fixture
+def writer(dsn):
+    conn = psycopg.connect(dsn)
+    fold = LedgerFold(PriceBook.load(), Policy.load())
+    yield LedgerWriter(conn, fold, group_id="ledger", deadletter_topic="dlq")
+    conn.close()
+
+
+def count(dsn, table):
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+
+
+@pytest.mark.parametrize("table", ["raw_events", "journal_entries", "postings"])
+@pytest.mark.parametrize(
+    "statement", ["UPDATE {} SET account_id = 'x'", "DELETE FROM {}", "TRUNCATE {} CASCADE"]
+)
+def test_journal_tables_refuse_update_delete_and_truncate(writer, dsn, table, statement):
+    writer.write_batch([opened("a", 0)])
+    with (
+        psycopg.connect(dsn) as conn,
+        pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"),
+    ):
+        conn.execute(statement.format(table))
+    assert count(dsn, table) >= 1
+
+
+def test_an_unbalanced_entry_cannot_commit(writer, dsn):
+    writer.write_batch([opened("a", 0)])
+    with psycopg.connect(dsn) as conn:
+        conn.execute(
+            "INSERT INTO raw_events SELECT 'e2', event_type, account_id, topic, "
+            "kafka_partition, 99, fingerprint, content_hash, raw, occurred_at, "
+            "recorded_at FROM raw_events LIMIT 1"
+        )
+        conn.execute(
+            "INSERT INTO journal_entries (shard, shard_seq, event_id, account_id, "
+            "event_type, status, occurred_at, payload, prev_hash, entry_hash) "
+            "VALUES (0, 99, 'e2', 'a', 'X', 'posted', now(), '{}', '', '')"
+        )
+        conn.execute("INSERT INTO postings VALUES (0, 99, 0, 'cash', 'a', 5, 'USD')")
+        with pytest.raises(psycopg.errors.CheckViolation, match="unbalanced"):
+            conn.commit()
+
+
+def test_postings_of_every_entry_sum_to_zero(writer, dsn):
+    writer.write_batch([opened(f"acct-{i}", i) for i in range(20)])
+    with psycopg.connect(dsn) as conn:
+        sums = conn.execute("SELECT shard_seq, sum(amount) FROM postings GROUP BY 1").fetchall()
+    assert len(sums) == 20 and all(total == 0 for _, total in sums)
+
+
+def test_a_redelivered_batch_is_dropped_against_the_stored_offsets(writer, dsn):
+    batch = [opened("a", 0), opened("b", 1)]
+    first = writer.write_batch(batch)
+    assert (first.journaled, first.next_offsets) == (2, {(TOPIC, 0): 2})
+    # A zombie consumer (or a crash before Kafka learned of the commit) delivers it again.
+    again = writer.write_batch([*batch, opened("c", 2)])
+    assert (again.stale, again.journaled) == (2, 1)
+    assert count(dsn, "journal_entries") == 3
+
+
+def test_a_batch_that_would_skip_records_is_refused(writer, dsn):
+    writer.write_batch([opened("a", 0)])
+    with pytest.raises(OffsetGapError, match="stored next offset is 1"):
+        writer.write_batch([opened("b", 5)])
+    assert count(dsn, "journal_entries") == 1
+
+
+def test_shard_sequences_are_gapless_per_shard(writer, dsn):
+    writer.write_batch([opened(f"x{i}", i // 2, partition=i % 2) for i in range(10)])
+    writer.write_batch([opened(f"y{i}", 5 + i // 2, partition=i % 2) for i in range(6)])
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT shard, array_agg(shard_seq ORDER BY shard_seq) "
+            "FROM journal_entries GROUP BY shard ORDER BY shard"
+        ).fetchall()
+    assert rows == [(0, list(range(1, 9))), (1, list(range(1, 9)))]
+
+
+def test_each_account_entry_links_to_the_previous_by_hash(writer, dsn):
+    writer.write_batch([opened("a", 0)])
+    event = {
+        "event_id": str(uuid.uuid4()),
+        "account_id": "a",
+        "occurred_at": T0,
+        "grant_id": "g",
+        "amount": Decimal("3"),
+        "payment_reference": "",
+    }
+    value = Codec.default().encode("CreditPurchased", event)
+    writer.write_batch([FakeRecord("billing.credits.v1", 0, 0, value)])
+    with psycopg.connect(dsn) as conn:
+        chain = conn.execute(
+            "SELECT prev_hash, entry_hash FROM journal_entries ORDER BY shard_seq"
+        ).fetchall()
+    assert chain[0][0] == b"\x00" * 32
+    assert chain[1][0] == chain[0][1]
