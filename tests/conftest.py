@@ -15,11 +15,11 @@ Add further fixtures (database connections, topics, ...) below, building on `sta
 from __future__ import annotations
 
 import dataclasses
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 
 import psycopg
-import psycopg.conninfo
 import pytest
 from psycopg import sql
 
@@ -57,10 +57,20 @@ def template_dsn(stack: local_stack.StackInfo) -> str:
     return dsn
 
 
+def new_database(stack: local_stack.StackInfo) -> str:
+    """A fresh, migrated database on the stack's server (dropped with the cluster)."""
+    name = f"ledger_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(stack.dsn, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    dsn = _with_database(stack.dsn, name)
+    db.migrate(dsn)
+    return dsn
+
+
 @pytest.fixture
 def dsn(stack: local_stack.StackInfo, template_dsn: str) -> Iterator[str]:
     name = f"ledger_test_{uuid.uuid4().hex[:12]}"
-    template = psycopg.conninfo.conninfo_to_dict(template_dsn)["dbname"]
+    template = urllib.parse.urlsplit(template_dsn).path.lstrip("/")
     with psycopg.connect(stack.dsn, autocommit=True) as admin:
         admin.execute(
             sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
@@ -91,9 +101,11 @@ def settings(base_settings: Settings, stack: local_stack.StackInfo) -> Settings:
 
 
 def _with_database(dsn: str, name: str) -> str:
-    params = psycopg.conninfo.conninfo_to_dict(dsn)
-    params["dbname"] = name
-    return psycopg.conninfo.make_conninfo(**params)
+    """The same server, another database; a postgresql:// URL like LEDGER_DATABASE_URL."""
+    url = urllib.parse.urlsplit(dsn)
+    if url.scheme not in ("postgresql", "postgres"):
+        raise ValueError(f"expected a postgresql:// URL, got {dsn!r}")
+    return urllib.parse.urlunsplit(url._replace(path="/" + name))
 
 
 @pytest.fixture
