@@ -28,6 +28,7 @@ from ledger.errors import (
     InvalidEventError,
     SchemaViolationError,
     TruncatedBodyError,
+    UnknownEnumValueError,
     UnknownFingerprintError,
 )
 
@@ -337,8 +338,10 @@ def test_unknown_enum_symbol_from_a_newer_writer_is_a_schema_violation():
     value = newer.encode("UsageRecorded", event)
     current = Codec.load()
     current.register(newer_writer, current=False)
-    with pytest.raises(SchemaViolationError, match="unknown enum value"):
+    with pytest.raises(UnknownEnumValueError, match="unknown enum value") as info:
         current.decode(value)
+    assert isinstance(info.value, SchemaViolationError)
+    assert info.value.reason == "unknown_enum_value"
 
 
 # --- decode failures ------------------------------------------------------------------------
