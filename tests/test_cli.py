@@ -1,0 +1,99 @@
+"""The `ledger` command line: bad settings and arguments fail fast naming what is wrong; the
+reports tell the truth about the journal."""
+
+import json
+import os
+import subprocess
+import sys
+from decimal import Decimal
+
+import psycopg
+import pytest
+
+from ledger.errors import ConfigError
+from ledger.settings import Settings
+
+
+def ledger_cli(*args, env=None, check=False):
+    return subprocess.run(
+        [sys.executable, "-m", "ledger.cli", *args],
+        capture_output=True,
+        text=True,
+        env=os.environ | (env or {}),
+        check=check,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("LEDGER_PARTITIONS", "eight", "LEDGER_PARTITIONS='eight': not an integer"),
+        ("LEDGER_PARTITIONS", "0", "LEDGER_PARTITIONS=0: must be in [1, 10000]"),
+        ("LEDGER_BROKER", "rabbitmq", "LEDGER_BROKER='rabbitmq': must be one of"),
+        ("LEDGER_DATABASE_URL", "mysql://x", "LEDGER_DATABASE_URL='mysql://x'"),
+        ("LEDGER_KAFKA_BOOTSTRAP", "localhost", "LEDGER_KAFKA_BOOTSTRAP='localhost'"),
+        ("LEDGER_PRICE_BOOK", "/nonexistent.toml", "LEDGER_PRICE_BOOK='/nonexistent.toml'"),
+        ("LEDGER_PARTITONS", "8", "LEDGER_PARTITONS: unknown setting"),
+    ],
+)
+def test_a_bad_setting_fails_at_start_up_naming_the_variable(variable, value, message):
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({variable: value})
+    assert message in str(info.value)
+    result = ledger_cli("trial-balance", env={variable: value})
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_a_bad_argument_fails_fast_naming_it():
+    result = ledger_cli("account", "show", "a1", "--last", "-3")
+    assert result.returncode == 2
+    assert "--last: must be positive: -3" in result.stderr
+
+
+def services_env(stack, dsn):
+    return {"LEDGER_KAFKA_BOOTSTRAP": stack.bootstrap, "LEDGER_DATABASE_URL": dsn}
+
+
+def test_trial_balance_exits_zero_when_balanced_and_one_when_not(ledger, stack, dsn):
+    ledger.open_account("tb")
+    ledger.use("tb", output_tokens=2_000_000)
+    ledger.settle(2)
+    result = ledger_cli("trial-balance", env=services_env(stack, dsn))
+    assert result.returncode == 0, result.stderr
+    assert "USD" in result.stdout and "balanced" in result.stdout
+
+    # Force an unbalanced journal (as a superuser: the constraint trigger is bypassed).
+    with psycopg.connect(dsn) as conn:
+        conn.execute("SET session_replication_role = replica")
+        conn.execute(
+            "INSERT INTO postings SELECT shard, shard_seq, 99, 'cash', account_id, 1 "
+            "FROM postings LIMIT 1"
+        )
+    result = ledger_cli("trial-balance", env=services_env(stack, dsn))
+    assert result.returncode == 1
+    assert "UNBALANCED" in result.stdout
+    with psycopg.connect(dsn) as conn:  # put it back so the fixture's own check passes
+        conn.execute("SET session_replication_role = replica")
+        conn.execute("DELETE FROM postings WHERE line = 99")
+
+
+def test_account_show_prints_balances_status_and_entries(ledger, stack, dsn):
+    ledger.open_account("show-1")
+    ledger.use("show-1", output_tokens=2_000_000)  # $1.80: $1 credit, $0.80 owed
+    ledger.settle(2)
+    result = ledger_cli("account", "show", "show-1", "--json", env=services_env(stack, dsn))
+    assert result.returncode == 0, result.stderr
+    view = json.loads(result.stdout)
+    assert view["status"] == "suspended"
+    assert view["reasons"] == ["CREDITS_EXHAUSTED_NO_PAYMENT_METHOD"]
+    assert Decimal(view["receivable"]) == Decimal("0.80")
+    assert [e["event_type"] for e in view["last_entries"]] == ["UsageRecorded", "AccountOpened"]
+    assert Decimal(view["last_entries"][0]["charge"]) == Decimal("1.80")
+
+    table = ledger_cli("account", "show", "show-1", env=services_env(stack, dsn))
+    assert table.returncode == 0
+    assert "CREDITS_EXHAUSTED_NO_PAYMENT_METHOD" in table.stdout
+    unknown = ledger_cli("account", "show", "nobody", env=services_env(stack, dsn))
+    assert unknown.returncode == 4
