@@ -184,3 +184,50 @@ SELECT e.shard_seq, e.occurred_at, e.event_type, e.status, e.price_version,
  GROUP BY e.shard, e.shard_seq
  ORDER BY e.occurred_at DESC, e.shard_seq DESC
  LIMIT %s;
+
+-- ---------------------------------------------------------------------------------------------
+-- The demo (ledger/demo.py). `{}` is a database name, filled in with psycopg.sql.Identifier.
+
+-- name: demo_create_database
+CREATE DATABASE {};
+
+-- name: demo_progress
+SELECT (SELECT coalesce(sum(last_seq), 0) FROM shard_heads)::bigint,
+       (SELECT count(*) FROM rejected_events),
+       (SELECT coalesce(sum(least(coalesce(p.position, 0), h.last_seq)), 0)
+          FROM shard_heads h
+          LEFT JOIN projection_positions p
+            ON p.shard = h.shard AND p.projection = 'account_status')::bigint,
+       (SELECT coalesce(sum(last_seq), 0) FROM shard_heads)::bigint,
+       (SELECT count(*) FROM outbox WHERE published_at IS NULL),
+       (SELECT count(*) FROM outbox WHERE topic = %s AND published_at IS NOT NULL);
+
+-- name: demo_last_recorded
+SELECT greatest((SELECT max(recorded_at) FROM journal_entries),
+                (SELECT max(rejected_at) FROM rejected_events));
+
+-- name: demo_counts
+SELECT (SELECT count(*) FROM journal_entries), (SELECT count(*) FROM rejected_events);
+
+-- name: demo_entries_by_status
+SELECT status, count(*) FROM journal_entries GROUP BY status ORDER BY status;
+
+-- name: demo_rejected_by_reason
+SELECT reason, count(*) FROM rejected_events GROUP BY reason ORDER BY 2 DESC, 1;
+
+-- name: demo_accounts_by_status
+SELECT suspended, reasons, count(*) FROM account_status
+ GROUP BY suspended, reasons ORDER BY suspended, count(*) DESC, reasons;
+
+-- name: demo_balances
+SELECT coalesce(-sum(amount) FILTER (WHERE ledger_account = 'revenue:usage'), 0),
+       coalesce(-sum(amount) FILTER (WHERE ledger_account LIKE 'customer:%:credit:%'), 0),
+       coalesce(sum(amount) FILTER (WHERE ledger_account LIKE 'customer:%:receivable'), 0),
+       coalesce(sum(amount) FILTER (WHERE ledger_account = 'expense:promotional'), 0),
+       coalesce(sum(amount) FILTER (WHERE ledger_account = 'cash'), 0)
+  FROM postings;
+
+-- name: demo_sample_account
+SELECT account_id FROM account_status
+ WHERE suspended = %s AND status_version >= CASE WHEN %s THEN 1 ELSE 2 END
+ ORDER BY account_id LIMIT 1;
