@@ -133,8 +133,12 @@ class PriceBook:
             if quantity == 0:
                 continue
             if key not in prices:
+                if product == "image":
+                    continue  # an image model is priced per image or per step, not both
                 return Rating(version.version, (), f"no {key} price for model {model}")
             lines.append(_line(meter, quantity, prices[key], unit_size, multiplier))
+        if product == "image" and not lines and any(usage.get(m) for m, _, _ in meters):
+            return Rating(version.version, (), f"no image or step price for model {model}")
         return Rating(version.version, tuple(lines))
 
 

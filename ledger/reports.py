@@ -39,14 +39,14 @@ def account_view(conn: psycopg.Connection, account_id: str, last: int = 10) -> d
             "status": "suspended" if suspended else "active",
             "reasons": list(reasons),
             "status_version": version,
-            "credit_balance": str(credit),
-            "receivable": str(receivable),
+            "credit_balance": _amount(credit),
+            "receivable": _amount(receivable),
             "grants": state["grants"],
             "payment_methods": state["payment_methods"],
             "payment_failed": state["payment_failed"],
             "manual_hold": state["manual_hold"],
         }
-    view["ledger_accounts"] = {acct: str(total) for acct, total in ledger}
+    view["ledger_accounts"] = {acct: _amount(total) for acct, total in ledger}
     view["last_entries"] = [
         {
             "seq": seq,
@@ -54,8 +54,13 @@ def account_view(conn: psycopg.Connection, account_id: str, last: int = 10) -> d
             "event_type": event_type,
             "status": status,
             "price_version": price_version,
-            "charge": str(charge),
+            "charge": _amount(charge),
         }
         for seq, occurred, event_type, status, price_version, charge in entries
     ]
     return view
+
+
+def _amount(value: Decimal) -> str:
+    """Plain notation, never exponent form (Decimal("0E-9") prints as "0.000000000")."""
+    return format(Decimal(value), "f")

@@ -178,6 +178,12 @@ class AccountStatusProjection:
         state.status_version += 1
         return [
             StatusChanged(
-                state.account_id, suspended, reasons, state.status_version, entry.occurred_at
+                # Never earlier than a status already published for the account, even when
+                # events arrive out of order (the latest occurred_at seen so far).
+                state.account_id,
+                suspended,
+                reasons,
+                state.status_version,
+                state.last_event_at,
             )
         ]

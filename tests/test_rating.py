@@ -101,16 +101,21 @@ def test_each_line_rounds_half_even_to_nine_decimals(book):
     assert half.total == Decimal("0.000402778")
 
 
-def test_images_are_priced_per_step(book):
-    rating = book.rate(
-        usage(product="image", model="accounts/fireworks/models/flux-1-dev-fp8", images=2, steps=28)
-    )
-    # The FLUX model has a step price only; images with no image price are refused as unpriced.
-    assert not rating.priced and "image" in rating.unpriced_reason
-    rating = book.rate(
-        usage(product="image", model="accounts/fireworks/models/flux-1-dev-fp8", steps=28)
-    )
+def test_images_are_priced_per_step_or_per_image_whichever_the_model_has(book):
+    flux = "accounts/fireworks/models/flux-1-dev-fp8"
+    # FLUX is priced per step only: 28 steps × $0.0005; the image count is not a meter for it.
+    rating = book.rate(usage(product="image", model=flux, images=2, steps=28))
     assert rating.total == Decimal("0.014000000")
+    assert [line.meter for line in rating.lines] == ["steps"]
+    playground = "accounts/fireworks/models/playground-v2-5-1024px-aesthetic"
+    rating = book.rate(usage(product="image", model=playground, images=3, steps=30))
+    assert rating.total == Decimal("0.011700000")  # 3 × $0.0039 per image
+
+
+def test_image_usage_with_no_priced_meter_is_unpriced(book):
+    flux = "accounts/fireworks/models/flux-1-dev-fp8"
+    rating = book.rate(usage(product="image", model=flux, images=2))
+    assert not rating.priced and "image or step price" in rating.unpriced_reason
 
 
 def test_unknown_model_is_unpriced_not_charged(book):
