@@ -77,6 +77,11 @@ class AccountBook:
         grants = {gid: dataclasses.replace(g) for gid, g in self.grants.items()}
         return dataclasses.replace(self, grants=grants)
 
+    def next_expiry(self) -> datetime | None:
+        """When the next grant with money left expires (None: nothing will)."""
+        dates = [g.expires_at for g in self.grants.values() if g.remaining > 0 and g.expires_at]
+        return min(dates, default=None)
+
     def credit_balance(self) -> Decimal:
         return sum((g.remaining for g in self.grants.values()), ZERO)
 
@@ -223,9 +228,37 @@ class LedgerFold:
     def _no_money(self, book: AccountBook, event: dict) -> Entry:
         return Entry("noop")
 
-    _on_SpendLimitConfigured = _on_SpendLimitOverridden = _no_money
+    def _on_SpendLimitConfigured(self, book: AccountBook, event: dict) -> Entry:
+        limit = event.get("monthly_limit")
+        if limit is not None and (limit < 0 or limit > self.policy.max_amount):
+            raise Rejected("invalid_amount", f"monthly_limit = {limit} out of range")
+        return Entry("noop")
+
+    _on_SpendLimitOverridden = _on_SpendLimitConfigured
     _on_AccountHoldPlaced = _on_AccountHoldReleased = _no_money
     _on_PaymentMethodAdded = _on_PaymentMethodRemoved = _on_PaymentFailed = _no_money
+
+    # --- time -----------------------------------------------------------------------------
+
+    def expire_grants(self, book: AccountBook, at: datetime) -> list[tuple[str, datetime, Entry]]:
+        """At a PeriodTick: what is left of each grant whose expires_at is at or before `at`
+        leaves the balance for breakage, one entry per grant dated at its expires_at."""
+        expired = []
+        for grant in sorted(book.grants.values(), key=lambda g: (g.expires_at or at, g.order)):
+            if grant.expires_at is None or grant.expires_at > at or grant.remaining <= 0:
+                continue
+            left, grant.remaining = grant.remaining, ZERO
+            entry = _entry(
+                (credit_account(book.account_id, grant.grant_id), left),
+                (REVENUE_BREAKAGE, -left),
+                detail={
+                    "grant_id": grant.grant_id,
+                    "expired": str(left),
+                    "expires_at": grant.expires_at.isoformat(),
+                },
+            )
+            expired.append((grant.grant_id, grant.expires_at, entry))
+        return expired
 
     # --- usage ----------------------------------------------------------------------------
 

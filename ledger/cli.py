@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from datetime import UTC, datetime
 
 from ledger.errors import ConfigError, LedgerError
 from ledger.log import configure_logging
@@ -58,6 +59,21 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     info = stack.connect(settings)
     db.migrate(info.dsn)
     return run_worker(settings, info.bootstrap, info.dsn, roles)
+
+
+def _scheduler(args: argparse.Namespace, settings: Settings) -> int:
+    from ledger import stack
+    from ledger.producer import EventProducer
+    from ledger.scheduler import send_ticks
+
+    info = stack.connect(settings)
+    if args.once:
+        with EventProducer(info.bootstrap, settings) as producer:
+            print(f"sent {send_ticks(producer, datetime.now(UTC))} ticks")
+        return 0
+    from ledger.worker import run_worker
+
+    return run_worker(settings, info.bootstrap, info.dsn, ("scheduler",))
 
 
 def _trial_balance(args: argparse.Namespace, settings: Settings) -> int:
@@ -113,10 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--role",
         action="append",
-        choices=["ledger", "projections", "relay"],
+        choices=["ledger", "projections", "relay", "scheduler"],
         help="run only this role (repeatable); default: all three",
     )
     p.set_defaults(func=_worker)
+
+    p = sub.add_parser("scheduler", help="send PeriodTicks (also run by `ledger worker`)")
+    p.add_argument("--once", action="store_true", help="send one tick now and exit")
+    p.set_defaults(func=_scheduler)
 
     p = sub.add_parser("trial-balance", help="sum of all postings per currency; exit 1 unless 0")
     p.set_defaults(func=_trial_balance)

@@ -78,6 +78,11 @@ class _Accepted:
     entry: Entry | None = None
     hash: bytes = b""
     prev_hash: bytes = b""
+    cause_event_id: str | None = None  # set on entries derived from another event
+
+    @property
+    def derived(self) -> bool:
+        return self.cause_event_id is not None
 
 
 class LedgerWriter:
@@ -170,11 +175,20 @@ class LedgerWriter:
         # Topics are not ordered with each other: within a batch, events are applied in
         # occurred_at order (stable, so Kafka's order breaks ties).
         accepted.sort(key=lambda a: a.event["occurred_at"])
-        books = self._load_books(cur, {a.event["account_id"] for a in accepted})
+        books = self._load_books(
+            cur, {a.event["account_id"] for a in accepted if a.event_type != "PeriodTick"}
+        )
         journaled: list[_Accepted] = []
         for item in accepted:
+            if item.event_type == "PeriodTick":
+                journaled += self._period_tick(cur, item, books)
+                continue
             account_id = item.event["account_id"]
-            book, last_hash = books.get(account_id) or (AccountBook(account_id), GENESIS)
+            book, last_hash, _ = books.get(account_id) or (
+                AccountBook(account_id),
+                GENESIS,
+                item.record.partition,
+            )
             try:
                 item.entry = self.fold.post(book, item.event_type, item.event)
             except Rejected as exc:
@@ -197,7 +211,7 @@ class LedgerWriter:
                 continue
             item.prev_hash = last_hash
             item.hash = chain_hash(last_hash, item.event["event_id"], item.entry, item.record.value)
-            books[account_id] = (book, item.hash)
+            books[account_id] = (book, item.hash, item.record.partition)
             journaled.append(item)
 
         self._copy_journal(cur, journaled)
@@ -205,8 +219,9 @@ class LedgerWriter:
         cur.executemany(
             QUERIES["save_book"],
             [
-                (acct, Jsonb(books[acct][0].to_json()), books[acct][1])
-                for acct in sorted({j.event["account_id"] for j in journaled})
+                (acct, Jsonb(book.to_json()), last_hash, shard, book.next_expiry())
+                for acct in sorted({j.event["account_id"] for j in journaled} - {""})
+                for book, last_hash, shard in [books[acct]]
             ],
         )
         cur.executemany(
@@ -252,9 +267,58 @@ class LedgerWriter:
 
     def _load_books(
         self, cur: psycopg.Cursor, account_ids: set[str]
-    ) -> dict[str, tuple[AccountBook, bytes]]:
+    ) -> dict[str, tuple[AccountBook, bytes, int]]:
         rows = cur.execute(QUERIES["lock_books"], (sorted(account_ids),)).fetchall()
-        return {a: (AccountBook.from_json(a, book), bytes(h)) for a, book, h in rows}
+        return {a: (AccountBook.from_json(a, b), bytes(h), shard) for a, b, h, shard in rows}
+
+    def _period_tick(
+        self,
+        cur: psycopg.Cursor,
+        tick: _Accepted,
+        books: dict[str, tuple[AccountBook, bytes, int]],
+    ) -> list[_Accepted]:
+        """Journal a PeriodTick (so projections see the shard's clock move, in order) and
+        expire what is left of every grant in its shard whose expires_at has come."""
+        shard, at = tick.record.partition, tick.event["tick_at"]
+        tick.entry = Entry("noop", detail={"tick_at": at.isoformat()})
+        tick.prev_hash = GENESIS  # ticks belong to no account's chain
+        tick.hash = chain_hash(GENESIS, tick.event["event_id"], tick.entry, tick.record.value)
+        out = [tick]
+        for account_id, book, last_hash, shard_ in cur.execute(
+            QUERIES["lock_expiring_books"], (shard, at)
+        ):
+            books.setdefault(
+                account_id, (AccountBook.from_json(account_id, book), bytes(last_hash), shard_)
+            )
+        due = sorted(
+            a
+            for a, (book, _, s) in books.items()
+            if s == shard and (when := book.next_expiry()) is not None and when <= at
+        )
+        for account_id in due:
+            book, last_hash, _ = books[account_id]
+            for grant_id, expired_at, entry in self.fold.expire_grants(book, at):
+                event_id = f"{tick.event['event_id']}:expiry:{account_id}:{grant_id}"
+                item = _Accepted(
+                    tick.record,
+                    "GrantExpired",
+                    tick.fingerprint,
+                    {
+                        "event_id": event_id,
+                        "account_id": account_id,
+                        "occurred_at": expired_at,
+                        "grant_id": grant_id,
+                        "tick_event_id": tick.event["event_id"],
+                    },
+                    b"",
+                    entry=entry,
+                    prev_hash=last_hash,
+                    cause_event_id=tick.event["event_id"],
+                )
+                item.hash = last_hash = chain_hash(last_hash, event_id, entry, tick.record.value)
+                out.append(item)
+            books[account_id] = (book, last_hash, shard)
+        return out
 
     def _copy_journal(self, cur: psycopg.Cursor, journaled: list[_Accepted]) -> None:
         if not journaled:
@@ -271,6 +335,8 @@ class LedgerWriter:
 
         with cur.copy(QUERIES["copy_raw_events"]) as copy:
             for _, _, a in numbered:
+                if a.derived:
+                    continue
                 r = a.record
                 copy.write_row(
                     (
@@ -303,6 +369,7 @@ class LedgerWriter:
                         canonical_json(a.entry.detail),
                         a.prev_hash,
                         a.hash,
+                        a.cause_event_id,
                     )
                 )
         with cur.copy(QUERIES["copy_postings"]) as copy:

@@ -34,6 +34,8 @@ class Settings:
     batch_max_ms: int = 200
     # Projection and relay.
     poll_interval_ms: int = 200
+    # Scheduler: seconds between PeriodTicks.
+    tick_interval_s: int = 60
     # Business configuration files (None: the defaults shipped with the package).
     price_book: Path | None = None
     policy: Path | None = None
@@ -68,6 +70,7 @@ class Settings:
             ("batch_max_events", 1, 1_000_000),
             ("batch_max_ms", 1, 600_000),
             ("poll_interval_ms", 1, 600_000),
+            ("tick_interval_s", 1, 86_400),
         ):
             value = getattr(self, name)
             if not low <= value <= high:

@@ -1,5 +1,6 @@
-"""`ledger worker`: the ledger consumer, the projection worker and the outbox relay together,
-each in its own thread, or any one of them alone (so each role scales on its own).
+"""`ledger worker`: the ledger consumer, the projection worker, the outbox relay and the
+scheduler together, each in its own thread, or any of them alone (so each role scales on its
+own; run one scheduler per deployment, more only send duplicate ticks that are dropped).
 
 SIGTERM/SIGINT set one stop event: the consumer finishes and commits its batch and leaves the
 group, the projection commits its step, the relay its publish; then the process exits 0.
@@ -14,12 +15,13 @@ import structlog
 
 from ledger.consumer import run_ledger_consumer
 from ledger.relay import OutboxRelay
+from ledger.scheduler import run_scheduler
 from ledger.settings import Settings
 from projections.worker import ProjectionWorker
 
 log = structlog.get_logger(__name__)
 
-ROLES = ("ledger", "projections", "relay")
+ROLES = ("ledger", "projections", "relay", "scheduler")
 
 
 def start_roles(
@@ -34,6 +36,7 @@ def start_roles(
         "ledger": lambda: run_ledger_consumer(settings, bootstrap, dsn, stop),
         "projections": lambda: ProjectionWorker(settings, dsn).run(stop),
         "relay": lambda: OutboxRelay(settings, bootstrap, dsn).run(stop),
+        "scheduler": lambda: run_scheduler(settings, bootstrap, stop),
     }
     threads = []
     for role in roles:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterable
+from datetime import datetime
 from decimal import Decimal
 
 import psycopg
@@ -21,11 +21,16 @@ from psycopg.types.json import Jsonb
 from ledger import db, topics
 from ledger.codec import Codec
 from ledger.db import QUERIES
+from ledger.policy import Policy
 from ledger.settings import Settings
+from projections import billing
 from projections.account_status import (
     AccountStatus,
     AccountStatusProjection,
+    Effect,
+    InvoiceIssued,
     JournalEntry,
+    SpendLimitWarning,
     StatusChanged,
 )
 
@@ -34,21 +39,42 @@ log = structlog.get_logger(__name__)
 STATUS_EVENT_NAMESPACE = uuid.UUID("6f1d2c1e-3b7a-4f51-9a59-1f0f4f3c2b10")
 
 
-def status_event(change: StatusChanged) -> tuple[str, dict]:
-    """The output event for a status change. Its event_id is derived from (account,
-    status_version), so a replay produces the very same event."""
-    event = {
-        "event_id": str(
-            uuid.uuid5(STATUS_EVENT_NAMESPACE, f"{change.account_id}:{change.status_version}")
-        ),
-        "account_id": change.account_id,
-        "occurred_at": change.effective_at,
-        "effective_at": change.effective_at,
-        "status_version": change.status_version,
+def output_event(effect: Effect) -> tuple[str, dict]:
+    """The output event for an effect. Its event_id is derived from what it is about (account
+    and status_version, month and threshold, invoice), so a replay produces the same event."""
+
+    def base(key: str, at) -> dict:
+        return {
+            "event_id": str(uuid.uuid5(STATUS_EVENT_NAMESPACE, f"{effect.account_id}:{key}")),
+            "account_id": effect.account_id,
+            "occurred_at": at,
+        }
+
+    if isinstance(effect, StatusChanged):
+        event = base(f"status:{effect.status_version}", effect.effective_at) | {
+            "effective_at": effect.effective_at,
+            "status_version": effect.status_version,
+        }
+        if effect.suspended:
+            return "AccountSuspended", {**event, "reasons": list(effect.reasons)}
+        return "AccountReinstated", event
+    if isinstance(effect, SpendLimitWarning):
+        key = f"warning:{effect.month}:{effect.threshold_percent}"
+        return "SpendLimitWarning", base(key, effect.occurred_at) | {
+            "month": effect.month,
+            "threshold_percent": effect.threshold_percent,
+            "month_to_date_spend": effect.month_to_date_spend,
+            "effective_limit": effect.effective_limit,
+            "status_version": effect.status_version,
+        }
+    invoice = effect.invoice
+    return "InvoiceIssued", base(f"invoice:{invoice['invoice_id']}", effect.issued_at) | {
+        "invoice_id": invoice["invoice_id"],
+        "month": invoice["month"],
+        "amount_due": Decimal(invoice["amount_due"]),
+        "currency": invoice["currency"],
+        "status_version": effect.status_version,
     }
-    if change.suspended:
-        return "AccountSuspended", {**event, "reasons": list(change.reasons)}
-    return "AccountReinstated", event
 
 
 def read_entries(conn: psycopg.Connection, shard: int, after: int, upto: int):
@@ -73,7 +99,8 @@ class ProjectionWorker:
         self.settings = settings
         self.dsn = dsn
         self.codec = codec or Codec.default()
-        self.projection = AccountStatusProjection()
+        self.policy = Policy.load(settings.policy)
+        self.projection = AccountStatusProjection(self.policy)
         self.batch_size = batch_size
         self.status_topic = settings.topic(topics.STATUS)
         self.conn = db.connect(dsn)
@@ -95,43 +122,99 @@ class ProjectionWorker:
             row = self.conn.execute(QUERIES["lock_position"], (name, shard)).fetchone()
             if row is None or row[0] >= head:
                 return 0  # another worker holds this shard, or nothing new
-            position = row[0]
+            position, clock = row
             upto = min(head, position + self.batch_size)
             entries = list(read_entries(self.conn, shard, position, upto))
-            changes = self._apply(entries)
-            self.conn.execute(QUERIES["save_position"], (upto, name, shard, upto))
-            if changes:
+            effects, clock = self._apply(shard, entries, clock)
+            self.conn.execute(QUERIES["save_position"], (upto, clock, name, shard, upto))
+            if effects:
                 self.conn.execute(QUERIES["notify_outbox"])
-        log.debug("projection_step", shard=shard, entries=len(entries), changes=len(changes))
+        log.debug("projection_step", shard=shard, entries=len(entries), effects=len(effects))
         return len(entries)
 
-    def _apply(self, entries: list[JournalEntry]) -> list[StatusChanged]:
-        ids = sorted({e.account_id for e in entries})
-        states = {
-            account_id: AccountStatus.from_json(account_id, state)
-            for account_id, state in self.conn.execute(QUERIES["load_account_status"], (ids,))
-        }
-        changes: list[StatusChanged] = []
+    def _apply(
+        self, shard: int, entries: list[JournalEntry], clock: datetime | None
+    ) -> tuple[list[Effect], datetime | None]:
+        states = self._load(QUERIES["load_account_status"], sorted({e.account_id for e in entries}))
+        effects: list[Effect] = []
         for entry in entries:
+            if entry.event_type == "PeriodTick":
+                tick_at = datetime.fromisoformat(entry.payload["tick_at"])
+                effects += self._tick(shard, states, tick_at, clock)
+                clock = tick_at if clock is None else max(clock, tick_at)
+                continue
             state = states.setdefault(entry.account_id, AccountStatus(entry.account_id))
-            changes += self.projection.apply(state, entry)
+            effects += self.projection.apply(state, entry, clock)
+        states.pop("", None)
         with self.conn.cursor() as cur:
             cur.executemany(
-                QUERIES["save_account_status"], [_status_row(s) for s in states.values()]
+                QUERIES["save_account_status"],
+                [self._status_row(shard, s) for s in states.values()],
             )
-            cur.executemany(QUERIES["insert_outbox"], list(self._outbox_rows(changes)))
-        return changes
+            cur.executemany(QUERIES["insert_outbox"], [self._outbox_row(e) for e in effects])
+            cur.executemany(
+                QUERIES["insert_invoice"],
+                [_invoice_row(e.invoice) for e in effects if isinstance(e, InvoiceIssued)],
+            )
+        return effects, clock
 
-    def _outbox_rows(self, changes: Iterable[StatusChanged]):
-        for change in changes:
-            event_type, event = status_event(change)
-            headers = [[k, v.hex()] for k, v in self.codec.headers(event_type)]
-            yield (
-                self.status_topic,
-                change.account_id.encode(),
-                self.codec.encode(event_type, event),
-                Jsonb(headers),
-            )
+    def _tick(
+        self,
+        shard: int,
+        states: dict[str, AccountStatus],
+        tick_at: datetime,
+        clock: datetime | None,
+    ) -> list[Effect]:
+        """Only a tick that turns the month or makes a close due revisits accounts: those with
+        a limit suspension or amounts waiting for an invoice."""
+        grace = self.policy.grace_hours
+        turned = clock is None or billing.month_of(tick_at) > billing.month_of(clock)
+        closes = billing.closed_through(tick_at, grace) != billing.closed_through(clock, grace)
+        if not (turned or closes):
+            return []
+        for account_id, state in self.conn.execute(QUERIES["load_tick_sensitive"], (shard,)):
+            states.setdefault(account_id, AccountStatus.from_json(account_id, state))
+        effects: list[Effect] = []
+        for account_id in sorted(states):
+            state = states[account_id]
+            if account_id and state.tick_sensitive:
+                effects += self.projection.on_tick(state, tick_at, clock)
+        return effects
+
+    def _load(self, query: str, *params) -> dict[str, AccountStatus]:
+        return {
+            account_id: AccountStatus.from_json(account_id, state)
+            for account_id, state in self.conn.execute(query, params)
+        }
+
+    def _status_row(self, shard: int, state: AccountStatus) -> tuple:
+        tier, _ = self.projection.tier(state)
+        return (
+            state.account_id,
+            state.opened,
+            state.suspended,
+            list(state.reasons),
+            state.status_version,
+            state.credit_balance,
+            state.receivable,
+            Jsonb(state.to_json()),
+            shard,
+            tier,
+            self.projection.effective_limit(state),
+            state.month,
+            state.month_to_date_spend,
+            state.tick_sensitive,
+        )
+
+    def _outbox_row(self, effect: Effect) -> tuple:
+        event_type, event = output_event(effect)
+        headers = [[k, v.hex()] for k, v in self.codec.headers(event_type)]
+        return (
+            self.status_topic,
+            effect.account_id.encode(),
+            self.codec.encode(event_type, event),
+            Jsonb(headers),
+        )
 
     def run(self, stop: threading.Event) -> None:
         listener = db.connect(self.dsn, autocommit=True)
@@ -150,17 +233,17 @@ class ProjectionWorker:
             log.info("projection_worker_stopped")
 
 
-def _status_row(state: AccountStatus) -> tuple:
+def _invoice_row(invoice: dict) -> tuple:
     return (
-        state.account_id,
-        state.opened,
-        state.suspended,
-        list(state.reasons),
-        state.status_version,
-        state.credit_balance,
-        state.receivable,
-        Jsonb(state.to_json()),
+        invoice["invoice_id"],
+        invoice["account_id"],
+        invoice["month"],
+        datetime.fromisoformat(invoice["issued_at"]),
+        invoice["currency"],
+        Decimal(invoice["exact_total"]),
+        Decimal(invoice["amount_due"]),
+        Jsonb(invoice["lines"]),
     )
 
 
-__all__ = ["Decimal", "ProjectionWorker", "status_event"]
+__all__ = ["ProjectionWorker", "output_event"]

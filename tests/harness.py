@@ -18,8 +18,12 @@ from ledger import topics
 from ledger.codec import Codec
 from ledger.producer import EventProducer
 from ledger.reports import trial_balance
+from ledger.scheduler import send_ticks
 from ledger.settings import Settings
-from ledger.worker import ROLES, start_roles
+from ledger.worker import start_roles
+
+# The scheduler is left out: tests send their own PeriodTicks at the times they choose.
+ROLES = ("ledger", "projections", "relay")
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 LLAMA_70B = "accounts/fireworks/models/llama-v3p3-70b-instruct"
@@ -181,12 +185,25 @@ class Ledger:
                 return list(self.status_events)
 
     def status_of(self, account_id: str) -> list[tuple[str, tuple, int]]:
-        """(event type, reasons, status_version) of the status events for one account."""
+        """(event type, reasons, status_version) of the suspension and reinstatement events
+        for one account."""
         return [
             (t, tuple(e.get("reasons", ())), e["status_version"])
             for t, e in self.read_status_events()
-            if e["account_id"] == account_id
+            if e["account_id"] == account_id and t in ("AccountSuspended", "AccountReinstated")
         ]
+
+    def outputs_of(self, account_id: str, event_type: str) -> list[dict]:
+        return [
+            e
+            for t, e in self.read_status_events()
+            if e["account_id"] == account_id and t == event_type
+        ]
+
+    def period_tick(self, at: datetime) -> int:
+        """A PeriodTick at `at` on every partition, as the scheduler sends them."""
+        self._clock = max(self._clock, at)
+        return send_ticks(self.producer, at)
 
     def assert_trial_balance_zero(self) -> None:
         with psycopg.connect(self.dsn) as conn:

@@ -3,6 +3,7 @@
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
+from ledger.policy import Policy
 from projections.account_status import (
     CREDITS_EXHAUSTED,
     MANUAL_HOLD,
@@ -22,7 +23,7 @@ class Feed:
     """Feeds entries to the projection the way the worker does, numbering them."""
 
     def __init__(self):
-        self.projection = AccountStatusProjection()
+        self.projection = AccountStatusProjection(Policy.load())
         self.state = AccountStatus(A)
         self.seq = 0
         self.published = []
@@ -97,7 +98,7 @@ def test_payment_failure_suspends_and_paid_invoice_reinstates():
     feed("PaymentMethodAdded", {"payment_method_id": "pm_1"})
     [change] = feed("PaymentFailed", {"payment_method_id": "pm_1"})
     assert change.reasons == (PAYMENT_FAILED,)
-    [change] = feed("InvoicePaid", {"invoice_id": "inv_1"})
+    [change] = feed("InvoicePaid", {"invoice_id": "inv_1", "amount": "1"})
     assert not change.suspended
 
 

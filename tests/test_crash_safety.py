@@ -119,7 +119,19 @@ class Run:
         }
         with self.log.open("a") as log:
             self.worker = subprocess.Popen(
-                [sys.executable, "-m", "ledger.cli", "worker"],
+                # No scheduler: wall-clock ticks would land at different points in each run.
+                [
+                    sys.executable,
+                    "-m",
+                    "ledger.cli",
+                    "worker",
+                    "--role",
+                    "ledger",
+                    "--role",
+                    "projections",
+                    "--role",
+                    "relay",
+                ],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -192,6 +204,8 @@ class Run:
             for records in reader.poll(timeout_ms=500).values():
                 for r in records:
                     d = codec.decode(r.value)
+                    if d.event_type not in ("AccountSuspended", "AccountReinstated"):
+                        continue
                     raw += 1
                     key = (d.event["account_id"], d.event["status_version"])
                     seen.setdefault(key, (d.event_type, tuple(d.event.get("reasons", ()))))

@@ -67,12 +67,19 @@ ON CONFLICT (group_id, topic, kafka_partition) DO UPDATE SET next_offset = EXCLU
 SELECT event_id, content_hash FROM raw_events WHERE event_id = ANY(%s);
 
 -- name: lock_books
-SELECT account_id, book, last_hash FROM account_books
+SELECT account_id, book, last_hash, shard FROM account_books
  WHERE account_id = ANY(%s) ORDER BY account_id FOR UPDATE;
 
+-- name: lock_expiring_books
+SELECT account_id, book, last_hash, shard FROM account_books
+ WHERE shard = %s AND next_expiry <= %s ORDER BY account_id FOR UPDATE;
+
 -- name: save_book
-INSERT INTO account_books (account_id, book, last_hash) VALUES (%s, %s, %s)
-ON CONFLICT (account_id) DO UPDATE SET book = EXCLUDED.book, last_hash = EXCLUDED.last_hash;
+INSERT INTO account_books (account_id, book, last_hash, shard, next_expiry)
+VALUES (%s, %s, %s, %s, %s)
+ON CONFLICT (account_id) DO UPDATE
+   SET book = EXCLUDED.book, last_hash = EXCLUDED.last_hash, shard = EXCLUDED.shard,
+       next_expiry = EXCLUDED.next_expiry;
 
 -- name: advance_shard
 INSERT INTO shard_heads (shard, last_seq) VALUES (%s, %s)
@@ -85,7 +92,8 @@ COPY raw_events (event_id, event_type, account_id, topic, kafka_partition, kafka
 
 -- name: copy_journal_entries
 COPY journal_entries (shard, shard_seq, event_id, account_id, event_type, status, occurred_at,
-                      price_version, payload, detail, prev_hash, entry_hash) FROM STDIN;
+                      price_version, payload, detail, prev_hash, entry_hash, cause_event_id)
+FROM STDIN;
 
 -- name: copy_postings
 COPY postings (shard, shard_seq, line, ledger_account, account_id, amount) FROM STDIN;
@@ -116,12 +124,12 @@ INSERT INTO projection_positions (projection, shard, position) VALUES (%s, %s, 0
 ON CONFLICT (projection, shard) DO NOTHING;
 
 -- name: lock_position
-SELECT position FROM projection_positions
+SELECT position, last_tick_at FROM projection_positions
  WHERE projection = %s AND shard = %s
    FOR UPDATE SKIP LOCKED;
 
 -- name: save_position
-UPDATE projection_positions SET position = %s
+UPDATE projection_positions SET position = %s, last_tick_at = %s
  WHERE projection = %s AND shard = %s AND position < %s;
 
 -- name: read_entries
@@ -138,14 +146,27 @@ SELECT e.shard, e.shard_seq, e.account_id, e.event_type, e.status, e.occurred_at
 -- name: load_account_status
 SELECT account_id, state FROM account_status WHERE account_id = ANY(%s);
 
+-- name: load_tick_sensitive
+SELECT account_id, state FROM account_status WHERE shard = %s AND tick_sensitive;
+
 -- name: save_account_status
 INSERT INTO account_status (account_id, opened, suspended, reasons, status_version,
-                            credit_balance, receivable, state)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+                            credit_balance, receivable, state, shard, tier, effective_limit,
+                            month, month_to_date_spend, tick_sensitive)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
 ON CONFLICT (account_id) DO UPDATE
    SET opened = EXCLUDED.opened, suspended = EXCLUDED.suspended, reasons = EXCLUDED.reasons,
        status_version = EXCLUDED.status_version, credit_balance = EXCLUDED.credit_balance,
-       receivable = EXCLUDED.receivable, state = EXCLUDED.state;
+       receivable = EXCLUDED.receivable, state = EXCLUDED.state, shard = EXCLUDED.shard,
+       tier = EXCLUDED.tier, effective_limit = EXCLUDED.effective_limit,
+       month = EXCLUDED.month, month_to_date_spend = EXCLUDED.month_to_date_spend,
+       tick_sensitive = EXCLUDED.tick_sensitive;
+
+-- name: insert_invoice
+INSERT INTO invoices (invoice_id, account_id, month, issued_at, currency, exact_total,
+                      amount_due, lines)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+ON CONFLICT (invoice_id) DO NOTHING;
 
 -- ---------------------------------------------------------------------------------------------
 -- Outbox relay.
@@ -184,6 +205,35 @@ SELECT e.shard_seq, e.occurred_at, e.event_type, e.status, e.price_version,
  GROUP BY e.shard, e.shard_seq
  ORDER BY e.occurred_at DESC, e.shard_seq DESC
  LIMIT %s;
+
+-- ---------------------------------------------------------------------------------------------
+-- Benchmark (ledger/bench.py). `{}` is a database name, filled in with psycopg.sql.Identifier.
+
+-- name: bench_create_database
+CREATE DATABASE {};
+
+-- name: bench_drop_database
+DROP DATABASE IF EXISTS {} WITH (FORCE);
+
+-- name: bench_server_version
+SHOW server_version;
+
+-- name: bench_ledger_progress
+SELECT (SELECT coalesce(sum(last_seq), 0) FROM shard_heads)::bigint,
+       (SELECT count(*) FROM rejected_events);
+
+-- name: bench_journal_counts
+SELECT (SELECT count(*) FROM journal_entries), (SELECT count(*) FROM rejected_events),
+       (SELECT count(*) FROM postings);
+
+-- name: bench_rejects_by_reason
+SELECT reason, count(*) FROM rejected_events GROUP BY reason ORDER BY 2 DESC, 1;
+
+-- name: bench_projection_progress
+SELECT coalesce(sum(least(coalesce(p.position, 0), h.last_seq)), 0)::bigint,
+       coalesce(sum(h.last_seq), 0)::bigint
+  FROM shard_heads h
+  LEFT JOIN projection_positions p ON p.shard = h.shard AND p.projection = %s;
 
 -- ---------------------------------------------------------------------------------------------
 -- The demo (ledger/demo.py). `{}` is a database name, filled in with psycopg.sql.Identifier.
