@@ -76,6 +76,25 @@ def _scheduler(args: argparse.Namespace, settings: Settings) -> int:
     return run_worker(settings, info.bootstrap, info.dsn, ("scheduler",))
 
 
+def _replay(args: argparse.Namespace, settings: Settings) -> int:
+    from rich.progress import Progress
+
+    from ledger import stack
+    from ledger.replay import replay
+
+    target = stack.connect(settings).dsn
+    with Progress(*Progress.get_default_columns(), "{task.speed} events/s") as bar:
+        task = bar.add_task("replaying", total=None)
+        count = replay(
+            settings,
+            args.from_database_url,
+            target,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    print(f"replayed {count} events into {target}")
+    return 0
+
+
 def _trial_balance(args: argparse.Namespace, settings: Settings) -> int:
     from ledger import db, stack
     from ledger.reports import trial_balance
@@ -137,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("scheduler", help="send PeriodTicks (also run by `ledger worker`)")
     p.add_argument("--once", action="store_true", help="send one tick now and exit")
     p.set_defaults(func=_scheduler)
+
+    p = sub.add_parser("replay", help="rebuild the journal from another journal, in its order")
+    p.add_argument(
+        "--from-database-url",
+        required=True,
+        help="postgresql:// URL of the source journal; the target is LEDGER_DATABASE_URL",
+    )
+    p.set_defaults(func=_replay)
 
     p = sub.add_parser("trial-balance", help="sum of all postings per currency; exit 1 unless 0")
     p.set_defaults(func=_trial_balance)

@@ -19,6 +19,7 @@ from kafka.coordinator.assignors.range import RangePartitionAssignor
 
 from ledger import db, topics
 from ledger.book import LedgerFold
+from ledger.errors import StackError
 from ledger.journal import LedgerWriter
 from ledger.policy import Policy
 from ledger.rating import PriceBook
@@ -27,9 +28,15 @@ from ledger.settings import Settings
 log = structlog.get_logger(__name__)
 
 
-def kafka_group_options(settings: Settings) -> dict[str, int]:
-    """Group timing that suits both Apache Kafka and the Tansu fallback (DESIGN §8)."""
-    return {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000}
+def kafka_group_options(settings: Settings) -> dict[str, object]:
+    """Consumer options for both Apache Kafka and the Tansu fallback (DESIGN §8): group timing
+    that joins in seconds, and no incremental fetch sessions (KIP-227), with which
+    kafka-python 3.0 was seen to stop sending fetches for an assigned partition."""
+    return {
+        "session_timeout_ms": 6000,
+        "heartbeat_interval_ms": 1000,
+        "enable_incremental_fetch_sessions": False,
+    }
 
 
 class _SeekToStoredOffsets(ConsumerRebalanceListener):
@@ -89,9 +96,9 @@ def run_ledger_consumer(
         max_partition_fetch_bytes=4 * 1024 * 1024,
         **kafka_group_options(settings),
     )
-    consumer.subscribe(
-        topics=topics.input_topics(settings), listener=_SeekToStoredOffsets(consumer, writer)
-    )
+    input_topics = topics.input_topics(settings)
+    _wait_for_topic_metadata(consumer, input_topics, stop)
+    consumer.subscribe(topics=input_topics, listener=_SeekToStoredOffsets(consumer, writer))
     log.info("ledger_consumer_started", group=settings.consumer_group)
     try:
         while not stop.is_set():
@@ -114,6 +121,26 @@ def run_ledger_consumer(
         consumer.close(autocommit=False)  # leaves the group promptly
         conn.close()
         log.info("ledger_consumer_stopped")
+
+
+def _wait_for_topic_metadata(
+    consumer: KafkaConsumer, names: list[str], stop: threading.Event, timeout_s: float = 60
+) -> None:
+    """Know every input topic's partitions before joining the group. A group leader without
+    that metadata assigns nothing, and kafka-python's rejoin after the metadata arrives can
+    stall (seen on a fresh broker); asking first avoids the empty first assignment."""
+    deadline = time.monotonic() + timeout_s
+    missing = list(names)
+    while missing and not stop.is_set():
+        missing = [t for t in missing if not consumer.partitions_for_topic(t)]
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise StackError(
+                f"input topics not found on the broker: {', '.join(missing)} "
+                "(run `ledger topics create`)"
+            )
+        stop.wait(0.2)
 
 
 def _poll_batch(consumer: KafkaConsumer, settings: Settings, stop: threading.Event) -> list:

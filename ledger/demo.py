@@ -657,6 +657,7 @@ class StatusReader(threading.Thread):
             consumer = KafkaConsumer(
                 self.settings.topic(topics.STATUS),
                 bootstrap_servers=self.bootstrap,
+                enable_incremental_fetch_sessions=False,
                 group_id=None,
                 auto_offset_reset="earliest",
                 enable_auto_commit=False,

@@ -164,6 +164,7 @@ class Ledger:
             self._status_reader = KafkaConsumer(
                 self.settings.topic(topics.STATUS),
                 bootstrap_servers=self.bootstrap,
+                enable_incremental_fetch_sessions=False,
                 auto_offset_reset="earliest",
                 enable_auto_commit=False,
                 group_id=None,

@@ -74,6 +74,7 @@ def test_each_kind_of_bad_input_is_rejected_with_its_reason_and_the_partition_mo
     reader = KafkaConsumer(
         ledger.settings.topic(topics.DEADLETTER),
         bootstrap_servers=ledger.bootstrap,
+        enable_incremental_fetch_sessions=False,
         auto_offset_reset="earliest",
         group_id=None,
     )

@@ -195,6 +195,7 @@ class Run:
         reader = KafkaConsumer(
             self.settings.topic(topics.STATUS),
             bootstrap_servers=self.stack.bootstrap,
+            enable_incremental_fetch_sessions=False,
             auto_offset_reset="earliest",
             group_id=None,
         )

@@ -24,7 +24,11 @@ def test_every_event_type_round_trips_through_kafka(settings, stack):
         topic_names = sorted({producer.topic(t) for t in SAMPLES})
 
     reader = KafkaConsumer(
-        *topic_names, bootstrap_servers=stack.bootstrap, auto_offset_reset="earliest", group_id=None
+        *topic_names,
+        bootstrap_servers=stack.bootstrap,
+        enable_incremental_fetch_sessions=False,
+        auto_offset_reset="earliest",
+        group_id=None,
     )
     records = []
     wait_until(
@@ -62,6 +66,7 @@ def test_the_producer_refuses_an_invalid_event_and_sends_nothing(settings, stack
     reader = KafkaConsumer(
         topic,
         bootstrap_servers=stack.bootstrap,
+        enable_incremental_fetch_sessions=False,
         auto_offset_reset="earliest",
         group_id=None,
         consumer_timeout_ms=1500,

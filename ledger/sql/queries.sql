@@ -281,3 +281,21 @@ SELECT coalesce(-sum(amount) FILTER (WHERE ledger_account = 'revenue:usage'), 0)
 SELECT account_id FROM account_status
  WHERE suspended = %s AND status_version >= CASE WHEN %s THEN 1 ELSE 2 END
  ORDER BY account_id LIMIT 1;
+
+-- ---------------------------------------------------------------------------------------------
+-- Replay: another journal's events, in that journal's order.
+
+-- name: replay_count
+SELECT count(*) FROM journal_entries WHERE cause_event_id IS NULL;
+
+-- name: replay_source
+SELECT r.topic, r.kafka_partition, r.kafka_offset, r.account_id, r.raw
+  FROM journal_entries e JOIN raw_events r ON r.event_id = e.event_id
+ WHERE e.cause_event_id IS NULL
+ ORDER BY e.shard, e.shard_seq;
+
+-- name: journal_is_empty
+SELECT NOT EXISTS (SELECT 1 FROM journal_entries);
+
+-- name: mark_all_published
+UPDATE outbox SET published_at = clock_timestamp() WHERE published_at IS NULL;
