@@ -122,6 +122,21 @@ def _account(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if view["known"] else 4
 
 
+def _invoices(args: argparse.Namespace, settings: Settings) -> int:
+    from ledger import db, stack
+    from ledger.reports import invoices_of_month
+
+    with db.connect(stack.connect(settings).dsn) as conn:
+        invoices = invoices_of_month(conn, args.month)
+    if args.json:
+        print(json.dumps(invoices, indent=2))
+    else:
+        from ledger.render import print_invoices
+
+        print_invoices(invoices, f"invoices for {args.month} ({len(invoices)})")
+    return 0
+
+
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
     from ledger.demo import run_demo
 
@@ -175,11 +190,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--last", type=_positive_int, default=10, help="entries to list (default 10)")
     p.set_defaults(func=_account)
 
+    p = sub.add_parser("invoices", help="issued invoices")
+    p.add_argument("action", choices=["list"])
+    p.add_argument("--month", required=True, type=_month, help="billing month, YYYY-MM")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_invoices)
+
     p = sub.add_parser("demo", help="local stack + worker + a simulated month of traffic")
     p.add_argument("--accounts", type=_positive_int, default=1000, help="accounts (default 1000)")
     p.add_argument("--seed", type=int, default=7, help="random seed (default 7)")
     p.set_defaults(func=_demo)
     return parser
+
+
+def _month(text: str) -> str:
+    try:
+        datetime.strptime(text, "%Y-%m")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a month (YYYY-MM): {text!r}") from None
+    return text
 
 
 def _positive_int(text: str) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from rich.console import Console
@@ -9,7 +10,7 @@ from rich.table import Table
 
 
 def print_account(view: dict[str, Any], console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or _console()
     if not view["known"]:
         console.print(f"account {view['account_id']}: no events journaled")
         return
@@ -26,6 +27,12 @@ def print_account(view: dict[str, Any], console: Console | None = None) -> None:
         "payment_methods",
         "payment_failed",
         "manual_hold",
+        "tier",
+        "effective_limit",
+        "month",
+        "month_to_date_spend",
+        "headroom",
+        "invoiced_outstanding",
     ):
         if key in view:
             value = view[key]
@@ -38,6 +45,16 @@ def print_account(view: dict[str, Any], console: Console | None = None) -> None:
         for gid, balance in view["grants"].items():
             grants.add_row(gid, balance)
         console.print(grants)
+    if view.get("open_charges"):
+        charges = Table(title="not yet invoiced")
+        for col in ("month", "kind", "amount"):
+            charges.add_column(col, justify="right" if col == "amount" else "left")
+        for month, kinds in sorted(view["open_charges"].items()):
+            for kind, amount in sorted(kinds.items()):
+                charges.add_row(month, kind, amount)
+        console.print(charges)
+    if view.get("invoices"):
+        print_invoices(view["invoices"], f"invoices of {view['account_id']}", console)
     ledger = Table(title="ledger accounts (debit +, credit −)")
     ledger.add_column("ledger account")
     ledger.add_column("balance", justify="right")
@@ -57,3 +74,29 @@ def print_account(view: dict[str, Any], console: Console | None = None) -> None:
             e["charge"],
         )
     console.print(entries)
+
+
+def print_invoices(
+    invoices: list[dict[str, Any]], title: str, console: Console | None = None
+) -> None:
+    console = console or _console()
+    table = Table(title=title)
+    for col in ("invoice", "account", "issued_at", "lines", "exact total", "amount due"):
+        table.add_column(
+            col, justify="right" if col in ("lines", "exact total", "amount due") else "left"
+        )
+    for inv in invoices:
+        table.add_row(
+            inv["invoice_id"],
+            inv.get("account_id", ""),
+            inv["issued_at"],
+            str(len(inv["lines"]) if isinstance(inv["lines"], list) else inv["lines"]),
+            inv["exact_total"],
+            inv["amount_due"],
+        )
+    console.print(table)
+
+
+def _console() -> Console:
+    """The terminal's width on a TTY; wide enough for whole ids when piped or captured."""
+    return Console() if sys.stdout.isatty() else Console(width=200)

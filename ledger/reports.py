@@ -33,7 +33,9 @@ def account_view(conn: psycopg.Connection, account_id: str, last: int = 10) -> d
     entries = conn.execute(QUERIES["account_last_entries"], (account_id, last)).fetchall()
     view: dict[str, Any] = {"account_id": account_id, "known": row is not None or bool(ledger)}
     if row is not None:
-        opened, suspended, reasons, version, credit, receivable, state = row
+        opened, suspended, reasons, version, credit, receivable, state, tier, limit, month, mtd = (
+            row
+        )
         view |= {
             "opened": opened,
             "status": "suspended" if suspended else "active",
@@ -45,7 +47,29 @@ def account_view(conn: psycopg.Connection, account_id: str, last: int = 10) -> d
             "payment_methods": state["payment_methods"],
             "payment_failed": state["payment_failed"],
             "manual_hold": state["manual_hold"],
+            "tier": tier,
+            "effective_limit": _amount(limit) if limit is not None else None,
+            "month": month,
+            "month_to_date_spend": _amount(mtd),
+            "headroom": _amount(limit - mtd) if limit is not None else None,
+            "open_charges": {
+                m: {k: v for k, v in kinds.items()} for m, kinds in state.get("pending", {}).items()
+            },
+            "invoiced_outstanding": state.get("invoiced_outstanding", "0"),
         }
+    view["invoices"] = [
+        {
+            "invoice_id": invoice_id,
+            "month": m,
+            "issued_at": issued.isoformat(),
+            "amount_due": _amount(due),
+            "exact_total": _amount(exact),
+            "lines": lines,
+        }
+        for invoice_id, m, issued, due, exact, lines in conn.execute(
+            QUERIES["account_invoices"], (account_id,)
+        )
+    ]
     view["ledger_accounts"] = {acct: _amount(total) for acct, total in ledger}
     view["last_entries"] = [
         {
@@ -59,6 +83,22 @@ def account_view(conn: psycopg.Connection, account_id: str, last: int = 10) -> d
         for seq, occurred, event_type, status, price_version, charge in entries
     ]
     return view
+
+
+def invoices_of_month(conn: psycopg.Connection, month: str) -> list[dict[str, Any]]:
+    return [
+        {
+            "invoice_id": invoice_id,
+            "account_id": account_id,
+            "issued_at": issued.isoformat(),
+            "amount_due": _amount(due),
+            "exact_total": _amount(exact),
+            "lines": lines,
+        }
+        for invoice_id, account_id, issued, due, exact, lines in conn.execute(
+            QUERIES["invoices_of_month"], (month,)
+        )
+    ]
 
 
 def _amount(value: Decimal) -> str:

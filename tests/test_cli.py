@@ -97,3 +97,37 @@ def test_account_show_prints_balances_status_and_entries(ledger, stack, dsn):
     assert "CREDITS_EXHAUSTED_NO_PAYMENT_METHOD" in table.stdout
     unknown = ledger_cli("account", "show", "nobody", env=services_env(stack, dsn))
     assert unknown.returncode == 4
+
+
+def test_account_show_and_invoices_list_give_limits_and_invoices(ledger, stack, dsn):
+    from datetime import UTC, datetime
+
+    ledger.open_account("inv-1")
+    ledger.send("PaymentMethodAdded", "inv-1", payment_method_id="pm", kind="card")
+    ledger.use(
+        "inv-1",
+        model="accounts/fireworks/models/deepseek-r1",
+        output_tokens=1_000_000,
+        occurred_at=datetime(2026, 3, 5, tzinfo=UTC),
+    )  # $8: $1 credit, $7 owed
+    ledger.period_tick(datetime(2026, 4, 4, 1, tzinfo=UTC))
+    ledger.settle(3 + 4)
+    env = services_env(stack, dsn)
+    view = json.loads(ledger_cli("account", "show", "inv-1", "--json", env=env).stdout)
+    assert (view["tier"], view["effective_limit"], view["month"]) == (
+        "1",
+        "50.000000000",
+        "2026-04",
+    )
+    assert (view["month_to_date_spend"], view["headroom"]) == ("0.000000000", "50.000000000")
+    assert [(i["invoice_id"], i["amount_due"]) for i in view["invoices"]] == [
+        ("INV-2026-03-inv-1", "7.00")
+    ]
+    listed = ledger_cli("invoices", "list", "--month", "2026-03", "--json", env=env)
+    assert [(i["account_id"], i["amount_due"]) for i in json.loads(listed.stdout)] == [
+        ("inv-1", "7.00")
+    ]
+    table = ledger_cli("invoices", "list", "--month", "2026-03", env=env)
+    assert "INV-2026-03-inv-1" in table.stdout and "7.00" in table.stdout
+    bad = ledger_cli("invoices", "list", "--month", "March", env=env)
+    assert bad.returncode == 2 and "not a month (YYYY-MM): 'March'" in bad.stderr

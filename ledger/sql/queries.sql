@@ -189,8 +189,17 @@ SELECT currency, coalesce(sum(amount), 0), count(*) FROM postings GROUP BY curre
  ORDER BY currency;
 
 -- name: account_status_row
-SELECT opened, suspended, reasons, status_version, credit_balance, receivable, state
+SELECT opened, suspended, reasons, status_version, credit_balance, receivable, state, tier,
+       effective_limit, month, month_to_date_spend
   FROM account_status WHERE account_id = %s;
+
+-- name: account_invoices
+SELECT invoice_id, month, issued_at, amount_due, exact_total, lines FROM invoices
+ WHERE account_id = %s ORDER BY month;
+
+-- name: invoices_of_month
+SELECT invoice_id, account_id, issued_at, amount_due, exact_total, jsonb_array_length(lines)
+  FROM invoices WHERE month = %s ORDER BY account_id;
 
 -- name: account_ledger_balances
 SELECT ledger_account, sum(amount) FROM postings WHERE account_id = %s
