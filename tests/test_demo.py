@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import io
 from collections import Counter
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import psycopg
@@ -29,6 +30,9 @@ def test_simulate_is_reproducible_and_covers_the_lifecycle():
         "PaymentMethodAdded",
         "PaymentFailed",
         "CreditPurchased",
+        "CreditGranted",
+        "CreditRevoked",
+        "SpendLimitConfigured",
         "AccountHoldPlaced",
         "AccountHoldReleased",
     ):
@@ -54,11 +58,25 @@ def test_simulate_is_reproducible_and_covers_the_lifecycle():
     assert set(products) == {"serverless", "on_demand", "fine_tuning", "image"}
     assert sim.expected.revenue > 0 and sim.expected.unpriced > 0
 
+    # Promotions that expire within March, and accounts that run into their spend limit.
+    promos = [e for t, e in sim.events if t == "CreditGranted" and e["expires_at"] is not None]
+    assert promos and all(demo.MONTH_START < e["expires_at"] < demo.MONTH_END for e in promos)
+    assert sim.expected.expiring == sum(e["amount"] for e in promos)
+    assert sim.expected.expiring_grants == len(promos)
+    assert 0 < sim.expected.breakage <= sim.expected.expiring
+    assert sim.expected.limit_reached > 0 and sim.expected.revoked > 0
+
+    # The clock: every midnight of March, the month turn, and the close after the grace.
+    assert len(sim.ticks) == 31 + 2 and sim.ticks == sorted(sim.ticks)
+    assert sim.ticks[0] == demo.MONTH_START
+    assert sim.ticks[-2] == datetime(2026, 4, 1, 0, 1, tzinfo=UTC)
+    assert sim.ticks[-1] == datetime(2026, 4, 4, 0, 5, tzinfo=UTC)  # 72 h after March
+
 
 def test_summary_checks_fail_on_an_unbalanced_trial_balance():
     summary = demo.DemoSummary(
         produced=3,
-        journaled=3,
+        journaled=4,
         rejected=0,
         entries_by_status={"posted": 3},
         rejected_by_reason={},
@@ -74,19 +92,35 @@ def test_summary_checks_fail_on_an_unbalanced_trial_balance():
         status_events=0,
         suspended_ever=0,
         reinstated_ever=0,
-        expected=demo.Expected(revenue=Decimal("0.5"), promotional=Decimal(1)),
+        expected=demo.Expected(
+            revenue=Decimal("0.5"), promotional=Decimal(1), expiring=Decimal(2), expiring_grants=1
+        ),
+        derived=1,  # one GrantExpired entry, derived from a tick
+        breakage=Decimal("0.5"),
+        invoices=1,
+        invoices_downstream=1,
+        accounts_owing=1,
     )
     assert summary.ok and summary.events_per_second == 2.0
     assert not dataclasses.replace(summary, trial_balance={"USD": Decimal("0.01")}).ok
     assert not dataclasses.replace(summary, revenue=Decimal("0.49")).ok
     assert not dataclasses.replace(summary, rejected=1).ok
+    assert not dataclasses.replace(summary, derived=0).ok  # 4 journaled for 3 produced
+    assert not dataclasses.replace(summary, breakage=Decimal("2.01")).ok
+    assert not dataclasses.replace(summary, expired_left=Decimal("0.01")).ok
+    assert not dataclasses.replace(summary, invoice_mismatches=1).ok
+    assert not dataclasses.replace(summary, invoices_downstream=0).ok
+    assert not dataclasses.replace(summary, limit_suspended_now=1).ok
+    assert not dataclasses.replace(summary, ticks_sent=4).ok
 
 
 def test_demo_runs_end_to_end_and_reconciles(base_settings: Settings, stack):
     settings = dataclasses.replace(base_settings, partitions=4, batch_max_ms=100)
     out = io.StringIO()
+    # Seed 4: at 40 accounts, one account's March spend reaches its final limit (a suspension
+    # for SPEND_LIMIT_REACHED whatever order the topics are journaled in) and a grant is revoked.
     result = demo.run(
-        settings, accounts=40, seed=7, console=Console(file=out, width=160, force_terminal=False)
+        settings, accounts=40, seed=4, console=Console(file=out, width=160, force_terminal=False)
     )
     text = out.getvalue()
     try:
@@ -94,18 +128,35 @@ def test_demo_runs_end_to_end_and_reconciles(base_settings: Settings, stack):
         assert result.worker_exit == 0
         s = result.summary
         assert s is not None
-        assert s.journaled + s.rejected == s.produced > 1000
+        assert s.journaled + s.rejected == s.produced + s.derived > 1000
+        assert s.ticks_sent == s.ticks_journaled == (31 + 2) * 4  # the demo's clock, 4 partitions
         assert s.balanced and s.trial_balance
         assert s.revenue == s.expected.revenue > 0
         assert s.promotional_expense == s.expected.promotional >= Decimal(40)
         assert s.cash == s.expected.cash
         assert s.unpriced == s.expected.unpriced
+        assert Decimal(0) <= s.breakage <= s.expected.expiring and s.expired_left == 0
         assert s.suspended_ever >= 1 and s.reinstated_ever >= 1
         assert sum(n for _, n in s.accounts_by_status) == 40
         assert s.status_events >= s.suspended_ever + s.reinstated_ever
-        # The downstream reader printed each status event, then the summary and next steps.
+        # Spend limits: someone reached theirs in March (warned at 100 %), and the month turn
+        # lifted every limit suspension.
+        assert s.expected.limit_certain >= 1 and s.expected.revoked >= 1
+        assert s.suspended_by_reason.get("SPEND_LIMIT_REACHED", 0) >= s.expected.limit_certain
+        assert s.warnings.get(100, 0) >= 1
+        assert s.limit_suspended_now == 0 and result.limit_account is not None
+        # March closed after the grace period: invoices equal to what is owed, seen downstream.
+        assert s.invoices >= 1 and s.invoiced > 0
+        assert s.invoices == s.accounts_owing == s.invoices_downstream
+        assert s.invoice_mismatches == 0
+        # The downstream reader printed each output event, then the summary and next steps.
         assert text.count(" suspended ") + text.count(" reinstated ") >= s.status_events
+        assert text.count("  limit ") >= sum(s.warnings.values())
+        assert text.count(f"  INV-{demo.MONTH}-acct-") >= s.invoices
         assert "demo OK" in text and "account show acct-" in text
+        assert f"invoices list --month {demo.MONTH}" in text
+        assert f"account show {result.limit_account}" in text
+        assert "worker --role ledger --role projections --role relay" in text
         assert result.dsn.endswith(f"/demo_{result.run_id}")
         assert (settings.home / "demo-worker.log").stat().st_size > 0
     finally:

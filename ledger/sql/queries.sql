@@ -308,3 +308,53 @@ SELECT NOT EXISTS (SELECT 1 FROM journal_entries);
 
 -- name: mark_all_published
 UPDATE outbox SET published_at = clock_timestamp() WHERE published_at IS NULL;
+
+-- ---------------------------------------------------------------------------------------------
+-- The demo's billing periods (ledger/demo.py): ticks, grant expiry, invoices.
+
+-- name: demo_journal_sources
+SELECT count(*) FILTER (WHERE cause_event_id IS NULL),
+       count(*) FILTER (WHERE cause_event_id IS NOT NULL)
+  FROM journal_entries;
+
+-- name: demo_journal_kinds
+SELECT count(*) FILTER (WHERE cause_event_id IS NOT NULL),
+       count(*) FILTER (WHERE event_type = 'PeriodTick')
+  FROM journal_entries;
+
+-- name: demo_breakage
+SELECT (SELECT coalesce(-sum(amount), 0) FROM postings
+         WHERE ledger_account = 'revenue:breakage'),
+       (SELECT coalesce(-sum(p.amount), 0)
+          FROM journal_entries g
+          JOIN postings p
+            ON p.account_id = g.account_id
+           AND p.ledger_account = 'customer:' || g.account_id || ':credit:'
+                                  || (g.payload->>'grant_id')
+         WHERE g.event_type = 'CreditGranted'
+           AND (g.payload->>'expires_at')::timestamptz <= %s);
+
+-- name: demo_invoices_of_month
+SELECT count(*), coalesce(sum(amount_due), 0) FROM invoices WHERE month = %s;
+
+-- name: demo_invoice_check
+WITH owed AS (
+    SELECT account_id, sum(amount) AS receivable FROM postings
+     WHERE ledger_account = 'customer:' || account_id || ':receivable'
+     GROUP BY account_id
+), issued AS (
+    SELECT account_id, exact_total, amount_due FROM invoices WHERE month = %s
+)
+SELECT count(*) FILTER (WHERE o.receivable >= 0.005),
+       count(*) FILTER (WHERE i.account_id IS NULL AND o.receivable >= 0.005
+                           OR i.account_id IS NOT NULL
+                              AND (o.receivable IS DISTINCT FROM i.exact_total
+                                   OR i.amount_due <> round(o.receivable, 2)))
+  FROM owed o FULL JOIN issued i USING (account_id);
+
+-- name: demo_limit_suspended_now
+SELECT count(*) FROM account_status WHERE 'SPEND_LIMIT_REACHED' = ANY (reasons);
+
+-- name: demo_sample_invoiced
+SELECT account_id FROM invoices WHERE month = %s
+ ORDER BY jsonb_array_length(lines) DESC, amount_due DESC, account_id LIMIT 1;
