@@ -436,10 +436,11 @@ def content_hash(event_type: str, event: dict) -> bytes:
     return hashlib.sha256(canonical_json([event_type, event]).encode()).digest()
 
 
-def chain_hash(prev_hash: bytes, event_id: str, entry: Entry, raw: bytes) -> bytes:
-    """The entry's link in its account's hash chain: over the previous link, the entry's
-    postings and status, and the raw event bytes."""
-    body = canonical_json(
-        [event_id, entry.status, [[p.ledger_account, p.amount] for p in entry.postings]]
-    )
+def chain_hash(prev_hash: bytes, event: dict[str, Any], entry: Entry, raw: bytes) -> bytes:
+    """The entry's link in its account's hash chain: over the previous link, the event as
+    journaled (its canonical JSON payload), the entry's status, postings and rating detail, and
+    the raw event bytes. Amounts at the journal's scale (9 places), so the link can be
+    recomputed from what PostgreSQL stored."""
+    postings = [[p.ledger_account, format(quantize(p.amount), "f")] for p in entry.postings]
+    body = canonical_json([event, entry.status, postings, entry.detail])
     return hashlib.sha256(prev_hash + body.encode() + hashlib.sha256(raw).digest()).digest()

@@ -1,9 +1,21 @@
 """The ledger consumer: Kafka input topics → journal, one PostgreSQL transaction per batch.
 
-Consumer group `settings.consumer_group` (default `ledger`) with the range assignor, so the same
-partition number of every input topic (co-partitioned by account) goes to the same consumer and
-each shard has one writer. Offsets live in PostgreSQL beside the journal; on assignment the
-consumer seeks to them, and Kafka's own committed offsets are not used.
+A shard is a partition number: all input topics are co-partitioned by account, so partition p
+of every input topic holds the same accounts, and one writer must own all of them at once.
+Ownership is a PostgreSQL session advisory lock per (consumer group, shard), held on a
+dedicated connection: a worker consumes (by manual assignment) exactly the shards it holds,
+others wait as standbys and take a shard over within seconds when its owner's session ends
+(a crash closes the connection and frees the lock). `LEDGER_SHARDS` restricts a worker to some
+shards, so a deployment scales out by giving each worker its range.
+
+Why not Kafka's group protocol: with kafka-python 3.0.12 a rebalance that outlives one
+`poll()` call can leave the consumer joined but never fetching (the join task completes after
+the poll gave up, and nothing applies its assignment), which stalls a shard silently; leases
+in the same database as the offsets have no such failure mode. Correctness never depends on
+the leases anyway: every batch locks its partitions' stored offsets, drops what another writer
+already journaled and refuses gaps, so even two writers on one shard duplicate nothing.
+
+Offsets live in PostgreSQL beside the journal; Kafka's committed offsets are not used.
 """
 
 from __future__ import annotations
@@ -12,13 +24,13 @@ import threading
 import time
 from collections.abc import Callable
 
+import psycopg
 import structlog
 from kafka import KafkaConsumer, TopicPartition
-from kafka.consumer.subscription_state import ConsumerRebalanceListener
-from kafka.coordinator.assignors.range import RangePartitionAssignor
 
 from ledger import db, topics
 from ledger.book import LedgerFold
+from ledger.db import QUERIES
 from ledger.errors import StackError
 from ledger.journal import LedgerWriter
 from ledger.policy import Policy
@@ -27,44 +39,45 @@ from ledger.settings import Settings
 
 log = structlog.get_logger(__name__)
 
-
-def kafka_group_options(settings: Settings) -> dict[str, object]:
-    """Consumer options for both Apache Kafka and the Tansu fallback (DESIGN §8): group timing
-    that joins in seconds, and no incremental fetch sessions (KIP-227), with which
-    kafka-python 3.0 was seen to stop sending fetches for an assigned partition."""
-    return {
-        "session_timeout_ms": 6000,
-        "heartbeat_interval_ms": 1000,
-        "enable_incremental_fetch_sessions": False,
-    }
+LEASE_REFRESH_S = 2.0
 
 
-class _SeekToStoredOffsets(ConsumerRebalanceListener):
-    def __init__(self, consumer: KafkaConsumer, writer: LedgerWriter):
-        self.consumer = consumer
-        self.writer = writer
-
-    def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        # Every batch is committed to PostgreSQL before the next poll, so nothing is pending.
-        log.info(
-            "partitions_revoked", partitions=sorted(f"{t.topic}[{t.partition}]" for t in revoked)
-        )
-
-    def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        seek_to_stored(self.consumer, self.writer, assigned)
-        log.info(
-            "partitions_assigned", partitions=sorted(f"{t.topic}[{t.partition}]" for t in assigned)
-        )
+def kafka_consumer_options(settings: Settings) -> dict[str, object]:
+    """Consumer options for both Apache Kafka and the Tansu fallback (DESIGN §8): no
+    incremental fetch sessions (KIP-227), with which kafka-python 3.0 was also seen to stop
+    fetching an assigned partition."""
+    return {"enable_incremental_fetch_sessions": False}
 
 
-def seek_to_stored(consumer: KafkaConsumer, writer: LedgerWriter, assigned) -> None:
-    stored = writer.stored_offsets(sorted({tp.topic for tp in assigned}))
-    for tp in assigned:
-        offset = stored.get((tp.topic, tp.partition))
-        if offset is None:
-            consumer.seek_to_beginning(tp)
-        else:
-            consumer.seek(tp, offset)
+class ShardLeases:
+    """The shards this process may write: session advisory locks on their own connection."""
+
+    def __init__(self, dsn: str, group: str, wanted: list[int]):
+        self.dsn = dsn
+        self.group = group
+        self.wanted = wanted
+        self.owned: set[int] = set()
+        self.conn: psycopg.Connection | None = None
+
+    def refresh(self) -> set[int]:
+        """Try to take every wanted shard not held yet; returns the shards held now."""
+        if self.conn is None or self.conn.closed or self.conn.broken:
+            if self.owned:
+                log.warning("shard_leases_lost", shards=sorted(self.owned))
+            self.owned = set()
+            self.conn = db.connect(self.dsn, autocommit=True)
+        for shard in self.wanted:
+            if shard not in self.owned:
+                (got,) = self.conn.execute(
+                    QUERIES["try_shard_lease"], (self.group, shard)
+                ).fetchone()
+                if got:
+                    self.owned.add(shard)
+        return set(self.owned)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()  # ends the session: every lease is released at once
 
 
 def run_ledger_consumer(
@@ -75,7 +88,8 @@ def run_ledger_consumer(
     *,
     on_batch: Callable[[int], None] | None = None,
 ) -> None:
-    """Consume until `stop` is set; then finish the batch in hand, commit, leave the group."""
+    """Consume the owned shards until `stop` is set; then finish the batch in hand and
+    commit it."""
     fold = LedgerFold(PriceBook.load(settings.price_book), Policy.load(settings.policy))
     conn = db.connect(dsn)
     writer = LedgerWriter(
@@ -86,22 +100,35 @@ def run_ledger_consumer(
     )
     consumer = KafkaConsumer(
         bootstrap_servers=bootstrap,
-        group_id=settings.consumer_group,
+        group_id=None,
         client_id=f"ledger-{settings.consumer_group}",
         enable_auto_commit=False,
         auto_offset_reset="earliest",
-        partition_assignment_strategy=[RangePartitionAssignor],
         max_poll_records=settings.batch_max_events,
         fetch_max_wait_ms=min(settings.batch_max_ms, 500),
         max_partition_fetch_bytes=4 * 1024 * 1024,
-        **kafka_group_options(settings),
+        **kafka_consumer_options(settings),
     )
     input_topics = topics.input_topics(settings)
-    _wait_for_topic_metadata(consumer, input_topics, stop)
-    consumer.subscribe(topics=input_topics, listener=_SeekToStoredOffsets(consumer, writer))
-    log.info("ledger_consumer_started", group=settings.consumer_group)
+    shard_count = _shard_count(consumer, input_topics, stop)
+    wanted = settings.shards if settings.shards is not None else list(range(shard_count))
+    if any(shard >= shard_count for shard in wanted):
+        raise StackError(f"LEDGER_SHARDS={wanted}: the input topics have {shard_count} partitions")
+    leases = ShardLeases(dsn, settings.consumer_group, wanted)
+    owned: set[int] = set()
+    next_refresh = 0.0
+    log.info("ledger_consumer_started", group=settings.consumer_group, shards=wanted)
     try:
         while not stop.is_set():
+            if time.monotonic() >= next_refresh:
+                held = leases.refresh()
+                if held != owned:
+                    owned = held
+                    _assign(consumer, writer, input_topics, owned)
+                next_refresh = time.monotonic() + LEASE_REFRESH_S
+            if not owned:
+                stop.wait(LEASE_REFRESH_S)
+                continue
             batch = _poll_batch(consumer, settings, stop)
             if not batch:
                 continue
@@ -109,38 +136,57 @@ def run_ledger_consumer(
                 writer.write_batch(batch)
             except Exception as exc:  # retried from the stored offsets; nothing is lost
                 log.error("batch_failed", error=str(exc), records=len(batch), exc_info=True)
-                if conn.closed:
-                    conn = db.connect(dsn)
-                    writer.conn = conn
-                seek_to_stored(consumer, writer, consumer.assignment())
+                if conn.closed or conn.broken:
+                    conn = writer.conn = db.connect(dsn)
+                _seek_to_stored(consumer, writer, consumer.assignment())
                 stop.wait(1.0)
                 continue
             if on_batch is not None:
                 on_batch(len(batch))
     finally:
-        consumer.close(autocommit=False)  # leaves the group promptly
+        consumer.close(autocommit=False)
+        leases.close()
         conn.close()
         log.info("ledger_consumer_stopped")
 
 
-def _wait_for_topic_metadata(
-    consumer: KafkaConsumer, names: list[str], stop: threading.Event, timeout_s: float = 60
+def _assign(
+    consumer: KafkaConsumer, writer: LedgerWriter, input_topics: list[str], shards: set[int]
 ) -> None:
-    """Know every input topic's partitions before joining the group. A group leader without
-    that metadata assigns nothing, and kafka-python's rejoin after the metadata arrives can
-    stall (seen on a fresh broker); asking first avoids the empty first assignment."""
+    """Consume exactly `shards` of every input topic, from the offsets stored with the
+    journal (the beginning of a partition never journaled)."""
+    partitions = [TopicPartition(t, s) for t in input_topics for s in sorted(shards)]
+    consumer.assign(partitions)
+    _seek_to_stored(consumer, writer, partitions)
+    log.info("partitions_assigned", shards=sorted(shards), partitions=len(partitions))
+
+
+def _seek_to_stored(consumer: KafkaConsumer, writer: LedgerWriter, partitions) -> None:
+    stored = writer.stored_offsets(sorted({tp.topic for tp in partitions}))
+    for tp in partitions:
+        consumer.seek(tp, stored.get((tp.topic, tp.partition), 0))
+
+
+def _shard_count(
+    consumer: KafkaConsumer, names: list[str], stop: threading.Event, timeout_s: float = 60
+) -> int:
+    """The partition count shared by every input topic (they must be co-partitioned)."""
     deadline = time.monotonic() + timeout_s
-    missing = list(names)
-    while missing and not stop.is_set():
-        missing = [t for t in missing if not consumer.partitions_for_topic(t)]
+    while not stop.is_set():
+        counts = {t: consumer.partitions_for_topic(t) for t in names}
+        missing = [t for t, parts in counts.items() if not parts]
         if not missing:
-            return
+            sizes = {len(parts) for parts in counts.values()}
+            if len(sizes) != 1:
+                raise StackError(f"input topics are not co-partitioned: {counts}")
+            return sizes.pop()
         if time.monotonic() > deadline:
             raise StackError(
                 f"input topics not found on the broker: {', '.join(missing)} "
                 "(run `ledger topics create`)"
             )
         stop.wait(0.2)
+    return 0
 
 
 def _poll_batch(consumer: KafkaConsumer, settings: Settings, stop: threading.Event) -> list:

@@ -215,7 +215,7 @@ class LedgerWriter:
                 )
                 continue
             item.prev_hash = last_hash
-            item.hash = chain_hash(last_hash, item.event["event_id"], item.entry, item.record.value)
+            item.hash = chain_hash(last_hash, item.event, item.entry, item.record.value)
             books[account_id] = (book, item.hash, item.record.partition)
             journaled.append(item)
 
@@ -287,7 +287,7 @@ class LedgerWriter:
         shard, at = tick.record.partition, tick.event["tick_at"]
         tick.entry = Entry("noop", detail={"tick_at": at.isoformat()})
         tick.prev_hash = GENESIS  # ticks belong to no account's chain
-        tick.hash = chain_hash(GENESIS, tick.event["event_id"], tick.entry, tick.record.value)
+        tick.hash = chain_hash(GENESIS, tick.event, tick.entry, tick.record.value)
         out = [tick]
         for account_id, book, last_hash, shard_ in cur.execute(
             QUERIES["lock_expiring_books"], (shard, at)
@@ -320,7 +320,7 @@ class LedgerWriter:
                     prev_hash=last_hash,
                     cause_event_id=tick.event["event_id"],
                 )
-                item.hash = last_hash = chain_hash(last_hash, event_id, entry, tick.record.value)
+                item.hash = last_hash = chain_hash(last_hash, item.event, entry, tick.record.value)
                 out.append(item)
             books[account_id] = (book, last_hash, shard)
         return out

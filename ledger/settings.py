@@ -30,6 +30,9 @@ class Settings:
     partitions: int = 8
     # Ledger consumer.
     consumer_group: str = "ledger"
+    # Shards (partition numbers) this worker's ledger consumer may own, e.g. "0-3,6";
+    # None: all of them (each shard is held by one worker at a time; others stand by).
+    shards: list[int] | None = None
     batch_max_events: int = 2000
     batch_max_ms: int = 200
     # Projection and relay.
@@ -101,6 +104,8 @@ class Settings:
 
 def _parse(var: str, name: str, raw: str) -> object:
     kind = {f.name: f.type for f in dataclasses.fields(Settings)}[name]
+    if name == "shards":
+        return parse_shards(var, raw)
     if "int" in str(kind):
         try:
             return int(raw)
@@ -112,6 +117,21 @@ def _parse(var: str, name: str, raw: str) -> object:
             raise ConfigError(f"{var}={raw!r}: no such file")
         return path
     return raw
+
+
+def parse_shards(var: str, raw: str) -> list[int]:
+    """ "0-3,6" → [0, 1, 2, 3, 6]."""
+    shards: set[int] = set()
+    try:
+        for part in raw.split(","):
+            first, _, last = part.strip().partition("-")
+            low, high = int(first), int(last or first)
+            if low < 0 or high < low:
+                raise ValueError(part)
+            shards.update(range(low, high + 1))
+    except ValueError:
+        raise ConfigError(f"{var}={raw!r}: expected shard numbers like 0-3,6") from None
+    return sorted(shards)
 
 
 def _check_choice(var: str, value: str, choices: tuple[str, ...]) -> None:

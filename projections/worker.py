@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from decimal import Decimal
 
@@ -92,6 +93,40 @@ def read_entries(conn: psycopg.Connection, shard: int, after: int, upto: int):
         )
 
 
+def fold_entries(
+    projection: AccountStatusProjection,
+    states: dict[str, AccountStatus],
+    entries: Iterable[JournalEntry],
+    clock: datetime | None,
+    tick_sensitive: Callable[[], Iterable[tuple[str, dict]]] | None = None,
+) -> tuple[list[Effect], datetime | None]:
+    """Apply one shard's entries, in order, to `states` (mutated; accounts are added as they
+    appear). The one loop shared by the live worker, rebuild, verify and audit.
+
+    `clock` is the shard's last PeriodTick. Only a tick that turns the month or makes a close
+    due revisits accounts, and only those that need it (a limit suspension, amounts waiting
+    for an invoice): `tick_sensitive` supplies those not in `states` (the live worker reads
+    them from the database; a fold from scratch has them all already)."""
+    grace = projection.policy.grace_hours
+    effects: list[Effect] = []
+    for entry in entries:
+        if entry.event_type == "PeriodTick":
+            tick_at = datetime.fromisoformat(entry.payload["tick_at"])
+            turned = clock is None or billing.month_of(tick_at) > billing.month_of(clock)
+            closes = billing.closed_through(tick_at, grace) != billing.closed_through(clock, grace)
+            if turned or closes:
+                for account_id, state in tick_sensitive() if tick_sensitive else ():
+                    states.setdefault(account_id, AccountStatus.from_json(account_id, state))
+                for account_id in sorted(states):
+                    if states[account_id].tick_sensitive:
+                        effects += projection.on_tick(states[account_id], tick_at, clock)
+            clock = tick_at if clock is None else max(clock, tick_at)
+            continue
+        state = states.setdefault(entry.account_id, AccountStatus(entry.account_id))
+        effects += projection.apply(state, entry, clock)
+    return effects, clock
+
+
 class ProjectionWorker:
     def __init__(
         self, settings: Settings, dsn: str, *, codec: Codec | None = None, batch_size: int = 5000
@@ -136,16 +171,11 @@ class ProjectionWorker:
         self, shard: int, entries: list[JournalEntry], clock: datetime | None
     ) -> tuple[list[Effect], datetime | None]:
         states = self._load(QUERIES["load_account_status"], sorted({e.account_id for e in entries}))
-        effects: list[Effect] = []
-        for entry in entries:
-            if entry.event_type == "PeriodTick":
-                tick_at = datetime.fromisoformat(entry.payload["tick_at"])
-                effects += self._tick(shard, states, tick_at, clock)
-                clock = tick_at if clock is None else max(clock, tick_at)
-                continue
-            state = states.setdefault(entry.account_id, AccountStatus(entry.account_id))
-            effects += self.projection.apply(state, entry, clock)
-        states.pop("", None)
+
+        def tick_sensitive() -> Iterable[tuple[str, dict]]:
+            return self.conn.execute(QUERIES["load_tick_sensitive"], (shard,))
+
+        effects, clock = fold_entries(self.projection, states, entries, clock, tick_sensitive)
         with self.conn.cursor() as cur:
             cur.executemany(
                 QUERIES["save_account_status"],
@@ -157,29 +187,6 @@ class ProjectionWorker:
                 [_invoice_row(e.invoice) for e in effects if isinstance(e, InvoiceIssued)],
             )
         return effects, clock
-
-    def _tick(
-        self,
-        shard: int,
-        states: dict[str, AccountStatus],
-        tick_at: datetime,
-        clock: datetime | None,
-    ) -> list[Effect]:
-        """Only a tick that turns the month or makes a close due revisits accounts: those with
-        a limit suspension or amounts waiting for an invoice."""
-        grace = self.policy.grace_hours
-        turned = clock is None or billing.month_of(tick_at) > billing.month_of(clock)
-        closes = billing.closed_through(tick_at, grace) != billing.closed_through(clock, grace)
-        if not (turned or closes):
-            return []
-        for account_id, state in self.conn.execute(QUERIES["load_tick_sensitive"], (shard,)):
-            states.setdefault(account_id, AccountStatus.from_json(account_id, state))
-        effects: list[Effect] = []
-        for account_id in sorted(states):
-            state = states[account_id]
-            if account_id and state.tick_sensitive:
-                effects += self.projection.on_tick(state, tick_at, clock)
-        return effects
 
     def _load(self, query: str, *params) -> dict[str, AccountStatus]:
         return {

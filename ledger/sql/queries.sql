@@ -53,6 +53,9 @@ SELECT topic, kafka_partition, next_offset FROM consumer_offsets
  ORDER BY topic, kafka_partition
    FOR UPDATE;
 
+-- name: try_shard_lease
+SELECT pg_try_advisory_lock(hashtext(%s), %s);
+
 -- name: stored_offsets
 SELECT topic, kafka_partition, next_offset FROM consumer_offsets
  WHERE group_id = %(group_id)s AND topic = ANY(%(topics)s);
