@@ -60,6 +60,7 @@ class Grant:
     remaining: Decimal
     expires_at: datetime | None
     order: int
+    expired: Decimal = ZERO  # what expiry took to breakage (not spent, never billed)
 
     def usable_at(self, when: datetime) -> bool:
         return self.remaining > 0 and (self.expires_at is None or when < self.expires_at)
@@ -103,6 +104,7 @@ class AccountBook:
                     "remaining": str(g.remaining),
                     "expires_at": g.expires_at.isoformat() if g.expires_at else None,
                     "order": g.order,
+                    "expired": str(g.expired),
                 }
                 for g in self.grants.values()
             },
@@ -118,6 +120,7 @@ class AccountBook:
                 Decimal(g["remaining"]),
                 datetime.fromisoformat(g["expires_at"]) if g["expires_at"] else None,
                 g["order"],
+                Decimal(g.get("expired", "0")),
             )
             for gid, g in data["grants"].items()
         }
@@ -248,6 +251,7 @@ class LedgerFold:
             if grant.expires_at is None or grant.expires_at > at or grant.remaining <= 0:
                 continue
             left, grant.remaining = grant.remaining, ZERO
+            grant.expired += left
             entry = _entry(
                 (credit_account(book.account_id, grant.grant_id), left),
                 (REVENUE_BREAKAGE, -left),
@@ -373,7 +377,8 @@ class LedgerFold:
             raise Rejected("unknown_grant", f"no grant {gid} on this account")
         if grant.granted == 0:
             return Entry("noop", detail={"note": f"grant {gid} already revoked"})
-        remaining, spent = grant.remaining, grant.granted - grant.remaining
+        # What expired went to breakage: it was neither spent nor is it billed back.
+        remaining, spent = grant.remaining, grant.granted - grant.remaining - grant.expired
         source = CASH if grant.kind == "purchased" else EXPENSE_PROMOTIONAL
         grant.remaining = ZERO
         grant.granted = ZERO

@@ -60,6 +60,7 @@ def account_view(conn: psycopg.Connection, account_id: str, last: int = 10) -> d
     view["invoices"] = [
         {
             "invoice_id": invoice_id,
+            "account_id": account_id,
             "month": m,
             "issued_at": issued.isoformat(),
             "amount_due": _amount(due),

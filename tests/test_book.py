@@ -247,3 +247,31 @@ def test_book_survives_its_json_round_trip(fold):
     )
     fold.post(book, "UsageRecorded", usage(123_457))
     assert AccountBook.from_json("acct-1", book.to_json()) == book
+
+
+def test_revoking_an_expired_grant_bills_only_what_was_spent(fold):
+    book = opened(fold)
+    book.grants["signup"].remaining = Decimal(0)
+    fold.post(
+        book,
+        "CreditGranted",
+        ev(
+            grant_id="p",
+            amount=Decimal("5"),
+            kind="promotional",
+            expires_at=T0 + timedelta(days=1),
+            reason="",
+        ),
+    )
+    fold.post(book, "UsageRecorded", usage(1_000_000))  # $0.90 spent from p
+    [(_, _, expiry)] = fold.expire_grants(book, T0 + timedelta(days=2))
+    assert balances(expiry) == {
+        "customer:acct-1:credit:p": Decimal("4.1"),
+        "revenue:breakage": Decimal("-4.1"),
+    }
+    entry = fold.post(book, "CreditRevoked", ev(grant_id="p", reason="abuse"))
+    assert balances(entry) == {
+        "customer:acct-1:receivable": Decimal("0.9"),
+        "expense:promotional": Decimal("-0.9"),
+    }
+    assert book.receivable == Decimal("0.9")
