@@ -137,6 +137,68 @@ def _invoices(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _audit(args: argparse.Namespace, settings: Settings) -> int:
+    from ledger import db, stack
+    from ledger.audit import audit_bill, bill_as_csv
+    from ledger.policy import Policy
+
+    with db.connect(stack.connect(settings).dsn) as conn:
+        bill = audit_bill(conn, Policy.load(settings.policy), args.account, args.month, args.as_of)
+    if args.format == "json":
+        print(json.dumps(bill, indent=2))
+    elif args.format == "csv":
+        print(bill_as_csv(bill), end="")
+    else:
+        from ledger.render import print_bill
+
+        print_bill(bill)
+    return 0
+
+
+def _projections(args: argparse.Namespace, settings: Settings) -> int:
+    from rich.progress import Progress
+
+    from ledger import stack
+    from projections.rebuild import rebuild
+
+    dsn = stack.connect(settings).dsn
+    with Progress(*Progress.get_default_columns(), "{task.speed} entries/s") as bar:
+        task = bar.add_task(f"rebuilding {args.name}", total=None)
+        count = rebuild(
+            settings,
+            dsn,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    print(f"rebuilt {args.name}: {count} accounts, swapped in")
+    return 0
+
+
+def _verify(args: argparse.Namespace, settings: Settings) -> int:
+    from rich.progress import Progress
+
+    from ledger import stack
+    from ledger.verify import verify
+
+    dsn = stack.connect(settings).dsn
+    with Progress(*Progress.get_default_columns(), "{task.speed} entries/s", transient=True) as bar:
+        task = bar.add_task("recomputing", total=None)
+        differences = verify(
+            settings,
+            dsn,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    for difference in differences:
+        print(difference)
+    if differences:
+        print(f"verify FAILED: {len(differences)} differences")
+        return 1
+    print(
+        "verify OK: trial balance zero, hash chains intact, projections and invoices "
+        "equal their recomputation from the journal"
+    )
+    return 0
+
+
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
     from ledger.demo import run_demo
 
@@ -196,6 +258,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_invoices)
 
+    p = sub.add_parser("audit", help="an account's bill for a month, from the journal alone")
+    p.add_argument("--account", required=True)
+    p.add_argument("--month", required=True, type=_month, help="billing month, YYYY-MM")
+    p.add_argument(
+        "--as-of",
+        type=_timestamp,
+        default=None,
+        help="only what was recorded by then (ISO 8601, e.g. 2026-04-02T00:00Z)",
+    )
+    p.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    p.set_defaults(func=_audit)
+
+    p = sub.add_parser("projections", help="rebuild projections from the journal")
+    p.add_argument("action", choices=["rebuild"])
+    p.add_argument("--name", choices=["account_status"], default="account_status")
+    p.set_defaults(func=_projections)
+
+    p = sub.add_parser("verify", help="check the live state against the journal; exit 1 if not")
+    p.set_defaults(func=_verify)
+
     p = sub.add_parser("demo", help="local stack + worker + a simulated month of traffic")
     p.add_argument("--accounts", type=_positive_int, default=1000, help="accounts (default 1000)")
     p.add_argument("--seed", type=int, default=7, help="random seed (default 7)")
@@ -209,6 +291,16 @@ def _month(text: str) -> str:
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a month (YYYY-MM): {text!r}") from None
     return text
+
+
+def _timestamp(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 timestamp: {text!r}") from None
+    if value.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"give a time zone (e.g. Z): {text!r}")
+    return value
 
 
 def _positive_int(text: str) -> int:

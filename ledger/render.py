@@ -100,3 +100,74 @@ def print_invoices(
 def _console() -> Console:
     """The terminal's width on a TTY; wide enough for whole ids when piped or captured."""
     return Console() if sys.stdout.isatty() else Console(width=200)
+
+
+def print_bill(bill: dict[str, Any], console: Console | None = None) -> None:
+    console = console or _console()
+    as_of = f" as of {bill['as_of']}" if bill["as_of"] else ""
+    console.print(
+        f"[bold]bill of {bill['account_id']} for {bill['month']}{as_of}[/bold] ({bill['status']})"
+    )
+    usage = Table(title="usage")
+    for col in (
+        "product",
+        "model",
+        "tier",
+        "meter",
+        "quantity",
+        "unit price",
+        "per",
+        "×",
+        "version",
+        "amount",
+    ):
+        usage.add_column(
+            col, justify="right" if col in ("quantity", "unit price", "amount") else "left"
+        )
+    for u in bill["usage"]:
+        usage.add_row(
+            u["product"],
+            u["model"].rsplit("/", 1)[-1],
+            u["service_tier"],
+            u["meter"],
+            u["quantity"],
+            u["unit_price"],
+            u["unit"],
+            u["multiplier"],
+            u["price_version"],
+            u["amount"],
+        )
+    usage.add_row("", "", "", "", "", "", "", "", "total", bill["usage_total"])
+    console.print(usage)
+    if bill["unpriced_usage"]:
+        held = Table(title="unpriced usage (held, not charged)")
+        for col in ("product", "model", "meter", "quantity", "requests"):
+            held.add_column(col)
+        for h in bill["unpriced_usage"]:
+            held.add_row(h["product"], h["model"], h["meter"], h["quantity"], str(h["requests"]))
+        console.print(held)
+    money = Table(title="credits and payments")
+    for col in ("what", "when", "reference", "amount"):
+        money.add_column(col, justify="right" if col == "amount" else "left")
+    for c in bill["credits_applied"]:
+        money.add_row("credit applied", "", c["grant_id"], "-" + c["amount"])
+    money.add_row("usage to receivable", "", "", bill["usage_to_receivable"])
+    for g in bill["credit_grants"]:
+        money.add_row(g["event"], g["occurred_at"], g["grant_id"], g["amount"])
+    for p in bill["payments"]:
+        money.add_row(p["event"], p["occurred_at"], p["reference"], p["amount"])
+    console.print(money)
+    if bill["invoice"]:
+        invoice = Table(
+            title=f"invoice {bill['invoice']['invoice_id']} issued {bill['invoice']['issued_at']}"
+        )
+        for col in ("line", "month", "amount"):
+            invoice.add_column(col, justify="right" if col == "amount" else "left")
+        for line in bill["invoice"]["lines"]:
+            invoice.add_row(line["kind"], line["month"], line["amount"])
+        invoice.add_row("exact total", "", bill["invoice"]["exact_total"])
+        console.print(invoice)
+    console.print(
+        f"amount due: [bold]{bill['amount_due']}[/bold] {bill['currency']} ({bill['status']})"
+    )
+    console.print(f"events: {len(bill['events'])}   checksum: {bill['checksum']}")

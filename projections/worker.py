@@ -179,12 +179,12 @@ class ProjectionWorker:
         with self.conn.cursor() as cur:
             cur.executemany(
                 QUERIES["save_account_status"],
-                [self._status_row(shard, s) for s in states.values()],
+                [status_row(self.projection, shard, s) for s in states.values()],
             )
             cur.executemany(QUERIES["insert_outbox"], [self._outbox_row(e) for e in effects])
             cur.executemany(
                 QUERIES["insert_invoice"],
-                [_invoice_row(e.invoice) for e in effects if isinstance(e, InvoiceIssued)],
+                [invoice_row(e.invoice) for e in effects if isinstance(e, InvoiceIssued)],
             )
         return effects, clock
 
@@ -193,25 +193,6 @@ class ProjectionWorker:
             account_id: AccountStatus.from_json(account_id, state)
             for account_id, state in self.conn.execute(query, params)
         }
-
-    def _status_row(self, shard: int, state: AccountStatus) -> tuple:
-        tier, _ = self.projection.tier(state)
-        return (
-            state.account_id,
-            state.opened,
-            state.suspended,
-            list(state.reasons),
-            state.status_version,
-            state.credit_balance,
-            state.receivable,
-            Jsonb(state.to_json()),
-            shard,
-            tier,
-            self.projection.effective_limit(state),
-            state.month,
-            state.month_to_date_spend,
-            state.tick_sensitive,
-        )
 
     def _outbox_row(self, effect: Effect) -> tuple:
         event_type, event = output_event(effect)
@@ -240,7 +221,28 @@ class ProjectionWorker:
             log.info("projection_worker_stopped")
 
 
-def _invoice_row(invoice: dict) -> tuple:
+def status_row(projection: AccountStatusProjection, shard: int, state: AccountStatus) -> tuple:
+    """The account_status row of a state (columns in the order of save_account_status)."""
+    tier, _ = projection.tier(state)
+    return (
+        state.account_id,
+        state.opened,
+        state.suspended,
+        list(state.reasons),
+        state.status_version,
+        state.credit_balance,
+        state.receivable,
+        Jsonb(state.to_json()),
+        shard,
+        tier,
+        projection.effective_limit(state),
+        state.month,
+        state.month_to_date_spend,
+        state.tick_sensitive,
+    )
+
+
+def invoice_row(invoice: dict) -> tuple:
     return (
         invoice["invoice_id"],
         invoice["account_id"],
@@ -253,4 +255,4 @@ def _invoice_row(invoice: dict) -> tuple:
     )
 
 
-__all__ = ["ProjectionWorker", "output_event"]
+__all__ = ["ProjectionWorker", "fold_entries", "invoice_row", "output_event", "status_row"]

@@ -361,3 +361,77 @@ SELECT count(*) FROM account_status WHERE 'SPEND_LIMIT_REACHED' = ANY (reasons);
 -- name: demo_sample_invoiced
 SELECT account_id FROM invoices WHERE month = %s
  ORDER BY jsonb_array_length(lines) DESC, amount_due DESC, account_id LIMIT 1;
+
+-- ---------------------------------------------------------------------------------------------
+-- Rebuild and verify: projections recomputed from the journal.
+
+-- name: projection_positions
+SELECT p.shard, p.position, p.last_tick_at
+  FROM projection_positions p WHERE p.projection = %s ORDER BY p.shard;
+
+-- name: lock_projection_positions
+SELECT shard, position, last_tick_at FROM projection_positions
+ WHERE projection = %s ORDER BY shard FOR UPDATE;
+
+-- name: set_repeatable_read
+SET TRANSACTION ISOLATION LEVEL REPEATABLE READ;
+
+-- name: create_status_rebuild
+CREATE TABLE account_status_rebuild (LIKE account_status INCLUDING DEFAULTS);
+
+-- name: drop_status_rebuild
+DROP TABLE IF EXISTS account_status_rebuild;
+
+-- name: copy_status_rebuild
+COPY account_status_rebuild (account_id, opened, suspended, reasons, status_version,
+                             credit_balance, receivable, state, shard, tier, effective_limit,
+                             month, month_to_date_spend, tick_sensitive) FROM STDIN;
+
+-- name: delete_status_rebuild_rows
+DELETE FROM account_status_rebuild WHERE account_id = ANY(%s);
+
+-- name: swap_status_rebuild
+DELETE FROM account_status;
+INSERT INTO account_status SELECT * FROM account_status_rebuild;
+DROP TABLE account_status_rebuild;
+
+-- name: all_account_status
+SELECT account_id, opened, suspended, reasons, status_version, credit_balance, receivable,
+       state, shard, tier, effective_limit, month, month_to_date_spend, tick_sensitive
+  FROM account_status ORDER BY account_id;
+
+-- name: all_invoices
+SELECT invoice_id, account_id, month, issued_at, currency, exact_total, amount_due, lines
+  FROM invoices ORDER BY invoice_id;
+
+-- name: chain_entries
+SELECT e.account_id, e.shard, e.shard_seq, e.event_id, e.event_type, e.status, e.payload,
+       e.detail, e.prev_hash, e.entry_hash, coalesce(r.raw, c.raw),
+       coalesce(array_agg(p.ledger_account ORDER BY p.line) FILTER (WHERE p.line IS NOT NULL),
+                '{}'),
+       coalesce(array_agg(p.amount ORDER BY p.line) FILTER (WHERE p.line IS NOT NULL), '{}')
+  FROM journal_entries e
+  LEFT JOIN raw_events r ON r.event_id = e.event_id
+  LEFT JOIN raw_events c ON c.event_id = e.cause_event_id
+  LEFT JOIN postings p ON p.shard = e.shard AND p.shard_seq = e.shard_seq
+ GROUP BY e.shard, e.shard_seq, r.raw, c.raw
+ ORDER BY e.account_id, e.shard, e.shard_seq;
+
+-- ---------------------------------------------------------------------------------------------
+-- Audit: one account's journal (and its shard's ticks), as it stood at a time.
+
+-- name: account_shard
+SELECT shard FROM journal_entries WHERE account_id = %s LIMIT 1;
+
+-- name: audit_entries
+SELECT e.shard, e.shard_seq, e.account_id, e.event_type, e.status, e.occurred_at, e.payload,
+       coalesce(array_agg(p.ledger_account ORDER BY p.line) FILTER (WHERE p.line IS NOT NULL),
+                '{}'),
+       coalesce(array_agg(p.amount ORDER BY p.line) FILTER (WHERE p.line IS NOT NULL), '{}'),
+       e.event_id, e.price_version, e.detail
+  FROM journal_entries e
+  LEFT JOIN postings p ON p.shard = e.shard AND p.shard_seq = e.shard_seq
+ WHERE e.shard = %(shard)s AND e.account_id IN (%(account_id)s, '')
+   AND (%(as_of)s::timestamptz IS NULL OR e.recorded_at <= %(as_of)s::timestamptz)
+ GROUP BY e.shard, e.shard_seq
+ ORDER BY e.shard_seq;

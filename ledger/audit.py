@@ -1,0 +1,252 @@
+"""`ledger audit`: one account's bill for one month, reproduced from the journal alone.
+
+The bill is built from journal entries only (never from projection tables): usage lines by
+product, model, tier and meter with quantities, unit prices and price versions; usage held as
+unpriced; credits applied grant by grant; grants, expiries and revocations; payments; and the
+invoice, recomputed by folding the account's entries and its shard's PeriodTicks with the same
+projection code that issued it. `as_of` keeps only entries recorded at or before that time, so
+the bill shows what the ledger knew then. The checksum is the SHA-256 of the bill's canonical
+JSON (without `as_of`): identical on every replay of the same journal.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+from collections import defaultdict
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+
+from ledger.book import canonical_json
+from ledger.db import QUERIES
+from ledger.errors import LedgerError
+from ledger.policy import Policy
+from projections import billing
+from projections.account_status import (
+    AccountStatus,
+    AccountStatusProjection,
+    InvoiceIssued,
+    JournalEntry,
+)
+from projections.worker import fold_entries
+
+ZERO = Decimal(0)
+GRANT_EVENTS = ("AccountOpened", "CreditGranted", "CreditPurchased", "CreditRevoked",
+                "GrantExpired")  # fmt: skip
+PAYMENT_EVENTS = ("CreditPurchased", "InvoicePaid")
+
+
+def audit_bill(
+    conn: psycopg.Connection,
+    policy: Policy,
+    account_id: str,
+    month: str,
+    as_of: datetime | None = None,
+) -> dict[str, Any]:
+    row = conn.execute(QUERIES["account_shard"], (account_id,)).fetchone()
+    if row is None:
+        raise LedgerError(f"account {account_id!r} has no journal entries")
+    params = {"shard": row[0], "account_id": account_id, "as_of": as_of}
+    rows = conn.execute(QUERIES["audit_entries"], params).fetchall()
+    entries = [JournalEntry(*r[:7], tuple(zip(r[7], r[8], strict=True))) for r in rows]
+    extra = {r[1]: (r[9], r[10], r[11]) for r in rows}  # seq → (event_id, price_version, detail)
+
+    projection = AccountStatusProjection(policy)
+    states = {account_id: AccountStatus(account_id)}
+    effects, _ = fold_entries(projection, states, entries, None)
+    issued = [
+        e.invoice for e in effects if isinstance(e, InvoiceIssued) and e.invoice["month"] == month
+    ]
+    state = states[account_id]
+
+    in_month = [
+        e
+        for e in entries
+        if e.account_id == account_id and billing.month_of(e.occurred_at) == month
+    ]
+    bill: dict[str, Any] = {
+        "account_id": account_id,
+        "month": month,
+        "currency": "USD",
+        **_usage(in_month, extra),
+        "credit_grants": _grants(in_month, extra),
+        "payments": _payments(in_month, extra),
+    }
+    if issued:
+        invoice = issued[0]
+        bill["invoice"] = {
+            k: invoice[k] for k in ("invoice_id", "issued_at", "lines", "exact_total", "amount_due")
+        }
+        bill["status"] = "issued"
+        bill["amount_due"] = invoice["amount_due"]
+    else:
+        # Not closed yet (or nothing to bill): what the close would issue now.
+        preview = billing.close_month(
+            account_id, month, state.pending, state.prepaid, state.rounding_carry, datetime.min
+        )
+        bill["invoice"] = None
+        bill["status"] = "open"
+        bill["amount_due"] = preview.invoice["amount_due"] if preview.invoice else "0.00"
+    bill["events"] = sorted(extra[e.shard_seq][0] for e in in_month)
+    bill["checksum"] = bill_checksum(bill)
+    bill["as_of"] = as_of.isoformat() if as_of else None
+    return bill
+
+
+def bill_checksum(bill: dict[str, Any]) -> str:
+    content = {k: v for k, v in bill.items() if k not in ("checksum", "as_of")}
+    return hashlib.sha256(canonical_json(content).encode()).hexdigest()
+
+
+def _usage(entries: list[JournalEntry], extra: dict) -> dict[str, Any]:
+    lines: dict[tuple, list[Decimal]] = defaultdict(lambda: [ZERO, ZERO, ZERO])
+    held: dict[tuple, list[Decimal]] = defaultdict(lambda: [ZERO, ZERO])
+    burns: dict[str, Decimal] = defaultdict(lambda: ZERO)
+    to_receivable = ZERO
+    for e in entries:
+        if e.event_type != "UsageRecorded":
+            continue
+        _, price_version, detail = extra[e.shard_seq]
+        p = e.payload
+        if e.status == "unpriced":
+            meters = ("input_tokens", "cached_input_tokens", "output_tokens", "training_tokens",
+                      "images", "steps", "gpu_seconds")  # fmt: skip
+            for meter in meters:
+                if p.get(meter):
+                    key = (p["product"], p["model"], p["service_tier"], meter)
+                    held[key][0] += Decimal(str(p[meter]))
+                    held[key][1] += 1
+            continue
+        for line in detail.get("lines", []):
+            key = (p["product"], p["model"], p["service_tier"], line["meter"], line["unit"],
+                   line["unit_price"], line["multiplier"], price_version)  # fmt: skip
+            lines[key][0] += Decimal(line["quantity"])
+            lines[key][1] += Decimal(line["amount"])
+            lines[key][2] += 1
+        for burn in detail.get("burns", []):
+            burns[burn["grant_id"]] += Decimal(burn["amount"])
+        to_receivable += Decimal(detail.get("to_receivable", "0"))
+    names = ("product", "model", "service_tier", "meter", "unit", "unit_price", "multiplier",
+             "price_version")  # fmt: skip
+    usage = [
+        dict(zip(names, key, strict=True))
+        | {"quantity": _plain(q), "amount": _plain(a), "requests": int(n)}
+        for key, (q, a, n) in sorted(lines.items())
+    ]
+    return {
+        "usage": usage,
+        "usage_total": _plain(sum((Decimal(u["amount"]) for u in usage), ZERO)),
+        "unpriced_usage": [
+            dict(zip(("product", "model", "service_tier", "meter"), key, strict=True))
+            | {"quantity": _plain(q), "requests": int(n)}
+            for key, (q, n) in sorted(held.items())
+        ],
+        "credits_applied": [
+            {"grant_id": gid, "amount": _plain(amount)} for gid, amount in sorted(burns.items())
+        ],
+        "usage_to_receivable": _plain(to_receivable),
+    }
+
+
+def _grants(entries: list[JournalEntry], extra: dict) -> list[dict[str, str]]:
+    out = []
+    for e in entries:
+        if e.event_type not in GRANT_EVENTS or e.status != "posted":
+            continue
+        detail = extra[e.shard_seq][2]
+        amount = (
+            detail.get("amount")
+            or detail.get("granted")
+            or detail.get("expired")
+            or detail.get("removed")
+            or "0"
+        )
+        out.append(
+            {
+                "event": e.event_type,
+                "occurred_at": e.occurred_at.isoformat(),
+                "grant_id": detail.get("grant_id", ""),
+                "amount": amount,
+            }
+        )
+    return out
+
+
+def _payments(entries: list[JournalEntry], extra: dict) -> list[dict[str, str]]:
+    out = []
+    for e in entries:
+        if e.event_type not in PAYMENT_EVENTS or e.status != "posted":
+            continue
+        detail = extra[e.shard_seq][2]
+        out.append(
+            {
+                "event": e.event_type,
+                "occurred_at": e.occurred_at.isoformat(),
+                "reference": e.payload.get("payment_reference") or e.payload.get("invoice_id", ""),
+                "amount": detail["paid"],
+                "applied_to_receivable": detail["applied_to_receivable"],
+            }
+        )
+    return out
+
+
+def bill_as_csv(bill: dict[str, Any]) -> str:
+    """One row per bill line: section, description, quantity, unit price, amount."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["section", "description", "quantity", "unit_price", "price_version", "amount"])
+    for u in bill["usage"]:
+        writer.writerow(
+            [
+                "usage",
+                f"{u['product']} {u['model']} {u['service_tier']} "
+                f"{u['meter']} per {u['unit']} x{u['multiplier']}",
+                u["quantity"],
+                u["unit_price"],
+                u["price_version"],
+                u["amount"],
+            ]
+        )
+    for h in bill["unpriced_usage"]:
+        writer.writerow(
+            [
+                "unpriced (held)",
+                f"{h['product']} {h['model']} {h['meter']}",
+                h["quantity"],
+                "",
+                "",
+                "",
+            ]
+        )
+    for c in bill["credits_applied"]:
+        writer.writerow(["credits applied", c["grant_id"], "", "", "", f"-{c['amount']}"])
+    for g in bill["credit_grants"]:
+        writer.writerow(
+            ["credit", f"{g['event']} {g['grant_id']} {g['occurred_at']}", "", "", "", g["amount"]]
+        )
+    for p in bill["payments"]:
+        writer.writerow(
+            [
+                "payment",
+                f"{p['event']} {p['reference']} {p['occurred_at']}",
+                "",
+                "",
+                "",
+                p["amount"],
+            ]
+        )
+    for line in (bill["invoice"] or {}).get("lines", []):
+        writer.writerow(
+            ["invoice line", f"{line['kind']} {line['month']}", "", "", "", line["amount"]]
+        )
+    writer.writerow(["amount due", bill["status"], "", "", "", bill["amount_due"]])
+    writer.writerow(["checksum", bill["checksum"], "", "", "", ""])
+    return out.getvalue()
+
+
+def _plain(value: Decimal) -> str:
+    return format(value, "f")

@@ -1,0 +1,147 @@
+"""Projections recomputed from the journal: the shared fold from scratch, and the rebuild.
+
+`recompute` folds every shard's journal up to given positions into fresh states, in memory,
+with the same loop the live worker uses, so its result must equal the live projection byte for
+byte (`ledger verify` checks that). `rebuild` writes such a recomputation into a new table while
+the ledger consumer and the live projection keep running, then swaps it in atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from datetime import datetime
+
+import psycopg
+import structlog
+
+from ledger import db
+from ledger.db import QUERIES
+from ledger.policy import Policy
+from ledger.settings import Settings
+from projections.account_status import AccountStatus, AccountStatusProjection, Effect
+from projections.worker import fold_entries, read_entries, status_row
+
+log = structlog.get_logger(__name__)
+
+CHUNK = 5000
+Progress = Callable[[int, int], None]
+
+
+@dataclasses.dataclass
+class ShardState:
+    """One shard's projection as recomputed: its accounts, clock and position."""
+
+    states: dict[str, AccountStatus] = dataclasses.field(default_factory=dict)
+    clock: datetime | None = None
+    position: int = 0
+    effects: list[Effect] = dataclasses.field(default_factory=list)
+
+    def advance(
+        self,
+        conn: psycopg.Connection,
+        projection: AccountStatusProjection,
+        shard: int,
+        upto: int,
+        *,
+        keep_effects: bool = False,
+        progress: Callable[[int], None] | None = None,
+    ) -> set[str]:
+        """Fold this shard's entries (position, upto]; returns the accounts touched."""
+        touched: set[str] = set()
+        while self.position < upto:
+            end = min(upto, self.position + CHUNK)
+            entries = list(read_entries(conn, shard, self.position, end))
+            touched |= {e.account_id for e in entries if e.account_id}
+            before = set(self.states)
+            effects, self.clock = fold_entries(projection, self.states, entries, self.clock)
+            touched |= set(self.states) - before
+            touched |= {e.account_id for e in effects}
+            if keep_effects:
+                self.effects += effects
+            if progress is not None:
+                progress(end - self.position)
+            self.position = end
+        return touched
+
+
+def recompute(
+    conn: psycopg.Connection,
+    projection: AccountStatusProjection,
+    positions: dict[int, int],
+    *,
+    progress: Progress | None = None,
+) -> dict[int, ShardState]:
+    """Every shard folded from scratch up to `positions[shard]`, effects kept."""
+    total, done = sum(positions.values()), 0
+    shards = {}
+
+    def tick(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, total)
+
+    for shard, upto in sorted(positions.items()):
+        shards[shard] = ShardState()
+        shards[shard].advance(conn, projection, shard, upto, keep_effects=True, progress=tick)
+    return shards
+
+
+def rebuild(settings: Settings, dsn: str, *, progress: Progress | None = None) -> int:
+    """Rebuild `account_status` from the journal and swap it in; returns accounts rebuilt.
+
+    1. fold each shard from scratch up to the live projection's position, chasing it while it
+       moves (never past it: what the live projection has not applied, it will publish);
+    2. COPY the states into `account_status_rebuild`;
+    3. in one transaction: lock the live positions (the live worker pauses), fold the last
+       entries up to them, replace those rows, swap the table's rows into `account_status`.
+    Effects of the rebuilt fold are dropped: everything up to the live positions was already
+    published by the live projection, so the rebuild publishes nothing twice."""
+    projection = AccountStatusProjection(Policy.load(settings.policy))
+    name = projection.name
+    with db.connect(dsn) as conn:
+        conn.execute(QUERIES["drop_status_rebuild"])
+        conn.execute(QUERIES["create_status_rebuild"])
+        conn.commit()
+        shards: dict[int, ShardState] = {}
+        total = 0
+
+        def report(_: int) -> None:
+            if progress is not None:
+                progress(sum(s.position for s in shards.values()), total)
+
+        while True:  # chase the live positions until a pass finds nothing new
+            live = {s: p for s, p, _ in conn.execute(QUERIES["projection_positions"], (name,))}
+            conn.commit()
+            behind = {
+                s: p for s, p in live.items() if shards.setdefault(s, ShardState()).position < p
+            }
+            if not behind:
+                break
+            total = sum(live.values())
+            for shard, upto in sorted(behind.items()):
+                shards[shard].advance(conn, projection, shard, upto, progress=report)
+        with conn.cursor().copy(QUERIES["copy_status_rebuild"]) as copy:
+            for shard, state in sorted(shards.items()):
+                for account in state.states.values():
+                    copy.write_row(status_row(projection, shard, account))
+        conn.commit()
+
+        with conn.transaction():
+            touched: set[str] = set()
+            for shard, position, _ in conn.execute(
+                QUERIES["lock_projection_positions"], (name,)
+            ).fetchall():
+                touched |= shards.setdefault(shard, ShardState()).advance(
+                    conn, projection, shard, position
+                )
+            conn.execute(QUERIES["delete_status_rebuild_rows"], (sorted(touched),))
+            with conn.cursor().copy(QUERIES["copy_status_rebuild"]) as copy:
+                for shard, state in shards.items():
+                    for account_id in touched & set(state.states):
+                        copy.write_row(status_row(projection, shard, state.states[account_id]))
+            conn.execute(QUERIES["swap_status_rebuild"])
+        count = sum(len(s.states) for s in shards.values())
+    log.info("projection_rebuilt", projection=name, accounts=count)
+    return count
