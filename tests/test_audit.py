@@ -79,7 +79,7 @@ def month_of_traffic(ledger, accounts: int = 220, usage: int = 10_000, seed: int
                 product="serverless",
                 model=rng.choice(MODELS),
                 service_tier=rng.choice(["standard", "batch"]),
-                input_tokens=int(rng.lognormvariate(8, 1.3)),
+                input_tokens=int(rng.lognormvariate(11, 1)),
                 cached_input_tokens=0,
                 output_tokens=int(rng.lognormvariate(6, 1)),
             )
