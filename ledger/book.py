@@ -420,32 +420,37 @@ def _entry(*postings: tuple[str, Decimal], price_version: str | None = None, det
 # --- canonical forms and the hash chain -----------------------------------------------------
 
 
-def _jsonable(value: Any) -> Any:
+def _json_default(value: Any) -> str:
     if isinstance(value, Decimal):
         return str(value)
     if isinstance(value, datetime):
         return value.isoformat()
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=_json_default)
 
 
 def canonical_json(value: Any) -> str:
     """Key-sorted, compact JSON with decimals as strings: the form every hash is taken over."""
-    return json.dumps(_jsonable(value), sort_keys=True, separators=(",", ":"))
+    return _CANONICAL.encode(value)
 
 
-def content_hash(event_type: str, event: dict) -> bytes:
-    return hashlib.sha256(canonical_json([event_type, event]).encode()).digest()
+def content_hash(event_type: str, event_json: str) -> bytes:
+    """Identifies an event's content (for telling redeliveries from conflicting duplicates):
+    the hash of canonical_json([event_type, event]), given the event's canonical JSON."""
+    return hashlib.sha256(f"[{canonical_json(event_type)},{event_json}]".encode()).digest()
 
 
-def chain_hash(prev_hash: bytes, event: dict[str, Any], entry: Entry, raw: bytes) -> bytes:
+def chain_hash(
+    prev_hash: bytes, event_json: str, entry: Entry, raw: bytes, detail_json: str | None = None
+) -> bytes:
     """The entry's link in its account's hash chain: over the previous link, the event as
     journaled (its canonical JSON payload), the entry's status, postings and rating detail, and
-    the raw event bytes. Amounts at the journal's scale (9 places), so the link can be
-    recomputed from what PostgreSQL stored."""
+    the raw event bytes, i.e. over canonical_json([event, status, postings, detail]). Amounts
+    at the journal's scale (9 places), so the link can be recomputed from what is stored."""
     postings = [[p.ledger_account, format(quantize(p.amount), "f")] for p in entry.postings]
-    body = canonical_json([event, entry.status, postings, entry.detail])
+    if detail_json is None:
+        detail_json = canonical_json(entry.detail)
+    body = f"[{event_json},{canonical_json(entry.status)},{canonical_json(postings)},{detail_json}]"
     return hashlib.sha256(prev_hash + body.encode() + hashlib.sha256(raw).digest()).digest()

@@ -79,6 +79,19 @@ class _Accepted:
     hash: bytes = b""
     prev_hash: bytes = b""
     cause_event_id: str | None = None  # set on entries derived from another event
+    event_json: str = ""  # canonical JSON of `event`, made once: stored, hashed, compared
+    detail_json: str = ""
+
+    def link(self, prev_hash: bytes) -> bytes:
+        """Set this entry's place in its account's hash chain; returns its hash."""
+        assert self.entry is not None
+        self.event_json = self.event_json or canonical_json(self.event)
+        self.detail_json = canonical_json(self.entry.detail)
+        self.prev_hash = prev_hash
+        self.hash = chain_hash(
+            prev_hash, self.event_json, self.entry, self.record.value, self.detail_json
+        )
+        return self.hash
 
     @property
     def derived(self) -> bool:
@@ -157,7 +170,8 @@ class LedgerWriter:
         known = dict(cur.execute(QUERIES["known_events"], (ids,)).fetchall())
         for record, d in decoded:
             event_id = d.event["event_id"]
-            digest = content_hash(d.event_type, d.event)
+            event_json = canonical_json(d.event)
+            digest = content_hash(d.event_type, event_json)
             previous = known.get(event_id, seen.get(event_id))
             if previous is not None:
                 if bytes(previous) == digest:
@@ -174,7 +188,11 @@ class LedgerWriter:
                     )
                 continue
             seen[event_id] = digest
-            accepted.append(_Accepted(record, d.event_type, d.fingerprint, d.event, digest))
+            accepted.append(
+                _Accepted(
+                    record, d.event_type, d.fingerprint, d.event, digest, event_json=event_json
+                )
+            )
 
         # Topics are not ordered with each other: within a batch, events are applied in
         # occurred_at order (stable, so Kafka's order breaks ties).
@@ -214,9 +232,7 @@ class LedgerWriter:
                     )
                 )
                 continue
-            item.prev_hash = last_hash
-            item.hash = chain_hash(last_hash, item.event, item.entry, item.record.value)
-            books[account_id] = (book, item.hash, item.record.partition)
+            books[account_id] = (book, item.link(last_hash), item.record.partition)
             journaled.append(item)
 
         self._copy_journal(cur, journaled)
@@ -286,8 +302,7 @@ class LedgerWriter:
         expire what is left of every grant in its shard whose expires_at has come."""
         shard, at = tick.record.partition, tick.event["tick_at"]
         tick.entry = Entry("noop", detail={"tick_at": at.isoformat()})
-        tick.prev_hash = GENESIS  # ticks belong to no account's chain
-        tick.hash = chain_hash(GENESIS, tick.event, tick.entry, tick.record.value)
+        tick.link(GENESIS)  # ticks belong to no account's chain
         out = [tick]
         for account_id, book, last_hash, shard_ in cur.execute(
             QUERIES["lock_expiring_books"], (shard, at)
@@ -317,10 +332,9 @@ class LedgerWriter:
                     },
                     b"",
                     entry=entry,
-                    prev_hash=last_hash,
                     cause_event_id=tick.event["event_id"],
                 )
-                item.hash = last_hash = chain_hash(last_hash, item.event, entry, tick.record.value)
+                last_hash = item.link(last_hash)
                 out.append(item)
             books[account_id] = (book, last_hash, shard)
         return out
@@ -370,8 +384,8 @@ class LedgerWriter:
                         a.entry.status,
                         a.event["occurred_at"],
                         a.entry.price_version,
-                        canonical_json(a.event),
-                        canonical_json(a.entry.detail),
+                        a.event_json,
+                        a.detail_json,
                         a.prev_hash,
                         a.hash,
                         a.cause_event_id,

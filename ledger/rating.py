@@ -44,7 +44,14 @@ class ChargeLine:
     amount: Decimal
 
     def to_json(self) -> dict[str, str]:
-        return {k: str(v) for k, v in dataclasses.asdict(self).items()}
+        return {
+            "meter": self.meter,
+            "quantity": str(self.quantity),
+            "unit_price": str(self.unit_price),
+            "unit": self.unit,
+            "multiplier": str(self.multiplier),
+            "amount": str(self.amount),
+        }
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import Any
 import psycopg
 
 from ledger import db
-from ledger.book import Entry, Posting, chain_hash
+from ledger.book import Entry, Posting, canonical_json, chain_hash
 from ledger.db import QUERIES
 from ledger.journal import GENESIS
 from ledger.policy import Policy
@@ -125,7 +125,7 @@ def check_hash_chains(conn: psycopg.Connection) -> list[Difference]:
             tuple(Posting(a, Decimal(v)) for a, v in zip(accounts, amounts, strict=True)),
             detail=detail,
         )
-        recomputed = chain_hash(bytes(prev_hash), payload, entry, bytes(raw or b""))
+        recomputed = chain_hash(bytes(prev_hash), canonical_json(payload), entry, bytes(raw or b""))
         if bytes(prev_hash) != expected_prev:
             broken[key] = Difference("hash_chain", where, "does not link to the previous entry")
         elif recomputed != bytes(entry_hash):

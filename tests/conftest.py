@@ -3,7 +3,7 @@
 Session-scoped, in dependency order:
 
     base_settings  Settings for the whole session: LEDGER_* from the environment, but with a
-                   private `home` under pytest's temp dir, so tests never touch (or stop) a
+                   private `home` in a fresh temp dir, so tests never touch (or stop) a
                    developer's own `.ledger/` stack.
     stack          the running Kafka + PostgreSQL (a `ledger.stack.StackInfo`): started once
                    per session, stopped at the end. With LEDGER_KAFKA_BOOTSTRAP and/or
@@ -15,9 +15,12 @@ Add further fixtures (database connections, topics, ...) below, building on `sta
 from __future__ import annotations
 
 import dataclasses
+import shutil
+import tempfile
 import urllib.parse
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -30,9 +33,12 @@ from tests.harness import Ledger
 
 
 @pytest.fixture(scope="session")
-def base_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    settings = Settings.from_env()
-    return dataclasses.replace(settings, home=tmp_path_factory.mktemp("ledger-home"))
+def base_settings() -> Iterator[Settings]:
+    # Not under pytest's own temp dir: pytest deletes old session dirs when another pytest
+    # starts, which would pull the data directory out from under a running PostgreSQL.
+    home = Path(tempfile.mkdtemp(prefix="ledger-tests-"))
+    yield dataclasses.replace(Settings.from_env(), home=home)
+    shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -275,3 +275,25 @@ def test_revoking_an_expired_grant_bills_only_what_was_spent(fold):
         "expense:promotional": Decimal("-0.9"),
     }
     assert book.receivable == Decimal("0.9")
+
+
+def test_hashes_are_taken_over_the_documented_canonical_forms(fold):
+    import hashlib
+
+    from ledger.book import canonical_json, chain_hash, content_hash
+
+    event = usage(123_456, occurred_at=T0 + timedelta(microseconds=7))
+    book = opened(fold)
+    entry = fold.post(book, "UsageRecorded", event)
+    postings = [
+        [p.ledger_account, format(p.amount.quantize(Decimal("1e-9")), "f")] for p in entry.postings
+    ]
+    body = canonical_json([event, entry.status, postings, entry.detail]).encode()
+    raw = b"\xc3\x01raw"
+    expected = hashlib.sha256(b"p" * 32 + body + hashlib.sha256(raw).digest()).digest()
+    assert chain_hash(b"p" * 32, canonical_json(event), entry, raw) == expected
+    assert (
+        content_hash("UsageRecorded", canonical_json(event))
+        == hashlib.sha256(canonical_json(["UsageRecorded", event]).encode()).digest()
+    )
+    assert '"occurred_at":"2026-03-01T00:00:00.000007+00:00"' in canonical_json(event)

