@@ -223,8 +223,8 @@ class LedgerFold:
             detail={
                 "grant_id": gid,
                 "kind": "promotional",
-                "amount": str(credit),
-                "applied_to_receivable": str(covers),
+                "amount": _plain(credit),
+                "applied_to_receivable": _plain(covers),
             },
         )
 
@@ -257,7 +257,7 @@ class LedgerFold:
                 (REVENUE_BREAKAGE, -left),
                 detail={
                     "grant_id": grant.grant_id,
-                    "expired": str(left),
+                    "expired": _plain(left),
                     "expires_at": grant.expires_at.isoformat(),
                 },
             )
@@ -287,9 +287,9 @@ class LedgerFold:
             price_version=rating.price_version,
             detail={
                 "lines": lines,
-                "charge": str(charge),
-                "burns": [{"grant_id": g.grant_id, "amount": str(t)} for g, t in burns],
-                "to_receivable": str(owed),
+                "charge": _plain(charge),
+                "burns": [{"grant_id": g.grant_id, "amount": _plain(t)} for g, t in burns],
+                "to_receivable": _plain(owed),
             },
         )
 
@@ -353,9 +353,9 @@ class LedgerFold:
             detail={
                 "grant_id": gid,
                 "kind": "purchased",
-                "paid": str(amount),
-                "applied_to_receivable": str(pays),
-                "granted": str(granted),
+                "paid": _plain(amount),
+                "applied_to_receivable": _plain(pays),
+                "granted": _plain(granted),
             },
         )
 
@@ -366,7 +366,7 @@ class LedgerFold:
         return _entry(
             (EXPENSE_PROMOTIONAL, amount),
             (credit_account(book.account_id, gid), -amount),
-            detail={"grant_id": gid, "kind": event["kind"], "amount": str(amount)},
+            detail={"grant_id": gid, "kind": event["kind"], "amount": _plain(amount)},
         )
 
     def _on_CreditRevoked(self, book: AccountBook, event: dict) -> Entry:
@@ -387,7 +387,7 @@ class LedgerFold:
             (credit_account(book.account_id, gid), remaining),
             (receivable_account(book.account_id), spent),
             (source, -(remaining + spent)),
-            detail={"grant_id": gid, "removed": str(remaining), "to_receivable": str(spent)},
+            detail={"grant_id": gid, "removed": _plain(remaining), "to_receivable": _plain(spent)},
         )
 
     def _on_InvoicePaid(self, book: AccountBook, event: dict) -> Entry:
@@ -399,8 +399,8 @@ class LedgerFold:
         postings = [(CASH, amount), (receivable_account(book.account_id), -pays)]
         detail = {
             "invoice_id": event["invoice_id"],
-            "paid": str(amount),
-            "applied_to_receivable": str(pays),
+            "paid": _plain(amount),
+            "applied_to_receivable": _plain(pays),
         }
         if extra > 0:
             gid = f"overpayment:{event['invoice_id']}"
@@ -418,6 +418,11 @@ def _entry(*postings: tuple[str, Decimal], price_version: str | None = None, det
 
 
 # --- canonical forms and the hash chain -----------------------------------------------------
+
+
+def _plain(amount: Decimal) -> str:
+    """An amount in plain notation for entry details (never "0E-9")."""
+    return format(amount, "f")
 
 
 def _json_default(value: Any) -> str:
