@@ -59,6 +59,15 @@ from ledger.log import configure_logging
 from ledger.rating import PriceBook
 from ledger.settings import Settings
 
+
+def say(*parts: object, end: str = "\n", file=None, flush: bool = True) -> None:
+    """The benchmark's report: it is a command-line program, and this is its output."""
+    stream = file or sys.stdout
+    stream.write(" ".join(str(p) for p in parts) + end)
+    if flush:
+        stream.flush()
+
+
 T0 = datetime(2026, 3, 1, tzinfo=UTC)  # inside the first price version
 USAGE_SPAN = timedelta(days=27)
 PAYMENT_METHOD_SHARE = 0.4
@@ -377,10 +386,10 @@ def run_role(
     )
 
 
-def _proc_status_kib(pid: int, field: str) -> float:
+def _proc_status_kib(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
-            return float(line.split()[1])
+            return int(line.split()[1])
     raise BenchError(f"/proc/{pid}/status has no {field}")
 
 
@@ -675,11 +684,11 @@ def cleanup(info: stack.StackInfo, settings: Settings, databases: list[str]) -> 
         try:
             _db_admin(info.dsn, "bench_drop_database", name)
         except psycopg.Error as exc:
-            print(f"warning: could not drop database {name}: {exc}", file=sys.stderr)
+            say(f"warning: could not drop database {name}: {exc}", file=sys.stderr)
     try:
         admin = KafkaAdminClient(bootstrap_servers=info.bootstrap, client_id="ledger-bench")
     except Exception as exc:
-        print(f"warning: could not reach Kafka to delete topics: {exc}", file=sys.stderr)
+        say(f"warning: could not reach Kafka to delete topics: {exc}", file=sys.stderr)
         return
     try:
         existing = set(admin.list_topics())
@@ -687,7 +696,7 @@ def cleanup(info: stack.StackInfo, settings: Settings, databases: list[str]) -> 
         if ours:
             admin.delete_topics(ours, timeout_ms=30_000, raise_errors=False)
     except Exception as exc:
-        print(f"warning: could not delete topics: {exc}", file=sys.stderr)
+        say(f"warning: could not delete topics: {exc}", file=sys.stderr)
     finally:
         admin.close()
 
@@ -784,14 +793,14 @@ def print_table(results: dict[str, Any]) -> None:
         if k in r
     ]
     width = max(len(k) for k, _ in rows)
-    print()
-    print(f"ledger benchmark, {r['started_at']}")
-    print("-" * (width + 70))
+    say()
+    say(f"ledger benchmark, {r['started_at']}")
+    say("-" * (width + 70))
     for key, value in rows:
-        print(f"{key:<{width}}  {value}")
-    print("-" * (width + 70))
+        say(f"{key:<{width}}  {value}")
+    say("-" * (width + 70))
     if others and max(others) >= 0.25:
-        print(
+        say(
             f"note: other processes used up to {max(others):.2f} cores during the phases "
             "('other' above); the rates are pessimistic for this machine."
         )
@@ -799,24 +808,24 @@ def print_table(results: dict[str, Any]) -> None:
 
 def print_in_process(ip: dict[str, Any], stats: pstats.Stats) -> None:
     total = ip["seconds"]
-    print(
+    say(
         f"\n(e) LedgerWriter.write_batch in-process, {ip['batches']} batches: "
         f"{ip['rate']:,.0f} events/s (timed), {ip['profile']['rate']:,.0f}/s under cProfile"
     )
-    print("where the time goes (wall time of each step, wrapped with timers):")
+    say("where the time goes (wall time of each step, wrapped with timers):")
     for label, seconds in ip["sections"].items():
-        print(
+        say(
             f"  {label:<52} {seconds:7.2f}s {100 * seconds / total:5.1f}% "
             f"{1e6 * seconds / ip['events']:7.1f} us/event"
         )
     ptotal = ip["profile"]["seconds"]
-    print(f"under cProfile (cumulative; Python parts inflated), {ip['profile']['file']}:")
+    say(f"under cProfile (cumulative; Python parts inflated), {ip['profile']['file']}:")
     for label, seconds in ip["profile"]["functions"].items():
-        print(f"  {label:<52} {seconds:7.2f}s {100 * seconds / ptotal:5.1f}%")
+        say(f"  {label:<52} {seconds:7.2f}s {100 * seconds / ptotal:5.1f}%")
     out = io.StringIO()
     stats.stream = out  # type: ignore[attr-defined]
     stats.sort_stats("tottime").print_stats(15)
-    print(out.getvalue().rstrip())
+    say(out.getvalue().rstrip())
 
 
 # --- main ----------------------------------------------------------------------------------
@@ -890,7 +899,7 @@ def main(argv: list[str] | None = None) -> int:
         "code": code_version(),
     }
 
-    print(f"stack: up (home {home}) ...", flush=True)
+    say(f"stack: up (home {home}) ...", flush=True)
     info = stack.up(settings)
     meter = CpuMeter(_stack_pids(settings))
     db_name = f"ledger_bench_{stamp}"
@@ -904,7 +913,7 @@ def main(argv: list[str] | None = None) -> int:
         with psycopg.connect(dsn, autocommit=True) as conn:
             row = conn.execute(QUERIES["bench_server_version"]).fetchone()
             results["postgres_version"] = row[0] if row else "?"
-        print(
+        say(
             f"kafka {info.bootstrap} ({info.broker}), database {db_name}, "
             f"topics {settings.topic_prefix}* with {args.partitions} partitions",
             flush=True,
@@ -927,7 +936,7 @@ def main(argv: list[str] | None = None) -> int:
             encode_rate=total / encoded,
             avg_value_bytes=round(sum(len(m.value) for m in messages) / total, 1),
         )
-        print(
+        say(
             f"input: {total:,} events generated in {generated:.1f}s, encoded in "
             f"{encoded:.1f}s ({total / encoded:,.0f}/s, {results['avg_value_bytes']} bytes "
             "each on average)",
@@ -942,7 +951,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         del messages
         results["broker"] = broker_description(info, api)
-        print(f"produce: {total:,} in {seconds:.1f}s ({total / seconds:,.0f}/s)", flush=True)
+        say(f"produce: {total:,} in {seconds:.1f}s ({total / seconds:,.0f}/s)", flush=True)
 
         # 3a/3b. raw consumption
         for key, decode in (("raw", None), ("decode", codec.decode)):
@@ -958,7 +967,7 @@ def main(argv: list[str] | None = None) -> int:
                 "steady_rate": run.steady_rate,
                 "cpu_cores": meter.stop(),
             }
-            print(
+            say(
                 f"{key}: {run.records:,} in {run.seconds:.1f}s ({run.steady_rate:,.0f}/s "
                 f"after {run.warm_seconds:.1f}s start-up)",
                 flush=True,
@@ -982,7 +991,7 @@ def main(argv: list[str] | None = None) -> int:
                 row = watch.execute(QUERIES["bench_ledger_progress"]).fetchone()
                 return row[0] + row[1] if row else 0
 
-            print("ledger: draining ...", flush=True)
+            say("ledger: draining ...", flush=True)
             ledger_run = run_role(
                 "ledger",
                 env,
@@ -1013,7 +1022,7 @@ def main(argv: list[str] | None = None) -> int:
                 "postings": postings,
                 "balanced": all(Decimal(row[1]) == 0 for row in balance),
             }
-            print(
+            say(
                 f"ledger: {total:,} in {ledger_run.seconds:.1f}s "
                 f"({ledger_run.steady_rate:,.0f}/s after warm-up)",
                 flush=True,
@@ -1028,7 +1037,7 @@ def main(argv: list[str] | None = None) -> int:
                     ).fetchone()
                     return row[0] if row else 0
 
-                print("projections: draining ...", flush=True)
+                say("projections: draining ...", flush=True)
                 proj_run = run_role(
                     "projections",
                     env,
@@ -1043,11 +1052,11 @@ def main(argv: list[str] | None = None) -> int:
                     "rate": proj_run.rate,
                     "steady_rate": proj_run.steady_rate,
                 }
-                print(f"projections: {entries:,} in {proj_run.seconds:.1f}s", flush=True)
+                say(f"projections: {entries:,} in {proj_run.seconds:.1f}s", flush=True)
 
         # 3e. write_batch in-process: timed steps, then under cProfile (fresh databases)
         if args.profile:
-            print("in-process write_batch: reading the records ...", flush=True)
+            say("in-process write_batch: reading the records ...", flush=True)
             batches = read_batches(info.bootstrap, settings, total)
             gc.freeze()  # the records held here are not the worker's garbage to scan
             names = [f"{db_name}_timed", f"{db_name}_prof"]
@@ -1090,9 +1099,9 @@ def main(argv: list[str] | None = None) -> int:
     if profile_stats is not None:
         print_in_process(results["in_process"], profile_stats)
     print_table(results)
-    print(f"results: {path}")
+    say(f"results: {path}")
     if args.keep:
-        print(f"kept: database {db_name} ({dsn}), topics {settings.topic_prefix}*")
+        say(f"kept: database {db_name} ({dsn}), topics {settings.topic_prefix}*")
     return 0
 
 
@@ -1100,5 +1109,5 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except LedgerError as exc:
-        print(f"bench: {exc}", file=sys.stderr)
+        say(f"bench: {exc}", file=sys.stderr)
         sys.exit(1)

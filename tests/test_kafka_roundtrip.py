@@ -73,3 +73,19 @@ def test_the_producer_refuses_an_invalid_event_and_sends_nothing(settings, stack
     )
     assert list(reader) == []
     reader.close()
+
+
+def test_topic_creation_is_idempotent_with_the_configured_partitions(settings, stack):
+    from kafka import KafkaAdminClient
+
+    from ledger import topics
+
+    # The `settings` fixture created them already: a second run creates nothing.
+    assert topics.create_topics(stack.bootstrap, settings) == []
+    admin = KafkaAdminClient(bootstrap_servers=stack.bootstrap)
+    try:
+        described = admin.describe_topics(topics.all_topics(settings))
+    finally:
+        admin.close()
+    assert sorted(t["name"] for t in described) == sorted(topics.all_topics(settings))
+    assert {len(t["partitions"]) for t in described} == {settings.partitions}
