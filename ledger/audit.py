@@ -24,6 +24,7 @@ import psycopg
 from ledger.book import canonical_json
 from ledger.db import QUERIES
 from ledger.errors import LedgerError
+from ledger.money import plain
 from ledger.policy import Policy
 from projections import billing
 from projections.account_status import (
@@ -134,21 +135,21 @@ def _usage(entries: list[JournalEntry], extra: dict) -> dict[str, Any]:
              "price_version")  # fmt: skip
     usage = [
         dict(zip(names, key, strict=True))
-        | {"quantity": _plain(q), "amount": _plain(a), "requests": int(n)}
+        | {"quantity": plain(q), "amount": plain(a), "requests": int(n)}
         for key, (q, a, n) in sorted(lines.items())
     ]
     return {
         "usage": usage,
-        "usage_total": _plain(sum((Decimal(u["amount"]) for u in usage), ZERO)),
+        "usage_total": plain(sum((Decimal(u["amount"]) for u in usage), ZERO)),
         "unpriced_usage": [
             dict(zip(("product", "model", "service_tier", "meter"), key, strict=True))
-            | {"quantity": _plain(q), "requests": int(n)}
+            | {"quantity": plain(q), "requests": int(n)}
             for key, (q, n) in sorted(held.items())
         ],
         "credits_applied": [
-            {"grant_id": gid, "amount": _plain(amount)} for gid, amount in sorted(burns.items())
+            {"grant_id": gid, "amount": plain(amount)} for gid, amount in sorted(burns.items())
         ],
-        "usage_to_receivable": _plain(to_receivable),
+        "usage_to_receivable": plain(to_receivable),
     }
 
 
@@ -246,7 +247,3 @@ def bill_as_csv(bill: dict[str, Any]) -> str:
     writer.writerow(["amount due", bill["status"], "", "", "", bill["amount_due"]])
     writer.writerow(["checksum", bill["checksum"], "", "", "", ""])
     return out.getvalue()
-
-
-def _plain(value: Decimal) -> str:
-    return format(value, "f")

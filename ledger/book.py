@@ -24,8 +24,9 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+from ledger.money import plain, quantize
 from ledger.policy import Policy
-from ledger.rating import PriceBook, quantize
+from ledger.rating import PriceBook
 
 ZERO = Decimal(0)
 
@@ -223,8 +224,8 @@ class LedgerFold:
             detail={
                 "grant_id": gid,
                 "kind": "promotional",
-                "amount": _plain(credit),
-                "applied_to_receivable": _plain(covers),
+                "amount": plain(credit),
+                "applied_to_receivable": plain(covers),
             },
         )
 
@@ -257,7 +258,7 @@ class LedgerFold:
                 (REVENUE_BREAKAGE, -left),
                 detail={
                     "grant_id": grant.grant_id,
-                    "expired": _plain(left),
+                    "expired": plain(left),
                     "expires_at": grant.expires_at.isoformat(),
                 },
             )
@@ -287,9 +288,9 @@ class LedgerFold:
             price_version=rating.price_version,
             detail={
                 "lines": lines,
-                "charge": _plain(charge),
-                "burns": [{"grant_id": g.grant_id, "amount": _plain(t)} for g, t in burns],
-                "to_receivable": _plain(owed),
+                "charge": plain(charge),
+                "burns": [{"grant_id": g.grant_id, "amount": plain(t)} for g, t in burns],
+                "to_receivable": plain(owed),
             },
         )
 
@@ -353,9 +354,9 @@ class LedgerFold:
             detail={
                 "grant_id": gid,
                 "kind": "purchased",
-                "paid": _plain(amount),
-                "applied_to_receivable": _plain(pays),
-                "granted": _plain(granted),
+                "paid": plain(amount),
+                "applied_to_receivable": plain(pays),
+                "granted": plain(granted),
             },
         )
 
@@ -366,7 +367,7 @@ class LedgerFold:
         return _entry(
             (EXPENSE_PROMOTIONAL, amount),
             (credit_account(book.account_id, gid), -amount),
-            detail={"grant_id": gid, "kind": event["kind"], "amount": _plain(amount)},
+            detail={"grant_id": gid, "kind": event["kind"], "amount": plain(amount)},
         )
 
     def _on_CreditRevoked(self, book: AccountBook, event: dict) -> Entry:
@@ -387,7 +388,7 @@ class LedgerFold:
             (credit_account(book.account_id, gid), remaining),
             (receivable_account(book.account_id), spent),
             (source, -(remaining + spent)),
-            detail={"grant_id": gid, "removed": _plain(remaining), "to_receivable": _plain(spent)},
+            detail={"grant_id": gid, "removed": plain(remaining), "to_receivable": plain(spent)},
         )
 
     def _on_InvoicePaid(self, book: AccountBook, event: dict) -> Entry:
@@ -399,8 +400,8 @@ class LedgerFold:
         postings = [(CASH, amount), (receivable_account(book.account_id), -pays)]
         detail = {
             "invoice_id": event["invoice_id"],
-            "paid": _plain(amount),
-            "applied_to_receivable": _plain(pays),
+            "paid": plain(amount),
+            "applied_to_receivable": plain(pays),
         }
         if extra > 0:
             gid = f"overpayment:{event['invoice_id']}"
@@ -418,11 +419,6 @@ def _entry(*postings: tuple[str, Decimal], price_version: str | None = None, det
 
 
 # --- canonical forms and the hash chain -----------------------------------------------------
-
-
-def _plain(amount: Decimal) -> str:
-    """An amount in plain notation for entry details (never "0E-9")."""
-    return format(amount, "f")
 
 
 def _json_default(value: Any) -> str:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from importlib import resources
 from pathlib import Path
 
 from ledger.errors import ConfigError
+from ledger.money import parse_money
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,24 +52,12 @@ class Policy:
         return reached[-1]
 
 
-def _money(value: object, where: str) -> Decimal:
-    if not isinstance(value, str):
-        raise ValueError(f"{where}: money must be a quoted decimal string, got {value!r}")
-    try:
-        amount = Decimal(value)
-    except InvalidOperation:
-        raise ValueError(f"{where}: not a decimal: {value!r}") from None
-    if not amount.is_finite() or amount < 0:
-        raise ValueError(f"{where}: must be a non-negative decimal")
-    return amount
-
-
 def _parse(data: dict) -> Policy:
     tiers = tuple(
         Tier(
             str(t["tier"]),
-            _money(t["paid_at_least"], "tiers.paid_at_least"),
-            _money(t["monthly_limit"], "tiers.monthly_limit"),
+            parse_money(t["paid_at_least"], "tiers.paid_at_least"),
+            parse_money(t["monthly_limit"], "tiers.monthly_limit"),
         )
         for t in data["tiers"]
     )
@@ -81,7 +70,7 @@ def _parse(data: dict) -> Policy:
         raise ValueError("burn_order.kinds: must order exactly promotional, goodwill, purchased")
     limits = data["limits"]
     return Policy(
-        signup_credit=_money(data["signup"]["credit"], "signup.credit"),
+        signup_credit=parse_money(data["signup"]["credit"], "signup.credit"),
         signup_grant_id=str(data["signup"]["grant_id"]),
         signup_expires_after_days=int(data["signup"]["expires_after_days"]),
         burn_kinds=kinds,
@@ -89,8 +78,8 @@ def _parse(data: dict) -> Policy:
         warning_thresholds=tuple(int(t) for t in data["warnings"]["thresholds_percent"]),
         grace_hours=int(data["month_close"]["grace_hours"]),
         max_tokens_per_event=int(limits["max_tokens_per_event"]),
-        max_gpu_seconds_per_event=_money(limits["max_gpu_seconds_per_event"], "limits.gpu"),
+        max_gpu_seconds_per_event=parse_money(limits["max_gpu_seconds_per_event"], "limits.gpu"),
         max_images_per_event=int(limits["max_images_per_event"]),
         max_steps_per_event=int(limits["max_steps_per_event"]),
-        max_amount=_money(limits["max_amount"], "limits.max_amount"),
+        max_amount=parse_money(limits["max_amount"], "limits.max_amount"),
     )

@@ -10,13 +10,13 @@ from __future__ import annotations
 import dataclasses
 import tomllib
 from datetime import datetime
-from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
+from decimal import Decimal
 from importlib import resources
 from pathlib import Path
 
 from ledger.errors import ConfigError
+from ledger.money import parse_money, quantize
 
-SCALE = Decimal("0.000000001")
 MILLION = Decimal(1_000_000)
 HOUR = Decimal(3600)
 
@@ -28,10 +28,6 @@ _TOKEN_METERS = (
 )
 _FINE_TUNING_METERS = (("training_tokens", "training", MILLION),)
 _IMAGE_METERS = (("images", "image", Decimal(1)), ("steps", "step", Decimal(1)))
-
-
-def quantize(amount: Decimal) -> Decimal:
-    return amount.quantize(SCALE, rounding=ROUND_HALF_EVEN)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,18 +163,6 @@ def _line(
     return ChargeLine(meter, quantity, price, unit, multiplier, amount)
 
 
-def _money(value: object, where: str) -> Decimal:
-    if not isinstance(value, str):
-        raise ValueError(f"{where}: prices must be quoted decimal strings, got {value!r}")
-    try:
-        amount = Decimal(value)
-    except InvalidOperation:
-        raise ValueError(f"{where}: not a decimal: {value!r}") from None
-    if not amount.is_finite() or amount < 0:
-        raise ValueError(f"{where}: must be a non-negative decimal, got {value!r}")
-    return amount
-
-
 def _parse_version(raw: dict) -> PriceVersion:
     name = raw["version"]
     effective = raw["effective_from"]
@@ -187,21 +171,22 @@ def _parse_version(raw: dict) -> PriceVersion:
 
     def models(section: str) -> dict[str, dict[str, Decimal]]:
         return {
-            model: {k: _money(v, f"{name}.{section}.{model}.{k}") for k, v in prices.items()}
+            model: {k: parse_money(v, f"{name}.{section}.{model}.{k}") for k, v in prices.items()}
             for model, prices in raw.get(section, {}).items()
         }
 
     return PriceVersion(
         version=name,
         effective_from=effective,
-        cached_input_share=_money(raw.get("cached_input_share", "0.5"), f"{name}.share"),
+        cached_input_share=parse_money(raw.get("cached_input_share", "0.5"), f"{name}.share"),
         tier_multipliers={
-            k: _money(v, f"{name}.tier_multipliers.{k}") for k, v in raw["tier_multipliers"].items()
+            k: parse_money(v, f"{name}.tier_multipliers.{k}")
+            for k, v in raw["tier_multipliers"].items()
         },
         serverless=models("serverless"),
         fine_tuning=models("fine_tuning"),
         on_demand={
-            k: _money(v, f"{name}.on_demand.{k}") for k, v in raw.get("on_demand", {}).items()
+            k: parse_money(v, f"{name}.on_demand.{k}") for k, v in raw.get("on_demand", {}).items()
         },
         image=models("image"),
     )

@@ -9,6 +9,7 @@ from typing import Any
 import psycopg
 
 from ledger.db import QUERIES
+from ledger.money import plain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,17 +42,17 @@ def account_view(conn: psycopg.Connection, account_id: str, last: int = 10) -> d
             "status": "suspended" if suspended else "active",
             "reasons": list(reasons),
             "status_version": version,
-            "credit_balance": _amount(credit),
-            "receivable": _amount(receivable),
+            "credit_balance": plain(credit),
+            "receivable": plain(receivable),
             "grants": state["grants"],
             "payment_methods": state["payment_methods"],
             "payment_failed": state["payment_failed"],
             "manual_hold": state["manual_hold"],
             "tier": tier,
-            "effective_limit": _amount(limit) if limit is not None else None,
+            "effective_limit": plain(limit) if limit is not None else None,
             "month": month,
-            "month_to_date_spend": _amount(mtd),
-            "headroom": _amount(limit - mtd) if limit is not None else None,
+            "month_to_date_spend": plain(mtd),
+            "headroom": plain(limit - mtd) if limit is not None else None,
             "open_charges": {
                 m: {k: v for k, v in kinds.items()} for m, kinds in state.get("pending", {}).items()
             },
@@ -63,15 +64,15 @@ def account_view(conn: psycopg.Connection, account_id: str, last: int = 10) -> d
             "account_id": account_id,
             "month": m,
             "issued_at": issued.isoformat(),
-            "amount_due": _amount(due),
-            "exact_total": _amount(exact),
+            "amount_due": plain(due),
+            "exact_total": plain(exact),
             "lines": lines,
         }
         for invoice_id, m, issued, due, exact, lines in conn.execute(
             QUERIES["account_invoices"], (account_id,)
         )
     ]
-    view["ledger_accounts"] = {acct: _amount(total) for acct, total in ledger}
+    view["ledger_accounts"] = {acct: plain(total) for acct, total in ledger}
     view["last_entries"] = [
         {
             "seq": seq,
@@ -79,7 +80,7 @@ def account_view(conn: psycopg.Connection, account_id: str, last: int = 10) -> d
             "event_type": event_type,
             "status": status,
             "price_version": price_version,
-            "charge": _amount(charge),
+            "charge": plain(charge),
         }
         for seq, occurred, event_type, status, price_version, charge in entries
     ]
@@ -92,16 +93,11 @@ def invoices_of_month(conn: psycopg.Connection, month: str) -> list[dict[str, An
             "invoice_id": invoice_id,
             "account_id": account_id,
             "issued_at": issued.isoformat(),
-            "amount_due": _amount(due),
-            "exact_total": _amount(exact),
+            "amount_due": plain(due),
+            "exact_total": plain(exact),
             "lines": lines,
         }
         for invoice_id, account_id, issued, due, exact, lines in conn.execute(
             QUERIES["invoices_of_month"], (month,)
         )
     ]
-
-
-def _amount(value: Decimal) -> str:
-    """Plain notation, never exponent form (Decimal("0E-9") prints as "0.000000000")."""
-    return format(Decimal(value), "f")

@@ -24,6 +24,8 @@ from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
+from ledger.money import plain
+
 ZERO = Decimal(0)
 CENT = Decimal("0.01")
 
@@ -96,11 +98,11 @@ def close_month(
                 continue
             if kind == "usage" and m != month:
                 kind = "adjustment"
-            lines.append({"kind": kind, "month": m, "amount": _plain(amount)})
+            lines.append({"kind": kind, "month": m, "amount": plain(amount)})
     if prepaid:
-        lines.append({"kind": "payments_applied", "month": month, "amount": _plain(-prepaid)})
+        lines.append({"kind": "payments_applied", "month": month, "amount": plain(-prepaid)})
     if carry:
-        lines.append({"kind": "rounding_carry", "month": month, "amount": _plain(carry)})
+        lines.append({"kind": "rounding_carry", "month": month, "amount": plain(carry)})
     exact = sum((Decimal(line["amount"]) for line in lines), ZERO)
     if exact <= 0:
         return Close(None, later, -exact, ZERO)
@@ -114,12 +116,8 @@ def close_month(
         "issued_at": issued_at.isoformat(),
         "currency": "USD",
         "lines": lines,
-        "exact_total": _plain(exact),
-        "amount_due": _plain(due),
-        "rounding_carry": _plain(exact - due),
+        "exact_total": plain(exact),
+        "amount_due": plain(due),
+        "rounding_carry": plain(exact - due),
     }
     return Close(invoice, later, ZERO, exact - due)
-
-
-def _plain(value: Decimal) -> str:
-    return format(value, "f")

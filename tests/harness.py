@@ -40,6 +40,30 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, what: str = 
         time.sleep(0.05)
 
 
+def read_records(bootstrap: str, topic_names: list[str], count: int, timeout: float = 30):
+    """The first `count` records of the topics (at least), read from the beginning."""
+    reader = KafkaConsumer(
+        *topic_names,
+        bootstrap_servers=bootstrap,
+        enable_incremental_fetch_sessions=False,
+        auto_offset_reset="earliest",
+        group_id=None,
+    )
+    records: list = []
+    try:
+        wait_until(
+            lambda: (
+                records.extend(r for rs in reader.poll(timeout_ms=200).values() for r in rs)
+                or len(records) >= count
+            ),
+            timeout,
+            f"{count} records on {', '.join(topic_names)}",
+        )
+    finally:
+        reader.close()
+    return records
+
+
 class Ledger:
     def __init__(self, settings: Settings, bootstrap: str, dsn: str):
         self.settings = settings

@@ -6,12 +6,12 @@ import json
 import uuid
 from decimal import Decimal
 
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaProducer
 
 from ledger import topics
 from ledger.codec import Codec
 from ledger.producer import EventProducer
-from tests.harness import LLAMA_70B, wait_until
+from tests.harness import LLAMA_70B, read_records, wait_until
 
 
 def raw_producer(ledger) -> KafkaProducer:
@@ -71,22 +71,7 @@ def test_each_kind_of_bad_input_is_rejected_with_its_reason_and_the_partition_mo
     assert journaled == {good["event_id"], after["event_id"]}
 
     # A copy of each on the dead-letter topic, with the reason and origin in its headers.
-    reader = KafkaConsumer(
-        ledger.settings.topic(topics.DEADLETTER),
-        bootstrap_servers=ledger.bootstrap,
-        enable_incremental_fetch_sessions=False,
-        auto_offset_reset="earliest",
-        group_id=None,
-    )
-    copies = []
-    wait_until(
-        lambda: (
-            copies.extend(r for rs in reader.poll(timeout_ms=200).values() for r in rs)
-            or len(copies) >= len(bad)
-        ),
-        what="dead letters",
-    )
-    reader.close()
+    copies = read_records(ledger.bootstrap, [ledger.settings.topic(topics.DEADLETTER)], len(bad))
     assert [r.value for r in copies] == list(bad.values())
     headers = [dict(r.headers) for r in copies]
     assert [h["dlq_reason"].decode() for h in headers] == list(bad)

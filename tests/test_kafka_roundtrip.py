@@ -12,7 +12,7 @@ from kafka import KafkaConsumer
 from ledger.codec import HEADER_LEN, Codec
 from ledger.errors import InvalidEventError
 from ledger.producer import EventProducer
-from tests.harness import wait_until
+from tests.harness import read_records
 from tests.test_codec import SAMPLES, with_defaults
 
 
@@ -23,22 +23,7 @@ def test_every_event_type_round_trips_through_kafka(settings, stack):
             producer.send(event_type, event)
         topic_names = sorted({producer.topic(t) for t in SAMPLES})
 
-    reader = KafkaConsumer(
-        *topic_names,
-        bootstrap_servers=stack.bootstrap,
-        enable_incremental_fetch_sessions=False,
-        auto_offset_reset="earliest",
-        group_id=None,
-    )
-    records = []
-    wait_until(
-        lambda: (
-            records.extend(r for rs in reader.poll(timeout_ms=200).values() for r in rs)
-            or len(records) >= len(SAMPLES)
-        ),
-        what="all sample events",
-    )
-    reader.close()
+    records = read_records(stack.bootstrap, topic_names, len(SAMPLES))
     assert len(records) == len(SAMPLES)
 
     for record in records:
