@@ -37,7 +37,6 @@ from ledger.book import (
 from ledger.codec import Codec
 from ledger.db import QUERIES
 from ledger.errors import DecodeError, LedgerError
-from ledger.topics import DEADLETTER
 
 log = structlog.get_logger(__name__)
 
@@ -462,4 +461,4 @@ def _signed64(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
-__all__ = ["DEADLETTER", "BatchResult", "LedgerWriter", "OffsetGapError", "Record"]
+__all__ = ["GENESIS", "BatchResult", "LedgerWriter", "OffsetGapError", "Record"]
