@@ -140,3 +140,20 @@ def test_each_account_entry_links_to_the_previous_by_hash(writer, dsn):
         ).fetchall()
     assert chain[0][0] == b"\x00" * 32
     assert chain[1][0] == chain[0][1]
+
+
+def test_each_batch_logs_one_canonical_line_with_its_counts(writer):
+    from structlog.testing import capture_logs
+
+    bad = FakeRecord(TOPIC, 0, 2, b"garbage")
+    with capture_logs() as logs:
+        writer.write_batch([opened("a", 0), opened("b", 1), bad])
+    [line] = [entry for entry in logs if entry["event"] == "batch_committed"]
+    assert (line["records"], line["journaled"], line["rejected"], line["duplicates"]) == (
+        3,
+        2,
+        1,
+        0,
+    )
+    [rejected] = [entry for entry in logs if entry["event"] == "event_rejected"]
+    assert (rejected["reason"], rejected["offset"]) == ("bad_magic", 2)
