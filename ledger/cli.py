@@ -95,6 +95,23 @@ def _replay(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _rejects(args: argparse.Namespace, settings: Settings) -> int:
+    from ledger import db, stack
+    from ledger.rejects import replay_rejects, summary
+
+    dsn = stack.connect(settings).dsn
+    if args.action == "replay":
+        db.migrate(dsn)
+        outcome = replay_rejects(settings, dsn, reason=args.reason)
+        print(f"journaled now: {len(outcome.journaled)}")
+        print(f"already journaled: {len(outcome.duplicates)}")
+        for reason, count in sorted(outcome.still_rejected.items()):
+            print(f"still rejected ({reason}): {count}")
+    for reason, still_open, resolved in summary(dsn):
+        print(f"{reason:<24} open {still_open:>8}   resolved {resolved:>8}")
+    return 0
+
+
 def _trial_balance(args: argparse.Namespace, settings: Settings) -> int:
     from ledger import db, stack
     from ledger.reports import trial_balance
@@ -241,6 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="postgresql:// URL of the source journal; the target is LEDGER_DATABASE_URL",
     )
     p.set_defaults(func=_replay)
+
+    p = sub.add_parser("rejects", help="quarantined events: counts, and feeding them again")
+    p.add_argument("action", choices=["list", "replay"])
+    p.add_argument("--reason", help="only rejects with this reason (replay)")
+    p.set_defaults(func=_rejects)
 
     p = sub.add_parser("trial-balance", help="sum of all postings per currency; exit 1 unless 0")
     p.set_defaults(func=_trial_balance)

@@ -124,8 +124,9 @@ class LedgerWriter:
 
     def write_batch(self, records: Sequence[Record], *, replay: bool = False) -> BatchResult:
         """Journal `records` in one transaction. With `replay`, the records come from another
-        journal in its order (`ledger replay`): that order is kept exactly, and Kafka offsets
-        are neither checked nor stored."""
+        journal in its order (`ledger replay`) or from quarantine (`ledger rejects replay`):
+        that order is kept exactly, Kafka offsets are neither checked nor stored, and a record
+        rejected again gets no second dead-letter copy."""
         started = time.perf_counter()
         try:
             with self.conn.transaction():
@@ -235,7 +236,7 @@ class LedgerWriter:
             journaled.append(item)
 
         self._copy_journal(cur, journaled)
-        self._insert_rejects(cur, rejects)
+        self._insert_rejects(cur, rejects, replay)
         cur.executemany(
             QUERIES["save_book"],
             [
@@ -250,7 +251,7 @@ class LedgerWriter:
         )
         if journaled:
             cur.execute(QUERIES["notify_journal"])
-        if rejects:
+        if rejects and not replay:
             cur.execute(QUERIES["notify_outbox"])
         result.journaled = len(journaled)
         result.rejected = len(rejects)
@@ -406,7 +407,10 @@ class LedgerWriter:
                     )
 
     def _insert_rejects(
-        self, cur: psycopg.Cursor, rejects: list[tuple[Record, str | None, str | None, str, str]]
+        self,
+        cur: psycopg.Cursor,
+        rejects: list[tuple[Record, str | None, str | None, str, str]],
+        replay: bool,
     ) -> None:
         if not rejects:
             return
@@ -425,10 +429,12 @@ class LedgerWriter:
         cur.executemany(
             QUERIES["insert_rejected"],
             [
-                (r.topic, r.partition, r.offset, eid, et, reason, detail, r.value)
+                (r.topic, r.partition, r.offset, eid, et, reason, detail, r.value, r.key)
                 for r, eid, et, reason, detail in rejects
             ],
         )
+        if replay:
+            return  # replayed records came from a journal or from quarantine: copied already
         cur.executemany(
             QUERIES["insert_outbox"],
             [

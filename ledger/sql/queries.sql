@@ -103,8 +103,8 @@ COPY postings (shard, shard_seq, line, ledger_account, account_id, amount) FROM 
 
 -- name: insert_rejected
 INSERT INTO rejected_events (topic, kafka_partition, kafka_offset, event_id, event_type, reason,
-                             detail, raw)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+                             detail, raw, message_key)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
 ON CONFLICT (topic, kafka_partition, kafka_offset) DO NOTHING;
 
 -- name: insert_outbox
@@ -435,3 +435,21 @@ SELECT e.shard, e.shard_seq, e.account_id, e.event_type, e.status, e.occurred_at
    AND (%(as_of)s::timestamptz IS NULL OR e.recorded_at <= %(as_of)s::timestamptz)
  GROUP BY e.shard, e.shard_seq
  ORDER BY e.shard_seq;
+
+-- ---------------------------------------------------------------------------------------------
+-- Rejected events: inspect, and feed again once fixed.
+
+-- name: rejects_by_reason
+SELECT reason, count(*) FILTER (WHERE resolved_at IS NULL), count(*) FILTER (WHERE resolved_at
+       IS NOT NULL)
+  FROM rejected_events GROUP BY reason ORDER BY reason;
+
+-- name: open_rejects
+SELECT id, topic, kafka_partition, kafka_offset, message_key, raw, reason
+  FROM rejected_events
+ WHERE resolved_at IS NULL AND (%(reason)s::text IS NULL OR reason = %(reason)s)
+ ORDER BY id
+ LIMIT %(limit)s;
+
+-- name: resolve_reject
+UPDATE rejected_events SET resolved_at = clock_timestamp(), resolution = %s WHERE id = %s;

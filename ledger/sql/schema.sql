@@ -219,3 +219,11 @@ CREATE TRIGGER invoices_append_only BEFORE UPDATE OR DELETE ON invoices
     FOR EACH ROW EXECUTE FUNCTION journal_refuse_change();
 CREATE TRIGGER invoices_no_truncate BEFORE TRUNCATE ON invoices
     FOR EACH STATEMENT EXECUTE FUNCTION journal_refuse_change();
+
+-- 0003 ----------------------------------------------------------------------------------------
+-- Rejected events can be fed again once fixed (`ledger rejects replay`): keep the record key
+-- (for the dead-letter copy and the partitioning), and record how each was resolved.
+ALTER TABLE rejected_events ADD COLUMN message_key bytea;
+ALTER TABLE rejected_events ADD COLUMN resolved_at timestamptz;
+ALTER TABLE rejected_events ADD COLUMN resolution text;
+CREATE INDEX rejected_events_open ON rejected_events (id) WHERE resolved_at IS NULL;
