@@ -4,6 +4,7 @@ import copy
 import dataclasses
 import uuid
 from decimal import Decimal
+from importlib import resources
 
 from kafka import KafkaProducer
 
