@@ -10,6 +10,7 @@ import psycopg
 
 from ledger.db import QUERIES
 from ledger.money import plain
+from projections.billing import month_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,9 +35,11 @@ def account_view(conn: psycopg.Connection, account_id: str, last: int = 10) -> d
     entries = conn.execute(QUERIES["account_last_entries"], (account_id, last)).fetchall()
     view: dict[str, Any] = {"account_id": account_id, "known": row is not None or bool(ledger)}
     if row is not None:
-        opened, suspended, reasons, version, credit, receivable, state, tier, limit, month, mtd = (
-            row
-        )
+        (opened, suspended, reasons, version, credit, receivable, state, tier, limit, month,
+         mtd, clock) = row  # fmt: skip
+        if clock is not None and month is not None and month_of(clock) > month:
+            # The shard's clock has turned the month since this account was last touched.
+            month, mtd = month_of(clock), Decimal(0)
         view |= {
             "opened": opened,
             "status": "suspended" if suspended else "active",

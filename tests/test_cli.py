@@ -110,9 +110,14 @@ def test_account_show_and_invoices_list_give_limits_and_invoices(ledger, stack, 
         output_tokens=1_000_000,
         occurred_at=datetime(2026, 3, 5, tzinfo=UTC),
     )  # $8: $1 credit, $7 owed
+    march = datetime(2026, 3, 6, tzinfo=UTC)
+    ledger.send("AccountOpened", "idle-1", occurred_at=march, created_at=march)
     ledger.period_tick(datetime(2026, 4, 4, 1, tzinfo=UTC))
-    ledger.settle(3 + 4)
+    ledger.settle(4 + 4)
     env = services_env(stack, dsn)
+    # An account nobody touched since March: the shard's clock says it is April now.
+    idle = json.loads(ledger_cli("account", "show", "idle-1", "--json", env=env).stdout)
+    assert (idle["month"], idle["month_to_date_spend"]) == ("2026-04", "0")
     view = json.loads(ledger_cli("account", "show", "inv-1", "--json", env=env).stdout)
     assert (view["tier"], view["effective_limit"], view["month"]) == (
         "1",

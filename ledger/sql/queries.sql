@@ -192,9 +192,11 @@ SELECT currency, coalesce(sum(amount), 0), count(*) FROM postings GROUP BY curre
  ORDER BY currency;
 
 -- name: account_status_row
-SELECT opened, suspended, reasons, status_version, credit_balance, receivable, state, tier,
-       effective_limit, month, month_to_date_spend
-  FROM account_status WHERE account_id = %s;
+SELECT s.opened, s.suspended, s.reasons, s.status_version, s.credit_balance, s.receivable,
+       s.state, s.tier, s.effective_limit, s.month, s.month_to_date_spend, p.last_tick_at
+  FROM account_status s
+  LEFT JOIN projection_positions p ON p.projection = 'account_status' AND p.shard = s.shard
+ WHERE s.account_id = %s;
 
 -- name: account_invoices
 SELECT invoice_id, month, issued_at, amount_due, exact_total, lines FROM invoices
