@@ -1,0 +1,111 @@
+"""`python -m ledger.bench [--events N] [--partitions P] [--accounts A] [--keep] [--profile]`:
+its flags, and the run from start to report (the phases are in `ledger.bench.phases`)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+import ledger.bench
+from ledger import stack
+from ledger.bench.environment import cleanup, code_version, machine_info, stack_pids
+from ledger.bench.phases import (
+    BenchRun,
+    consume_input_raw,
+    drain_with_workers,
+    produce_input,
+    set_up,
+    write_batch_in_process,
+)
+from ledger.bench.proc_readings import CpuMeter
+from ledger.bench.report import print_in_process, print_table, say
+from ledger.log import configure_logging
+from ledger.settings import Settings
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m ledger.bench", description=ledger.bench.__doc__.split("\n")[0]
+    )
+    p.add_argument("--events", type=_positive, default=200_000, help="usage events (200000)")
+    p.add_argument("--partitions", type=_positive, default=8, help="partitions per topic (8)")
+    p.add_argument("--accounts", type=_positive, default=2_000, help="accounts (2000)")
+    p.add_argument("--seed", type=int, default=1, help="random seed (1)")
+    p.add_argument("--no-projections", action="store_true", help="skip phase (d)")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also run write_batch in-process: timed steps, and under cProfile",
+    )
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per phase (3600)")
+    p.add_argument(
+        "--stall", type=float, default=120, help="give up after this long without progress (120)"
+    )
+    p.add_argument("--keep", action="store_true", help="keep the database and topics")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    base = Settings.from_env()
+    configure_logging(dataclasses.replace(base, log_level="WARNING"))
+    # kafka-python's own chatter (slow event-loop tasks while we encode/decode) is not news here.
+    logging.getLogger("kafka").setLevel(logging.ERROR)
+    stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
+    settings = dataclasses.replace(
+        base,
+        topic_prefix=f"bench-{stamp}.",
+        partitions=args.partitions,
+        consumer_group=f"bench-{stamp}-ledger",
+    )
+    home = settings.home.resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "topic_prefix": settings.topic_prefix,
+        "partitions": args.partitions,
+        "accounts": args.accounts,
+        "usage_events": args.events,
+        "seed": args.seed,
+        "batch_max_events": settings.batch_max_events,
+        "batch_max_ms": settings.batch_max_ms,
+        "machine": machine_info(),
+        "code": code_version(),
+    }
+
+    say(f"stack: up (home {home}) ...", flush=True)
+    info = stack.up(settings)
+    meter = CpuMeter(stack_pids(settings))
+    run = BenchRun(args, settings, info, meter, home, stamp, results)
+    profile_stats = None
+    try:
+        set_up(run)
+        total = produce_input(run)
+        consume_input_raw(run, total)
+        drain_with_workers(run, total)
+        if args.profile:
+            profile_stats = write_batch_in_process(run, total)
+    finally:
+        if not args.keep:
+            cleanup(info, settings, run.databases)
+
+    path = home / f"bench-{stamp}.json"
+    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    if profile_stats is not None:
+        print_in_process(results["in_process"], profile_stats)
+    print_table(results)
+    say(f"results: {path}")
+    if args.keep:
+        say(f"kept: database {run.db_name} ({run.dsn}), topics {settings.topic_prefix}*")
+    return 0

@@ -1,0 +1,149 @@
+"""The benchmark's report: progress lines as it goes, then the table of every phase (and,
+with --profile, where write_batch's time goes)."""
+
+from __future__ import annotations
+
+import io
+import pstats
+import sys
+from typing import Any
+
+
+def say(*parts: object, end: str = "\n", file=None, flush: bool = True) -> None:
+    """The benchmark's report: it is a command-line program, and this is its output."""
+    stream = file or sys.stdout
+    stream.write(" ".join(str(p) for p in parts) + end)
+    if flush:
+        stream.flush()
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}/s"
+
+
+def print_table(results: dict[str, Any]) -> None:
+    r = results
+    m = r["machine"]
+    ledger = r["ledger"]
+    raw = r["raw"]
+    proj = r.get("projections")
+    journal = r["journal"]
+    rows: list[tuple[str, str]] = [
+        (
+            "events",
+            f"{r['events_total']:,} ({r['usage_events']:,} UsageRecorded + {r['accounts']:,} "
+            f"AccountOpened + {r['payment_methods']:,} PaymentMethodAdded)",
+        ),
+        ("accounts / partitions", f"{r['accounts']:,} / {r['partitions']}"),
+        ("encode (codec.encode)", _rate(r["encode_rate"])),
+        ("produce (send + acks)", _rate(r["produce"]["rate"])),
+        ("    cpu cores", _cores(r["produce"]["cpu_cores"])),
+        (
+            "(a) raw consume",
+            f"{_rate(raw['steady_rate'])}  (incl. start-up: {_rate(raw['rate'])})",
+        ),
+        ("    cpu cores", _cores(raw["cpu_cores"])),
+        (
+            "(b) raw consume + decode",
+            f"{_rate(r['decode']['steady_rate'])}  (incl. start-up: {_rate(r['decode']['rate'])})",
+        ),
+        (
+            "(c) ledger -> PostgreSQL",
+            f"{_rate(ledger['rate'])}  ({ledger['items']:,} in {ledger['seconds']:.1f}s "
+            "from process start)",
+        ),
+        (
+            "    after warm-up",
+            f"{_rate(ledger['steady_rate'])}  (first row after {ledger['warm_seconds']:.1f}s)",
+        ),
+        (
+            "    ledger / raw",
+            f"{ledger['steady_rate'] / raw['steady_rate']:.1%}  (after warm-up, both)",
+        ),
+        ("    worker peak RSS", f"{ledger['peak_rss_mib']:.0f} MiB (VmHWM)"),
+        ("    cpu cores", _cores(ledger["cpu_cores"])),
+        (
+            "    journal",
+            f"{journal['entries']:,} entries, {journal['postings']:,} postings, "
+            f"{journal['rejected']:,} rejected; trial balance "
+            f"{'0 (balanced)' if journal['balanced'] else 'UNBALANCED'}",
+        ),
+    ]
+    if proj:
+        rows += [
+            (
+                "(d) projections",
+                f"{_rate(proj['rate'])} entries  ({proj['seconds']:.1f}s from process start)",
+            ),
+            ("    after warm-up", _rate(proj["steady_rate"])),
+            ("    worker peak RSS", f"{proj['peak_rss_mib']:.0f} MiB (VmHWM)"),
+            ("    cpu cores", _cores(proj["cpu_cores"])),
+        ]
+    else:
+        rows.append(("(d) projections", "skipped"))
+    if "in_process" in r:
+        ip = r["in_process"]
+        rows.append(
+            (
+                "(e) write_batch in-process",
+                f"{_rate(ip['rate'])}  ({ip['batches']} batches, "
+                f"{1000 * ip['seconds'] / ip['batches']:.0f} ms/batch; no Kafka)",
+            )
+        )
+    rows += [
+        (
+            "machine",
+            f"{m['cpu']}, {m['cores_usable']}/{m['cores']} cores, "
+            f"{m['ram_gib']} GiB RAM, {m['os']}",
+        ),
+        ("python / code", f"{m['python']} / {r['code']}"),
+        ("kafka broker", r["broker"]),
+        ("postgresql", r["postgres_version"]),
+    ]
+    others = [
+        r[k]["cpu_cores"]["other"]
+        for k in ("produce", "raw", "decode", "ledger", "projections")
+        if k in r
+    ]
+    width = max(len(k) for k, _ in rows)
+    say()
+    say(f"ledger benchmark, {r['started_at']}")
+    say("-" * (width + 70))
+    for key, value in rows:
+        say(f"{key:<{width}}  {value}")
+    say("-" * (width + 70))
+    if others and max(others) >= 0.25:
+        say(
+            f"note: other processes used up to {max(others):.2f} cores during the phases "
+            "('other' above); the rates are pessimistic for this machine."
+        )
+
+
+def print_in_process(ip: dict[str, Any], stats: pstats.Stats) -> None:
+    total = ip["seconds"]
+    say(
+        f"\n(e) LedgerWriter.write_batch in-process, {ip['batches']} batches: "
+        f"{ip['rate']:,.0f} events/s (timed), {ip['profile']['rate']:,.0f}/s under cProfile"
+    )
+    say("where the time goes (wall time of each step, wrapped with timers):")
+    for label, seconds in ip["sections"].items():
+        say(
+            f"  {label:<52} {seconds:7.2f}s {100 * seconds / total:5.1f}% "
+            f"{1e6 * seconds / ip['events']:7.1f} us/event"
+        )
+    ptotal = ip["profile"]["seconds"]
+    say(f"under cProfile (cumulative; Python parts inflated), {ip['profile']['file']}:")
+    for label, seconds in ip["profile"]["functions"].items():
+        say(f"  {label:<52} {seconds:7.2f}s {100 * seconds / ptotal:5.1f}%")
+    out = io.StringIO()
+    stats.stream = out  # type: ignore[attr-defined]
+    stats.sort_stats("tottime").print_stats(15)
+    say(out.getvalue().rstrip())
+
+
+def _cores(cores: dict[str, float]) -> str:
+    parts = [f"{k} {v:.2f}" for k, v in cores.items() if not k.startswith("machine")]
+    return (
+        " · ".join(parts)
+        + f" · machine {cores['machine']:.2f} of {cores['machine_capacity']:.0f} cores"
+    )

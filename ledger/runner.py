@@ -1,0 +1,72 @@
+"""What `ledger demo` and the benchmark both do to run the ledger for a while: a database of
+their own on the PostgreSQL server, and `ledger worker` as a child process."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import structlog
+from psycopg import sql
+
+from ledger import db
+from ledger.db import QUERIES
+
+log = structlog.get_logger(__name__)
+
+
+def with_database(dsn: str, name: str) -> str:
+    """`dsn` with its database replaced by `name`."""
+    return urlunsplit(urlsplit(dsn)._replace(path="/" + name))
+
+
+def on_server(admin_dsn: str, query: str, database: str) -> None:
+    """Run the named statement about a whole database (`CREATE DATABASE {}`, `DROP DATABASE
+    {}`), with `database` as its identifier, on the server of `admin_dsn`."""
+    with db.connect(admin_dsn, autocommit=True) as admin:
+        admin.execute(sql.SQL(QUERIES[query]).format(sql.Identifier(database)))  # type: ignore[arg-type]
+
+
+def worker_command(roles: Iterable[str]) -> list[str]:
+    """`ledger worker --role ...`, run by this Python."""
+    return [
+        sys.executable,
+        "-m",
+        "ledger.cli",
+        "worker",
+        *(arg for role in roles for arg in ("--role", role)),
+    ]
+
+
+def start_worker(
+    roles: Iterable[str], env: dict[str, str], log_path: Path, *, own_session: bool = False
+) -> subprocess.Popen:
+    """The worker with these roles and this environment, its output (both streams) in
+    `log_path`. In its own session, Ctrl-C in the terminal does not reach it: the parent
+    stops it itself."""
+    with open(log_path, "wb") as logfile:
+        return subprocess.Popen(
+            worker_command(roles),
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=logfile,
+            stderr=subprocess.STDOUT,
+            start_new_session=own_session,
+        )
+
+
+def stop_worker(proc: subprocess.Popen, timeout: float) -> int:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout` seconds: its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            log.error("worker_kill", pid=proc.pid)
+            proc.kill()
+            proc.wait()
+    return proc.returncode
