@@ -330,7 +330,7 @@ def _run(
 
 
 def _create_database(admin_dsn: str, name: str) -> str:
-    on_server(admin_dsn, "demo_create_database", name)
+    on_server(admin_dsn, "create_database", name)
     return with_database(admin_dsn, name)
 
 

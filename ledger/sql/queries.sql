@@ -221,13 +221,17 @@ SELECT e.shard_seq, e.occurred_at, e.event_type, e.status, e.price_version,
  LIMIT %s;
 
 -- ---------------------------------------------------------------------------------------------
--- Benchmark (ledger/bench.py). `{}` is a database name, filled in with psycopg.sql.Identifier.
+-- Databases of their own for the demo and the benchmark (ledger/runner.py). `{}` is a
+-- database name, filled in with psycopg.sql.Identifier.
 
--- name: bench_create_database
+-- name: create_database
 CREATE DATABASE {};
 
--- name: bench_drop_database
+-- name: drop_database
 DROP DATABASE IF EXISTS {} WITH (FORCE);
+
+-- ---------------------------------------------------------------------------------------------
+-- Benchmark (ledger/bench/).
 
 -- name: bench_server_version
 SHOW server_version;
@@ -250,10 +254,7 @@ SELECT coalesce(sum(least(coalesce(p.position, 0), h.last_seq)), 0)::bigint,
   LEFT JOIN projection_positions p ON p.shard = h.shard AND p.projection = %s;
 
 -- ---------------------------------------------------------------------------------------------
--- The demo (ledger/demo.py). `{}` is a database name, filled in with psycopg.sql.Identifier.
-
--- name: demo_create_database
-CREATE DATABASE {};
+-- The demo (ledger/demo/).
 
 -- name: demo_progress
 SELECT (SELECT coalesce(sum(last_seq), 0) FROM shard_heads)::bigint,
