@@ -19,6 +19,7 @@ from ledger.bench.phases import (
     drain_with_workers,
     produce_input,
     set_up,
+    suspension_latency,
     write_batch_in_process,
 )
 from ledger.bench.proc_readings import CpuMeter
@@ -43,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accounts", type=_positive, default=2_000, help="accounts (2000)")
     p.add_argument("--seed", type=int, default=1, help="random seed (1)")
     p.add_argument("--no-projections", action="store_true", help="skip phase (d)")
+    p.add_argument(
+        "--latency-accounts",
+        type=int,
+        default=200,
+        help="suspensions timed end to end in phase (f); 0 skips it (200)",
+    )
     p.add_argument(
         "--profile",
         action="store_true",
@@ -94,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         total = produce_input(run)
         consume_input_raw(run, total)
         drain_with_workers(run, total)
+        if args.latency_accounts > 0:
+            suspension_latency(run)
         if args.profile:
             profile_stats = write_batch_in_process(run, total)
     finally:

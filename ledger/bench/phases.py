@@ -27,6 +27,7 @@ from ledger.bench.in_process import (
     timed_sections,
     write_in_process,
 )
+from ledger.bench.latency import measure_suspension_latency
 from ledger.bench.proc_readings import CpuMeter
 from ledger.bench.raw_consume import consume_raw
 from ledger.bench.report import say
@@ -146,11 +147,10 @@ def consume_input_raw(run: BenchRun, total: int) -> None:
         )
 
 
-def drain_with_workers(run: BenchRun, total: int) -> None:
-    """(3c) The ledger role draining the input into the journal, then (3d, unless
-    --no-projections) the projection role draining the journal into account_status."""
-    args, settings, results = run.args, run.settings, run.results
-    env = {
+def worker_env(run: BenchRun) -> dict[str, str]:
+    """The environment of a `ledger worker` on this run's topics and database."""
+    settings = run.settings
+    return {
         **{k: v for k, v in os.environ.items() if k != "LEDGER_SHARDS"},  # all shards
         "LEDGER_KAFKA_BOOTSTRAP": run.info.bootstrap,
         "LEDGER_DATABASE_URL": run.dsn,
@@ -159,6 +159,27 @@ def drain_with_workers(run: BenchRun, total: int) -> None:
         "LEDGER_PARTITIONS": str(settings.partitions),
         "LEDGER_LOG_LEVEL": "WARNING",
     }
+
+
+def suspension_latency(run: BenchRun) -> None:
+    """(3f) A whole worker on the drained topics: time from a usage event that uses up an
+    account's credit to its AccountSuspended arriving downstream."""
+    say(f"latency: {run.args.latency_accounts} suspensions ...", flush=True)
+    run.results["latency"] = measure_suspension_latency(
+        run.info.bootstrap,
+        run.settings,
+        run.dsn,
+        worker_env(run),
+        run.home / f"bench-{run.stamp}-latency-worker.log",
+        accounts=run.args.latency_accounts,
+    )
+
+
+def drain_with_workers(run: BenchRun, total: int) -> None:
+    """(3c) The ledger role draining the input into the journal, then (3d, unless
+    --no-projections) the projection role draining the journal into account_status."""
+    args, results = run.args, run.results
+    env = worker_env(run)
     with psycopg.connect(run.dsn, autocommit=True) as watch:
 
         def journaled() -> int:

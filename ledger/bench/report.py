@@ -90,6 +90,16 @@ def print_table(results: dict[str, Any]) -> None:
                 f"{1000 * ip['seconds'] / ip['batches']:.0f} ms/batch; no Kafka)",
             )
         )
+    if "latency" in r:
+        lat = r["latency"]
+        rows.append(
+            (
+                "(f) suspension latency",
+                f"p50 {lat['p50_ms']:.0f} ms · p95 {lat['p95_ms']:.0f} ms · "
+                f"p99 {lat['p99_ms']:.0f} ms · max {lat['max_ms']:.0f} ms  "
+                f"({lat['accounts']} accounts: usage sent → AccountSuspended received)",
+            )
+        )
     rows += [
         (
             "machine",

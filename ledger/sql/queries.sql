@@ -253,6 +253,14 @@ SELECT coalesce(sum(least(coalesce(p.position, 0), h.last_seq)), 0)::bigint,
   FROM shard_heads h
   LEFT JOIN projection_positions p ON p.shard = h.shard AND p.projection = %s;
 
+-- name: bench_latency_ready
+SELECT (SELECT count(*) FROM account_status WHERE account_id LIKE 'lat-%%' AND opened),
+       (SELECT count(*) FROM outbox WHERE published_at IS NULL)
+       + (SELECT count(*) FROM shard_heads h
+            LEFT JOIN projection_positions p
+              ON p.shard = h.shard AND p.projection = 'account_status'
+           WHERE coalesce(p.position, 0) < h.last_seq);
+
 -- ---------------------------------------------------------------------------------------------
 -- The demo (ledger/demo/).
 

@@ -1,0 +1,133 @@
+"""(f) Suspension latency: how long a gateway waits to learn that an account must stop.
+
+A whole worker (ledger, projections, relay) runs on the benchmark's topics and database once
+the throughput phases have drained them. New accounts are opened; then, paced so the system is
+not working off a backlog, each gets one usage event that uses up its $1 credit without a
+payment method. A reader of the status topic (what a gateway runs) records when each account's
+AccountSuspended arrives. Latency = arrival − send, on one machine's monotonic clock; it covers
+the producer, the broker, the ledger batch (up to LEDGER_BATCH_MAX_MS), the projection (woken by
+NOTIFY), the relay and the consumer's fetch.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from datetime import UTC, datetime
+
+import psycopg
+from kafka import KafkaConsumer
+
+from ledger import topics
+from ledger.bench import BenchError
+from ledger.codec import Codec
+from ledger.db import QUERIES
+from ledger.producer import EventProducer
+from ledger.runner import start_worker, stop_worker
+
+MODEL = "accounts/fireworks/models/deepseek-r1"  # 200,000 output tokens = $1.60 > $1 credit
+
+
+def measure_suspension_latency(
+    bootstrap: str,
+    settings,
+    dsn: str,
+    env: dict[str, str],
+    log_path,
+    *,
+    accounts: int,
+    interval_s: float = 0.05,
+) -> dict[str, float]:
+    codec = Codec.default()
+    arrived: dict[str, float] = {}
+    stop = threading.Event()
+    reader = KafkaConsumer(
+        settings.topic(topics.STATUS),
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        auto_offset_reset="latest",
+        enable_incremental_fetch_sessions=False,
+        fetch_max_wait_ms=50,
+    )
+
+    def read() -> None:
+        while not stop.is_set():
+            for records in reader.poll(timeout_ms=100).values():
+                now = time.monotonic()
+                for record in records:
+                    decoded = codec.decode(record.value)
+                    account = decoded.event["account_id"]
+                    if decoded.event_type == "AccountSuspended" and account.startswith("lat-"):
+                        arrived.setdefault(account, now)
+
+    proc = start_worker(("ledger", "projections", "relay"), env, log_path)
+    thread = threading.Thread(target=read, daemon=True)
+    try:
+        names = [f"lat-{uuid.uuid4().hex[:8]}-{n}" for n in range(accounts)]
+        with EventProducer(bootstrap, settings, linger_ms=0) as producer:
+            at = datetime.now(UTC)
+            for name in names:
+                producer.send("AccountOpened", _event(name, at, created_at=at))
+            producer.flush()
+            _wait_settled(dsn, accounts, proc, log_path)  # and the relay's backlog published
+            reader.poll(timeout_ms=500)  # join the topic's end before the first send
+            thread.start()
+            sent: dict[str, float] = {}
+            for name in names:
+                event = _event(
+                    name,
+                    datetime.now(UTC),
+                    request_id=name,
+                    product="serverless",
+                    model=MODEL,
+                    service_tier="standard",
+                    output_tokens=200_000,
+                )
+                sent[name] = time.monotonic()
+                producer.send("UsageRecorded", event).get(timeout=30)
+                time.sleep(interval_s)
+        deadline = time.monotonic() + 60
+        while len(arrived) < accounts and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if len(arrived) < accounts:
+            raise BenchError(f"latency: {len(arrived)} of {accounts} suspensions arrived")
+    finally:
+        stop.set()
+        if thread.is_alive():
+            thread.join(timeout=5)
+        reader.close()
+        code = stop_worker(proc, timeout=60)
+    if code != 0:
+        raise BenchError(f"latency worker exited with {code}; see {log_path}")
+    millis = sorted((arrived[n] - sent[n]) * 1000 for n in names)
+    return {
+        "accounts": accounts,
+        "p50_ms": _percentile(millis, 50),
+        "p95_ms": _percentile(millis, 95),
+        "p99_ms": _percentile(millis, 99),
+        "max_ms": millis[-1],
+    }
+
+
+def _event(account_id: str, at: datetime, **fields) -> dict:
+    return {"event_id": str(uuid.uuid4()), "account_id": account_id, "occurred_at": at, **fields}
+
+
+def _wait_settled(dsn: str, accounts: int, proc, log_path, timeout: float = 120) -> None:
+    """Until the new accounts are opened in the projection and nothing is left to publish."""
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise BenchError(f"latency worker exited with {proc.returncode}; see {log_path}")
+            opened, behind = conn.execute(QUERIES["bench_latency_ready"]).fetchone()
+            if opened >= accounts and behind == 0:
+                return
+            time.sleep(0.1)
+    raise BenchError(f"latency: the worker did not settle in {timeout}s; see {log_path}")
+
+
+def _percentile(sorted_values: list[float], pct: int) -> float:
+    index = min(len(sorted_values) - 1, max(0, round(pct / 100 * len(sorted_values)) - 1))
+    return sorted_values[index]
