@@ -15,6 +15,13 @@ from ledger.log import configure_logging
 from ledger.settings import Settings
 
 
+def _database(settings: Settings) -> str:
+    """The ledger's database (the local stack's unless LEDGER_DATABASE_URL), schema checked."""
+    from ledger import db, stack
+
+    return db.require_current_schema(stack.connect(settings).dsn)
+
+
 def _stack(args: argparse.Namespace, settings: Settings) -> int:
     from ledger import stack
 
@@ -96,12 +103,10 @@ def _replay(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _rejects(args: argparse.Namespace, settings: Settings) -> int:
-    from ledger import db, stack
     from ledger.rejects import replay_rejects, summary
 
-    dsn = stack.connect(settings).dsn
+    dsn = _database(settings)
     if args.action == "replay":
-        db.migrate(dsn)
         outcome = replay_rejects(settings, dsn, reason=args.reason)
         print(f"journaled now: {len(outcome.journaled)}")
         print(f"already journaled: {len(outcome.duplicates)}")
@@ -113,22 +118,24 @@ def _rejects(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _trial_balance(args: argparse.Namespace, settings: Settings) -> int:
-    from ledger import db, stack
+    from ledger import db
+    from ledger.money import plain
     from ledger.reports import trial_balance
 
-    with db.connect(stack.connect(settings).dsn) as conn:
+    with db.connect(_database(settings)) as conn:
         tb = trial_balance(conn)
     for currency, total in sorted(tb.totals.items()) or [("USD", 0)]:
-        print(f"{currency}  {total:>24}  {'balanced' if total == 0 else 'UNBALANCED'}")
+        state = "balanced" if total == 0 else "UNBALANCED"
+        print(f"{currency}  {plain(total):>24}  {state}")
     print(f"{tb.postings} postings")
     return 0 if tb.balanced else 1
 
 
 def _account(args: argparse.Namespace, settings: Settings) -> int:
-    from ledger import db, stack
+    from ledger import db
     from ledger.reports import account_view
 
-    with db.connect(stack.connect(settings).dsn) as conn:
+    with db.connect(_database(settings)) as conn:
         view = account_view(conn, args.account_id, last=args.last)
     if args.json:
         print(json.dumps(view, indent=2))
@@ -140,10 +147,10 @@ def _account(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _invoices(args: argparse.Namespace, settings: Settings) -> int:
-    from ledger import db, stack
+    from ledger import db
     from ledger.reports import invoices_of_month
 
-    with db.connect(stack.connect(settings).dsn) as conn:
+    with db.connect(_database(settings)) as conn:
         invoices = invoices_of_month(conn, args.month)
     if args.json:
         print(json.dumps(invoices, indent=2))
@@ -155,11 +162,11 @@ def _invoices(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _audit(args: argparse.Namespace, settings: Settings) -> int:
-    from ledger import db, stack
+    from ledger import db
     from ledger.audit import audit_bill, bill_as_csv
     from ledger.policy import Policy
 
-    with db.connect(stack.connect(settings).dsn) as conn:
+    with db.connect(_database(settings)) as conn:
         bill = audit_bill(conn, Policy.load(settings.policy), args.account, args.month, args.as_of)
     if args.format == "json":
         print(json.dumps(bill, indent=2))
@@ -175,10 +182,9 @@ def _audit(args: argparse.Namespace, settings: Settings) -> int:
 def _projections(args: argparse.Namespace, settings: Settings) -> int:
     from rich.progress import Progress
 
-    from ledger import stack
     from projections.rebuild import rebuild
 
-    dsn = stack.connect(settings).dsn
+    dsn = _database(settings)
     with Progress(*Progress.get_default_columns(), "{task.speed} entries/s") as bar:
         task = bar.add_task(f"rebuilding {args.name}", total=None)
         count = rebuild(
@@ -193,10 +199,9 @@ def _projections(args: argparse.Namespace, settings: Settings) -> int:
 def _verify(args: argparse.Namespace, settings: Settings) -> int:
     from rich.progress import Progress
 
-    from ledger import stack
     from ledger.verify import verify
 
-    dsn = stack.connect(settings).dsn
+    dsn = _database(settings)
     with Progress(*Progress.get_default_columns(), "{task.speed} entries/s", transient=True) as bar:
         task = bar.add_task("recomputing", total=None)
         differences = verify(

@@ -79,6 +79,24 @@ def migrate(dsn: str) -> list[int]:
     return applied_now
 
 
+def require_current_schema(dsn: str) -> str:
+    """`dsn`, after checking its database has every migration this ledger knows; a database
+    behind (or one never migrated) is refused with the command that fixes it."""
+    latest = migrations()[-1][0]
+    with connect(dsn) as conn:
+        try:
+            (applied,) = conn.execute(QUERIES["latest_migration"]).fetchone()
+        except psycopg.errors.UndefinedTable:
+            applied = None
+    if applied != latest:
+        found = "no ledger schema" if applied is None else f"schema version {applied}"
+        raise DatabaseError(
+            f"the database at {_redact(dsn)} has {found}; this ledger needs version {latest}: "
+            "run `ledger db migrate` (the worker also migrates when it starts)"
+        )
+    return dsn
+
+
 def describe_schema(conn: psycopg.Connection) -> dict[str, list[tuple]]:
     """A comparable description of the public schema: tables, columns, constraints, indexes,
     triggers and functions. Two databases with equal descriptions have the same schema."""

@@ -136,3 +136,26 @@ def test_account_show_and_invoices_list_give_limits_and_invoices(ledger, stack, 
     assert "INV-2026-03-inv-1" in table.stdout and "7.00" in table.stdout
     bad = ledger_cli("invoices", "list", "--month", "March", env=env)
     assert bad.returncode == 2 and "not a month (YYYY-MM): 'March'" in bad.stderr
+
+
+def test_a_database_without_the_current_schema_is_refused_with_the_fix(stack):
+    from psycopg import sql
+
+    from tests.conftest import _with_database
+
+    name = "cli_unmigrated"
+    with psycopg.connect(stack.dsn, autocommit=True) as admin:
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    env = {
+        "LEDGER_KAFKA_BOOTSTRAP": stack.bootstrap,
+        "LEDGER_DATABASE_URL": _with_database(stack.dsn, name),
+    }
+    refused = ledger_cli("trial-balance", env=env)
+    assert refused.returncode == 1
+    assert "has no ledger schema" in refused.stderr
+    assert "run `ledger db migrate`" in refused.stderr
+    assert ledger_cli("db", "migrate", env=env).returncode == 0
+    accepted = ledger_cli("trial-balance", env=env)
+    assert accepted.returncode == 0
+    assert accepted.stdout.split() == ["USD", "0", "balanced", "0", "postings"]

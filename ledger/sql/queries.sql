@@ -13,6 +13,9 @@ SELECT pg_advisory_xact_lock(4242001);
 -- name: applied_migrations
 SELECT version FROM schema_migrations ORDER BY version;
 
+-- name: latest_migration
+SELECT max(version) FROM schema_migrations;
+
 -- name: record_migration
 INSERT INTO schema_migrations (version, name) VALUES (%s, %s);
 
