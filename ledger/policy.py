@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from decimal import Decimal
-from importlib import resources
 from pathlib import Path
 
-from ledger.errors import ConfigError
+from ledger.config_files import load_toml
 from ledger.money import parse_money
 
 
@@ -36,15 +34,8 @@ class Policy:
 
     @classmethod
     def load(cls, path: Path | None = None) -> Policy:
-        if path is None:
-            text = resources.files("ledger").joinpath("policy.toml").read_text("utf-8")
-            where = "ledger/policy.toml"
-        else:
-            text, where = path.read_text("utf-8"), str(path)
-        try:
-            return _parse(tomllib.loads(text))
-        except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise ConfigError(f"policy {where}: {exc}") from exc
+        """The policy at `path`, or the one shipped with the package."""
+        return load_toml("policy", "policy.toml", path, _parse)
 
     def tier_for(self, paid: Decimal) -> Tier:
         """The highest tier whose payment threshold `paid` reaches."""

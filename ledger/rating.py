@@ -8,12 +8,11 @@ its lines. Rounding to cents happens only on invoices.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from datetime import datetime
 from decimal import Decimal
-from importlib import resources
 from pathlib import Path
 
+from ledger.config_files import load_toml
 from ledger.errors import ConfigError
 from ledger.money import parse_money, quantize
 
@@ -91,16 +90,12 @@ class PriceBook:
     @classmethod
     def load(cls, path: Path | None = None) -> PriceBook:
         """The price book at `path`, or the one shipped with the package."""
-        if path is None:
-            text = resources.files("ledger").joinpath("pricebook.toml").read_text("utf-8")
-            where = "ledger/pricebook.toml"
-        else:
-            text, where = path.read_text("utf-8"), str(path)
-        try:
-            data = tomllib.loads(text)
-            return cls([_parse_version(v) for v in data.get("versions", [])])
-        except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise ConfigError(f"price book {where}: {exc}") from exc
+        return load_toml(
+            "price book",
+            "pricebook.toml",
+            path,
+            lambda data: cls([_parse_version(v) for v in data.get("versions", [])]),
+        )
 
     def version_at(self, when: datetime) -> PriceVersion | None:
         current = None
