@@ -22,6 +22,17 @@ def _database(settings: Settings) -> str:
     return db.require_current_schema(stack.connect(settings).dsn)
 
 
+def _with_progress(label: str, unit: str, work, *, transient: bool = False):
+    """Run `work(progress)` under a progress bar with rate and ETA; returns what it returns.
+    `progress(done, total)` is what the long-running commands call as they go."""
+    from rich.progress import Progress
+
+    columns = (*Progress.get_default_columns(), f"{{task.speed}} {unit}/s")
+    with Progress(*columns, transient=transient) as bar:
+        task = bar.add_task(label, total=None)
+        return work(lambda done, total: bar.update(task, completed=done, total=total))
+
+
 def _stack(args: argparse.Namespace, settings: Settings) -> int:
     from ledger import stack
 
@@ -84,20 +95,16 @@ def _scheduler(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _replay(args: argparse.Namespace, settings: Settings) -> int:
-    from rich.progress import Progress
 
     from ledger import stack
     from ledger.replay import replay
 
     target = stack.connect(settings).dsn
-    with Progress(*Progress.get_default_columns(), "{task.speed} events/s") as bar:
-        task = bar.add_task("replaying", total=None)
-        count = replay(
-            settings,
-            args.from_database_url,
-            target,
-            progress=lambda done, total: bar.update(task, completed=done, total=total),
-        )
+    count = _with_progress(
+        "replaying",
+        "events",
+        lambda progress: replay(settings, args.from_database_url, target, progress=progress),
+    )
     print(f"replayed {count} events into {target}")
     return 0
 
@@ -180,35 +187,30 @@ def _audit(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _projections(args: argparse.Namespace, settings: Settings) -> int:
-    from rich.progress import Progress
 
     from projections.rebuild import rebuild
 
     dsn = _database(settings)
-    with Progress(*Progress.get_default_columns(), "{task.speed} entries/s") as bar:
-        task = bar.add_task(f"rebuilding {args.name}", total=None)
-        count = rebuild(
-            settings,
-            dsn,
-            progress=lambda done, total: bar.update(task, completed=done, total=total),
-        )
+    count = _with_progress(
+        f"rebuilding {args.name}",
+        "entries",
+        lambda progress: rebuild(settings, dsn, progress=progress),
+    )
     print(f"rebuilt {args.name}: {count} accounts, swapped in")
     return 0
 
 
 def _verify(args: argparse.Namespace, settings: Settings) -> int:
-    from rich.progress import Progress
 
     from ledger.verify import verify
 
     dsn = _database(settings)
-    with Progress(*Progress.get_default_columns(), "{task.speed} entries/s", transient=True) as bar:
-        task = bar.add_task("recomputing", total=None)
-        differences = verify(
-            settings,
-            dsn,
-            progress=lambda done, total: bar.update(task, completed=done, total=total),
-        )
+    differences = _with_progress(
+        "recomputing",
+        "entries",
+        lambda progress: verify(settings, dsn, progress=progress),
+        transient=True,
+    )
     for difference in differences:
         print(difference)
     if differences:

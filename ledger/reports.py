@@ -62,15 +62,7 @@ def account_view(conn: psycopg.Connection, account_id: str, last: int = 10) -> d
             "invoiced_outstanding": state.get("invoiced_outstanding", "0"),
         }
     view["invoices"] = [
-        {
-            "invoice_id": invoice_id,
-            "account_id": account_id,
-            "month": m,
-            "issued_at": issued.isoformat(),
-            "amount_due": plain(due),
-            "exact_total": plain(exact),
-            "lines": lines,
-        }
+        _invoice(invoice_id, account_id, issued, due, exact, lines) | {"month": m}
         for invoice_id, m, issued, due, exact, lines in conn.execute(
             QUERIES["account_invoices"], (account_id,)
         )
@@ -91,16 +83,15 @@ def account_view(conn: psycopg.Connection, account_id: str, last: int = 10) -> d
 
 
 def invoices_of_month(conn: psycopg.Connection, month: str) -> list[dict[str, Any]]:
-    return [
-        {
-            "invoice_id": invoice_id,
-            "account_id": account_id,
-            "issued_at": issued.isoformat(),
-            "amount_due": plain(due),
-            "exact_total": plain(exact),
-            "lines": lines,
-        }
-        for invoice_id, account_id, issued, due, exact, lines in conn.execute(
-            QUERIES["invoices_of_month"], (month,)
-        )
-    ]
+    return [_invoice(*row) for row in conn.execute(QUERIES["invoices_of_month"], (month,))]
+
+
+def _invoice(invoice_id, account_id, issued, due, exact, lines) -> dict[str, Any]:
+    return {
+        "invoice_id": invoice_id,
+        "account_id": account_id,
+        "issued_at": issued.isoformat(),
+        "amount_due": plain(due),
+        "exact_total": plain(exact),
+        "lines": lines,
+    }

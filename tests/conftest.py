@@ -28,6 +28,7 @@ from psycopg import sql
 
 from ledger import db, topics
 from ledger import stack as local_stack
+from ledger.runner import on_server, with_database
 from ledger.settings import Settings
 from tests.harness import Ledger
 
@@ -55,20 +56,14 @@ def stack(base_settings: Settings) -> Iterator[local_stack.StackInfo]:
 def template_dsn(stack: local_stack.StackInfo) -> str:
     """A database with every migration applied, cloned by each test (CREATE DATABASE …
     TEMPLATE), so a test starts from a fresh schema in milliseconds."""
-    name = f"ledger_template_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(stack.dsn, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    dsn = _with_database(stack.dsn, name)
-    db.migrate(dsn)
-    return dsn
+    return new_database(stack)
 
 
 def new_database(stack: local_stack.StackInfo) -> str:
     """A fresh, migrated database on the stack's server (dropped with the cluster)."""
     name = f"ledger_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(stack.dsn, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    dsn = _with_database(stack.dsn, name)
+    on_server(stack.dsn, "create_database", name)
+    dsn = with_database(stack.dsn, name)
     db.migrate(dsn)
     return dsn
 
@@ -83,11 +78,8 @@ def dsn(stack: local_stack.StackInfo, template_dsn: str) -> Iterator[str]:
                 sql.Identifier(name), sql.Identifier(template)
             )
         )
-    yield _with_database(stack.dsn, name)
-    with psycopg.connect(stack.dsn, autocommit=True) as admin:
-        admin.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
+    yield with_database(stack.dsn, name)
+    on_server(stack.dsn, "drop_database", name)
 
 
 @pytest.fixture
@@ -104,14 +96,6 @@ def settings(base_settings: Settings, stack: local_stack.StackInfo) -> Settings:
     )
     topics.create_topics(stack.bootstrap, per_test)
     return per_test
-
-
-def _with_database(dsn: str, name: str) -> str:
-    """The same server, another database; a postgresql:// URL like LEDGER_DATABASE_URL."""
-    url = urllib.parse.urlsplit(dsn)
-    if url.scheme not in ("postgresql", "postgres"):
-        raise ValueError(f"expected a postgresql:// URL, got {dsn!r}")
-    return urllib.parse.urlunsplit(url._replace(path="/" + name))
 
 
 @pytest.fixture

@@ -139,17 +139,14 @@ def test_account_show_and_invoices_list_give_limits_and_invoices(ledger, stack, 
 
 
 def test_a_database_without_the_current_schema_is_refused_with_the_fix(stack):
-    from psycopg import sql
-
-    from tests.conftest import _with_database
+    from ledger.runner import on_server, with_database
 
     name = "cli_unmigrated"
-    with psycopg.connect(stack.dsn, autocommit=True) as admin:
-        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    on_server(stack.dsn, "drop_database", name)
+    on_server(stack.dsn, "create_database", name)
     env = {
         "LEDGER_KAFKA_BOOTSTRAP": stack.bootstrap,
-        "LEDGER_DATABASE_URL": _with_database(stack.dsn, name),
+        "LEDGER_DATABASE_URL": with_database(stack.dsn, name),
     }
     refused = ledger_cli("trial-balance", env=env)
     assert refused.returncode == 1
