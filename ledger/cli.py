@@ -124,6 +124,29 @@ def _rejects(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _offsets(args: argparse.Namespace, settings: Settings) -> int:
+    from ledger import db, stack
+    from ledger.offsets import accept_loss, lost_ranges
+
+    info = stack.connect(settings)
+    dsn = db.require_current_schema(info.dsn)
+    if args.action == "accept-loss":
+        if args.shard is None:
+            raise ConfigError("offsets accept-loss: --shard is required")
+        accepted = accept_loss(settings, info.bootstrap, dsn, args.shard, args.note or "")
+        for r in accepted:
+            print(f"accepted loss {r.topic}[{r.partition}] offsets {r.stored}..{r.log_start - 1}")
+        if not accepted:
+            print(f"shard {args.shard}: nothing lost, nothing to accept")
+        return 0
+    lost = lost_ranges(settings, info.bootstrap, dsn)
+    for r in lost:
+        print(f"LOST {r.topic}[{r.partition}] offsets {r.stored}..{r.log_start - 1}")
+    if not lost:
+        print("no lost offsets: every stored offset is still in Kafka")
+    return 1 if lost else 0
+
+
 def _trial_balance(args: argparse.Namespace, settings: Settings) -> int:
     from ledger import db
     from ledger.money import plain
@@ -271,6 +294,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", help="only rejects with this reason (replay)")
     p.set_defaults(func=_rejects)
 
+    p = sub.add_parser(
+        "offsets", help="stored offsets Kafka deleted before they were journaled; accept a loss"
+    )
+    p.add_argument("action", choices=["show", "accept-loss"])
+    p.add_argument("--shard", type=_shard, help="the shard (partition number) to accept")
+    p.add_argument("--note", help="why the loss is accepted (kept with the record)")
+    p.set_defaults(func=_offsets)
+
     p = sub.add_parser("trial-balance", help="sum of all postings per currency; exit 1 unless 0")
     p.set_defaults(func=_trial_balance)
 
@@ -329,6 +360,16 @@ def _timestamp(text: str) -> datetime:
         raise argparse.ArgumentTypeError(f"not an ISO 8601 timestamp: {text!r}") from None
     if value.tzinfo is None:
         raise argparse.ArgumentTypeError(f"give a time zone (e.g. Z): {text!r}")
+    return value
+
+
+def _shard(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a shard number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more: {value}")
     return value
 
 

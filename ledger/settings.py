@@ -33,6 +33,9 @@ class Settings:
     # Shards (partition numbers) this worker's ledger consumer may own, e.g. "0-3,6";
     # None: all of them (each shard is held by one worker at a time; others stand by).
     shards: list[int] | None = None
+    # Seconds after which a shard lease not renewed (its holder crashed, froze or lost the
+    # database) may be taken over by a standby.
+    lease_timeout_s: int = 10
     batch_max_events: int = 2000
     batch_max_ms: int = 200
     # Projection and relay.
@@ -74,6 +77,7 @@ class Settings:
             ("batch_max_ms", 1, 600_000),
             ("poll_interval_ms", 1, 600_000),
             ("tick_interval_s", 1, 86_400),
+            ("lease_timeout_s", 3, 600),
         ):
             value = getattr(self, name)
             if not low <= value <= high:

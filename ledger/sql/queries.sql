@@ -50,14 +50,51 @@ SELECT proname, pg_get_function_arguments(oid), prosrc
 -- ---------------------------------------------------------------------------------------------
 -- Ledger writer: one transaction per batch.
 
--- name: lock_offsets
-SELECT topic, kafka_partition, next_offset FROM consumer_offsets
- WHERE group_id = %(group_id)s AND topic = ANY(%(topics)s)
- ORDER BY topic, kafka_partition
-   FOR UPDATE;
+-- name: ensure_offsets
+INSERT INTO consumer_offsets (group_id, topic, kafka_partition, next_offset)
+SELECT %(group_id)s, t, p, o
+  FROM unnest(%(topics)s::text[], %(partitions)s::integer[], %(offsets)s::bigint[]) AS x (t, p, o)
+ ORDER BY t, p
+ON CONFLICT (group_id, topic, kafka_partition) DO NOTHING;
 
--- name: try_shard_lease
-SELECT pg_try_advisory_lock(hashtext(%s), %s);
+-- name: lock_offsets
+SELECT o.topic, o.kafka_partition, o.next_offset
+  FROM consumer_offsets o
+  JOIN unnest(%(topics)s::text[], %(partitions)s::integer[]) AS x (topic, kafka_partition)
+ USING (topic, kafka_partition)
+ WHERE o.group_id = %(group_id)s
+ ORDER BY o.topic, o.kafka_partition
+   FOR UPDATE OF o;
+
+-- name: accept_offset_loss
+INSERT INTO accepted_offset_losses (group_id, topic, kafka_partition, from_offset, to_offset, note)
+VALUES (%s, %s, %s, %s, %s, %s);
+
+-- name: shard_clocks
+SELECT shard, last_tick_at FROM shard_heads WHERE shard = ANY(%s);
+
+-- name: save_shard_clock
+UPDATE shard_heads SET last_tick_at = %s WHERE shard = %s;
+
+-- name: claim_shards
+INSERT INTO shard_leases (group_id, shard, holder, expires_at)
+SELECT %(group)s, s, %(holder)s, clock_timestamp() + make_interval(secs => %(ttl)s)
+  FROM unnest(%(shards)s::integer[]) AS s
+ ORDER BY s
+ON CONFLICT (group_id, shard) DO UPDATE
+   SET holder = EXCLUDED.holder, expires_at = EXCLUDED.expires_at
+ WHERE shard_leases.holder = EXCLUDED.holder OR shard_leases.expires_at < clock_timestamp()
+RETURNING shard;
+
+-- name: fence_shards
+SELECT shard FROM shard_leases
+ WHERE group_id = %s AND shard = ANY(%s) AND holder = %s AND expires_at > clock_timestamp();
+
+-- name: release_shards
+DELETE FROM shard_leases WHERE group_id = %s AND holder = %s;
+
+-- name: set_idle_in_transaction_timeout
+SELECT set_config('idle_in_transaction_session_timeout', %s, false);
 
 -- name: stored_offsets
 SELECT topic, kafka_partition, next_offset FROM consumer_offsets
