@@ -143,7 +143,14 @@ def test_a_frozen_holder_loses_its_shards_and_stops_writing_when_it_thaws(ledger
         assert took_over_s < 30, f"takeover took {took_over_s:.1f}s"
 
         first.send_signal(signal.SIGCONT)
-        wait_until(lambda: "shard_lease" in frozen_log.read_text(), 30, "the thawed worker notices")
+        wait_until(
+            lambda: any(
+                event in frozen_log.read_text()
+                for event in ('"shard_leases_lost"', '"shard_lease_fenced"')
+            ),
+            30,
+            "the thawed worker notices",
+        )
         for n in range(16, 24):
             ledger.open_account(f"frz-{n}")
         wait_until(lambda: ledger.journaled() == 24, 60, "journaling goes on")
