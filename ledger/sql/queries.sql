@@ -352,7 +352,7 @@ SELECT account_id FROM account_status
 SELECT count(*) FROM journal_entries WHERE cause_event_id IS NULL;
 
 -- name: replay_source
-SELECT r.topic, r.kafka_partition, r.kafka_offset, r.account_id, r.raw
+SELECT r.topic, r.kafka_partition, r.kafka_offset, r.account_id, r.raw, r.recorded_at
   FROM journal_entries e JOIN raw_events r ON r.event_id = e.event_id
  WHERE e.cause_event_id IS NULL
  ORDER BY e.shard, e.shard_seq;
