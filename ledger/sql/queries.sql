@@ -180,6 +180,9 @@ ON CONFLICT (invoice_id) DO NOTHING;
 -- name: relay_lock
 SELECT pg_try_advisory_lock(4242002);
 
+-- name: relay_listen
+LISTEN ledger_outbox;
+
 -- name: unpublished
 -- Neither published nor parked, in id order; a row whose topic and key match an earlier
 -- parked row waits behind it (per-key order). Rows without a key are never held.
