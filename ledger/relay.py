@@ -97,6 +97,16 @@ def brief(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
 
 
+def _with_connect_timeout(dsn: str) -> str:
+    """`dsn` with a connect timeout, so a hung connection attempt cannot hold up `stop`
+    (kept in URL form, so error messages still hide a password)."""
+    if "connect_timeout" in dsn:
+        return dsn
+    if "://" in dsn:
+        return f"{dsn}{'&' if '?' in dsn else '?'}connect_timeout={CONNECT_TIMEOUT_S}"
+    return f"{dsn} connect_timeout={CONNECT_TIMEOUT_S}"
+
+
 class Backoff:
     """Capped exponential backoff: 0.5 s, 1 s, 2 s, 4 s, 5 s, 5 s, ..."""
 
@@ -139,11 +149,13 @@ class OutboxRelay:
         self.producer_options = producer_options or {}
         self.producer: KafkaProducer | None = None
         self.kafka_backoff = Backoff()
+        self.database_outages = 0  # times the database went away under the relay
+        self.kafka_outages = 0  # times Kafka failed transiently
 
     # --- the loop -------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
-        dsn = psycopg.conninfo.make_conninfo(self.dsn, connect_timeout=CONNECT_TIMEOUT_S)
+        dsn = _with_connect_timeout(self.dsn)
         database_backoff = Backoff()
         started = False
         try:
@@ -159,6 +171,7 @@ class OutboxRelay:
                     database_backoff.reset()
                     self._serve(conn, stop)
                 except _DATABASE_TROUBLE as exc:
+                    self.database_outages += 1
                     delay = database_backoff.next()
                     log.warning(
                         "relay_database_unavailable",
@@ -194,6 +207,7 @@ class OutboxRelay:
                 published = self.publish_once(conn, producer, stop)
                 self.kafka_backoff.reset()
             except KafkaTrouble as trouble:
+                self.kafka_outages += 1
                 self._close_producer()
                 delay = self.kafka_backoff.next()
                 log.warning(
