@@ -151,6 +151,7 @@ class OutboxRelay:
         self.kafka_backoff = Backoff()
         self.database_outages = 0  # times the database went away under the relay
         self.kafka_outages = 0  # times Kafka failed transiently
+        self.awaiting_acks = 0  # records sent and not yet answered by Kafka
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -333,7 +334,8 @@ class OutboxRelay:
         """Wait until Kafka answered for every future (acked or failed), or `stop`."""
         waited = 0.0
         next_note = WAITING_NOTE_EVERY_S
-        while not all(f.is_done for f in futures):
+        while (pending := sum(not f.is_done for f in futures)) > 0:
+            self.awaiting_acks = pending
             if stop is not None and stop.is_set():
                 return
             try:
@@ -341,9 +343,9 @@ class OutboxRelay:
             except kafka_errors.KafkaTimeoutError:
                 waited += STOP_CHECK_S
                 if waited >= next_note:
-                    pending = sum(not f.is_done for f in futures)
                     log.warning("relay_waiting_for_kafka", pending=pending, seconds=waited)
                     next_note += WAITING_NOTE_EVERY_S
+        self.awaiting_acks = 0
 
 
 # --- operations (`ledger outbox`) -------------------------------------------------------------

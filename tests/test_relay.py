@@ -17,7 +17,7 @@ from kafka import KafkaProducer
 
 from ledger import db, topics
 from ledger.relay import OutboxRelay
-from ledger.stack import postgres
+from ledger.stack import kafka, postgres, procs
 from tests.harness import read_records, wait_until
 from tests.test_cli import ledger_cli, services_env
 
@@ -213,6 +213,63 @@ def test_the_relay_rides_out_a_postgresql_immediate_restart(settings, stack):
         if thread is not None:
             thread.join(timeout=10)
         postgres.stop(private)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_the_relay_rides_out_a_broker_restart(settings, dsn):
+    """A private Kafka broker (the shared one stays up), stopped while the relay waits for
+    acks and started again on the same port and data."""
+    home = tempfile.mkdtemp(prefix="ledger-relay-kafka-")
+    private = dataclasses.replace(settings, home=Path(home))
+    state = kafka.start(private, {})
+    bootstrap = f"{procs.HOST}:{state['port']}"
+    stop = threading.Event()
+    thread = None
+    try:
+        topics.create_topics(bootstrap, settings)
+        dlq = settings.topic(topics.DEADLETTER)
+        relay = OutboxRelay(settings, bootstrap, dsn)
+        thread = threading.Thread(target=relay.run, args=(stop,), name="relay")
+        thread.start()
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            before = [insert_outbox(conn, dlq, b"acct", f"before {i}".encode()) for i in range(5)]
+            wait_until(
+                lambda: all(r[0] for r in outbox_rows(conn, *before).values()),
+                30,
+                "rows published before the restart",
+            )
+            kafka.stop(private)
+            during = [insert_outbox(conn, dlq, b"acct", f"during {i}".encode()) for i in range(5)]
+            conn.execute("SELECT pg_notify('ledger_outbox', '')")
+            wait_until(lambda: relay.awaiting_acks == 5, 30, "the relay to send and wait")
+            assert not any(r[0] for r in outbox_rows(conn, *during).values())
+            restarted = time.monotonic()
+            kafka.start(private, state)
+            wait_until(
+                lambda: all(r[0] for r in outbox_rows(conn, *during).values()),
+                90,
+                "rows published after the restart",
+            )
+            print(f"\npublished {time.monotonic() - restarted:.1f} s after the restart began")
+            assert not any(r[1] for r in outbox_rows(conn, *before, *during).values())
+        assert thread.is_alive()
+        values = [r.value for r in read_records(bootstrap, [dlq], 10)]
+        # Marked before the broker went away: exactly once. Sent during: at least once.
+        assert sorted(v for v in values if v.startswith(b"before")) == [
+            f"before {i}".encode() for i in range(5)
+        ]
+        assert {v for v in values if v.startswith(b"during")} == {
+            f"during {i}".encode() for i in range(5)
+        }
+        print(f"duplicates of rows sent during the outage: {len(values) - 10}")
+        stop.set()
+        thread.join(timeout=10)
+        assert not thread.is_alive(), "the relay did not stop"
+    finally:
+        stop.set()
+        if thread is not None:
+            thread.join(timeout=10)
+        kafka.stop(private)
         shutil.rmtree(home, ignore_errors=True)
 
 
