@@ -17,6 +17,7 @@ from kafka import KafkaProducer
 
 from ledger import db, topics
 from ledger.relay import OutboxRelay
+from ledger.runner import start_worker, stop_worker
 from ledger.stack import kafka, postgres, procs
 from tests.harness import read_records, wait_until
 from tests.test_cli import ledger_cli, services_env
@@ -73,6 +74,33 @@ def test_a_1mb_reject_is_sent_as_a_reference_and_a_later_suspension_is_not_delay
     assert (copy.key, copy.value) == (b"big-1", b"")
     parked = ledger.db.execute("SELECT count(*) FROM outbox WHERE parked_at IS NOT NULL")
     assert parked.fetchone()[0] == 0
+
+
+def test_the_worker_applies_the_dead_letter_bound_setting(settings, stack, dsn, tmp_path):
+    """`ledger worker` with LEDGER_DEADLETTER_MAX_BYTES=2048: a 4 KB reject goes out as a
+    reference, a small one byte for byte; SIGTERM then stops the worker cleanly."""
+    env = os.environ | {
+        **services_env(stack, dsn),
+        "LEDGER_TOPIC_PREFIX": settings.topic_prefix,
+        "LEDGER_CONSUMER_GROUP": settings.consumer_group,
+        "LEDGER_DEADLETTER_MAX_BYTES": "2048",
+    }
+    worker = start_worker(("ledger", "relay"), env, tmp_path / "worker.log")
+    try:
+        raw = KafkaProducer(bootstrap_servers=stack.bootstrap, acks="all")
+        raw.send(settings.topic(topics.USAGE), key=b"a", value=b"\x00" * 4096).get(timeout=30)
+        raw.send(settings.topic(topics.USAGE), key=b"a", value=b"small").get(timeout=30)
+        raw.close()
+        copies = read_records(stack.bootstrap, [settings.topic(topics.DEADLETTER)], 2, 60)
+    finally:
+        code = stop_worker(worker, timeout=10)
+    assert code == 0, (tmp_path / "worker.log").read_text()
+    with psycopg.connect(dsn) as conn:
+        ids = dict(conn.execute("SELECT octet_length(raw), id FROM rejected_events"))
+    big, small = sorted(copies, key=lambda r: -len(dict(r.headers)))
+    assert dict(big.headers)["dlq_reject_id"] == str(ids[4096]).encode()
+    assert big.value == b""
+    assert small.value == b"small" and "dlq_reject_id" not in dict(small.headers)
 
 
 def test_an_outbox_row_kafka_refuses_is_parked_and_later_rows_are_published(ledger, stack):
