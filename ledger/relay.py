@@ -93,8 +93,10 @@ def refusal_reason(exc: BaseException) -> str | None:
 
 def brief(exc: BaseException) -> str:
     """One line naming an error, for a log field: no traceback, no locals."""
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
+    name, text = type(exc).__name__, " ".join(str(exc).split())[:300]
+    if not text:
+        return name
+    return text if text.startswith(name) else f"{name}: {text}"
 
 
 def _with_connect_timeout(dsn: str) -> str:
@@ -233,7 +235,10 @@ class OutboxRelay:
                 "enable_idempotence": True,
                 "linger_ms": 5,
                 "client_id": "ledger-relay",
-                "max_block_ms": 2000,  # metadata waits: keeps `stop` responsive
+                # Bounded waits for the first broker contact and for metadata (the defaults
+                # are 30 s and 60 s), so `stop` is seen within 5 s even with Kafka down.
+                "bootstrap_timeout_ms": 2000,
+                "max_block_ms": 2000,
                 "request_timeout_ms": 10_000,
                 "delivery_timeout_ms": 30_000,
                 "reconnect_backoff_ms": int(BACKOFF_FIRST_S * 1000),

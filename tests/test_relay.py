@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -299,6 +300,28 @@ def test_the_relay_rides_out_a_broker_restart(settings, dsn):
             thread.join(timeout=10)
         kafka.stop(private)
         shutil.rmtree(home, ignore_errors=True)
+
+
+def test_with_kafka_unreachable_the_relay_retries_marks_nothing_and_stops_promptly(settings, dsn):
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind((procs.HOST, 0))
+        nowhere = f"{procs.HOST}:{probe.getsockname()[1]}"
+    relay = OutboxRelay(settings, nowhere, dsn)
+    stop = threading.Event()
+    thread = threading.Thread(target=relay.run, args=(stop,), name="relay")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = insert_outbox(conn, settings.topic(topics.DEADLETTER), b"k", b"v")
+        thread.start()
+        try:
+            wait_until(lambda: relay.kafka_outages >= 2, 60, "two attempts to reach Kafka")
+            assert thread.is_alive()
+            assert outbox_rows(conn, row) == {row: (False, False, None, 0)}
+        finally:
+            stopping = time.monotonic()
+            stop.set()
+            thread.join(timeout=10)
+        assert not thread.is_alive(), "the relay did not stop"
+        print(f"\nrelay stopped {time.monotonic() - stopping:.2f} s after the stop event")
 
 
 def immediate_stop(settings) -> None:
