@@ -71,9 +71,13 @@ def _db(args: argparse.Namespace, settings: Settings) -> int:
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
     from ledger import db, stack
+    from ledger.journal import LedgerWriter
     from ledger.worker import ROLES, run_worker
 
     roles = tuple(args.role or ROLES)
+    # LEDGER_DEADLETTER_MAX_BYTES for every ledger writer of this process (the writer reads
+    # `deadletter_max_bytes`; a writer made elsewhere keeps the setting's default).
+    LedgerWriter.deadletter_max_bytes = settings.deadletter_max_bytes
     info = stack.connect(settings)
     db.migrate(info.dsn)
     return run_worker(settings, info.bootstrap, info.dsn, roles)
@@ -112,6 +116,8 @@ def _replay(args: argparse.Namespace, settings: Settings) -> int:
 def _rejects(args: argparse.Namespace, settings: Settings) -> int:
     from ledger.rejects import replay_rejects, summary
 
+    if args.action == "show":
+        return _rejects_show(args, settings)
     dsn = _database(settings)
     if args.action == "replay":
         outcome = replay_rejects(settings, dsn, reason=args.reason)
@@ -145,6 +151,61 @@ def _offsets(args: argparse.Namespace, settings: Settings) -> int:
     if not lost:
         print("no lost offsets: every stored offset is still in Kafka")
     return 1 if lost else 0
+
+
+def _rejects_show(args: argparse.Namespace, settings: Settings) -> int:
+    from ledger.rejects import reject_json, reject_lines, show
+
+    if args.id is None:
+        raise LedgerError("rejects show: give the reject id, e.g. `ledger rejects show 42`")
+    reject = show(_database(settings), args.id)
+    if reject is None:
+        print(f"no rejected event with id {args.id}")
+        return 4
+    if args.json:
+        print(json.dumps(reject_json(reject, limit=args.bytes), indent=2))
+    else:
+        print("\n".join(reject_lines(reject, limit=args.bytes)))
+    return 0
+
+
+def _outbox(args: argparse.Namespace, settings: Settings) -> int:
+    from ledger.rejects import printable
+    from ledger.relay import parked_rows, retry_parked
+
+    dsn = _database(settings)
+    if args.action == "retry":
+        if (args.id is None) == (not args.all):
+            raise LedgerError("outbox retry: give either --id N or --all")
+        ids = retry_parked(dsn, args.id)
+        if not ids:
+            print(f"outbox row {args.id} is not parked" if args.id else "no parked outbox rows")
+            return 4 if args.id else 0
+        print(f"un-parked {len(ids)} outbox row(s): {', '.join(map(str, ids))}")
+        return 0
+    rows = parked_rows(dsn)
+    if not rows:
+        print("no parked outbox rows")
+        return 0
+    if args.json:
+        print(
+            json.dumps(
+                rows, indent=2, default=lambda v: v.hex() if isinstance(v, bytes) else str(v)
+            )
+        )
+        return 0
+    print(
+        f"{'id':>10}  {'topic':<32} {'bytes':>9}  {'reason':<18} {'parked at':<32} tries  waiting"
+    )
+    for row in rows:
+        print(
+            f"{row['id']:>10}  {printable(row['topic']):<32} {row['size']:>9}  "
+            f"{row['reason']:<18} {row['parked_at'].isoformat():<32} {row['attempts']:>5}  "
+            f"{row['waiting']:>7}"
+        )
+        print(f"{'':>10}  {printable(row['detail'] or '')}")
+    print(f"{len(rows)} parked; `ledger outbox retry --id N | --all` to try them again")
+    return 0
 
 
 def _trial_balance(args: argparse.Namespace, settings: Settings) -> int:
@@ -289,9 +350,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_replay)
 
-    p = sub.add_parser("rejects", help="quarantined events: counts, and feeding them again")
-    p.add_argument("action", choices=["list", "replay"])
+    p = sub.add_parser("rejects", help="quarantined events: counts, one in full, feeding again")
+    p.add_argument("action", choices=["list", "replay", "show"])
+    p.add_argument("id", nargs="?", type=_positive_int, help="the reject's id (show)")
     p.add_argument("--reason", help="only rejects with this reason (replay)")
+    p.add_argument("--json", action="store_true", help="machine-readable output (show)")
+    p.add_argument(
+        "--bytes",
+        type=_non_negative_int,
+        default=256,
+        help="raw bytes to show (show; default 256, 0 for all)",
+    )
     p.set_defaults(func=_rejects)
 
     p = sub.add_parser(
@@ -301,6 +370,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", type=_shard, help="the shard (partition number) to accept")
     p.add_argument("--note", help="why the loss is accepted (kept with the record)")
     p.set_defaults(func=_offsets)
+    p = sub.add_parser("outbox", help="outbox rows Kafka refused: list them, try them again")
+    p.add_argument("action", choices=["parked", "retry"])
+    p.add_argument("--id", type=_positive_int, help="retry this parked row")
+    p.add_argument("--all", action="store_true", help="retry every parked row")
+    p.add_argument("--json", action="store_true", help="machine-readable output (parked)")
+    p.set_defaults(func=_outbox)
 
     p = sub.add_parser("trial-balance", help="sum of all postings per currency; exit 1 unless 0")
     p.set_defaults(func=_trial_balance)
@@ -380,6 +455,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive: {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {value}")
     return value
 
 

@@ -642,6 +642,13 @@ class LedgerWriter:
         rejects: list[tuple[Record, str | None, str | None, str, str]],
         replay: bool,
     ) -> None:
+        """Store each reject with its raw bytes and, unless replaying, queue its dead-letter
+        copy. A copy whose key + value + headers would exceed `deadletter_max_bytes`
+        (LEDGER_DEADLETTER_MAX_BYTES, default 900 KiB) goes out as a reference instead: an empty
+        value and the dlq_* headers plus `dlq_reject_id` (the `rejected_events` id),
+        `dlq_truncated=true` and `dlq_size`. The reject row always keeps the full bytes."""
+        from ledger.settings import DEADLETTER_MAX_BYTES
+
         if not rejects:
             return
         rejects = sorted(rejects, key=lambda r: (r[0].topic, r[0].partition, r[0].offset))
@@ -665,23 +672,43 @@ class LedgerWriter:
         )
         if replay:
             return  # replayed records came from a journal or from quarantine: copied already
-        cur.executemany(
-            QUERIES["insert_outbox"],
-            [
-                (
-                    self.deadletter_topic,
-                    r.key,  # same partitioning as the original: per-account order kept
-                    r.value,
-                    Jsonb(_dead_letter_headers(r, reason, detail)),
+        limit = getattr(self, "deadletter_max_bytes", DEADLETTER_MAX_BYTES)
+        copies = []
+        for r, _, _, reason, detail in rejects:
+            value = r.value or b""
+            headers = _dead_letter_headers(r, reason, detail)
+            size = len(r.key or b"") + len(value)
+            size += sum(len(name.encode()) + len(hexed) // 2 for name, hexed in headers)
+            if size > limit:
+                (reject_id,) = cur.execute(
+                    QUERIES["reject_id_at"], (r.topic, r.partition, r.offset)
+                ).fetchone()
+                headers = _dead_letter_headers(
+                    r, reason, detail, reject_id=reject_id, size=len(value)
                 )
-                for r, _, _, reason, detail in rejects
-            ],
-        )
+                value = b""
+                log.warning(
+                    "dead_letter_by_reference", reject_id=reject_id, bytes=size, limit=limit
+                )
+            # Same key as the original, so the same partitioning: per-account order kept.
+            copies.append((self.deadletter_topic, r.key, value, Jsonb(headers)))
+        cur.executemany(QUERIES["insert_outbox"], copies)
 
 
-def _dead_letter_headers(record: Record, reason: str, detail: str) -> list[list[str]]:
-    """Original headers plus where the record came from and why it was rejected (hex values)."""
-    headers = [[k, (v or b"").hex()] for k, v in (record.headers or [])]
+def _dead_letter_headers(
+    record: Record,
+    reason: str,
+    detail: str,
+    *,
+    reject_id: int | None = None,
+    size: int | None = None,
+) -> list[list[str]]:
+    """Original headers plus where the record came from and why it was rejected (hex values).
+    With `reject_id` (a copy too big for Kafka): a reference to the `rejected_events` row
+    instead of the original headers, with the original value's `size`."""
+    headers = (
+        [] if reject_id is not None else [[k, (v or b"").hex()] for k, v in record.headers or []]
+    )
     headers += [
         ["dlq_reason", reason.encode().hex()],
         ["dlq_detail", detail[:1000].encode().hex()],
@@ -689,6 +716,12 @@ def _dead_letter_headers(record: Record, reason: str, detail: str) -> list[list[
         ["dlq_partition", str(record.partition).encode().hex()],
         ["dlq_offset", str(record.offset).encode().hex()],
     ]
+    if reject_id is not None:
+        headers += [
+            ["dlq_reject_id", str(reject_id).encode().hex()],
+            ["dlq_truncated", b"true".hex()],
+            ["dlq_size", str(size).encode().hex()],
+        ]
     return headers
 
 

@@ -217,12 +217,46 @@ ON CONFLICT (invoice_id) DO NOTHING;
 -- name: relay_lock
 SELECT pg_try_advisory_lock(4242002);
 
+-- name: relay_listen
+LISTEN ledger_outbox;
+
 -- name: unpublished
-SELECT id, topic, message_key, value, headers FROM outbox
- WHERE published_at IS NULL ORDER BY id LIMIT %s;
+-- Neither published nor parked, in id order; a row whose topic and key match an earlier
+-- parked row waits behind it (per-key order). Rows without a key are never held.
+SELECT o.id, o.topic, o.message_key, o.value, o.headers FROM outbox o
+ WHERE o.published_at IS NULL AND o.parked_at IS NULL
+   AND NOT EXISTS (SELECT 1 FROM outbox p
+                    WHERE p.parked_at IS NOT NULL AND p.published_at IS NULL
+                      AND p.topic = o.topic AND p.message_key = o.message_key AND p.id < o.id)
+ ORDER BY o.id LIMIT %s;
 
 -- name: mark_published
 UPDATE outbox SET published_at = clock_timestamp() WHERE id = ANY(%s);
+
+-- name: park_outbox
+UPDATE outbox SET parked_at = clock_timestamp(), park_reason = %s, park_detail = %s,
+                  attempts = attempts + 1
+ WHERE id = %s AND published_at IS NULL;
+
+-- name: parked_outbox
+-- size: key + value + header names and values (headers are stored hex-encoded).
+SELECT o.id, o.topic, o.message_key,
+       octet_length(o.value) + coalesce(octet_length(o.message_key), 0)
+         + (SELECT coalesce(sum(octet_length(h ->> 0) + length(h ->> 1) / 2), 0)
+              FROM jsonb_array_elements(o.headers) h)::bigint,
+       o.park_reason, o.park_detail, o.parked_at, o.attempts,
+       (SELECT count(*) FROM outbox w
+         WHERE w.published_at IS NULL AND w.parked_at IS NULL AND w.topic = o.topic
+           AND w.message_key = o.message_key AND w.id > o.id)
+  FROM outbox o
+ WHERE o.parked_at IS NOT NULL AND o.published_at IS NULL
+ ORDER BY o.id;
+
+-- name: unpark_outbox
+UPDATE outbox SET parked_at = NULL
+ WHERE parked_at IS NOT NULL AND published_at IS NULL
+   AND (%(id)s::bigint IS NULL OR id = %(id)s)
+RETURNING id;
 
 -- ---------------------------------------------------------------------------------------------
 -- Reports.
@@ -504,3 +538,11 @@ SELECT id, topic, kafka_partition, kafka_offset, message_key, raw, reason
 
 -- name: resolve_reject
 UPDATE rejected_events SET resolved_at = clock_timestamp(), resolution = %s WHERE id = %s;
+
+-- name: reject_id_at
+SELECT id FROM rejected_events WHERE topic = %s AND kafka_partition = %s AND kafka_offset = %s;
+
+-- name: reject_row
+SELECT id, reason, detail, topic, kafka_partition, kafka_offset, message_key, event_id,
+       event_type, rejected_at, resolved_at, resolution, raw
+  FROM rejected_events WHERE id = %s;
