@@ -71,13 +71,9 @@ def _db(args: argparse.Namespace, settings: Settings) -> int:
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
     from ledger import db, stack
-    from ledger.journal import LedgerWriter
     from ledger.worker import ROLES, run_worker
 
     roles = tuple(args.role or ROLES)
-    # LEDGER_DEADLETTER_MAX_BYTES for every ledger writer of this process (the writer reads
-    # `deadletter_max_bytes`; a writer made elsewhere keeps the setting's default).
-    LedgerWriter.deadletter_max_bytes = settings.deadletter_max_bytes
     info = stack.connect(settings)
     db.migrate(info.dsn)
     return run_worker(settings, info.bootstrap, info.dsn, roles)

@@ -158,6 +158,7 @@ def run_ledger_consumer(
         fold,
         group_id=settings.consumer_group,
         deadletter_topic=settings.topic(topics.DEADLETTER),
+        deadletter_max_bytes=settings.deadletter_max_bytes,
     )
     consumer = KafkaConsumer(
         bootstrap_servers=bootstrap,

@@ -48,6 +48,7 @@ from ledger.book import (
 from ledger.codec import Codec
 from ledger.db import QUERIES
 from ledger.errors import DecodeError, LedgerError, TombstoneError
+from ledger.settings import DEADLETTER_MAX_BYTES
 
 log = structlog.get_logger(__name__)
 
@@ -163,6 +164,7 @@ class LedgerWriter:
         deadletter_topic: str,
         codec: Codec | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        deadletter_max_bytes: int = DEADLETTER_MAX_BYTES,
     ):
         self.conn = conn
         self.fold = fold
@@ -170,6 +172,7 @@ class LedgerWriter:
         self.deadletter_topic = deadletter_topic
         self.codec = codec or Codec.default()
         self.clock = clock  # the ledger's own clock: bounds occurred_at and PeriodTicks
+        self.deadletter_max_bytes = deadletter_max_bytes
         # Called inside each batch transaction with the shards the batch writes, after their
         # offsets are locked; raises to refuse the batch (the shard lease fence).
         self.fence: Callable[[psycopg.Cursor, set[int]], None] | None = None
@@ -647,8 +650,6 @@ class LedgerWriter:
         (LEDGER_DEADLETTER_MAX_BYTES, default 900 KiB) goes out as a reference instead: an empty
         value and the dlq_* headers plus `dlq_reject_id` (the `rejected_events` id),
         `dlq_truncated=true` and `dlq_size`. The reject row always keeps the full bytes."""
-        from ledger.settings import DEADLETTER_MAX_BYTES
-
         if not rejects:
             return
         rejects = sorted(rejects, key=lambda r: (r[0].topic, r[0].partition, r[0].offset))
@@ -672,7 +673,7 @@ class LedgerWriter:
         )
         if replay:
             return  # replayed records came from a journal or from quarantine: copied already
-        limit = getattr(self, "deadletter_max_bytes", DEADLETTER_MAX_BYTES)
+        limit = self.deadletter_max_bytes
         copies = []
         for r, _, _, reason, detail in rejects:
             value = r.value or b""
