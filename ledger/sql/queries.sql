@@ -329,7 +329,7 @@ SELECT coalesce(sum(least(coalesce(p.position, 0), h.last_seq)), 0)::bigint,
 
 -- name: bench_latency_ready
 SELECT (SELECT count(*) FROM account_status WHERE account_id LIKE 'lat-%%' AND opened),
-       (SELECT count(*) FROM outbox WHERE published_at IS NULL)
+       (SELECT count(*) FROM outbox WHERE published_at IS NULL AND parked_at IS NULL)
        + (SELECT count(*) FROM shard_heads h
             LEFT JOIN projection_positions p
               ON p.shard = h.shard AND p.projection = 'account_status'
@@ -346,7 +346,7 @@ SELECT (SELECT coalesce(sum(last_seq), 0) FROM shard_heads)::bigint,
           LEFT JOIN projection_positions p
             ON p.shard = h.shard AND p.projection = 'account_status')::bigint,
        (SELECT coalesce(sum(last_seq), 0) FROM shard_heads)::bigint,
-       (SELECT count(*) FROM outbox WHERE published_at IS NULL),
+       (SELECT count(*) FROM outbox WHERE published_at IS NULL AND parked_at IS NULL),
        (SELECT count(*) FROM outbox WHERE topic = %s AND published_at IS NOT NULL);
 
 -- name: demo_last_recorded
