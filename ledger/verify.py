@@ -30,8 +30,8 @@ from ledger.policy import Policy
 from ledger.reports import trial_balance
 from ledger.settings import Settings
 from projections.account_status import AccountStatusProjection, InvoiceIssued
+from projections.fold import invoice_row, status_row
 from projections.rebuild import recompute
-from projections.worker import invoice_row, status_row
 
 STATUS_COLUMNS = (
     "account_id", "opened", "suspended", "reasons", "status_version", "credit_balance",
