@@ -134,12 +134,13 @@ class Rules:
                         new.append(self._entry("GrantExpired", derived, entry.status, entry))
                 continue
             account_id = event["account_id"]
-            book = self.books.setdefault(account_id, AccountBook(account_id))
+            book = self.books.get(account_id) or AccountBook(account_id)
             try:
                 entry = self.fold.post(book, event_type, event)
             except Rejected as exc:
                 self.rejects.append((event_type, event["event_id"], exc.reason))
                 continue
+            self.books[account_id] = book  # saved only with a journaled entry
             new.append(self._entry(event_type, event, entry.status, entry))
         self.journal += new
         effects, self.clock = fold_entries(self.projection, self.states, new, self.clock)
