@@ -304,11 +304,12 @@ class AccountStatusProjection:
                 state.rounding_carry,
                 tick_at,
             )
+            if close.invoice is not None and close.invoice["invoice_id"] in state.invoices:
+                continue  # never a second invoice under one id: the amounts wait for the next
             state.pending, state.prepaid = close.pending, close.prepaid
             state.rounding_carry = close.rounding_carry
             if close.invoice is None:
                 continue
-            assert close.invoice["invoice_id"] not in state.invoices, close.invoice
             state.invoiced_outstanding += Decimal(close.invoice["amount_due"])
             state.invoices.append(close.invoice["invoice_id"])
             effects.append(

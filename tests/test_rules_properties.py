@@ -50,7 +50,8 @@ PURCHASES = st.sampled_from(["ch1", "ch2", "ch3"])
 CENTS = st.integers(min_value=1, max_value=8000).map(lambda c: Decimal(c) / 100)
 # Usage in dollars with sub-cent parts, so invoices round both ways.
 DOLLARS = st.integers(min_value=1, max_value=40_000).map(lambda m: Decimal(m) / 1000)
-LATENESS = st.sampled_from([0, 0, 0, 1, 30, 24 * 60, 5 * 24 * 60, 40 * 24 * 60])  # minutes
+# Minutes an event is dated before the machine's clock (negative: dated in the future).
+LATENESS = st.sampled_from([0, 0, 0, 1, 30, 24 * 60, 5 * 24 * 60, 40 * 24 * 60, -60, -35 * 24 * 60])
 
 
 class Billing(RuleBasedStateMachine):
