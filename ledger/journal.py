@@ -44,6 +44,7 @@ from ledger.book import (
     canonical_json,
     chain_hash,
     content_hash,
+    expiry_events,
 )
 from ledger.codec import Codec
 from ledger.db import QUERIES
@@ -550,19 +551,12 @@ class LedgerWriter:
         )
         for account_id in due:
             book, last_hash, _ = books[account_id]
-            for grant_id, expired_at, entry in self.fold.expire_grants(book, at):
-                event_id = f"{tick.event['event_id']}:expiry:{account_id}:{grant_id}"
+            for event, entry in expiry_events(self.fold, tick.event, account_id, book):
                 item = _Accepted(
                     tick.record,
                     "GrantExpired",
                     tick.fingerprint,
-                    {
-                        "event_id": event_id,
-                        "account_id": account_id,
-                        "occurred_at": expired_at,
-                        "grant_id": grant_id,
-                        "tick_event_id": tick.event["event_id"],
-                    },
+                    event,
                     b"",
                     entry=entry,
                     cause_event_id=tick.event["event_id"],
