@@ -43,10 +43,20 @@ LEASE_REFRESH_S = 2.0
 
 
 def kafka_consumer_options(settings: Settings) -> dict[str, object]:
-    """Consumer options for both Apache Kafka and the Tansu fallback (DESIGN §8): no
-    incremental fetch sessions (KIP-227), with which kafka-python 3.0 was also seen to stop
-    fetching an assigned partition."""
-    return {"enable_incremental_fetch_sessions": False}
+    """Consumer options for both Apache Kafka and the Tansu fallback: no incremental fetch
+    sessions (KIP-227), with which kafka-python 3.0 was also seen to stop fetching an
+    assigned partition. To ride out a broker restart: reconnect attempts back off from
+    100 ms to 1 s at most (kafka-python's default grows to 30 s, which kept the consumer
+    away for ~50 s after the broker was back), requests time out after 10 s, and metadata
+    is refreshed at least every minute."""
+    return {
+        "enable_incremental_fetch_sessions": False,
+        "reconnect_backoff_ms": 100,
+        "reconnect_backoff_max_ms": 1000,
+        "request_timeout_ms": 10_000,
+        "bootstrap_timeout_ms": 10_000,
+        "metadata_max_age_ms": 60_000,
+    }
 
 
 class ShardLeases:

@@ -17,6 +17,21 @@ from ledger.codec import Codec
 from ledger.settings import Settings
 
 
+def kafka_producer_options() -> dict[str, Any]:
+    """Client options that make a producer ride out a broker restart: reconnect attempts
+    back off from 100 ms to 1 s at most (kafka-python's default grows to 30 s, which kept
+    clients away for ~50 s after the broker was back), requests time out after 10 s, and
+    metadata is refreshed at least every minute. Records queued while the broker is down are
+    retried until `delivery_timeout_ms` (2 min)."""
+    return {
+        "reconnect_backoff_ms": 100,
+        "reconnect_backoff_max_ms": 1000,
+        "request_timeout_ms": 10_000,
+        "bootstrap_timeout_ms": 10_000,
+        "metadata_max_age_ms": 60_000,
+    }
+
+
 def new_event(
     event_type: str, account_id: str, occurred_at: dt.datetime | None = None, **fields: Any
 ) -> dict:
@@ -52,6 +67,7 @@ class EventProducer:
             "enable_idempotence": True,
             "linger_ms": 5,
             "compression_type": None,
+            **kafka_producer_options(),
         }
         config.update(kafka_overrides)
         self._producer = KafkaProducer(**config)
