@@ -31,10 +31,13 @@ _configured = False
 
 def describe_error(exc: BaseException) -> str:
     """`ErrorClass: message` on one line (whitespace collapsed, long messages cut)."""
+    name = type(exc).__name__
     text = " ".join(str(exc).split())
+    if text == name or text.startswith(f"{name}:"):  # kafka-python's errors name themselves
+        text = text[len(name) :].lstrip(": ")
     if len(text) > _MAX_ERROR_CHARS:
         text = text[: _MAX_ERROR_CHARS - 3] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return f"{name}: {text}" if text else name
 
 
 class RepeatFilter(logging.Filter):

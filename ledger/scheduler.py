@@ -102,12 +102,14 @@ def run_scheduler(
         if pending is not None:
             log.warning("period_tick_unsent", tick_at=pending.isoformat())
         if producer is not None:
-            _close(producer)
+            _close(producer, wait=pending is None)
         log.info("scheduler_stopped")
 
 
-def _close(producer: EventProducer) -> None:
+def _close(producer: EventProducer, *, wait: bool) -> None:
+    """Close the producer; with a tick still unacknowledged (Kafka down), without waiting:
+    the tick is not lost, the next scheduler sends its own."""
     try:
-        producer.close(timeout=SEND_TIMEOUT_S)
-    except KafkaError as exc:  # unacknowledged ticks: the next scheduler sends its own
+        producer.close(timeout=SEND_TIMEOUT_S if wait else 0)
+    except KafkaError as exc:
         log.warning("scheduler_producer_close_failed", error=describe_error(exc))
