@@ -25,8 +25,9 @@ from collections.abc import Callable, Mapping
 
 import structlog
 
-from ledger.backoff import Backoff
+from ledger.backoff import Backoff, Outage
 from ledger.consumer import run_ledger_consumer
+from ledger.db import DatabaseError
 from ledger.log import describe_error
 from ledger.relay import OutboxRelay
 from ledger.scheduler import run_scheduler
@@ -60,7 +61,7 @@ def start_roles(
     role targets (a callable that runs the role until `stop` is set)."""
     known: dict[str, Callable[[], None]] = {
         "ledger": lambda: run_ledger_consumer(settings, bootstrap, dsn, stop),
-        "projections": lambda: ProjectionWorker(settings, dsn).run(stop),
+        "projections": lambda: run_projections(settings, dsn, stop),
         "relay": lambda: OutboxRelay(settings, bootstrap, dsn).run(stop),
         "scheduler": lambda: run_scheduler(settings, bootstrap, stop),
     }
@@ -75,6 +76,21 @@ def start_roles(
         thread.start()
         threads.append(thread)
     return threads
+
+
+def run_projections(settings: Settings, dsn: str, stop: threading.Event) -> None:
+    """The projection worker, started once PostgreSQL answers (waiting for it with backoff,
+    not crashing, when the process or the role starts during an outage)."""
+    outage = Outage("projections", "postgresql")
+    while not stop.is_set():
+        try:
+            worker = ProjectionWorker(settings, dsn)
+        except DatabaseError as exc:
+            stop.wait(outage.failed(exc))
+            continue
+        outage.ok()
+        worker.run(stop)
+        return
 
 
 def supervise(

@@ -13,6 +13,8 @@ import itertools
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -574,3 +576,79 @@ def test_sigterm_during_an_outage_stops_the_worker_promptly(
         if key in last:
             assert at - last[key] >= 4.9, f"{key} repeated after {at - last[key]:.1f} s"
         last[key] = at
+
+
+# --- client-library logs ---------------------------------------------------------------------
+
+LOGGING_SCRIPT = """
+import logging
+import structlog
+from ledger.log import configure_logging
+from ledger.settings import Settings
+
+configure_logging(Settings.from_env())
+conn = logging.getLogger("kafka.net.connection")
+for attempt in range(20):
+    conn.error("%s: Connection failed: %s", "<node 1>", "111 ECONNREFUSED")
+try:
+    raise ConnectionResetError("peer went away")
+except ConnectionResetError:
+    logging.getLogger("psycopg.pool").warning("error in pool worker", exc_info=True)
+
+
+def crash():
+    secret_local = "a local variable's value"
+    raise RuntimeError("role failed")
+
+
+try:
+    crash()
+except RuntimeError:
+    structlog.get_logger("ledger.worker").error("role_crash", exc_info=True)
+"""
+
+
+def run_logging_script(**env: str) -> str:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("LEDGER_")}
+    out = subprocess.run(
+        [sys.executable, "-c", LOGGING_SCRIPT],
+        env=base | env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return out.stderr
+
+
+def test_client_library_logs_are_structured_and_repeats_held_back():
+    lines = run_logging_script(LEDGER_LOG_FORMAT="json").splitlines()
+    events = [json.loads(line) for line in lines if line.startswith("{")]
+    kafka_lines = [e for e in events if e.get("logger") == "kafka.net.connection"]
+    assert [e["event"] for e in kafka_lines] == ["<node 1>: Connection failed: 111 ECONNREFUSED"]
+    assert kafka_lines[0]["level"] == "error"
+    pool = [e for e in events if e.get("logger") == "psycopg.pool"]
+    assert len(pool) == 1
+    assert pool[0]["error"] == "ConnectionResetError: peer went away"
+    assert "exception" not in pool[0]
+    # Our own event with exc_info keeps its (plain) traceback; nothing is outside JSON.
+    crash = [e for e in events if e["event"] == "role_crash"]
+    assert "RuntimeError: role failed" in crash[0]["exception"]
+    assert len(events) == len([line for line in lines if line.strip()])
+
+
+def test_debug_level_shows_every_library_line():
+    lines = run_logging_script(LEDGER_LOG_FORMAT="json", LEDGER_LOG_LEVEL="DEBUG").splitlines()
+    events = [json.loads(line) for line in lines if line.startswith("{")]
+    kafka_lines = [e for e in events if e.get("logger") == "kafka.net.connection"]
+    assert len(kafka_lines) == 20
+    pool = [e for e in events if e.get("logger") == "psycopg.pool"]
+    assert "ConnectionResetError: peer went away" in pool[0]["exception"]
+
+
+def test_console_tracebacks_are_plain_without_locals():
+    output = run_logging_script(LEDGER_LOG_FORMAT="console")
+    assert "Traceback (most recent call last)" in output
+    assert "RuntimeError: role failed" in output
+    assert "a local variable's value" not in output  # rich's show_locals would print it
+    assert "╭" not in output  # no rich panels
