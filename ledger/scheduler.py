@@ -25,13 +25,19 @@ log = structlog.get_logger(__name__)
 
 TICK_NAMESPACE = uuid.UUID("0c0ffee0-7a1c-4b6e-9d2b-6b1f1d5c7e42")
 
-# Each attempt to send a tick gives up after this long (so a stop is never held up for
-# long); the tick is then sent again.
-SEND_TIMEOUT_S = 2.0
+# One attempt to send a tick: Kafka acknowledges it within this long, or the producer expires
+# it (so nothing is left queued behind the attempt) and the scheduler sends it again. Short,
+# so that a stop is never held up for long. No idempotent producer: ticks are deduplicated
+# by event id, and kafka-python's idempotent producer was seen stuck for good after a batch
+# expired while the broker was down.
+SEND_TIMEOUT_S = 2.5
 SCHEDULER_PRODUCER_OPTIONS = {
     "client_id": "ledger-scheduler",
+    "enable_idempotence": False,
     "bootstrap_timeout_ms": int(SEND_TIMEOUT_S * 1000),
     "max_block_ms": int(SEND_TIMEOUT_S * 1000),
+    "request_timeout_ms": int(SEND_TIMEOUT_S * 800),
+    "delivery_timeout_ms": int(SEND_TIMEOUT_S * 1000),
 }
 
 
@@ -89,7 +95,7 @@ def run_scheduler(
             try:
                 if producer is None:
                     producer = EventProducer(bootstrap, settings, **SCHEDULER_PRODUCER_OPTIONS)
-                sent = send_ticks(producer, at, timeout=SEND_TIMEOUT_S)
+                sent = send_ticks(producer, at, timeout=SEND_TIMEOUT_S + 1)
             except KafkaError as exc:
                 pending = at
                 stop.wait(outage.failed(exc, tick_at=at.isoformat()))
@@ -107,9 +113,10 @@ def run_scheduler(
 
 
 def _close(producer: EventProducer, *, wait: bool) -> None:
-    """Close the producer; with a tick still unacknowledged (Kafka down), without waiting:
-    the tick is not lost, the next scheduler sends its own."""
+    """Close the producer; with a tick still unacknowledged (Kafka down), hardly waiting:
+    its records have expired already (or are about to), and the next scheduler sends its own
+    tick."""
     try:
-        producer.close(timeout=SEND_TIMEOUT_S if wait else 0)
+        producer.close(timeout=SEND_TIMEOUT_S if wait else 1.0)
     except KafkaError as exc:
         log.warning("scheduler_producer_close_failed", error=describe_error(exc))
