@@ -94,7 +94,12 @@ def _renderer(fmt: str) -> structlog.typing.Processor:
     return structlog.processors.JSONRenderer(sort_keys=False)
 
 
-def configure_logging(settings: Settings, *, force: bool = False) -> None:
+def configure_logging(
+    settings: Settings, *, force: bool = False, cache_loggers: bool = True
+) -> None:
+    """Configure structlog and route the standard library's loggers through it. Once per
+    process (again with `force`); `cache_loggers=False` keeps structlog reconfigurable
+    afterwards (tests that restore the previous configuration)."""
     global _configured
     if _configured and not force:
         return
@@ -117,7 +122,7 @@ def configure_logging(settings: Settings, *, force: bool = False) -> None:
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=cache_loggers,
     )
     _route_library_logs(fmt, level, timestamper)
     _configured = True

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -26,8 +27,10 @@ import psycopg
 import pytest
 import structlog
 
+from ledger import log as ledger_log
 from ledger import runner, topics
 from ledger import stack as local_stack
+from ledger.log import LIBRARY_LOGGERS, configure_logging
 from ledger.producer import EventProducer
 from ledger.reports import trial_balance
 from ledger.scheduler import run_scheduler, tick_events
@@ -105,6 +108,33 @@ class OwnStack:
 
     def down(self) -> None:
         local_stack.down(self.settings)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def production_logging(base_settings: Settings) -> Iterator[None]:
+    """The roles run in this process log as `ledger worker` does (plain tracebacks, library
+    records through structlog), not with structlog's unconfigured default, whose rich
+    tracebacks with locals take seconds to render a failed batch on a busy machine. The
+    previous configuration is restored afterwards."""
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    saved_root = (root.level, list(root.handlers))
+    saved_levels = {name: logging.getLogger(name).level for name in LIBRARY_LOGGERS}
+    was_configured = ledger_log._configured
+    configure_logging(
+        dataclasses.replace(base_settings, log_format="console", log_level="INFO"),
+        force=True,
+        cache_loggers=False,
+    )
+    try:
+        yield
+    finally:
+        structlog.configure(**saved)
+        root.setLevel(saved_root[0])
+        root.handlers[:] = saved_root[1]
+        for name, level in saved_levels.items():
+            logging.getLogger(name).setLevel(level)
+        ledger_log._configured = was_configured
 
 
 @pytest.fixture(scope="module")
