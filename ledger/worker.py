@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 
 import structlog
 
+from ledger import db
 from ledger.backoff import Backoff, Outage
 from ledger.consumer import run_ledger_consumer
 from ledger.db import DatabaseError
@@ -60,9 +61,15 @@ def start_roles(
     crash appends the role's name to `failures` (when given). `targets` adds or replaces
     role targets (a callable that runs the role until `stop` is set)."""
     known: dict[str, Callable[[], None]] = {
-        "ledger": lambda: run_ledger_consumer(settings, bootstrap, dsn, stop),
-        "projections": lambda: run_projections(settings, dsn, stop),
-        "relay": lambda: OutboxRelay(settings, bootstrap, dsn).run(stop),
+        "ledger": behind_postgresql(
+            "ledger", dsn, stop, lambda: run_ledger_consumer(settings, bootstrap, dsn, stop)
+        ),
+        "projections": behind_postgresql(
+            "projections", dsn, stop, lambda: ProjectionWorker(settings, dsn).run(stop)
+        ),
+        "relay": behind_postgresql(
+            "relay", dsn, stop, lambda: OutboxRelay(settings, bootstrap, dsn).run(stop)
+        ),
         "scheduler": lambda: run_scheduler(settings, bootstrap, stop),
     }
     known.update(targets or {})
@@ -78,19 +85,33 @@ def start_roles(
     return threads
 
 
-def run_projections(settings: Settings, dsn: str, stop: threading.Event) -> None:
-    """The projection worker, started once PostgreSQL answers (waiting for it with backoff,
-    not crashing, when the process or the role starts during an outage)."""
-    outage = Outage("projections", "postgresql")
+def postgresql_answers(role: str, dsn: str, stop: threading.Event) -> bool:
+    """Wait until PostgreSQL accepts a connection (retrying 0.2 s doubling to 2 s, one
+    `dependency_down` line every few seconds); False if `stop` was set first. Roles that
+    need the database start behind it, so a role restarted during an outage waits here
+    instead of crashing again and again (and pushing its restart backoff to the cap)."""
+    outage = Outage(role, "postgresql")
     while not stop.is_set():
         try:
-            worker = ProjectionWorker(settings, dsn)
+            db.connect(dsn).close()
         except DatabaseError as exc:
             stop.wait(outage.failed(exc))
             continue
         outage.ok()
-        worker.run(stop)
-        return
+        return True
+    return False
+
+
+def behind_postgresql(
+    role: str, dsn: str, stop: threading.Event, run: Callable[[], None]
+) -> Callable[[], None]:
+    """A role target that starts `run` once PostgreSQL answers."""
+
+    def target() -> None:
+        if postgresql_answers(role, dsn, stop):
+            run()
+
+    return target
 
 
 def supervise(
