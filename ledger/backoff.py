@@ -30,6 +30,21 @@ RECONNECT_MAX_S = 2.0
 OUTAGE_LOG_EVERY_S = 5.0
 
 
+def kafka_reconnect_options() -> dict[str, int]:
+    """kafka-python options for every long-lived client (consumer or producer), so it rides
+    out a broker restart: reconnect attempts back off from 100 ms to 1 s at most (the
+    default grows to 30 s, which kept clients away for ~50 s after the broker was back),
+    requests time out after 10 s, the first contact gives up after 10 s, and metadata is
+    refreshed at least every minute."""
+    return {
+        "reconnect_backoff_ms": 100,
+        "reconnect_backoff_max_ms": 1000,
+        "request_timeout_ms": 10_000,
+        "bootstrap_timeout_ms": 10_000,
+        "metadata_max_age_ms": 60_000,
+    }
+
+
 class Backoff:
     """Delays `initial_s`, ×`factor` each time, at most `max_s`, until `reset()`."""
 

@@ -31,6 +31,7 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import OffsetOutOfRangeError as KafkaOffsetOutOfRange
 
 from ledger import db, topics
+from ledger.backoff import kafka_reconnect_options
 from ledger.book import LedgerFold
 from ledger.db import QUERIES
 from ledger.errors import StackError
@@ -46,18 +47,9 @@ log = structlog.get_logger(__name__)
 def kafka_consumer_options(settings: Settings) -> dict[str, object]:
     """Consumer options for both Apache Kafka and the Tansu fallback: no incremental fetch
     sessions (KIP-227), with which kafka-python 3.0 was also seen to stop fetching an
-    assigned partition. To ride out a broker restart: reconnect attempts back off from
-    100 ms to 1 s at most (kafka-python's default grows to 30 s, which kept the consumer
-    away for ~50 s after the broker was back), requests time out after 10 s, and metadata
-    is refreshed at least every minute."""
-    return {
-        "enable_incremental_fetch_sessions": False,
-        "reconnect_backoff_ms": 100,
-        "reconnect_backoff_max_ms": 1000,
-        "request_timeout_ms": 10_000,
-        "bootstrap_timeout_ms": 10_000,
-        "metadata_max_age_ms": 60_000,
-    }
+    assigned partition; and reconnection within ~1 s of a restarted broker's return
+    (`ledger.backoff.kafka_reconnect_options`)."""
+    return {"enable_incremental_fetch_sessions": False, **kafka_reconnect_options()}
 
 
 RETRY_FIRST_S = 0.5

@@ -13,23 +13,16 @@ from typing import Any
 from kafka import KafkaProducer
 
 from ledger import topics
+from ledger.backoff import kafka_reconnect_options
 from ledger.codec import Codec
 from ledger.settings import Settings
 
 
 def kafka_producer_options() -> dict[str, Any]:
-    """Client options that make a producer ride out a broker restart: reconnect attempts
-    back off from 100 ms to 1 s at most (kafka-python's default grows to 30 s, which kept
-    clients away for ~50 s after the broker was back), requests time out after 10 s, and
-    metadata is refreshed at least every minute. Records queued while the broker is down are
-    retried until `delivery_timeout_ms` (2 min)."""
-    return {
-        "reconnect_backoff_ms": 100,
-        "reconnect_backoff_max_ms": 1000,
-        "request_timeout_ms": 10_000,
-        "bootstrap_timeout_ms": 10_000,
-        "metadata_max_age_ms": 60_000,
-    }
+    """Client options that make a producer ride out a broker restart (reconnect within ~1 s
+    of the broker's return; see `ledger.backoff.kafka_reconnect_options`). Records queued
+    while the broker is down are retried until `delivery_timeout_ms` (2 min)."""
+    return kafka_reconnect_options()
 
 
 def new_event(
