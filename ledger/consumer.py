@@ -31,6 +31,7 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import OffsetOutOfRangeError as KafkaOffsetOutOfRange
 
 from ledger import db, topics
+from ledger.backoff import kafka_reconnect_options
 from ledger.book import LedgerFold
 from ledger.db import QUERIES
 from ledger.errors import StackError
@@ -44,10 +45,11 @@ log = structlog.get_logger(__name__)
 
 
 def kafka_consumer_options(settings: Settings) -> dict[str, object]:
-    """Consumer options for both Apache Kafka and the Tansu fallback (DESIGN §8): no
-    incremental fetch sessions (KIP-227), with which kafka-python 3.0 was also seen to stop
-    fetching an assigned partition."""
-    return {"enable_incremental_fetch_sessions": False}
+    """Consumer options for both Apache Kafka and the Tansu fallback: no incremental fetch
+    sessions (KIP-227), with which kafka-python 3.0 was also seen to stop fetching an
+    assigned partition; and reconnection within ~1 s of a restarted broker's return
+    (`ledger.backoff.kafka_reconnect_options`)."""
+    return {"enable_incremental_fetch_sessions": False, **kafka_reconnect_options()}
 
 
 RETRY_FIRST_S = 0.5

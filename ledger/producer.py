@@ -13,8 +13,16 @@ from typing import Any
 from kafka import KafkaProducer
 
 from ledger import topics
+from ledger.backoff import kafka_reconnect_options
 from ledger.codec import Codec
 from ledger.settings import Settings
+
+
+def kafka_producer_options() -> dict[str, Any]:
+    """Client options that make a producer ride out a broker restart (reconnect within ~1 s
+    of the broker's return; see `ledger.backoff.kafka_reconnect_options`). Records queued
+    while the broker is down are retried until `delivery_timeout_ms` (2 min)."""
+    return kafka_reconnect_options()
 
 
 def new_event(
@@ -52,6 +60,7 @@ class EventProducer:
             "enable_idempotence": True,
             "linger_ms": 5,
             "compression_type": None,
+            **kafka_producer_options(),
         }
         config.update(kafka_overrides)
         self._producer = KafkaProducer(**config)

@@ -9,6 +9,7 @@ commits late can be skipped.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterable
 from datetime import datetime
@@ -18,6 +19,7 @@ import structlog
 from psycopg.types.json import Jsonb
 
 from ledger import db, topics
+from ledger.backoff import Outage
 from ledger.codec import Codec
 from ledger.db import QUERIES
 from ledger.policy import Policy
@@ -63,7 +65,7 @@ class ProjectionWorker:
         self.conn = db.connect(dsn)
 
     def close(self) -> None:
-        self.conn.close()
+        _close_quietly(self.conn)
 
     def run_once(self) -> int:
         """One pass over every shard; returns the number of entries applied."""
@@ -127,20 +129,64 @@ class ProjectionWorker:
         )
 
     def run(self, stop: threading.Event) -> None:
-        listener = db.connect(self.dsn, autocommit=True)
-        listener.execute("LISTEN ledger_journal")
+        """Keep the projection current until `stop` is set. When PostgreSQL goes away (a
+        restart, a failover, a dropped connection) both connections are dropped and made
+        again with backoff, logging `dependency_down` every few seconds; a step that was
+        cut short rolls back and is redone from the stored position."""
+        outage = Outage("projections", "postgresql")
+        listener: psycopg.Connection | None = None
         log.info("projection_worker_started", projection=self.projection.name)
         try:
             while not stop.is_set():
-                if self.run_once():
-                    continue
-                timeout = self.settings.poll_interval_ms / 1000
-                for _ in listener.notifies(timeout=timeout, stop_after=1):
-                    pass
+                try:
+                    if listener is None:
+                        listener = self._listen()
+                    if self.conn.closed or self.conn.broken:
+                        self.conn = db.connect(self.dsn)
+                    applied = self.run_once()
+                    outage.ok()
+                    if applied:
+                        continue
+                    timeout = self.settings.poll_interval_ms / 1000
+                    for _ in listener.notifies(timeout=timeout, stop_after=1):
+                        pass
+                except (psycopg.OperationalError, psycopg.InterfaceError, db.DatabaseError) as exc:
+                    _close_quietly(listener)
+                    listener = None
+                    self._drop_failed_connection()
+                    stop.wait(outage.failed(exc))
         finally:
-            listener.close()
+            _close_quietly(listener)
             self.close()
             log.info("projection_worker_stopped")
+
+    def _listen(self) -> psycopg.Connection:
+        listener = db.connect(self.dsn, autocommit=True)
+        try:
+            listener.execute("LISTEN ledger_journal")
+        except BaseException:
+            _close_quietly(listener)
+            raise
+        return listener
+
+    def _drop_failed_connection(self) -> None:
+        """After an error: a lost connection is closed (made again on the next attempt), a
+        live one is rolled back."""
+        if self.conn.closed:
+            return
+        if self.conn.broken:
+            _close_quietly(self.conn)
+            return
+        try:
+            self.conn.rollback()
+        except psycopg.Error:
+            _close_quietly(self.conn)
+
+
+def _close_quietly(conn: psycopg.Connection | None) -> None:
+    if conn is not None:
+        with contextlib.suppress(psycopg.Error):
+            conn.close()
 
 
 __all__ = ["ProjectionWorker", "fold_entries", "invoice_row", "output_event", "status_row"]
