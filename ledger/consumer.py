@@ -200,8 +200,8 @@ def run_ledger_consumer(
                 if time.monotonic() >= next_refresh:
                     held = leases.refresh()
                     if held != owned or shards.lost:
+                        shards.assign(held)  # may fail (database down): then retried
                         owned = held
-                        shards.assign(owned)
                     next_refresh = time.monotonic() + LEASE_REFRESH_S
                 if not owned:
                     failures = 0
