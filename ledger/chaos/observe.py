@@ -1,0 +1,191 @@
+"""Read what the ledger ended with, for the checker: PostgreSQL (raw events, rejects, postings,
+live status versions, commit times), Kafka (the status and dead-letter topics, read from the
+start) and `ledger verify`."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import defaultdict
+from decimal import Decimal
+
+import structlog
+from kafka import KafkaConsumer, TopicPartition
+
+from ledger import db, topics
+from ledger.chaos.checker import Observed, Reject, StatusEvent
+from ledger.chaos.model import Totals
+from ledger.codec import Codec
+from ledger.errors import DecodeError
+from ledger.settings import Settings
+from ledger.verify import verify
+
+log = structlog.get_logger(__name__)
+
+STATUS_TYPES = ("AccountSuspended", "AccountReinstated")
+
+
+def observe(settings: Settings, bootstrap: str, dsn: str) -> Observed:
+    with db.connect(dsn) as conn:
+        journaled = dict(conn.execute("SELECT event_id, event_type FROM raw_events").fetchall())
+        twice = dict(
+            conn.execute(
+                "SELECT event_id, count(*) FROM journal_entries WHERE cause_event_id IS NULL"
+                " GROUP BY event_id HAVING count(*) > 1"
+            ).fetchall()
+        )
+        rejects = [
+            Reject(topic, partition, offset, event_id, reason, bytes(sha))
+            for topic, partition, offset, event_id, reason, sha in conn.execute(
+                "SELECT topic, kafka_partition, kafka_offset, event_id, reason, sha256(raw)"
+                " FROM rejected_events"
+            )
+        ]
+        totals: dict[str, Totals] = defaultdict(Totals)
+        for account, ledger_account, amount in conn.execute(
+            "SELECT account_id, ledger_account, sum(amount) FROM postings"
+            " WHERE ledger_account IN ('revenue:usage', 'cash', 'expense:promotional')"
+            " GROUP BY 1, 2"
+        ):
+            t = totals[account]
+            if ledger_account == "revenue:usage":
+                t.usage -= Decimal(amount)
+            elif ledger_account == "cash":
+                t.purchases += Decimal(amount)
+            else:
+                t.grants += Decimal(amount)
+        versions = dict(
+            conn.execute("SELECT account_id, status_version FROM account_status").fetchall()
+        )
+    differences = [(d.check, d.subject, d.detail) for d in verify(settings, dsn)]
+    return Observed(
+        journaled=journaled,
+        journaled_twice=twice,
+        rejects=rejects,
+        totals={a: t for a, t in totals.items()},
+        deadletter=deadletter_refs(settings, bootstrap),
+        status=status_events(settings, bootstrap),
+        status_versions=versions,
+        verify=differences,
+    )
+
+
+def commit_times(dsn: str) -> dict[int, list[float]]:
+    """Per shard, the wall-clock times its records were journaled or quarantined, sorted."""
+    out: dict[int, list[float]] = defaultdict(list)
+    with db.connect(dsn) as conn:
+        for shard, at in conn.execute(
+            "SELECT kafka_partition, extract(epoch FROM recorded_at)::float8 FROM raw_events"
+            " WHERE event_type <> 'PeriodTick'"
+            " UNION ALL SELECT kafka_partition, extract(epoch FROM rejected_at)::float8"
+            " FROM rejected_events"
+        ):
+            out[shard].append(at)
+    for times in out.values():
+        times.sort()
+    return out
+
+
+def max_stalls(
+    times: dict[int, list[float]], shards: set[int], start: float, end: float
+) -> dict[int, float]:
+    """Per shard that had traffic, the longest time without a commit within [start, end]
+    (start: the first commit of any shard, so the workers' start-up does not count; end: the
+    last record sent). While traffic flows to every shard, that long it stalled."""
+    firsts = [ts[0] for ts in times.values() if ts]
+    start = max(start, min(firsts)) if firsts else start
+    out = {}
+    for shard in sorted(shards | set(times)):
+        inside = [t for t in times.get(shard, []) if start <= t <= end]
+        # No commit at all: stalled the whole time. Otherwise the tail after the last commit
+        # belongs to the drain.
+        points = [start, *inside] if inside else [start, end]
+        out[shard] = max((b - a for a, b in itertools.pairwise(points)), default=0.0)
+    return out
+
+
+def shards_with_traffic(settings: Settings, bootstrap: str) -> set[int]:
+    """The partitions of the input topics that hold any record."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
+    try:
+        partitions = [
+            TopicPartition(topic, p)
+            for topic in topics.input_topics(settings)
+            for p in consumer.partitions_for_topic(topic) or ()
+        ]
+        return {tp.partition for tp, end in consumer.end_offsets(partitions).items() if end > 0}
+    finally:
+        consumer.close()
+
+
+def recovery(times: dict[int, list[float]], at: float) -> float | None:
+    """Seconds from `at` until every shard has committed again (None if one never did)."""
+    worst = 0.0
+    for ts in times.values():
+        later = [t for t in ts if t > at]
+        if not later:
+            return None
+        worst = max(worst, later[0] - at)
+    return worst
+
+
+def read_topic(bootstrap: str, topic: str, timeout_s: float = 120.0):
+    """Every record of `topic`, partition by partition in offset order."""
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        enable_incremental_fetch_sessions=False,
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+    )
+    try:
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        consumer.assign(partitions)
+        consumer.seek_to_beginning(*partitions)
+        end = consumer.end_offsets(partitions)
+        records = []
+        deadline = time.monotonic() + timeout_s
+        while any(consumer.position(tp) < end[tp] for tp in partitions):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"could not read {topic} to its end in {timeout_s:.0f}s")
+            for batch in consumer.poll(timeout_ms=500).values():
+                records.extend(batch)
+        return records
+    finally:
+        consumer.close()
+
+
+def deadletter_refs(settings: Settings, bootstrap: str) -> set[tuple[str, int, int]]:
+    out = set()
+    for record in read_topic(bootstrap, settings.topic(topics.DEADLETTER)):
+        headers = {k: v for k, v in record.headers or ()}
+        try:
+            out.add(
+                (
+                    headers["dlq_topic"].decode(),
+                    int(headers["dlq_partition"].decode()),
+                    int(headers["dlq_offset"].decode()),
+                )
+            )
+        except (KeyError, ValueError, AttributeError):
+            log.warning("chaos.deadletter_without_origin", offset=record.offset)
+    return out
+
+
+def status_events(settings: Settings, bootstrap: str) -> dict[str, list[StatusEvent]]:
+    codec = Codec.default()
+    out: dict[str, list[StatusEvent]] = defaultdict(list)
+    for record in read_topic(bootstrap, settings.topic(topics.STATUS)):
+        try:
+            decoded = codec.decode(record.value)
+        except DecodeError:
+            continue
+        if decoded.event_type not in STATUS_TYPES:
+            continue
+        event = decoded.event
+        out[event["account_id"]].append(
+            StatusEvent(
+                event["status_version"], decoded.event_type, tuple(event.get("reasons") or ())
+            )
+        )
+    return dict(out)

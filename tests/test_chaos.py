@@ -1,0 +1,210 @@
+"""The fault-injection run (`make chaos`), small: its checker on fabricated outcomes (each
+kind of difference must be caught and named), the seeded schedules, and short runs on a real
+3-node Kafka cluster + PostgreSQL of their own."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import pytest
+
+from ledger.chaos import faults
+from ledger.chaos.checker import Observed, Reject, StatusEvent, check
+from ledger.chaos.malformed import KINDS, Maker, schedule
+from ledger.chaos.model import ACCEPT, EITHER, QUARANTINE, Model, SentRecord, Totals, digest
+from ledger.chaos.run import Options, run
+from ledger.chaos.traffic import Progress, plan
+from ledger.codec import Codec
+
+AT = datetime(2026, 11, 3, tzinfo=UTC)
+MODEL_8B = "accounts/fireworks/models/llama-v3p1-8b-instruct"
+
+
+def usage(event_id: str, account: str, tokens: int = 1_000_000, tier: str = "standard") -> dict:
+    return {
+        "event_id": event_id,
+        "account_id": account,
+        "occurred_at": AT,
+        "model": MODEL_8B,
+        "service_tier": tier,
+        "input_tokens": tokens,
+        "output_tokens": tokens,
+    }
+
+
+def small_model() -> Model:
+    """acct-a opened, $25 bought, 1M+1M tokens of the 8B model (0.20 + 0.18) on batch (×0.5);
+    one aborted transaction; one tombstone quarantined; one 1970 usage that may go either way."""
+    model = Model()
+    model.accept("AccountOpened", {"event_id": "e1", "account_id": "acct-a", "occurred_at": AT})
+    model.accept(
+        "CreditPurchased",
+        {"event_id": "e2", "account_id": "acct-a", "occurred_at": AT, "amount": Decimal("25")},
+    )
+    model.accept("UsageRecorded", usage("e3", "acct-a", tier="batch"))
+    model.abort(["x1", "x2"])
+    model.record(SentRecord("tombstone", QUARANTINE, "usage", 0, 7, digest(None)))
+    model.record(SentRecord("year1970", EITHER, "usage", 0, 8, digest(b"old"), "e4"))
+    return model
+
+
+def clean_observation() -> Observed:
+    return Observed(
+        journaled={
+            "e1": "AccountOpened",
+            "e2": "CreditPurchased",
+            "e3": "UsageRecorded",
+            "e4": "UsageRecorded",
+            "tick-1": "PeriodTick",
+        },
+        journaled_twice={},
+        rejects=[Reject("usage", 0, 7, None, "bad_magic", digest(None))],
+        totals={"acct-a": Totals(Decimal("0.19"), Decimal("25"), Decimal("1"))},
+        deadletter={("usage", 0, 7)},
+        status={
+            "acct-a": [
+                StatusEvent(1, "AccountSuspended", ("SPEND_LIMIT_REACHED",)),
+                StatusEvent(2, "AccountReinstated", ()),
+                StatusEvent(1, "AccountSuspended", ("SPEND_LIMIT_REACHED",)),  # a re-send
+            ]
+        },
+        status_versions={"acct-a": 2},
+        verify=[],
+        stalls={0: 1.5},
+    )
+
+
+def test_the_model_prices_usage_from_its_own_table():
+    model = small_model()
+    # (1M × 0.20 + 1M × 0.18) / 1M × 0.5 = 0.19
+    assert model.totals["acct-a"].as_tuple() == (Decimal("0.19"), Decimal("25"), Decimal("1"))
+    assert model.expected_quarantined == 1
+
+
+def test_checker_passes_a_clean_outcome():
+    result = check(small_model(), clean_observation(), max_stall_s=20)
+    assert result.ok, [str(d) for d in result.differences]
+    assert result.counts["quarantined"] == 1
+    assert result.counts["status_resent"] == 1
+    assert result.counts["scheduler_ticks"] == 1
+
+
+@pytest.mark.parametrize(
+    ("spoil", "first"),
+    [
+        (lambda o: o.journaled.pop("e3"), "lost: e3: UsageRecorded was sent, not journaled"),
+        (lambda o: o.journaled.update(x2="UsageRecorded"), "aborted: x2"),
+        (lambda o: o.journaled_twice.update(e2=2), "duplicated: e2: journaled 2 times"),
+        (lambda o: o.rejects.clear(), "quarantine: tombstone at usage[0]@7: not quarantined"),
+        (lambda o: o.deadletter.clear(), "deadletter: tombstone at usage[0]@7"),
+        (
+            lambda o: o.rejects.append(Reject("usage", 0, 8, "e4", "too_old", digest(b"old"))),
+            "either: year1970 at usage[0]@8: both journaled and quarantined",
+        ),
+        (
+            lambda o: o.rejects.append(Reject("usage", 1, 3, "e9", "schema_violation", b"?")),
+            "unexplained: usage[1]@3",
+        ),
+        (
+            lambda o: (
+                o.totals.update(acct_a=None)
+                or o.totals.__setitem__(
+                    "acct-a", Totals(Decimal("0.38"), Decimal("25"), Decimal("1"))
+                )
+            ),
+            "totals: acct-a: usage charged: ledger=0.38 model=0.19",
+        ),
+        (
+            lambda o: o.status["acct-a"].insert(0, StatusEvent(2, "AccountReinstated", ())),
+            "status: acct-a: gap: version 2 after 0",
+        ),
+        (lambda o: o.status_versions.update({"acct-a": 3}), "status: acct-a: topic ends at"),
+        (
+            lambda o: o.verify.append(("trial_balance", "USD", "postings sum to 1, not 0")),
+            "verify: trial_balance: USD",
+        ),
+        (lambda o: o.stalls.update({3: 31.0}), "stall: shard 3: no progress for 31.0s"),
+    ],
+)
+def test_checker_names_the_first_difference(spoil, first):
+    seen = clean_observation()
+    spoil(seen)
+    seen.totals.pop("acct_a", None)
+    result = check(small_model(), seen, max_stall_s=20)
+    assert not result.ok
+    assert str(result.first).startswith(first), str(result.first)
+
+
+def test_a_deliberately_dropped_event_is_counted_as_lost():
+    seen = clean_observation()
+    del seen.journaled["e2"]  # the purchase never made it: lost, and the money differs
+    seen.totals["acct-a"] = Totals(Decimal("0.19"), Decimal("0"), Decimal("1"))
+    result = check(small_model(), seen)
+    assert result.counts["lost"] == 1
+    assert [d.check for d in result.differences] == ["lost", "totals"]
+
+
+def test_the_same_seed_gives_the_same_traffic_malformed_records_and_faults():
+    def everything(seed: int):
+        events = [list(plan(seed, p, 3, 30, 200)) for p in range(3)]
+        bad_rng = random.Random(f"{seed}:malformed")
+        order = schedule(list(KINDS), 60, bad_rng)
+        maker = Maker(bad_rng, 30, Progress(None))
+        sample = next(e for t, e in events[0] if t == "UsageRecorded")
+        value = Codec.default().encode("UsageRecorded", sample)
+        maker.progress.samples.append(("UsageRecorded", sample, value))
+        bad = [(b.kind, b.fate, b.key, b.value) for b in map(maker.build, order)]
+        counts = {"kill": 20, "broker": 3, "pg": 2, "stop": 1}
+        return events, bad, faults.plan(seed, counts, brokers=3, stop_s=30)
+
+    first, again, other = everything(7), everything(7), everything(8)
+    assert first == again
+    assert first != other
+    events, bad, schedule_ = first
+    assert sum(len(e) for e in events) == 600
+    assert [f.kind for f in schedule_].count("kill") == 20
+    assert {kind for kind, *_ in bad} == set(KINDS)
+    codec = Codec.default()
+    for kind, fate, _, value in bad:
+        if fate == QUARANTINE and kind in ("tombstone", "random", "magic", "fingerprint"):
+            with pytest.raises(Exception):  # noqa: B017 - any DecodeError
+                codec.decode(value)
+        if fate == ACCEPT:
+            codec.decode(value)
+
+
+# --- short runs on real services ---------------------------------------------------------------
+
+# What today's main survives: worker SIGKILLs (ledger, projections, relay, restarted), one broker
+# of three SIGKILLed and restarted, plain (non-transactional) producers, and the odd-but-valid
+# records (redeliveries, usage of unknown accounts).
+TODAY = Options(
+    events=3_000,
+    seed=20261201,
+    faults=("kill", "broker"),
+    kills=4,
+    broker_kills=1,
+    pg_restarts=0,
+    stops=0,
+    malformed=("redelivery", "unknown_account"),
+    malformed_count=100,
+    transactional=0,
+    producers=3,
+    rate=400,
+    heap="256m",
+    partitions=4,
+    settle_s=30,
+    drain_timeout_s=300,
+)
+
+
+@pytest.mark.slow
+def test_short_fault_run_loses_and_duplicates_nothing(tmp_path):
+    outcome = run(TODAY.__class__(**{**TODAY.__dict__, "home": tmp_path / "chaos"}))
+    assert [i.fault.kind for i in outcome.injected].count("kill") == 4
+    assert [i.fault.kind for i in outcome.injected].count("broker") == 1
+    assert all(i.error is None for i in outcome.injected)
+    assert len(outcome.model.accepted) >= 3_000
+    assert outcome.result.ok, "\n".join(str(d) for d in outcome.result.differences[:20])
