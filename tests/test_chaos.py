@@ -4,6 +4,7 @@ kind of difference must be caught and named), the seeded schedules, and short ru
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -43,7 +44,9 @@ def small_model() -> Model:
         "CreditPurchased",
         {"event_id": "e2", "account_id": "acct-a", "occurred_at": AT, "amount": Decimal("25")},
     )
-    model.accept("UsageRecorded", usage("e3", "acct-a", tier="batch"))
+    model.accept(
+        "UsageRecorded", usage("e3", "acct-a", tier="batch"), topic="usage", partition=0, offset=5
+    )
     model.abort(["x1", "x2"])
     model.record(SentRecord("tombstone", QUARANTINE, "usage", 0, 7, digest(None)))
     model.record(SentRecord("year1970", EITHER, "usage", 0, 8, digest(b"old"), "e4"))
@@ -94,10 +97,10 @@ def test_checker_passes_a_clean_outcome():
 @pytest.mark.parametrize(
     ("spoil", "first"),
     [
-        (lambda o: o.journaled.pop("e3"), "lost: e3: UsageRecorded was sent, not journaled"),
+        (lambda o: o.journaled.pop("e3"), "stuck: usage[0]: 1 records from offset 5 on"),
         (lambda o: o.journaled.update(x2="UsageRecorded"), "aborted: x2"),
         (lambda o: o.journaled_twice.update(e2=2), "duplicated: e2: journaled 2 times"),
-        (lambda o: o.rejects.clear(), "quarantine: tombstone at usage[0]@7: not quarantined"),
+        (lambda o: o.rejects.clear(), "stuck: usage[0]: 1 records from offset 7 on neither"),
         (lambda o: o.deadletter.clear(), "deadletter: tombstone at usage[0]@7"),
         (
             lambda o: o.rejects.append(Reject("usage", 0, 8, "e4", "too_old", digest(b"old"))),
@@ -144,6 +147,22 @@ def test_a_deliberately_dropped_event_is_counted_as_lost():
     result = check(small_model(), seen)
     assert result.counts["lost"] == 1
     assert [d.check for d in result.differences] == ["lost", "totals"]
+    assert str(result.first) == "lost: [-1]@-1: CreditPurchased e2 was sent, not journaled"
+    assert str(result.differences[1]) == "totals: acct-a: purchases: ledger=0 model=25"
+
+
+def test_a_stuck_partition_is_named_with_the_record_it_is_stuck_on():
+    model, seen = small_model(), clean_observation()
+    model.accept("UsageRecorded", usage("e5", "acct-a", 0), topic="usage", partition=0, offset=9)
+    seen.rejects.clear()  # the tombstone at offset 7 poisoned the partition: 7, then 9, lost
+    seen.deadletter.clear()
+    seen.journaled.pop("e3")  # offset 5 made it through? no: also missing
+    result = check(model, seen)
+    assert str(result.first) == (
+        "stuck: usage[0]: 3 records from offset 5 on neither journaled nor quarantined; "
+        "the first: UsageRecorded e3"
+    )
+    assert result.counts["lost"] == 2 and result.counts["quarantine_missing"] == 1
 
 
 def test_the_same_seed_gives_the_same_traffic_malformed_records_and_faults():
@@ -202,9 +221,43 @@ TODAY = Options(
 
 @pytest.mark.slow
 def test_short_fault_run_loses_and_duplicates_nothing(tmp_path):
-    outcome = run(TODAY.__class__(**{**TODAY.__dict__, "home": tmp_path / "chaos"}))
+    outcome = run(dataclasses.replace(TODAY, home=tmp_path / "chaos"))
     assert [i.fault.kind for i in outcome.injected].count("kill") == 4
     assert [i.fault.kind for i in outcome.injected].count("broker") == 1
     assert all(i.error is None for i in outcome.injected)
     assert len(outcome.model.accepted) >= 3_000
+    assert outcome.result.ok, "\n".join(str(d) for d in outcome.result.differences[:20])
+
+
+# The full mix: transactional producers aborting some transactions, every malformed kind, a
+# PostgreSQL immediate restart and the shard holder frozen for 30 s. Today's main does not survive
+# it (poison records fail a batch forever, commit markers stall a shard with OffsetGapError, the
+# relay dies on a 1 MB dead-letter copy, crashed roles are not restarted, a frozen holder keeps
+# its shards, 2999 events and forged ticks are trusted): the checker names those failures.
+# ENABLE THIS TEST (remove the skip mark) once those fixes are merged; it must then pass.
+FULL_MIX = dataclasses.replace(
+    TODAY,
+    seed=20261202,
+    faults=("kill", "broker", "pg", "stop"),
+    pg_restarts=1,
+    stops=1,
+    stop_s=30,
+    malformed=KINDS,
+    malformed_count=1_000,
+    transactional=2,
+    producers=4,
+)
+
+
+@pytest.mark.skip(reason="enable once the product survives the full mix (see the comment above)")
+@pytest.mark.slow
+def test_short_fault_run_with_the_full_mix(tmp_path):
+    outcome = run(dataclasses.replace(FULL_MIX, home=tmp_path / "chaos"))
+    kinds = [i.fault.kind for i in outcome.injected]
+    assert (kinds.count("kill"), kinds.count("broker"), kinds.count("pg"), kinds.count("stop")) == (
+        4, 1, 1, 1,
+    )  # fmt: skip
+    assert all(i.error is None for i in outcome.injected)
+    assert outcome.model.transactions["aborted"] > 0
+    assert outcome.model.expected_quarantined >= 800
     assert outcome.result.ok, "\n".join(str(d) for d in outcome.result.differences[:20])

@@ -2,6 +2,8 @@
 fault run sent (the Model). Pure: no I/O, so it is tested with fabricated differences.
 
 Checks, in the order their differences are reported (the first one is "the first difference"):
+  stuck           a partition with records neither journaled nor quarantined, from which
+                  offset, and the first such record (often the one it is stuck on)
   lost            an accepted event is not in raw_events (or was quarantined instead)
   duplicated      an event id journaled more than once; an account charged more than sent
   aborted         an event of an aborted Kafka transaction was journaled
@@ -88,14 +90,18 @@ def check(model: Model, seen: Observed, *, max_stall_s: float | None = None) -> 
     rejected_ids = Counter(r.event_id for r in seen.rejects if r.event_id)
     records_at = {(r.topic, r.partition, r.offset): r for r in model.records}
 
-    # lost: accepted events that are not journaled
-    for event_id in sorted(model.accepted):
+    # lost: accepted events that are not journaled, in Kafka order
+    missing: list[tuple[str, int, int, str]] = []  # (topic, partition, offset, what)
+    lost = []
+    for event_id, (event_type, topic, partition, offset) in model.accepted.items():
         if event_id not in seen.journaled:
             counts["lost"] += 1
             where = "quarantined instead" if rejected_ids.get(event_id) else "not journaled"
-            out.append(
-                Difference("lost", event_id, f"{model.accepted[event_id]} was sent, {where}")
-            )
+            lost.append((topic, partition, offset, event_id, event_type, where))
+    for topic, partition, offset, event_id, event_type, where in sorted(lost):
+        at = f"{topic}[{partition}]@{offset}"
+        out.append(Difference("lost", at, f"{event_type} {event_id} was sent, {where}"))
+        missing.append((topic, partition, offset, f"{event_type} {event_id}"))
 
     # duplicated: the same id journaled more than once
     for event_id, rows in sorted(seen.journaled_twice.items()):
@@ -116,6 +122,8 @@ def check(model: Model, seen: Observed, *, max_stall_s: float | None = None) -> 
         if sent.fate == QUARANTINE:
             if reject is None:
                 counts["quarantine_missing"] += 1
+                if not journaled:
+                    missing.append((sent.topic, sent.partition, sent.offset, sent.kind))
                 detail = "journaled instead of quarantined" if journaled else "not quarantined"
                 if journaled and sent.kind in ("conflict",):
                     detail = "conflicting duplicate overwrote the original"
@@ -129,6 +137,7 @@ def check(model: Model, seen: Observed, *, max_stall_s: float | None = None) -> 
                 out.append(Difference("either", label, "both journaled and quarantined"))
             elif reject is None and not journaled:
                 counts["lost"] += 1
+                missing.append((sent.topic, sent.partition, sent.offset, sent.kind))
                 out.append(Difference("either", label, "neither journaled nor quarantined"))
             elif reject is not None:
                 counts["quarantined"] += 1
@@ -210,7 +219,33 @@ def check(model: Model, seen: Observed, *, max_stall_s: float | None = None) -> 
                         f"no progress for {stalled:.1f}s (allowed {max_stall_s:.0f}s)",
                     )
                 )
-    return Result(out, counts)
+    return Result(stuck_partitions(missing, counts) + out, counts)
+
+
+def stuck_partitions(
+    missing: list[tuple[str, int, int, str]], counts: Counter[str]
+) -> list[Difference]:
+    """One line per partition with records neither journaled nor quarantined, naming the
+    first of them by offset: when a partition is stuck, that is usually the record it is
+    stuck on."""
+    by_partition: dict[tuple[str, int], list[tuple[int, str]]] = {}
+    for topic, partition, offset, what in missing:
+        if offset >= 0:
+            by_partition.setdefault((topic, partition), []).append((offset, what))
+    out = []
+    for (topic, partition), items in sorted(by_partition.items()):
+        items.sort()
+        counts["stuck_partitions"] += 1
+        offset, what = items[0]
+        out.append(
+            Difference(
+                "stuck",
+                f"{topic}[{partition}]",
+                f"{len(items)} records from offset {offset} on neither journaled nor "
+                f"quarantined; the first: {what}",
+            )
+        )
+    return out
 
 
 def check_status(

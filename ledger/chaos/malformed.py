@@ -295,7 +295,14 @@ def _send(producer: KafkaProducer, bad: Bad, settings: Settings, model: Model) -
         if bad.kind == "redelivery":
             model.redelivered(bad.event["event_id"])
         else:
-            model.accept(bad.event_type, bad.event, kind=bad.kind)
+            model.accept(
+                bad.event_type,
+                bad.event,
+                kind=bad.kind,
+                topic=meta.topic,
+                partition=meta.partition,
+                offset=meta.offset,
+            )
         return
     event_id = bad.event.get("event_id") if bad.event else None
     if bad.kind == "conflict":

@@ -76,6 +76,9 @@ class SentRecord:
     event_id: str | None = None
 
 
+Where = tuple[str, str, int, int]  # (event type, topic, partition, offset)
+
+
 def digest(value: bytes | None) -> bytes:
     return hashlib.sha256(value or b"").digest()
 
@@ -85,7 +88,7 @@ class Model:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.accepted: dict[str, str] = {}  # event id -> event type
+        self.accepted: dict[str, Where] = {}  # event id -> (event type, topic, partition, offset)
         self.aborted: set[str] = set()
         self.records: list[SentRecord] = []  # QUARANTINE and EITHER records
         self.uncertain: list[bytes] = []  # digests of records whose send failed for good
@@ -93,10 +96,20 @@ class Model:
         self.sent_by_kind: Counter[str] = Counter()
         self.transactions: Counter[str] = Counter()  # committed / aborted
 
-    def accept(self, event_type: str, event: dict, kind: str = "traffic") -> None:
+    def accept(
+        self,
+        event_type: str,
+        event: dict,
+        kind: str = "traffic",
+        *,
+        topic: str = "",
+        partition: int = -1,
+        offset: int = -1,
+    ) -> None:
+        """An event Kafka acknowledged at (topic, partition, offset): it must be journaled."""
         with self._lock:
             self.sent_by_kind[kind] += 1
-            self.accepted[event["event_id"]] = event_type
+            self.accepted[event["event_id"]] = (event_type, topic, partition, offset)
             self._apply(event_type, event)
 
     def redelivered(self, event_id: str) -> None:

@@ -118,15 +118,19 @@ def shards_with_traffic(settings: Settings, bootstrap: str) -> set[int]:
         consumer.close()
 
 
-def recovery(times: dict[int, list[float]], at: float) -> float | None:
-    """Seconds from `at` until every shard has committed again (None if one never did)."""
-    worst = 0.0
-    for ts in times.values():
-        later = [t for t in ts if t > at]
-        if not later:
-            return None
-        worst = max(worst, later[0] - at)
-    return worst
+def recovery(times: dict[int, list[float]], at: float) -> tuple[float | None, list[int]]:
+    """After a fault injected at `at`: seconds until every shard that committed again did so
+    (None if none did), and the shards that never committed again (stuck, or simply drained
+    before the fault)."""
+    worst: float | None = None
+    never = []
+    for shard, ts in sorted(times.items()):
+        later = next((t for t in ts if t > at), None)
+        if later is None:
+            never.append(shard)
+        else:
+            worst = max(worst or 0.0, later - at)
+    return worst, never
 
 
 def read_topic(bootstrap: str, topic: str, timeout_s: float = 120.0):

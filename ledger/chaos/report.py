@@ -72,11 +72,15 @@ def render(outcome: Outcome) -> str:
             ", ".join(f"{k} {v:.0f}" for k, v in outcome.seconds.items()),
         ),
         "",
-        "faults (progress, kind, target, down for, time until every shard committed again):",
+        "faults (due at progress, kind, target, down for, time until every shard committed again):",
     ]
-    for injected_fault, recovered in zip(outcome.injected, outcome.recoveries, strict=True):
+    for injected_fault, (recovered, never) in zip(
+        outcome.injected, outcome.recoveries, strict=True
+    ):
         f = injected_fault.fault
-        took = "never" if recovered is None else f"{recovered:.1f}s"
+        took = "-" if recovered is None else f"{recovered:.1f}s"
+        if never:
+            took += f" (shards {','.join(map(str, never))}: no commit after it)"
         error = f"  FAILED: {injected_fault.error}" if injected_fault.error else ""
         lines.append(f"  {f.at:6.1%}  {f.kind:<6} {f.target:<14} {f.hold_s:5.1f}s  {took}{error}")
     lines.append("")

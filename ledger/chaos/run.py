@@ -93,7 +93,7 @@ class Outcome:
     injected: list[fault_plan.Injected]
     worker_exits: dict[str, int]
     stalls: dict[int, float]
-    recoveries: list[float | None]
+    recoveries: list[tuple[float | None, list[int]]]
     seconds: dict[str, float]
     home: Path
 

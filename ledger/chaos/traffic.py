@@ -205,7 +205,14 @@ def _send_plain(producer, batch, model, progress, codec, stop) -> None:
         for planned, future in futures:
             if future.is_done and future.succeeded():
                 event_type, event = planned
-                model.accept(event_type, event)
+                meta = future.value
+                model.accept(
+                    event_type,
+                    event,
+                    topic=meta.topic,
+                    partition=meta.partition,
+                    offset=meta.offset,
+                )
                 if event_type == "UsageRecorded":
                     progress.samples.append((event_type, event, codec.encode(*planned)))
                 progress.add(1)
@@ -247,13 +254,16 @@ def run_transactional(
             for attempt in range(SEND_ATTEMPTS):
                 try:
                     producer.begin_transaction()
+                    futures = []
                     for event_type, event in group:
                         value = codec.encode(event_type, event)
-                        producer.send(
-                            settings.topic(topics.topic_for(event_type)),
-                            value=value,
-                            key=event["account_id"].encode(),
-                            headers=codec.headers(event_type),
+                        futures.append(
+                            producer.send(
+                                settings.topic(topics.topic_for(event_type)),
+                                value=value,
+                                key=event["account_id"].encode(),
+                                headers=codec.headers(event_type),
+                            )
                         )
                     if abort:
                         producer.abort_transaction()
@@ -274,8 +284,15 @@ def run_transactional(
                 model.abort([event["event_id"] for _, event in group])
             else:
                 model.committed_transaction()
-                for event_type, event in group:
-                    model.accept(event_type, event)
+                for (event_type, event), future in zip(group, futures, strict=True):
+                    meta = future.value if future.is_done and future.succeeded() else None
+                    model.accept(
+                        event_type,
+                        event,
+                        topic=meta.topic if meta else "",
+                        partition=meta.partition if meta else -1,
+                        offset=meta.offset if meta else -1,
+                    )
             progress.add(len(group))
             progress.pace(stop)
     finally:

@@ -112,7 +112,8 @@ class KafkaCluster:
         for node in self.nodes.values():
             node.directory.mkdir(parents=True, exist_ok=True)
             self._write_properties(node)
-            self._format(node, libs)
+        with ThreadPoolExecutor(max_workers=self.size) as pool:  # a JVM each: in parallel
+            list(pool.map(lambda node: self._format(node, libs), self.nodes.values()))
         for node in self.nodes.values():
             self._launch(node, libs)
         # A node answers metadata requests only once the controller quorum has a leader,
