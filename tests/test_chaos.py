@@ -261,3 +261,31 @@ def test_short_fault_run_with_the_full_mix(tmp_path):
     assert outcome.model.transactions["aborted"] > 0
     assert outcome.model.expected_quarantined >= 800
     assert outcome.result.ok, "\n".join(str(d) for d in outcome.result.differences[:20])
+
+
+def test_the_replay_command_keeps_every_option_but_the_seed():
+    from ledger.chaos.__main__ import replay_command
+
+    argv = ["--events", "500", "--seed", "3", "--faults", "kill", "--seed=4"]
+    assert replay_command(argv, 9) == "python -m ledger.chaos --events 500 --faults kill --seed 9"
+
+
+def test_an_unknown_kind_is_refused_by_name(capsys):
+    from ledger.chaos.__main__ import parser
+
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--malformed", "tombstone,gremlin"])
+    assert "unknown malformed kind gremlin" in capsys.readouterr().err
+    args = parser().parse_args(["--faults", "kill,pg", "--malformed", "none"])
+    assert (args.faults, args.malformed) == (("kill", "pg"), ())
+
+
+def test_stalls_and_recovery_from_commit_times():
+    from ledger.chaos.observe import max_stalls, recovery
+
+    times = {0: [10.0, 11.0, 25.0, 26.0], 1: [12.0, 13.0]}
+    # From the first commit (10.0) to the end of traffic (30.0), not counting the time after a
+    # shard's last commit (drained); shard 2 had traffic and never committed.
+    assert max_stalls(times, {0, 1, 2}, 0.0, 30.0) == {0: 14.0, 1: 2.0, 2: 20.0}
+    assert recovery(times, 12.5) == (12.5, [])
+    assert recovery(times, 20.0) == (5.0, [1])

@@ -120,13 +120,33 @@ def options_from(args: argparse.Namespace) -> Options:
     )
 
 
+def replay_command(argv: list[str] | None, seed: int) -> str:
+    """The command line that replays this run: the same options, this seed."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    kept = []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+            continue
+        if arg == "--seed":
+            skip = True
+            continue
+        if arg.startswith("--seed="):
+            continue
+        kept.append(arg)
+    return " ".join(["python -m ledger.chaos", *kept, "--seed", str(seed)])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     configure_logging(Settings.from_env())
     # kafka-python warns on every retried request while a broker is down: that is the point.
     logging.getLogger("kafka").setLevel(logging.ERROR)
     options = options_from(args)
-    print(f"fault run: seed {options.seed}", flush=True)
+    print(
+        f"fault run: seed {options.seed}; replay: {replay_command(argv, options.seed)}", flush=True
+    )
     outcome = run(options)
     print(render(outcome), flush=True)
     return 0 if outcome.ok else 1

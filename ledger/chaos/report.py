@@ -15,8 +15,8 @@ def render(outcome: Outcome) -> str:
     injected = Counter(i.fault.kind for i in outcome.injected)
     failed = [i for i in outcome.injected if i.error]
     lines = [
-        f"fault run  seed {o.seed}  (replay: python -m ledger.chaos --seed {o.seed} "
-        f"--events {o.events} …)",
+        f"fault run  seed {o.seed}  events {o.events:,}  brokers {o.brokers}  "
+        f"partitions {o.partitions}  faults {','.join(o.faults) or 'none'}",
         f"home {outcome.home}",
         "",
         _row("events sent (accepted)", f"{len(model.accepted):,}"),
