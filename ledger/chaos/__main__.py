@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     configure_logging(Settings.from_env())
     # kafka-python warns on every retried request while a broker is down: that is the point.
-    logging.getLogger("kafka").setLevel(logging.ERROR)
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)
     options = options_from(args)
     print(
         f"fault run: seed {options.seed}; replay: {replay_command(argv, options.seed)}", flush=True
