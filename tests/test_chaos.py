@@ -266,7 +266,7 @@ def test_short_fault_run_with_the_full_mix(tmp_path):
 def test_the_replay_command_keeps_every_option_but_the_seed():
     from ledger.chaos.__main__ import replay_command
 
-    argv = ["--events", "500", "--seed", "3", "--faults", "kill", "--seed=4"]
+    argv = ["--events", "500", "--seed", "3", "--faults", "kill", "--seed=4", "--home", "/x"]
     assert replay_command(argv, 9) == "python -m ledger.chaos --events 500 --faults kill --seed 9"
 
 

@@ -121,7 +121,7 @@ def options_from(args: argparse.Namespace) -> Options:
 
 
 def replay_command(argv: list[str] | None, seed: int) -> str:
-    """The command line that replays this run: the same options, this seed."""
+    """The command line that replays this run: the same options, this seed (a new home)."""
     args = list(sys.argv[1:] if argv is None else argv)
     kept = []
     skip = False
@@ -129,10 +129,10 @@ def replay_command(argv: list[str] | None, seed: int) -> str:
         if skip:
             skip = False
             continue
-        if arg == "--seed":
+        if arg in ("--seed", "--home"):  # a new home: every run starts from fresh services
             skip = True
             continue
-        if arg.startswith("--seed="):
+        if arg.startswith(("--seed=", "--home=")):
             continue
         kept.append(arg)
     return " ".join(["python -m ledger.chaos", *kept, "--seed", str(seed)])

@@ -26,6 +26,7 @@ from ledger.chaos.observe import (
 )
 from ledger.chaos.processes import Supervisor, worker_env
 from ledger.chaos.traffic import Progress, plan, run_plain, run_transactional
+from ledger.errors import StackError
 from ledger.settings import Settings
 from ledger.stack import postgres, procs
 from ledger.stack.cluster import KafkaCluster
@@ -104,6 +105,8 @@ class Outcome:
 
 def run(options: Options) -> Outcome:
     home = (options.home or Path(tempfile.mkdtemp(prefix="ledger-chaos-"))).resolve()
+    if home.is_dir() and any(home.iterdir()):
+        raise StackError(f"{home} is not empty: a fault run starts from fresh services")
     home.mkdir(parents=True, exist_ok=True)
     settings = dataclasses.replace(
         Settings.from_env(),
