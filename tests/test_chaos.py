@@ -216,6 +216,9 @@ TODAY = Options(
     partitions=4,
     settle_s=30,
     drain_timeout_s=300,
+    # Stalls are measured and printed, not asserted here: on a shared 2-core machine a broker
+    # restart alone can take a minute. The full mix below asserts a bound on the frozen holder.
+    max_stall_s=None,
 )
 
 
@@ -241,7 +244,9 @@ FULL_MIX = dataclasses.replace(
     faults=("kill", "broker", "pg", "stop"),
     pg_restarts=1,
     stops=1,
-    stop_s=30,
+    # The holder is frozen for 60 s; the shards must move on well before (lease timeout).
+    stop_s=60,
+    max_stall_s=45,
     malformed=KINDS,
     malformed_count=1_000,
     transactional=2,
