@@ -14,7 +14,8 @@ Checks, in the order their differences are reported (the first one is "the first
   totals          usage charged / purchases / grants of an account differ from the model
   status          status_version on the status topic: out of order, a gap, a changed re-send,
                   or not ending at the projection's version
-  verify          `ledger verify` (trial balance, hash chains, rebuilt projection = live, invoices)
+  verify          `ledger verify` (trial balance, hash chains, rebuilt projection = live,
+                  invoices), and `ledger projections rebuild` changing no account's row
   stall           a shard made no progress for longer than allowed
 """
 
