@@ -17,7 +17,7 @@ def render(outcome: Outcome) -> str:
     lines = [
         f"fault run  seed {o.seed}  events {o.events:,}  brokers {o.brokers}  "
         f"partitions {o.partitions}  faults {','.join(o.faults) or 'none'}",
-        f"home {outcome.home}",
+        f"home {outcome.home}" + ("" if outcome.home.exists() else " (removed: the run passed)"),
         "",
         _row("events sent (accepted)", f"{len(model.accepted):,}"),
         _row(

@@ -5,6 +5,7 @@ Outcome; `python -m ledger.chaos` prints it as a table."""
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import tempfile
 import threading
 import time
@@ -127,6 +128,7 @@ def run(options: Options) -> Outcome:
     )
     pg_state: dict = {}
     supervisor: Supervisor | None = None
+    outcome: Outcome | None = None
     try:
         pg_state = postgres.start(settings, {})
         dsn = postgres.dsn(pg_state["port"])
@@ -155,6 +157,8 @@ def run(options: Options) -> Outcome:
         if not options.keep:
             cluster.stop()
             postgres.stop(settings)
+            if outcome is not None and outcome.ok and options.home is None:
+                shutil.rmtree(home, ignore_errors=True)  # a failed run's logs and data stay
         log.info("chaos.done", home=str(home), kept=options.keep)
 
 
