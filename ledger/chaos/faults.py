@@ -112,6 +112,35 @@ class Injector:
             if self.stop.is_set():
                 return
             self.inject(fault)
+            self._settle()
+
+    def _settle(self, timeout: float = 30.0) -> None:
+        """One fault at a time: after a restart, wait until the journal moves again (or
+        `timeout`), so the next fault hits a running system and recoveries can be told apart."""
+        before = self.progress()
+        deadline = time.monotonic() + timeout
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            now = self.progress()
+            if now is not None and before is not None and now > before:
+                return
+            if before is None:
+                before = now
+            if self.traffic_done():
+                return
+            self.stop.wait(0.5)
+
+    def _steady_holder(self, timeout: float = 60.0) -> str:
+        """A ledger worker that holds shards and still does a couple of seconds later (not one
+        about to exit after a PostgreSQL restart)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self.stop.is_set():
+            holder = self.supervisor.shard_holder()
+            if holder is not None:
+                self.stop.wait(2.0)
+                if self.supervisor.shard_holder() == holder:
+                    return holder
+            self.stop.wait(0.5)
+        return self.supervisor.shard_holder() or "ledger-1"
 
     def inject(self, fault: Fault) -> None:
         record = Injected(fault, time.time())
@@ -135,7 +164,7 @@ class Injector:
                 finally:
                     self.pg_down.clear()
             elif fault.kind == "stop":
-                holder = self.supervisor.shard_holder() or "ledger-1"
+                holder = self._steady_holder()
                 record.fault = dataclasses.replace(fault, target=holder)
                 self.supervisor.pause(holder)
                 try:
