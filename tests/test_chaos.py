@@ -97,10 +97,10 @@ def test_checker_passes_a_clean_outcome():
 @pytest.mark.parametrize(
     ("spoil", "first"),
     [
-        (lambda o: o.journaled.pop("e3"), "stuck: usage[0]: 1 records from offset 5 on"),
+        (lambda o: o.journaled.pop("e3"), "stuck: shard 0: 1 records neither journaled"),
         (lambda o: o.journaled.update(x2="UsageRecorded"), "aborted: x2"),
         (lambda o: o.journaled_twice.update(e2=2), "duplicated: e2: journaled 2 times"),
-        (lambda o: o.rejects.clear(), "stuck: usage[0]: 1 records from offset 7 on neither"),
+        (lambda o: o.rejects.clear(), "stuck: shard 0: 1 records neither journaled nor"),
         (lambda o: o.deadletter.clear(), "deadletter: tombstone at usage[0]@7"),
         (
             lambda o: o.rejects.append(Reject("usage", 0, 8, "e4", "too_old", digest(b"old"))),
@@ -159,8 +159,8 @@ def test_a_stuck_partition_is_named_with_the_record_it_is_stuck_on():
     seen.journaled.pop("e3")  # offset 5 made it through? no: also missing
     result = check(model, seen)
     assert str(result.first) == (
-        "stuck: usage[0]: 3 records from offset 5 on neither journaled nor quarantined; "
-        "the first: UsageRecorded e3"
+        "stuck: shard 0: 3 records neither journaled nor quarantined, from usage@5; "
+        "first bad records: tombstone at usage[0]@7"
     )
     assert result.counts["lost"] == 2 and result.counts["quarantine_missing"] == 1
 
@@ -289,8 +289,8 @@ def test_stalls_and_recovery_from_commit_times():
     from ledger.chaos.observe import max_stalls, recovery
 
     times = {0: [10.0, 11.0, 25.0, 26.0], 1: [12.0, 13.0]}
-    # From the first commit (10.0) to the end of traffic (30.0), not counting the time after a
-    # shard's last commit (drained); shard 2 had traffic and never committed.
-    assert max_stalls(times, {0, 1, 2}, 0.0, 30.0) == {0: 14.0, 1: 2.0, 2: 20.0}
+    # From the start of traffic (9.0) to its end (30.0), not counting the time after a shard's
+    # last commit (drained); shard 2 had traffic and never committed.
+    assert max_stalls(times, {0, 1, 2}, 9.0, 30.0) == {0: 14.0, 1: 3.0, 2: 21.0}
     assert recovery(times, 12.5) == (12.5, [])
     assert recovery(times, 20.0) == (5.0, [1])

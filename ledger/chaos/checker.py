@@ -2,8 +2,9 @@
 fault run sent (the Model). Pure: no I/O, so it is tested with fabricated differences.
 
 Checks, in the order their differences are reported (the first one is "the first difference"):
-  stuck           a partition with records neither journaled nor quarantined, from which
-                  offset, and the first such record (often the one it is stuck on)
+  stuck           a shard with records neither journaled nor quarantined: from which offset
+                  of each topic, and the first bad records among them (often what it is
+                  stuck on)
   lost            an accepted event is not in raw_events (or was quarantined instead)
   duplicated      an event id journaled more than once; an account charged more than sent
   aborted         an event of an aborted Kafka transaction was journaled
@@ -92,7 +93,7 @@ def check(model: Model, seen: Observed, *, max_stall_s: float | None = None) -> 
     records_at = {(r.topic, r.partition, r.offset): r for r in model.records}
 
     # lost: accepted events that are not journaled, in Kafka order
-    missing: list[tuple[str, int, int, str]] = []  # (topic, partition, offset, what)
+    missing: list[tuple[str, int, int, str, bool]] = []  # (topic, partition, offset, what, bad)
     lost = []
     for event_id, (event_type, topic, partition, offset) in model.accepted.items():
         if event_id not in seen.journaled:
@@ -102,7 +103,7 @@ def check(model: Model, seen: Observed, *, max_stall_s: float | None = None) -> 
     for topic, partition, offset, event_id, event_type, where in sorted(lost):
         at = f"{topic}[{partition}]@{offset}"
         out.append(Difference("lost", at, f"{event_type} {event_id} was sent, {where}"))
-        missing.append((topic, partition, offset, f"{event_type} {event_id}"))
+        missing.append((topic, partition, offset, f"{event_type} {event_id}", False))
 
     # duplicated: the same id journaled more than once
     for event_id, rows in sorted(seen.journaled_twice.items()):
@@ -124,7 +125,7 @@ def check(model: Model, seen: Observed, *, max_stall_s: float | None = None) -> 
             if reject is None:
                 counts["quarantine_missing"] += 1
                 if not journaled:
-                    missing.append((sent.topic, sent.partition, sent.offset, sent.kind))
+                    missing.append((sent.topic, sent.partition, sent.offset, sent.kind, True))
                 detail = "journaled instead of quarantined" if journaled else "not quarantined"
                 if journaled and sent.kind in ("conflict",):
                     detail = "conflicting duplicate overwrote the original"
@@ -138,7 +139,7 @@ def check(model: Model, seen: Observed, *, max_stall_s: float | None = None) -> 
                 out.append(Difference("either", label, "both journaled and quarantined"))
             elif reject is None and not journaled:
                 counts["lost"] += 1
-                missing.append((sent.topic, sent.partition, sent.offset, sent.kind))
+                missing.append((sent.topic, sent.partition, sent.offset, sent.kind, True))
                 out.append(Difference("either", label, "neither journaled nor quarantined"))
             elif reject is not None:
                 counts["quarantined"] += 1
@@ -224,26 +225,35 @@ def check(model: Model, seen: Observed, *, max_stall_s: float | None = None) -> 
 
 
 def stuck_partitions(
-    missing: list[tuple[str, int, int, str]], counts: Counter[str]
+    missing: list[tuple[str, int, int, str, bool]], counts: Counter[str]
 ) -> list[Difference]:
-    """One line per partition with records neither journaled nor quarantined, naming the
-    first of them by offset: when a partition is stuck, that is usually the record it is
-    stuck on."""
-    by_partition: dict[tuple[str, int], list[tuple[int, str]]] = {}
-    for topic, partition, offset, what in missing:
+    """One line per shard (partition number, across the input topics) with records neither
+    journaled nor quarantined: how many, from which offset in each topic, and the first bad
+    records among them (a batch spans the shard's topics, so one bad record can hold them all)."""
+    by_shard: dict[int, list[tuple[str, int, str, bool]]] = {}
+    for topic, partition, offset, what, bad in missing:
         if offset >= 0:
-            by_partition.setdefault((topic, partition), []).append((offset, what))
+            by_shard.setdefault(partition, []).append((topic, offset, what, bad))
     out = []
-    for (topic, partition), items in sorted(by_partition.items()):
-        items.sort()
-        counts["stuck_partitions"] += 1
-        offset, what = items[0]
+    for shard, items in sorted(by_shard.items()):
+        counts["stuck_shards"] += 1
+        firsts: dict[str, int] = {}
+        for topic, offset, _, _ in items:
+            firsts[topic] = min(offset, firsts.get(topic, offset))
+        suspects = sorted((offset, topic, what) for topic, offset, what, bad in items if bad)
+        where = ", ".join(f"{t}@{o}" for t, o in sorted(firsts.items()))
+        if suspects:
+            first_bad = "; first bad records: " + ", ".join(
+                f"{what} at {topic}[{shard}]@{offset}" for offset, topic, what in suspects[:3]
+            )
+        else:
+            topic, offset, what, _ = min(items, key=lambda i: (i[1], i[0]))
+            first_bad = f"; the first: {what} at {topic}[{shard}]@{offset}"
         out.append(
             Difference(
                 "stuck",
-                f"{topic}[{partition}]",
-                f"{len(items)} records from offset {offset} on neither journaled nor "
-                f"quarantined; the first: {what}",
+                f"shard {shard}",
+                f"{len(items)} records neither journaled nor quarantined, from {where}" + first_bad,
             )
         )
     return out

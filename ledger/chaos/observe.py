@@ -114,10 +114,8 @@ def max_stalls(
     times: dict[int, list[float]], shards: set[int], start: float, end: float
 ) -> dict[int, float]:
     """Per shard that had traffic, the longest time without a commit within [start, end]
-    (start: the first commit of any shard, so the workers' start-up does not count; end: the
-    last record sent). While traffic flows to every shard, that long it stalled."""
-    firsts = [ts[0] for ts in times.values() if ts]
-    start = max(start, min(firsts)) if firsts else start
+    (the traffic: the workers had every shard before it started). While traffic flows to
+    every shard, that long it stalled."""
     out = {}
     for shard in sorted(shards | set(times)):
         inside = [t for t in times.get(shard, []) if start <= t <= end]

@@ -131,6 +131,15 @@ class Supervisor:
         for name in self.workers:
             self.stop(name)
 
+    def assigned_shards(self) -> set[int]:
+        """The shards some live ledger worker has taken (from their logs)."""
+        out: set[int] = set()
+        for worker in self.workers.values():
+            if "ledger" in worker.roles and worker.log_path is not None and worker.proc:
+                if worker.proc.poll() is None:
+                    out.update(last_assignment(worker.log_path))
+        return out
+
     def shard_holder(self) -> str | None:
         """The ledger worker holding the most shards, from its log's last assignment."""
         best, most = None, 0

@@ -147,6 +147,10 @@ def run(options: Options) -> Outcome:
         timings["services up"] = time.monotonic() - started
         supervisor = Supervisor(worker_env(settings, bootstrap, dsn), home)
         supervisor.start_all()
+        # Traffic starts once every shard has a writer, so start-up is not counted as a stall.
+        shards = set(range(options.partitions))
+        if not procs.wait_for(lambda: supervisor.assigned_shards() >= shards, 180, 0.5):
+            raise StackError(f"the ledger workers did not take every shard (see {home})")
         outcome = _traffic_and_faults(
             options, settings, cluster, supervisor, pg_state, dsn, timings
         )
