@@ -135,9 +135,9 @@ class Supervisor:
         """The shards some live ledger worker has taken (from their logs)."""
         out: set[int] = set()
         for worker in self.workers.values():
-            if "ledger" in worker.roles and worker.log_path is not None and worker.proc:
-                if worker.proc.poll() is None:
-                    out.update(last_assignment(worker.log_path))
+            running = worker.proc is not None and worker.proc.poll() is None
+            if "ledger" in worker.roles and worker.log_path is not None and running:
+                out.update(last_assignment(worker.log_path))
         return out
 
     def shard_holder(self) -> str | None:
