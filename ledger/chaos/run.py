@@ -119,6 +119,8 @@ def run(options: Options) -> Outcome:
         partitions=options.partitions,
         tick_interval_s=options.tick_interval_s,
         shards=None,
+        price_book=None,  # the packaged price book and policy: the model's table follows them
+        policy=None,
     )
     log.info("chaos.start", seed=options.seed, events=options.events, home=str(home))
     timings: dict[str, float] = {}
