@@ -160,7 +160,7 @@ def test_a_stuck_partition_is_named_with_the_record_it_is_stuck_on():
     result = check(model, seen)
     assert str(result.first) == (
         "stuck: shard 0: 3 records neither journaled nor quarantined, from usage@5; "
-        "first bad records: tombstone at usage[0]@7"
+        "bad records among them: tombstone at usage[0]@7"
     )
     assert result.counts["lost"] == 2 and result.counts["quarantine_missing"] == 1
 
@@ -289,8 +289,8 @@ def test_stalls_and_recovery_from_commit_times():
     from ledger.chaos.observe import max_stalls, recovery
 
     times = {0: [10.0, 11.0, 25.0, 26.0], 1: [12.0, 13.0]}
-    # From the start of traffic (9.0) to its end (30.0), not counting the time after a shard's
-    # last commit (drained); shard 2 had traffic and never committed.
-    assert max_stalls(times, {0, 1, 2}, 9.0, 30.0) == {0: 14.0, 1: 3.0, 2: 21.0}
+    # From the start of traffic (9.0) to its end (30.0); shard 1 committed nothing after 13.0,
+    # shard 2 had traffic and never committed.
+    assert max_stalls(times, {0, 1, 2}, 9.0, 30.0) == {0: 14.0, 1: 17.0, 2: 21.0}
     assert recovery(times, 12.5) == (12.5, [])
     assert recovery(times, 20.0) == (5.0, [1])

@@ -4,7 +4,7 @@ fault run sent (the Model). Pure: no I/O, so it is tested with fabricated differ
 Checks, in the order their differences are reported (the first one is "the first difference"):
   stuck           a shard with records neither journaled nor quarantined: from which offset
                   of each topic, and the first bad records among them (often what it is
-                  stuck on)
+                  stuck on; otherwise look at the first missing offsets)
   lost            an accepted event is not in raw_events (or was quarantined instead)
   duplicated      an event id journaled more than once; an account charged more than sent
   aborted         an event of an aborted Kafka transaction was journaled
@@ -228,8 +228,9 @@ def stuck_partitions(
     missing: list[tuple[str, int, int, str, bool]], counts: Counter[str]
 ) -> list[Difference]:
     """One line per shard (partition number, across the input topics) with records neither
-    journaled nor quarantined: how many, from which offset in each topic, and the first bad
-    records among them (a batch spans the shard's topics, so one bad record can hold them all)."""
+    journaled nor quarantined: how many, from which offset in each topic (the first missing
+    one), and the first bad records among them (a batch spans the shard's topics, so one bad
+    record, or one offset gap, can hold them all)."""
     by_shard: dict[int, list[tuple[str, int, str, bool]]] = {}
     for topic, partition, offset, what, bad in missing:
         if offset >= 0:
@@ -243,7 +244,7 @@ def stuck_partitions(
         suspects = sorted((offset, topic, what) for topic, offset, what, bad in items if bad)
         where = ", ".join(f"{t}@{o}" for t, o in sorted(firsts.items()))
         if suspects:
-            first_bad = "; first bad records: " + ", ".join(
+            first_bad = "; bad records among them: " + ", ".join(
                 f"{what} at {topic}[{shard}]@{offset}" for offset, topic, what in suspects[:3]
             )
         else:

@@ -113,16 +113,14 @@ def commit_times(dsn: str) -> dict[int, list[float]]:
 def max_stalls(
     times: dict[int, list[float]], shards: set[int], start: float, end: float
 ) -> dict[int, float]:
-    """Per shard that had traffic, the longest time without a commit within [start, end]
-    (the traffic: the workers had every shard before it started). While traffic flows to
-    every shard, that long it stalled."""
+    """Per shard that had traffic, the longest time without a commit within [start, end], the
+    traffic (the workers had every shard before it started, and it flows to every shard until
+    it ends, so a healthy shard's first and last gaps are short too)."""
     out = {}
     for shard in sorted(shards | set(times)):
         inside = [t for t in times.get(shard, []) if start <= t <= end]
-        # No commit at all: stalled the whole time. Otherwise the tail after the last commit
-        # belongs to the drain.
-        points = [start, *inside] if inside else [start, end]
-        out[shard] = max((b - a for a, b in itertools.pairwise(points)), default=0.0)
+        points = [start, *inside, end]
+        out[shard] = max(b - a for a, b in itertools.pairwise(points))
     return out
 
 
