@@ -261,8 +261,13 @@ def _traffic_and_faults(options, settings, cluster, supervisor, pg_state, dsn, t
     t0 = time.monotonic()
     for thread in (*producing, malformed, injecting):
         thread.start()
-    for thread in (*producing, malformed):
-        thread.join()
+    try:
+        for thread in (*producing, malformed):
+            thread.join()
+    except BaseException:  # Ctrl-C: the producers stop before the services go
+        stop.set()
+        supervising.set()
+        raise
     traffic_end = time.time()
     timings["traffic"] = time.monotonic() - t0
     log.info("chaos.traffic_sent", seconds=round(timings["traffic"], 1), errors=errors)
