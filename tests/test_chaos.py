@@ -294,3 +294,28 @@ def test_stalls_and_recovery_from_commit_times():
     assert max_stalls(times, {0, 1, 2}, 9.0, 30.0) == {0: 14.0, 1: 17.0, 2: 21.0}
     assert recovery(times, 12.5) == (12.5, [])
     assert recovery(times, 20.0) == (5.0, [1])
+
+
+def test_cluster_nodes_form_one_quorum_with_three_copies_of_everything(tmp_path, base_settings):
+    from ledger.stack.cluster import KafkaCluster, Node
+
+    cluster = KafkaCluster(base_settings, tmp_path, size=3)
+    for i in (1, 2, 3):
+        cluster.nodes[i] = Node(i, 9000 + i, 9100 + i, tmp_path / f"node-{i}")
+        cluster.nodes[i].directory.mkdir()
+    cluster._write_properties(cluster.nodes[2])
+    props = dict(
+        line.split("=", 1)
+        for line in cluster.nodes[2].props.read_text().splitlines()
+        if "=" in line and not line.startswith("#")
+    )
+    assert props["node.id"] == "2"
+    assert props["controller.quorum.voters"] == (
+        "1@127.0.0.1:9101,2@127.0.0.1:9102,3@127.0.0.1:9103"
+    )
+    assert props["advertised.listeners"] == "PLAINTEXT://127.0.0.1:9002"
+    for key in ("default.replication.factor", "offsets.topic.replication.factor",
+                "transaction.state.log.replication.factor"):  # fmt: skip
+        assert props[key] == "3"
+    assert props["min.insync.replicas"] == props["transaction.state.log.min.isr"] == "2"
+    assert cluster.bootstrap == "127.0.0.1:9001,127.0.0.1:9002,127.0.0.1:9003"
