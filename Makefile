@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install up down status topics demo test lint bench chaos clean
+.PHONY: install up down status topics demo test lint bench chaos clean fuzz-rules
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/pytest
+
+# The billing rules' property tests with many more examples than `make test` runs (no services).
+fuzz-rules: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest tests/test_rules_properties.py -q
 
 demo: $(STAMP)
 	$(BIN)/ledger demo

@@ -33,7 +33,7 @@ from projections.account_status import (
     InvoiceIssued,
     JournalEntry,
 )
-from projections.worker import fold_entries
+from projections.fold import fold_entries
 
 ZERO = Decimal(0)
 GRANT_EVENTS = ("AccountOpened", "CreditGranted", "CreditPurchased", "CreditRevoked",

@@ -62,6 +62,10 @@ class Grant:
     expires_at: datetime | None
     order: int
     expired: Decimal = ZERO  # what expiry took to breakage (not spent, never billed)
+    # A purchase first pays what the account owes: that part never became credit, but a
+    # chargeback of the purchase takes it back (the debt it paid is owed again).
+    applied: Decimal = ZERO
+    revoked: bool = False
 
     def usable_at(self, when: datetime) -> bool:
         return self.remaining > 0 and (self.expires_at is None or when < self.expires_at)
@@ -88,9 +92,16 @@ class AccountBook:
         return sum((g.remaining for g in self.grants.values()), ZERO)
 
     def add_grant(
-        self, grant_id: str, kind: str, amount: Decimal, expires_at: datetime | None
+        self,
+        grant_id: str,
+        kind: str,
+        amount: Decimal,
+        expires_at: datetime | None,
+        applied: Decimal = ZERO,
     ) -> None:
-        self.grants[grant_id] = Grant(grant_id, kind, amount, amount, expires_at, self.next_order)
+        self.grants[grant_id] = Grant(
+            grant_id, kind, amount, amount, expires_at, self.next_order, applied=applied
+        )
         self.next_order += 1
 
     def to_json(self) -> dict[str, Any]:
@@ -106,6 +117,8 @@ class AccountBook:
                     "expires_at": g.expires_at.isoformat() if g.expires_at else None,
                     "order": g.order,
                     "expired": str(g.expired),
+                    "applied": str(g.applied),
+                    "revoked": g.revoked,
                 }
                 for g in self.grants.values()
             },
@@ -122,6 +135,9 @@ class AccountBook:
                 datetime.fromisoformat(g["expires_at"]) if g["expires_at"] else None,
                 g["order"],
                 Decimal(g.get("expired", "0")),
+                Decimal(g.get("applied", "0")),
+                # Before `revoked` was kept, a revoked grant was one with nothing granted.
+                g.get("revoked", Decimal(g["granted"]) == 0),
             )
             for gid, g in data["grants"].items()
         }
@@ -331,6 +347,8 @@ class LedgerFold:
         return amount
 
     def _new_grant_id(self, book: AccountBook, event: dict) -> str:
+        """A grant id is used once per account: a purchase or grant retried under a new
+        event_id is a duplicate (quarantined), never a second payment or credit."""
         gid = event["grant_id"]
         if not gid:
             raise Rejected("missing_grant_id", "grant_id is empty")
@@ -339,15 +357,17 @@ class LedgerFold:
         return gid
 
     def _on_CreditPurchased(self, book: AccountBook, event: dict) -> Entry:
-        """Purchased credit pays any outstanding balance first; the rest becomes a grant."""
+        """Purchased credit pays any outstanding balance first; the rest becomes a grant. The
+        grant is recorded even when nothing is left for it (it remembers what it paid), so a
+        chargeback finds it and a retry under the same grant_id is refused."""
         amount = self._check_amount(event)
         gid = self._new_grant_id(book, event)
         pays = min(amount, max(book.receivable, ZERO))
         book.receivable -= pays
         granted = amount - pays
         postings = [(CASH, amount), (receivable_account(book.account_id), -pays)]
+        book.add_grant(gid, "purchased", granted, None, applied=pays)
         if granted > 0:
-            book.add_grant(gid, "purchased", granted, None)
             postings.append((credit_account(book.account_id, gid), -granted))
         return _entry(
             *postings,
@@ -371,24 +391,33 @@ class LedgerFold:
         )
 
     def _on_CreditRevoked(self, book: AccountBook, event: dict) -> Entry:
-        """Removes what is left of a grant; what was already spent becomes receivable."""
+        """Removes what is left of a grant; what was already spent becomes receivable, and so
+        does what a purchase paid on the receivable (a chargeback: the debt is owed again)."""
         gid = event["grant_id"]
         grant = book.grants.get(gid)
         if grant is None:
             raise Rejected("unknown_grant", f"no grant {gid} on this account")
-        if grant.granted == 0:
+        if grant.revoked:
             return Entry("noop", detail={"note": f"grant {gid} already revoked"})
         # What expired went to breakage: it was neither spent nor is it billed back.
         remaining, spent = grant.remaining, grant.granted - grant.remaining - grant.expired
+        owed = spent + grant.applied
         source = CASH if grant.kind == "purchased" else EXPENSE_PROMOTIONAL
         grant.remaining = ZERO
         grant.granted = ZERO
-        book.receivable += spent
+        grant.revoked = True
+        book.receivable += owed
         return _entry(
             (credit_account(book.account_id, gid), remaining),
-            (receivable_account(book.account_id), spent),
-            (source, -(remaining + spent)),
-            detail={"grant_id": gid, "removed": plain(remaining), "to_receivable": plain(spent)},
+            (receivable_account(book.account_id), owed),
+            (source, -(remaining + owed)),
+            detail={
+                "grant_id": gid,
+                "kind": grant.kind,
+                "removed": plain(remaining),
+                "to_receivable": plain(owed),
+                "reversed_payment": plain(grant.applied),
+            },
         )
 
     def _on_InvoicePaid(self, book: AccountBook, event: dict) -> Entry:
@@ -410,6 +439,24 @@ class LedgerFold:
             postings.append((credit_account(book.account_id, gid), -extra))
             detail["overpayment_grant_id"] = gid
         return _entry(*postings, detail=detail)
+
+
+def expiry_events(
+    fold: LedgerFold, tick_event: dict[str, Any], account_id: str, book: AccountBook
+) -> list[tuple[dict[str, Any], Entry]]:
+    """The GrantExpired events (derived from a PeriodTick) and their entries for one account
+    book at the tick: the one definition shared by the journal writer and the rule harness."""
+    out = []
+    for grant_id, expired_at, entry in fold.expire_grants(book, tick_event["tick_at"]):
+        event = {
+            "event_id": f"{tick_event['event_id']}:expiry:{account_id}:{grant_id}",
+            "account_id": account_id,
+            "occurred_at": expired_at,
+            "grant_id": grant_id,
+            "tick_event_id": tick_event["event_id"],
+        }
+        out.append((event, entry))
+    return out
 
 
 def _entry(*postings: tuple[str, Decimal], price_version: str | None = None, detail: dict) -> Entry:

@@ -112,6 +112,8 @@ def _replay(args: argparse.Namespace, settings: Settings) -> int:
 def _rejects(args: argparse.Namespace, settings: Settings) -> int:
     from ledger.rejects import replay_rejects, summary
 
+    if args.action == "show":
+        return _rejects_show(args, settings)
     dsn = _database(settings)
     if args.action == "replay":
         outcome = replay_rejects(settings, dsn, reason=args.reason)
@@ -121,6 +123,84 @@ def _rejects(args: argparse.Namespace, settings: Settings) -> int:
             print(f"still rejected ({reason}): {count}")
     for reason, still_open, resolved in summary(dsn):
         print(f"{reason:<24} open {still_open:>8}   resolved {resolved:>8}")
+    return 0
+
+
+def _offsets(args: argparse.Namespace, settings: Settings) -> int:
+    from ledger import db, stack
+    from ledger.offsets import accept_loss, lost_ranges
+
+    info = stack.connect(settings)
+    dsn = db.require_current_schema(info.dsn)
+    if args.action == "accept-loss":
+        if args.shard is None:
+            raise ConfigError("offsets accept-loss: --shard is required")
+        accepted = accept_loss(settings, info.bootstrap, dsn, args.shard, args.note or "")
+        for r in accepted:
+            print(f"accepted loss {r.topic}[{r.partition}] offsets {r.stored}..{r.log_start - 1}")
+        if not accepted:
+            print(f"shard {args.shard}: nothing lost, nothing to accept")
+        return 0
+    lost = lost_ranges(settings, info.bootstrap, dsn)
+    for r in lost:
+        print(f"LOST {r.topic}[{r.partition}] offsets {r.stored}..{r.log_start - 1}")
+    if not lost:
+        print("no lost offsets: every stored offset is still in Kafka")
+    return 1 if lost else 0
+
+
+def _rejects_show(args: argparse.Namespace, settings: Settings) -> int:
+    from ledger.rejects import reject_json, reject_lines, show
+
+    if args.id is None:
+        raise LedgerError("rejects show: give the reject id, e.g. `ledger rejects show 42`")
+    reject = show(_database(settings), args.id)
+    if reject is None:
+        print(f"no rejected event with id {args.id}")
+        return 4
+    if args.json:
+        print(json.dumps(reject_json(reject, limit=args.bytes), indent=2))
+    else:
+        print("\n".join(reject_lines(reject, limit=args.bytes)))
+    return 0
+
+
+def _outbox(args: argparse.Namespace, settings: Settings) -> int:
+    from ledger.rejects import printable
+    from ledger.relay import parked_rows, retry_parked
+
+    dsn = _database(settings)
+    if args.action == "retry":
+        if (args.id is None) == (not args.all):
+            raise LedgerError("outbox retry: give either --id N or --all")
+        ids = retry_parked(dsn, args.id)
+        if not ids:
+            print(f"outbox row {args.id} is not parked" if args.id else "no parked outbox rows")
+            return 4 if args.id else 0
+        print(f"un-parked {len(ids)} outbox row(s): {', '.join(map(str, ids))}")
+        return 0
+    rows = parked_rows(dsn)
+    if not rows:
+        print("no parked outbox rows")
+        return 0
+    if args.json:
+        print(
+            json.dumps(
+                rows, indent=2, default=lambda v: v.hex() if isinstance(v, bytes) else str(v)
+            )
+        )
+        return 0
+    print(
+        f"{'id':>10}  {'topic':<32} {'bytes':>9}  {'reason':<18} {'parked at':<32} tries  waiting"
+    )
+    for row in rows:
+        print(
+            f"{row['id']:>10}  {printable(row['topic']):<32} {row['size']:>9}  "
+            f"{row['reason']:<18} {row['parked_at'].isoformat():<32} {row['attempts']:>5}  "
+            f"{row['waiting']:>7}"
+        )
+        print(f"{'':>10}  {printable(row['detail'] or '')}")
+    print(f"{len(rows)} parked; `ledger outbox retry --id N | --all` to try them again")
     return 0
 
 
@@ -266,10 +346,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_replay)
 
-    p = sub.add_parser("rejects", help="quarantined events: counts, and feeding them again")
-    p.add_argument("action", choices=["list", "replay"])
+    p = sub.add_parser("rejects", help="quarantined events: counts, one in full, feeding again")
+    p.add_argument("action", choices=["list", "replay", "show"])
+    p.add_argument("id", nargs="?", type=_positive_int, help="the reject's id (show)")
     p.add_argument("--reason", help="only rejects with this reason (replay)")
+    p.add_argument("--json", action="store_true", help="machine-readable output (show)")
+    p.add_argument(
+        "--bytes",
+        type=_non_negative_int,
+        default=256,
+        help="raw bytes to show (show; default 256, 0 for all)",
+    )
     p.set_defaults(func=_rejects)
+
+    p = sub.add_parser(
+        "offsets", help="stored offsets Kafka deleted before they were journaled; accept a loss"
+    )
+    p.add_argument("action", choices=["show", "accept-loss"])
+    p.add_argument("--shard", type=_shard, help="the shard (partition number) to accept")
+    p.add_argument("--note", help="why the loss is accepted (kept with the record)")
+    p.set_defaults(func=_offsets)
+    p = sub.add_parser("outbox", help="outbox rows Kafka refused: list them, try them again")
+    p.add_argument("action", choices=["parked", "retry"])
+    p.add_argument("--id", type=_positive_int, help="retry this parked row")
+    p.add_argument("--all", action="store_true", help="retry every parked row")
+    p.add_argument("--json", action="store_true", help="machine-readable output (parked)")
+    p.set_defaults(func=_outbox)
 
     p = sub.add_parser("trial-balance", help="sum of all postings per currency; exit 1 unless 0")
     p.set_defaults(func=_trial_balance)
@@ -332,6 +434,16 @@ def _timestamp(text: str) -> datetime:
     return value
 
 
+def _shard(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a shard number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more: {value}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -339,6 +451,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive: {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {value}")
     return value
 
 

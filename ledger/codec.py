@@ -31,13 +31,18 @@ from fastavro.schema import fingerprint as _fastavro_fingerprint
 from fastavro.schema import parse_schema, to_parsing_canonical_form
 from fastavro.validation import ValidationError, validate
 
+from ledger import bounds
 from ledger.errors import (
     BadMagicError,
     InvalidEventError,
+    OversizedEventError,
+    OversizedFieldError,
     SchemaViolationError,
+    TombstoneError,
     TruncatedBodyError,
     UnknownEnumValueError,
     UnknownFingerprintError,
+    UnstorableValueError,
 )
 
 MAGIC = b"\xc3\x01"
@@ -142,7 +147,14 @@ class Codec:
             fastavro.schemaless_writer(buf, s.parsed, datum)
         except Exception as exc:  # validated above, so this is a bug or a gap in validation
             raise InvalidEventError(event_type, "?", f"cannot encode: {exc}") from exc
-        return buf.getvalue()
+        value = buf.getvalue()
+        if len(value) > bounds.MAX_EVENT_BYTES:
+            raise InvalidEventError(
+                event_type,
+                "<event>",
+                f"encoded event of {len(value)} bytes exceeds {bounds.MAX_EVENT_BYTES}",
+            )
+        return value
 
     def _prepare(self, s: _Schema, event: Mapping[str, Any]) -> dict:
         if not isinstance(event, Mapping):
@@ -171,6 +183,10 @@ class Codec:
             raise InvalidEventError(s.event_type, field, _oneline(exc)) from None
         except (ValueError, TypeError) as exc:
             raise InvalidEventError(s.event_type, "?", _oneline(exc)) from None
+        try:  # what the journal could not store is refused here too, by field
+            bounds.check_event(datum)
+        except bounds.BoundsViolation as exc:
+            raise InvalidEventError(s.event_type, exc.field, exc.message) from None
         return datum
 
     # --- decode ----------------------------------------------------------------------------
@@ -178,10 +194,14 @@ class Codec:
     def decode(self, value: bytes) -> Decoded:
         """Decode a Kafka value. Raises a DecodeError subclass, never anything else."""
         if value is None:
-            raise BadMagicError("no value (tombstone)")
+            raise TombstoneError("no value (tombstone)")
         if not isinstance(value, bytes | bytearray | memoryview):
             raise BadMagicError(f"value is {_t(value)}, not bytes")
         value = bytes(value)
+        if len(value) > bounds.MAX_EVENT_BYTES:
+            raise OversizedEventError(
+                f"value of {len(value)} bytes exceeds {bounds.MAX_EVENT_BYTES} bytes"
+            )
         if value[:2] != MAGIC:
             raise BadMagicError(
                 "value does not start with the Avro single-object marker C3 01 "
@@ -227,6 +247,11 @@ class Codec:
         for name in ("event_id",):
             if isinstance(event.get(name), uuid.UUID):
                 event[name] = str(event[name])
+        try:
+            bounds.check_event(event)
+        except bounds.BoundsViolation as exc:
+            error = OversizedFieldError if exc.reason == "oversized_field" else UnstorableValueError
+            raise error(f"{what}: {exc}") from None
         return Decoded(reader.event_type, fp, event)
 
     def _schema(self, event_type: str) -> _Schema:

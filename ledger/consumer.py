@@ -2,18 +2,19 @@
 
 A shard is a partition number: all input topics are co-partitioned by account, so partition p
 of every input topic holds the same accounts, and one writer must own all of them at once.
-Ownership is a PostgreSQL session advisory lock per (consumer group, shard), held on a
-dedicated connection: a worker consumes (by manual assignment) exactly the shards it holds,
-others wait as standbys and take a shard over within seconds when its owner's session ends
-(a crash closes the connection and frees the lock). `LEDGER_SHARDS` restricts a worker to some
-shards, so a deployment scales out by giving each worker its range.
+Ownership is an expiring lease per (consumer group, shard) in PostgreSQL (`ledger.leases`): a
+worker consumes (by manual assignment) exactly the shards it holds, others wait as standbys
+and take a shard over when its lease expires (its holder crashed, froze or lost the database)
+or is released (a clean stop). `LEDGER_SHARDS` restricts a worker to some shards, so a
+deployment scales out by giving each worker its range.
 
 Why not Kafka's group protocol: with kafka-python 3.0.12 a rebalance that outlives one
 `poll()` call can leave the consumer joined but never fetching (the join task completes after
 the poll gave up, and nothing applies its assignment), which stalls a shard silently; leases
 in the same database as the offsets have no such failure mode. Correctness never depends on
 the leases anyway: every batch locks its partitions' stored offsets, drops what another writer
-already journaled and refuses gaps, so even two writers on one shard duplicate nothing.
+already journaled and refuses a fetch that starts past the stored offset, so even two writers
+on one shard duplicate nothing.
 
 Offsets live in PostgreSQL beside the journal; Kafka's committed offsets are not used.
 """
@@ -27,19 +28,19 @@ from collections.abc import Callable
 import psycopg
 import structlog
 from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import OffsetOutOfRangeError as KafkaOffsetOutOfRange
 
 from ledger import db, topics
 from ledger.book import LedgerFold
 from ledger.db import QUERIES
 from ledger.errors import StackError
-from ledger.journal import LedgerWriter
+from ledger.journal import Fetched, LedgerWriter, OffsetGapError, one_line
+from ledger.leases import LEASE_REFRESH_S, LeaseLostError, ShardLeases
 from ledger.policy import Policy
 from ledger.rating import PriceBook
 from ledger.settings import Settings
 
 log = structlog.get_logger(__name__)
-
-LEASE_REFRESH_S = 2.0
 
 
 def kafka_consumer_options(settings: Settings) -> dict[str, object]:
@@ -49,35 +50,94 @@ def kafka_consumer_options(settings: Settings) -> dict[str, object]:
     return {"enable_incremental_fetch_sessions": False}
 
 
-class ShardLeases:
-    """The shards this process may write: session advisory locks on their own connection."""
+RETRY_FIRST_S = 0.5
+RETRY_MAX_S = 5.0
+LOSS_REPORT_S = 30.0
 
-    def __init__(self, dsn: str, group: str, wanted: list[int]):
-        self.dsn = dsn
-        self.group = group
-        self.wanted = wanted
-        self.owned: set[int] = set()
-        self.conn: psycopg.Connection | None = None
 
-    def refresh(self) -> set[int]:
-        """Try to take every wanted shard not held yet; returns the shards held now."""
-        if self.conn is None or self.conn.closed or self.conn.broken:
-            if self.owned:
-                log.warning("shard_leases_lost", shards=sorted(self.owned))
-            self.owned = set()
-            self.conn = db.connect(self.dsn, autocommit=True)
-        for shard in self.wanted:
-            if shard not in self.owned:
-                (got,) = self.conn.execute(
-                    QUERIES["try_shard_lease"], (self.group, shard)
-                ).fetchone()
-                if got:
-                    self.owned.add(shard)
-        return set(self.owned)
+class ShardConsumer:
+    """The owned shards' partitions of every input topic, consumed by manual assignment from
+    the offsets stored with the journal. Keeps, per partition, where the current fetch
+    started, so that each batch tells the writer exactly which offsets it covers (offsets are
+    not contiguous: transaction markers, aborted records and compaction leave holes)."""
 
-    def close(self) -> None:
-        if self.conn is not None:
-            self.conn.close()  # ends the session: every lease is released at once
+    def __init__(self, consumer: KafkaConsumer, writer: LedgerWriter, input_topics: list[str]):
+        self.consumer = consumer
+        self.writer = writer
+        self.input_topics = input_topics
+        self.starts: dict[TopicPartition, int] = {}
+        self.lost: dict[TopicPartition, tuple[int, int]] = {}  # stored offset, log start
+        self._reported = 0.0
+
+    def assign(self, shards: set[int]) -> None:
+        """Consume exactly `shards`, less those whose next record Kafka already deleted."""
+        partitions = [TopicPartition(t, s) for t in self.input_topics for s in sorted(shards)]
+        stored = self.writer.stored_offsets(self.input_topics)
+        begin = self.consumer.beginning_offsets(partitions, timeout_ms=10_000) if partitions else {}
+        lost = {
+            tp: (stored.get((tp.topic, tp.partition), 0), begin[tp])
+            for tp in partitions
+            if stored.get((tp.topic, tp.partition), 0) < begin[tp]
+        }
+        if lost != self.lost:
+            self.lost, self._reported = lost, 0.0
+        self._report_lost()
+        blocked = {tp.partition for tp in lost}
+        partitions = [tp for tp in partitions if tp.partition not in blocked]
+        if set(partitions) == set(self.consumer.assignment()):
+            return
+        self.consumer.assign(partitions)
+        self.starts = {}
+        for tp in partitions:
+            offset = stored.get((tp.topic, tp.partition), 0)
+            self.consumer.seek(tp, offset)
+            self.starts[tp] = offset
+        log.info(
+            "partitions_assigned",
+            shards=sorted(shards - blocked),
+            stopped=sorted(blocked),
+            partitions=len(partitions),
+        )
+
+    def _report_lost(self) -> None:
+        """Name every lost range loudly, again every LOSS_REPORT_S while it stays lost."""
+        if not self.lost or time.monotonic() - self._reported < LOSS_REPORT_S:
+            return
+        self._reported = time.monotonic()
+        for tp, (stored, log_start) in sorted(self.lost.items()):
+            log.error(
+                "shard_stopped_data_lost",
+                shard=tp.partition,
+                topic=tp.topic,
+                lost_from=stored,
+                lost_to=log_start,
+                fix=f"ledger offsets accept-loss --shard {tp.partition}",
+                detail="Kafka deleted these offsets before the ledger journaled them",
+            )
+
+    def poll(self, settings: Settings, stop: threading.Event) -> tuple[list, Fetched]:
+        """A batch of records and the offsets fetched per partition to get it."""
+        self._report_lost()
+        batch = _poll_batch(self.consumer, settings, stop)
+        fetched: dict[tuple[str, int], tuple[int, int]] = {}
+        for tp, start in self.starts.items():
+            end = self.consumer.position(tp)
+            if end is not None and end != start:
+                fetched[(tp.topic, tp.partition)] = (start, end)
+        return batch, fetched
+
+    def committed(self, fetched: Fetched) -> None:
+        """The writer stored `fetched`: the next batch starts where it ended."""
+        for (topic, partition), (_, end) in fetched.items():
+            self.starts[TopicPartition(topic, partition)] = end
+
+    def rewind(self) -> None:
+        """Back to the stored offsets (after a failed batch or a refused fetch)."""
+        stored = self.writer.stored_offsets(self.input_topics)
+        for tp in list(self.starts):
+            offset = stored.get((tp.topic, tp.partition), 0)
+            self.consumer.seek(tp, offset)
+            self.starts[tp] = offset
 
 
 def run_ledger_consumer(
@@ -89,21 +149,28 @@ def run_ledger_consumer(
     on_batch: Callable[[int], None] | None = None,
 ) -> None:
     """Consume the owned shards until `stop` is set; then finish the batch in hand and
-    commit it."""
+    commit it. Errors of the infrastructure (PostgreSQL or Kafka down or restarting) are
+    retried with capped exponential backoff, one log line per attempt; a batch is never
+    skipped: after any failure, consumption resumes from the offsets stored with the journal."""
     fold = LedgerFold(PriceBook.load(settings.price_book), Policy.load(settings.policy))
-    conn = db.connect(dsn)
     writer = LedgerWriter(
-        conn,
+        _writer_connection(dsn, settings),
         fold,
         group_id=settings.consumer_group,
         deadletter_topic=settings.topic(topics.DEADLETTER),
+        deadletter_max_bytes=settings.deadletter_max_bytes,
     )
     consumer = KafkaConsumer(
         bootstrap_servers=bootstrap,
         group_id=None,
         client_id=f"ledger-{settings.consumer_group}",
         enable_auto_commit=False,
-        auto_offset_reset="earliest",
+        # Offsets come from the journal. Offsets Kafka deleted before the ledger read them are
+        # never skipped silently: the shard stops (ShardConsumer.lost) until an operator
+        # accepts the loss.
+        auto_offset_reset="none",
+        # Producers may use transactions: aborted records are never journaled.
+        isolation_level="read_committed",
         max_poll_records=settings.batch_max_events,
         fetch_max_wait_ms=min(settings.batch_max_ms, 500),
         max_partition_fetch_bytes=4 * 1024 * 1024,
@@ -114,57 +181,73 @@ def run_ledger_consumer(
     wanted = settings.shards if settings.shards is not None else list(range(shard_count))
     if any(shard >= shard_count for shard in wanted):
         raise StackError(f"LEDGER_SHARDS={wanted}: the input topics have {shard_count} partitions")
-    leases = ShardLeases(dsn, settings.consumer_group, wanted)
+    leases = ShardLeases(dsn, settings.consumer_group, wanted, settings.lease_timeout_s)
+    writer.fence = leases.fence
+    shards = ShardConsumer(consumer, writer, input_topics)
     owned: set[int] = set()
     next_refresh = 0.0
+    failures = 0
     log.info("ledger_consumer_started", group=settings.consumer_group, shards=wanted)
     try:
         while not stop.is_set():
-            if time.monotonic() >= next_refresh:
-                held = leases.refresh()
-                if held != owned:
-                    owned = held
-                    _assign(consumer, writer, input_topics, owned)
-                next_refresh = time.monotonic() + LEASE_REFRESH_S
-            if not owned:
-                stop.wait(LEASE_REFRESH_S)
-                continue
-            batch = _poll_batch(consumer, settings, stop)
-            if not batch:
-                continue
             try:
-                writer.write_batch(batch)
-            except Exception as exc:  # retried from the stored offsets; nothing is lost
-                log.error("batch_failed", error=str(exc), records=len(batch), exc_info=True)
-                if conn.closed or conn.broken:
-                    conn = writer.conn = db.connect(dsn)
-                _seek_to_stored(consumer, writer, consumer.assignment())
-                stop.wait(1.0)
-                continue
-            if on_batch is not None:
-                on_batch(len(batch))
+                if failures:
+                    if writer.conn.closed or writer.conn.broken:
+                        writer.conn = _writer_connection(dsn, settings)
+                    shards.rewind()
+                if time.monotonic() >= next_refresh:
+                    held = leases.refresh()
+                    if held != owned or shards.lost:
+                        owned = held
+                        shards.assign(owned)
+                    next_refresh = time.monotonic() + LEASE_REFRESH_S
+                if not owned:
+                    failures = 0
+                    stop.wait(LEASE_REFRESH_S)
+                    continue
+                batch, fetched = shards.poll(settings, stop)
+                if batch or fetched:
+                    writer.write_batch(batch, fetched=fetched)
+                    shards.committed(fetched)
+                    if on_batch is not None and batch:
+                        on_batch(len(batch))
+                if failures:
+                    log.info("ledger_consumer_recovered", after_attempts=failures)
+                failures = 0
+            except LeaseLostError as exc:  # another worker holds a shard now: give it up
+                log.warning("shard_lease_fenced", reason=one_line(exc))
+                owned, next_refresh, failures = set(), 0.0, max(failures, 1)
+            except OffsetGapError as exc:  # a fetch that does not start at the stored offset
+                log.warning("offsets_resynced", reason=one_line(exc))
+                failures = max(failures, 1)
+            except KafkaOffsetOutOfRange as exc:  # Kafka deleted what we were about to read
+                log.error("offsets_out_of_range", error=one_line(exc))
+                owned, next_refresh, failures = set(), 0.0, 0
+            except Exception as exc:
+                failures += 1
+                delay = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (failures - 1))
+                log.warning(
+                    "ledger_batch_retry",
+                    error=f"{type(exc).__name__}: {one_line(exc)}"[:500],
+                    attempt=failures,
+                    retry_in_s=delay,
+                )
+                stop.wait(delay)
     finally:
         consumer.close(autocommit=False)
         leases.close()
-        conn.close()
+        writer.conn.close()
         log.info("ledger_consumer_stopped")
 
 
-def _assign(
-    consumer: KafkaConsumer, writer: LedgerWriter, input_topics: list[str], shards: set[int]
-) -> None:
-    """Consume exactly `shards` of every input topic, from the offsets stored with the
-    journal (the beginning of a partition never journaled)."""
-    partitions = [TopicPartition(t, s) for t in input_topics for s in sorted(shards)]
-    consumer.assign(partitions)
-    _seek_to_stored(consumer, writer, partitions)
-    log.info("partitions_assigned", shards=sorted(shards), partitions=len(partitions))
-
-
-def _seek_to_stored(consumer: KafkaConsumer, writer: LedgerWriter, partitions) -> None:
-    stored = writer.stored_offsets(sorted({tp.topic for tp in partitions}))
-    for tp in partitions:
-        consumer.seek(tp, stored.get((tp.topic, tp.partition), 0))
+def _writer_connection(dsn: str, settings: Settings) -> psycopg.Connection:
+    """The batch writer's connection. A batch transaction left idle longer than the lease
+    timeout (its process frozen) is aborted by the server, so its row locks cannot hold a
+    standby up after the standby took the shard over."""
+    conn = db.connect(dsn)
+    conn.execute(QUERIES["set_idle_in_transaction_timeout"], (f"{settings.lease_timeout_s}s",))
+    conn.commit()
+    return conn
 
 
 def _shard_count(

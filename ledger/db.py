@@ -40,7 +40,11 @@ QUERIES: dict[str, str] = _load_queries()
 
 def connect(dsn: str, *, autocommit: bool = False) -> psycopg.Connection:
     try:
-        return psycopg.connect(dsn, autocommit=autocommit, application_name="ledger")
+        # The session time zone is pinned to UTC: timestamps the ledger reads back (audit,
+        # reports, verify) never depend on the server's or the client's local zone.
+        return psycopg.connect(
+            dsn, autocommit=autocommit, application_name="ledger", options="-c TimeZone=UTC"
+        )
     except psycopg.OperationalError as exc:
         raise DatabaseError(f"cannot connect to PostgreSQL at {_redact(dsn)}: {exc}") from exc
 

@@ -26,6 +26,18 @@ class BadMagicError(DecodeError):
     reason = "bad_magic"
 
 
+class TombstoneError(DecodeError):
+    """A record with no value (a Kafka tombstone): there is no event to journal."""
+
+    reason = "tombstone"
+
+
+class OversizedEventError(DecodeError):
+    """A record value larger than any event the journal accepts."""
+
+    reason = "oversized_event"
+
+
 class UnknownFingerprintError(DecodeError):
     reason = "unknown_fingerprint"
 
@@ -44,6 +56,18 @@ class UnknownEnumValueError(SchemaViolationError):
     """An enum field holds a symbol (or index) the reader schema does not know."""
 
     reason = "unknown_enum_value"
+
+
+class UnstorableValueError(SchemaViolationError):
+    """A string the journal cannot store (a NUL character, a control character in an id)."""
+
+    reason = "unstorable_value"
+
+
+class OversizedFieldError(SchemaViolationError):
+    """An identifier or string longer than the journal's bounds (`ledger.bounds`)."""
+
+    reason = "oversized_field"
 
 
 class InvalidEventError(LedgerError):

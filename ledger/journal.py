@@ -3,13 +3,23 @@
 The commit protocol, in order:
   1. lock the stored offsets of the batch's partitions (FOR UPDATE): a second writer of the same
      partitions (a zombie after a rebalance) waits here, then sees the moved offsets;
-  2. drop records below the stored offset (already journaled), refuse a gap above it;
-  3. decode, deduplicate by event_id, post each event onto its account book (the pure fold);
+  2. drop records below the stored offset (already journaled); refuse a batch whose fetch
+     started after it (records would be skipped). Offsets need not be contiguous (transaction
+     markers, compaction): the consumer says from where to where it fetched each partition,
+     and the stored offset moves to the end of that range;
+  3. decode and check bounds (`ledger.bounds`), deduplicate by event_id, check time and the
+     account's home shard, post each event onto its account book (the pure fold);
   4. take gapless per-shard sequence numbers (row lock on shard_heads until commit);
   5. COPY raw events, entries and postings; insert rejects and their dead-letter outbox rows;
   6. save the account books and the next offsets; NOTIFY the projection workers; commit.
 A crash anywhere before the commit loses nothing (Kafka redelivers from the stored offsets) and
 duplicates nothing (the journal and the offsets commit together).
+
+A batch that fails with an error nobody foresaw (a data error from PostgreSQL, a bug) is split
+in halves until the failing record is alone; that record is quarantined as `processing_error`
+with the error's message and the rest is journaled, in order, exactly once. Errors of the
+infrastructure (connection lost, server restarting, serialization failure) are not split:
+they propagate, and the consumer retries the batch with backoff.
 """
 
 from __future__ import annotations
@@ -18,7 +28,8 @@ import dataclasses
 import time
 import traceback
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import psycopg
@@ -33,10 +44,12 @@ from ledger.book import (
     canonical_json,
     chain_hash,
     content_hash,
+    expiry_events,
 )
 from ledger.codec import Codec
 from ledger.db import QUERIES
-from ledger.errors import DecodeError, LedgerError
+from ledger.errors import DecodeError, LedgerError, TombstoneError
+from ledger.settings import DEADLETTER_MAX_BYTES
 
 log = structlog.get_logger(__name__)
 
@@ -58,6 +71,41 @@ class OffsetGapError(LedgerError):
     """A batch starts past the stored offset: records would be skipped. The consumer re-seeks."""
 
 
+# (topic, partition) -> (start, end): the consumer fetched every committed record of the
+# partition from offset `start` up to, not including, `end` (its position after the batch).
+Fetched = Mapping[tuple[str, int], tuple[int, int]]
+
+
+@dataclasses.dataclass(frozen=True)
+class InputRecord:
+    """A record as the writer keeps it: a tombstone's missing value becomes empty bytes."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    headers: Sequence[tuple[str, bytes]] = ()
+    tombstone: bool = False
+    recorded_at: datetime | None = None  # replays: when the source journal recorded it
+
+    @classmethod
+    def of(cls, record: Record) -> InputRecord:
+        if isinstance(record, InputRecord):
+            return record
+        value = record.value
+        return cls(
+            record.topic,
+            record.partition,
+            record.offset,
+            record.key,
+            b"" if value is None else bytes(value),
+            tuple(record.headers or ()),
+            value is None,
+            getattr(record, "recorded_at", None),
+        )
+
+
 @dataclasses.dataclass
 class BatchResult:
     journaled: int = 0
@@ -65,6 +113,14 @@ class BatchResult:
     rejected: int = 0
     stale: int = 0
     next_offsets: dict[tuple[str, int], int] = dataclasses.field(default_factory=dict)
+    split: bool = False  # the batch failed whole and was split to isolate a record
+
+    def add(self, other: BatchResult) -> None:
+        self.journaled += other.journaled
+        self.duplicates += other.duplicates
+        self.rejected += other.rejected
+        self.stale += other.stale
+        self.next_offsets.update(other.next_offsets)
 
 
 @dataclasses.dataclass
@@ -108,12 +164,19 @@ class LedgerWriter:
         group_id: str,
         deadletter_topic: str,
         codec: Codec | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        deadletter_max_bytes: int = DEADLETTER_MAX_BYTES,
     ):
         self.conn = conn
         self.fold = fold
         self.group_id = group_id
         self.deadletter_topic = deadletter_topic
         self.codec = codec or Codec.default()
+        self.clock = clock  # the ledger's own clock: bounds occurred_at and PeriodTicks
+        self.deadletter_max_bytes = deadletter_max_bytes
+        # Called inside each batch transaction with the shards the batch writes, after their
+        # offsets are locked; raises to refuse the batch (the shard lease fence).
+        self.fence: Callable[[psycopg.Cursor, set[int]], None] | None = None
 
     def stored_offsets(self, topics: Sequence[str]) -> dict[tuple[str, int], int]:
         rows = self.conn.execute(
@@ -122,48 +185,131 @@ class LedgerWriter:
         self.conn.commit()
         return {(t, p): o for t, p, o in rows}
 
-    def write_batch(self, records: Sequence[Record], *, replay: bool = False) -> BatchResult:
-        """Journal `records` in one transaction. With `replay`, the records come from another
-        journal in its order (`ledger replay`) or from quarantine (`ledger rejects replay`):
-        that order is kept exactly, Kafka offsets are neither checked nor stored, and a record
-        rejected again gets no second dead-letter copy."""
+    def write_batch(
+        self, records: Sequence[Record], *, replay: bool = False, fetched: Fetched | None = None
+    ) -> BatchResult:
+        """Journal `records` in one transaction. `fetched` says which offsets the consumer
+        fetched per partition (without it, the records' own first and last offsets). With
+        `replay`, the records come from another journal in its order (`ledger replay`) or from
+        quarantine (`ledger rejects replay`): that order is kept exactly, Kafka offsets are
+        neither checked nor stored, and a record rejected again gets no second dead-letter
+        copy. A batch that fails for a reason tied to its data is split (module docstring)."""
         started = time.perf_counter()
+        items = [InputRecord.of(r) for r in records]
+        if not replay:
+            items.sort(key=lambda r: (r.topic, r.partition, r.offset))
+        try:
+            result = self._transaction(items, replay, fetched, {})
+        except Exception as exc:
+            if not splittable(exc):
+                raise
+            log.warning("batch_split", error=one_line(exc), records=len(items))
+            result = self._isolate(items, replay, fetched, exc)
+        log.info(
+            "batch_committed",
+            records=len(items),
+            journaled=result.journaled,
+            duplicates=result.duplicates,
+            rejected=result.rejected,
+            stale=result.stale,
+            split=result.split,
+            ms=round((time.perf_counter() - started) * 1000, 1),
+        )
+        return result
+
+    def _transaction(
+        self,
+        records: list[InputRecord],
+        replay: bool,
+        fetched: Fetched | None,
+        poison: dict[tuple[str, int, int], str],
+    ) -> BatchResult:
         try:
             with self.conn.transaction():
-                result = self._write(records, replay)
+                result = self._write(records, replay, fetched, poison)
         except BaseException:
             if not self.conn.closed:
                 self.conn.rollback()
             raise
         self.conn.commit()
-        log.info(
-            "batch_committed",
-            records=len(records),
-            journaled=result.journaled,
-            duplicates=result.duplicates,
-            rejected=result.rejected,
-            stale=result.stale,
-            ms=round((time.perf_counter() - started) * 1000, 1),
-        )
         return result
+
+    def _isolate(
+        self,
+        records: list[InputRecord],
+        replay: bool,
+        fetched: Fetched | None,
+        error: Exception,
+    ) -> BatchResult:
+        """Write `records`, which failed together with `error`, by halves; a record that fails
+        alone is quarantined as processing_error with the error's message."""
+        if len(records) == 1:
+            (record,) = records
+            detail = f"{type(error).__name__}: {one_line(error)}"
+            log.error(
+                "record_isolated",
+                topic=record.topic,
+                partition=record.partition,
+                offset=record.offset,
+                error=detail[:500],
+            )
+            poison = {(record.topic, record.partition, record.offset): detail}
+            result = self._transaction(records, replay, fetched, poison)
+            result.split = True
+            return result
+        middle = len(records) // 2
+        total = BatchResult(split=True)
+        for part, part_fetched in zip(
+            (records[:middle], records[middle:]),
+            split_fetched(fetched, records[:middle], records[middle:]),
+            strict=True,
+        ):
+            try:
+                total.add(self._transaction(part, replay, part_fetched, {}))
+            except Exception as exc:
+                if not splittable(exc):
+                    raise
+                total.add(self._isolate(part, replay, part_fetched, exc))
+        return total
 
     # --- the transaction ------------------------------------------------------------------
 
-    def _write(self, records: Sequence[Record], replay: bool) -> BatchResult:
+    def _write(
+        self,
+        records: list[InputRecord],
+        replay: bool,
+        fetched: Fetched | None,
+        poison: dict[tuple[str, int, int], str],
+    ) -> BatchResult:
         cur = self.conn.cursor()
         result = BatchResult()
         if not replay:
-            records = self._fresh_records(cur, records, result)
+            records = self._fresh_records(cur, records, fetched, result)
+        if self.fence is not None and not replay:
+            self.fence(cur, {r.partition for r in records} | {p for _, p in result.next_offsets})
+        now = self.clock()
         accepted: list[_Accepted] = []
         rejects: list[tuple[Record, str | None, str | None, str, str]] = []
         seen: dict[str, bytes] = {}
 
         decoded = []
         for record in records:
+            failure = poison.get((record.topic, record.partition, record.offset))
+            if failure is not None:
+                rejects.append((record, None, None, "processing_error", safe_text(failure)))
+                continue
             try:
+                if record.tombstone:
+                    raise TombstoneError("no value (tombstone)")
                 d = self.codec.decode(record.value)
             except DecodeError as exc:
-                rejects.append((record, None, None, exc.reason, str(exc)))
+                rejects.append((record, None, None, exc.reason, safe_text(str(exc))))
+                continue
+            problem = self._implausible_time(d.event_type, d.event, record.recorded_at or now)
+            if problem is not None:
+                rejects.append(
+                    (record, d.event["event_id"], d.event_type, "implausible_time", problem)
+                )
                 continue
             decoded.append((record, d))
         ids = [d.event.get("event_id") for _, d in decoded]
@@ -201,17 +347,43 @@ class LedgerWriter:
         books = self._load_books(
             cur, {a.event["account_id"] for a in accepted if a.event_type != "PeriodTick"}
         )
+        clocks = self._shard_clocks(
+            cur, {a.record.partition for a in accepted if a.event_type == "PeriodTick"}
+        )
+        moved: set[int] = set()
         journaled: list[_Accepted] = []
         for item in accepted:
             if item.event_type == "PeriodTick":
+                shard, tick_at = item.record.partition, item.event["tick_at"]
+                problem = self._implausible_tick(
+                    tick_at, clocks.get(shard), item.record.recorded_at or now
+                )
+                if problem is not None:
+                    rejects.append((item.record, item.event["event_id"], item.event_type, *problem))
+                    continue
+                clocks[shard] = tick_at
+                moved.add(shard)
                 journaled += self._period_tick(cur, item, books)
                 continue
             account_id = item.event["account_id"]
-            book, last_hash, _ = books.get(account_id) or (
+            book, last_hash, home = books.get(account_id) or (
                 AccountBook(account_id),
                 GENESIS,
                 item.record.partition,
             )
+            if home is not None and home != item.record.partition:
+                rejects.append(
+                    (
+                        item.record,
+                        item.event["event_id"],
+                        item.event_type,
+                        "wrong_partition",
+                        f"account {account_id} lives on shard {home}, the event arrived on "
+                        f"partition {item.record.partition} (producers must key by account_id "
+                        "with Kafka's default murmur2 partitioner)",
+                    )
+                )
+                continue
             try:
                 item.entry = self.fold.post(book, item.event_type, item.event)
             except Rejected as exc:
@@ -220,7 +392,7 @@ class LedgerWriter:
                 )
                 continue
             except Exception:  # a bug must not block the partition; the event is kept
-                detail = traceback.format_exc(limit=3)
+                detail = safe_text(traceback.format_exc(limit=3))
                 log.error("fold_failed", event_id=item.event["event_id"], detail=detail)
                 rejects.append(
                     (
@@ -246,6 +418,9 @@ class LedgerWriter:
             ],
         )
         cur.executemany(
+            QUERIES["save_shard_clock"], [(clocks[shard], shard) for shard in sorted(moved)]
+        )
+        cur.executemany(
             QUERIES["save_offset"],
             [(self.group_id, t, p, o) for (t, p), o in sorted(result.next_offsets.items())],
         )
@@ -258,33 +433,92 @@ class LedgerWriter:
         return result
 
     def _fresh_records(
-        self, cur: psycopg.Cursor, records: Sequence[Record], result: BatchResult
-    ) -> list[Record]:
-        """Lock the partitions' stored offsets; keep only records at or after them."""
-        topics = sorted({r.topic for r in records})
-        stored = {
-            (t, p): o
-            for t, p, o in cur.execute(
-                QUERIES["lock_offsets"], {"group_id": self.group_id, "topics": topics}
-            )
+        self,
+        cur: psycopg.Cursor,
+        records: list[InputRecord],
+        fetched: Fetched | None,
+        result: BatchResult,
+    ) -> list[InputRecord]:
+        """Lock the partitions' stored offsets; keep only records at or after them; move each
+        stored offset to the end of what the consumer fetched. Refuse a fetch that started
+        after the stored offset (its records would skip what lies between)."""
+        ranges = dict(fetched) if fetched is not None else _ranges_of(records)
+        for record in records:
+            if (record.topic, record.partition) not in ranges:
+                raise LedgerError(f"{record.topic}[{record.partition}]: no fetched range given")
+        tps = sorted(ranges)
+        params = {
+            "group_id": self.group_id,
+            "topics": [t for t, _ in tps],
+            "partitions": [p for _, p in tps],
+            "offsets": [ranges[tp][0] for tp in tps],
         }
-        fresh: list[Record] = []
-        expected = dict(stored)
-        for record in sorted(records, key=lambda r: (r.topic, r.partition, r.offset)):
-            tp = (record.topic, record.partition)
-            want = expected.get(tp)
-            if want is not None and record.offset < want:
+        cur.execute(QUERIES["ensure_offsets"], params)  # so that the lock below has rows
+        stored = {(t, p): o for t, p, o in cur.execute(QUERIES["lock_offsets"], params)}
+        for tp in tps:
+            start, _ = ranges[tp]
+            if start > stored[tp]:
+                raise OffsetGapError(
+                    f"{tp[0]}[{tp[1]}] batch starts at offset {start}, "
+                    f"stored next offset is {stored[tp]}"
+                )
+        fresh: list[InputRecord] = []
+        for record in records:
+            if record.offset < stored[(record.topic, record.partition)]:
                 result.stale += 1
                 continue
-            if want is not None and record.offset > want:
-                raise OffsetGapError(
-                    f"{record.topic}[{record.partition}] batch starts at offset "
-                    f"{record.offset}, stored next offset is {want}"
-                )
-            expected[tp] = record.offset + 1
             fresh.append(record)
-        result.next_offsets = {tp: o for tp, o in expected.items() if stored.get(tp) != o}
+        result.next_offsets = {tp: ranges[tp][1] for tp in tps if ranges[tp][1] > stored[tp]}
         return fresh
+
+    def _shard_clocks(self, cur: psycopg.Cursor, shards: set[int]) -> dict[int, datetime]:
+        """The last PeriodTick journaled in each of `shards` (none yet: absent)."""
+        if not shards:
+            return {}
+        rows = cur.execute(QUERIES["shard_clocks"], (sorted(shards),)).fetchall()
+        return {shard: at for shard, at in rows if at is not None}
+
+    def _implausible_time(self, event_type: str, event: dict, now: datetime) -> str | None:
+        """Why an event's occurred_at cannot be true, or None (policy [time])."""
+        policy = self.fold.policy
+        at = event["occurred_at"]
+        if at > now + policy.max_clock_skew:
+            return (
+                f"occurred_at {at.isoformat()} is later than the ledger's clock "
+                f"{now.isoformat()} plus the allowed skew of {policy.max_clock_skew}"
+            )
+        if at < policy.earliest_event:
+            return (
+                f"occurred_at {at.isoformat()} is before the earliest plausible event "
+                f"{policy.earliest_event.isoformat()}"
+            )
+        return None
+
+    def _implausible_tick(
+        self, tick_at: datetime, last: datetime | None, now: datetime
+    ) -> tuple[str, str] | None:
+        """A PeriodTick moves a shard's clock only forward, by a bounded step, and never past
+        the ledger's own clock plus the skew; (reason, detail) if this one may not."""
+        policy = self.fold.policy
+        if tick_at > now + policy.max_clock_skew:
+            return (
+                "implausible_time",
+                f"tick_at {tick_at.isoformat()} is later than the ledger's clock "
+                f"{now.isoformat()} plus the allowed skew of {policy.max_clock_skew}",
+            )
+        if last is not None and tick_at < last:
+            return (
+                "implausible_time",
+                f"tick_at {tick_at.isoformat()} goes back from the shard's last tick "
+                f"{last.isoformat()}",
+            )
+        if last is not None and tick_at - last > policy.max_tick_step:
+            return (
+                "implausible_time",
+                f"tick_at {tick_at.isoformat()} is more than {policy.max_tick_step} after the "
+                f"shard's last tick {last.isoformat()}",
+            )
+        return None
 
     def _load_books(
         self, cur: psycopg.Cursor, account_ids: set[str]
@@ -317,19 +551,12 @@ class LedgerWriter:
         )
         for account_id in due:
             book, last_hash, _ = books[account_id]
-            for grant_id, expired_at, entry in self.fold.expire_grants(book, at):
-                event_id = f"{tick.event['event_id']}:expiry:{account_id}:{grant_id}"
+            for event, entry in expiry_events(self.fold, tick.event, account_id, book):
                 item = _Accepted(
                     tick.record,
                     "GrantExpired",
                     tick.fingerprint,
-                    {
-                        "event_id": event_id,
-                        "account_id": account_id,
-                        "occurred_at": expired_at,
-                        "grant_id": grant_id,
-                        "tick_event_id": tick.event["event_id"],
-                    },
+                    event,
                     b"",
                     entry=entry,
                     cause_event_id=tick.event["event_id"],
@@ -412,6 +639,11 @@ class LedgerWriter:
         rejects: list[tuple[Record, str | None, str | None, str, str]],
         replay: bool,
     ) -> None:
+        """Store each reject with its raw bytes and, unless replaying, queue its dead-letter
+        copy. A copy whose key + value + headers would exceed `deadletter_max_bytes`
+        (LEDGER_DEADLETTER_MAX_BYTES, default 900 KiB) goes out as a reference instead: an empty
+        value and the dlq_* headers plus `dlq_reject_id` (the `rejected_events` id),
+        `dlq_truncated=true` and `dlq_size`. The reject row always keeps the full bytes."""
         if not rejects:
             return
         rejects = sorted(rejects, key=lambda r: (r[0].topic, r[0].partition, r[0].offset))
@@ -435,23 +667,43 @@ class LedgerWriter:
         )
         if replay:
             return  # replayed records came from a journal or from quarantine: copied already
-        cur.executemany(
-            QUERIES["insert_outbox"],
-            [
-                (
-                    self.deadletter_topic,
-                    r.key,  # same partitioning as the original: per-account order kept
-                    r.value,
-                    Jsonb(_dead_letter_headers(r, reason, detail)),
+        limit = self.deadletter_max_bytes
+        copies = []
+        for r, _, _, reason, detail in rejects:
+            value = r.value or b""
+            headers = _dead_letter_headers(r, reason, detail)
+            size = len(r.key or b"") + len(value)
+            size += sum(len(name.encode()) + len(hexed) // 2 for name, hexed in headers)
+            if size > limit:
+                (reject_id,) = cur.execute(
+                    QUERIES["reject_id_at"], (r.topic, r.partition, r.offset)
+                ).fetchone()
+                headers = _dead_letter_headers(
+                    r, reason, detail, reject_id=reject_id, size=len(value)
                 )
-                for r, _, _, reason, detail in rejects
-            ],
-        )
+                value = b""
+                log.warning(
+                    "dead_letter_by_reference", reject_id=reject_id, bytes=size, limit=limit
+                )
+            # Same key as the original, so the same partitioning: per-account order kept.
+            copies.append((self.deadletter_topic, r.key, value, Jsonb(headers)))
+        cur.executemany(QUERIES["insert_outbox"], copies)
 
 
-def _dead_letter_headers(record: Record, reason: str, detail: str) -> list[list[str]]:
-    """Original headers plus where the record came from and why it was rejected (hex values)."""
-    headers = [[k, (v or b"").hex()] for k, v in (record.headers or [])]
+def _dead_letter_headers(
+    record: Record,
+    reason: str,
+    detail: str,
+    *,
+    reject_id: int | None = None,
+    size: int | None = None,
+) -> list[list[str]]:
+    """Original headers plus where the record came from and why it was rejected (hex values).
+    With `reject_id` (a copy too big for Kafka): a reference to the `rejected_events` row
+    instead of the original headers, with the original value's `size`."""
+    headers = (
+        [] if reject_id is not None else [[k, (v or b"").hex()] for k, v in record.headers or []]
+    )
     headers += [
         ["dlq_reason", reason.encode().hex()],
         ["dlq_detail", detail[:1000].encode().hex()],
@@ -459,7 +711,71 @@ def _dead_letter_headers(record: Record, reason: str, detail: str) -> list[list[
         ["dlq_partition", str(record.partition).encode().hex()],
         ["dlq_offset", str(record.offset).encode().hex()],
     ]
+    if reject_id is not None:
+        headers += [
+            ["dlq_reject_id", str(reject_id).encode().hex()],
+            ["dlq_truncated", b"true".hex()],
+            ["dlq_size", str(size).encode().hex()],
+        ]
     return headers
+
+
+def splittable(error: BaseException) -> bool:
+    """Whether a failed batch should be split to find the record that caused `error`: errors
+    tied to the data (PostgreSQL data exceptions, integrity violations, program limits such as
+    an index row too large; Python errors from our own code), not the infrastructure's."""
+    if isinstance(error, LedgerError):
+        return False  # the writer's own refusals (an offset gap, a lost lease)
+    if isinstance(error, psycopg.DataError | psycopg.IntegrityError):
+        return True
+    if isinstance(error, psycopg.Error):
+        return (error.sqlstate or "")[:2] in ("22", "23", "54")
+    return isinstance(error, Exception)
+
+
+def split_fetched(
+    fetched: Fetched | None, left: list[InputRecord], right: list[InputRecord]
+) -> tuple[Fetched | None, Fetched | None]:
+    """The fetched ranges of two halves of a batch (records in Kafka order): the left half
+    ends after its last record of each partition, the right half starts there."""
+    if fetched is None:
+        return None, None
+    last_left = {}
+    for record in left:
+        last_left[(record.topic, record.partition)] = record.offset + 1
+    in_right = {(r.topic, r.partition) for r in right}
+    left_ranges, right_ranges = {}, {}
+    for tp, (start, end) in fetched.items():
+        if tp in last_left:
+            left_ranges[tp] = (start, last_left[tp])
+            if tp in in_right:
+                right_ranges[tp] = (last_left[tp], end)
+            else:
+                left_ranges[tp] = (start, end)
+        elif tp in in_right:
+            right_ranges[tp] = (start, end)
+        else:
+            left_ranges[tp] = (start, end)  # nothing but markers: the left half moves past
+    return left_ranges, right_ranges
+
+
+def _ranges_of(records: list[InputRecord]) -> dict[tuple[str, int], tuple[int, int]]:
+    """Without the consumer's word, a batch's ranges are its records' own offsets."""
+    ranges: dict[tuple[str, int], tuple[int, int]] = {}
+    for record in records:
+        tp = (record.topic, record.partition)
+        start, _ = ranges.get(tp, (record.offset, record.offset))
+        ranges[tp] = (start, record.offset + 1)
+    return ranges
+
+
+def one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def safe_text(text: str, limit: int = 4000) -> str:
+    """Text for a reject's detail: no NUL (PostgreSQL text cannot hold it), bounded."""
+    return text.replace("\x00", "\\x00")[:limit]
 
 
 def _signed64(value: int) -> int:
@@ -467,4 +783,13 @@ def _signed64(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
-__all__ = ["GENESIS", "BatchResult", "LedgerWriter", "OffsetGapError", "Record"]
+__all__ = [
+    "GENESIS",
+    "BatchResult",
+    "Fetched",
+    "InputRecord",
+    "LedgerWriter",
+    "OffsetGapError",
+    "Record",
+    "splittable",
+]

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
 from ledger.config_files import load_toml
 from ledger.money import parse_money
+
+EARLIEST_EVENT = datetime.fromisoformat("2020-01-01T00:00:00+00:00")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +34,9 @@ class Policy:
     max_images_per_event: int
     max_steps_per_event: int
     max_amount: Decimal
+    max_clock_skew: timedelta = timedelta(minutes=5)
+    earliest_event: datetime = EARLIEST_EVENT
+    max_tick_step: timedelta = timedelta(days=31)
 
     @classmethod
     def load(cls, path: Path | None = None) -> Policy:
@@ -73,4 +79,31 @@ def _parse(data: dict) -> Policy:
         max_images_per_event=int(limits["max_images_per_event"]),
         max_steps_per_event=int(limits["max_steps_per_event"]),
         max_amount=parse_money(limits["max_amount"], "limits.max_amount"),
+        **_time_bounds(data.get("time", {})),
     )
+
+
+def _time_bounds(time: dict) -> dict:
+    """The [time] table: clock skew, the earliest plausible event, the largest tick step."""
+    out: dict = {}
+    if "max_clock_skew_seconds" in time:
+        skew = int(time["max_clock_skew_seconds"])
+        if not 0 <= skew <= 86_400:
+            raise ValueError("time.max_clock_skew_seconds: must be in [0, 86400]")
+        out["max_clock_skew"] = timedelta(seconds=skew)
+    if "earliest_event" in time:
+        try:
+            earliest = datetime.fromisoformat(str(time["earliest_event"]))
+        except ValueError:
+            raise ValueError(
+                f"time.earliest_event: not an ISO date-time: {time['earliest_event']!r}"
+            ) from None
+        if earliest.tzinfo is None:
+            raise ValueError("time.earliest_event: needs a UTC offset, e.g. +00:00")
+        out["earliest_event"] = earliest
+    if "max_tick_step_hours" in time:
+        step = int(time["max_tick_step_hours"])
+        if step < 1:
+            raise ValueError("time.max_tick_step_hours: must be at least 1")
+        out["max_tick_step"] = timedelta(hours=step)
+    return out

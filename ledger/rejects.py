@@ -6,12 +6,17 @@ to `schemas/history/`), a bound in the policy was too tight, a bug raised a proc
 as the live consumer (its own transaction, no Kafka offsets, no second dead-letter copy). One
 that is now accepted is journaled, and the projections pick it up like any entry; its reject
 row is marked resolved. One still refused stays open, with the reason it gets now.
+
+`show` gives one reject as data; `reject_lines` renders it for a terminal without ever writing
+a control character from the record (bytes as a hex dump, text with escapes).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import unicodedata
 from collections import Counter
+from datetime import datetime
 
 import structlog
 
@@ -78,6 +83,134 @@ def replay_rejects(
             conn.commit()
             log.info("reject_resolved", id=reject_id, was=old_reason, resolution=resolution)
     return outcome
+
+
+DUMP_BYTES = 256  # raw bytes shown by `ledger rejects show` unless --bytes says otherwise
+
+
+def show(dsn: str, reject_id: int) -> dict | None:
+    """One reject, every column (the raw bytes in full); None if there is no such id."""
+    with db.connect(dsn) as conn:
+        row = conn.execute(QUERIES["reject_row"], (reject_id,)).fetchone()
+    if row is None:
+        return None
+    keys = (
+        "id",
+        "reason",
+        "detail",
+        "topic",
+        "partition",
+        "offset",
+        "key",
+        "event_id",
+        "event_type",
+        "rejected_at",
+        "resolved_at",
+        "resolution",
+        "raw",
+    )
+    reject = dict(zip(keys, row, strict=True))
+    reject["raw"] = bytes(reject["raw"])
+    reject["key"] = bytes(reject["key"]) if reject["key"] is not None else None
+    return reject
+
+
+def printable(text: str, *, newlines: bool = False) -> str:
+    """`text` with every control, format or unassigned character (C0, DEL, C1, bidi
+    overrides, ...) written as an escape such as \\x1b, so it cannot drive a terminal."""
+    out = []
+    for ch in text:
+        if (newlines and ch == "\n") or unicodedata.category(ch)[0] != "C":
+            out.append(ch)
+        elif ord(ch) <= 0xFF:
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(f"\\u{ord(ch):04x}")
+    return "".join(out)
+
+
+def hex_dump(data: bytes, *, width: int = 16) -> list[str]:
+    """`offset  hex bytes  |ascii|` lines; anything outside printable ASCII shows as `.`."""
+    lines = []
+    for start in range(0, len(data), width):
+        chunk = data[start : start + width]
+        hexed = " ".join(f"{b:02x}" for b in chunk)
+        text = "".join(chr(b) if 0x20 <= b < 0x7F else "." for b in chunk)
+        lines.append(f"{start:08x}  {hexed:<{width * 3 - 1}}  |{text}|")
+    return lines
+
+
+def shown_key(key: bytes | None) -> str:
+    """A record key for a terminal: quoted text when it is printable UTF-8, else hex."""
+    if key is None:
+        return "(none)"
+    try:
+        text = key.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"hex {key.hex()}"
+    return repr(text) if printable(text) == text else f"hex {key.hex()}"
+
+
+def reject_json(reject: dict, *, limit: int = DUMP_BYTES) -> dict:
+    """The reject as JSON-ready data: the first `limit` raw bytes as hex (0: all of them)."""
+    raw = reject["raw"]
+    shown = raw if limit == 0 else raw[:limit]
+    key = reject["key"]
+    return {
+        "id": reject["id"],
+        "reason": reject["reason"],
+        "detail": reject["detail"],
+        "origin": {
+            "topic": reject["topic"],
+            "partition": reject["partition"],
+            "offset": reject["offset"],
+            "key_hex": key.hex() if key is not None else None,
+        },
+        "event_id": reject["event_id"],
+        "event_type": reject["event_type"],
+        "rejected_at": _iso(reject["rejected_at"]),
+        "resolved_at": _iso(reject["resolved_at"]),
+        "resolution": reject["resolution"],
+        "size": len(raw),
+        "raw_hex": shown.hex(),
+        "raw_truncated": len(shown) < len(raw),
+    }
+
+
+def reject_lines(reject: dict, *, limit: int = DUMP_BYTES) -> list[str]:
+    """The reject for a terminal; every value from the record goes through `printable`."""
+    raw = reject["raw"]
+    shown = raw if limit == 0 else raw[:limit]
+    if reject["resolved_at"] is None:
+        state = "open"
+    else:
+        state = f"resolved {_iso(reject['resolved_at'])}: {printable(reject['resolution'] or '')}"
+    event = (
+        f"{printable(reject['event_id'] or '?')} ({printable(reject['event_type'] or '?')})"
+        if reject["event_id"] or reject["event_type"]
+        else "(not decoded)"
+    )
+    detail = printable(reject["detail"], newlines=True).splitlines() or [""]
+    lines = [
+        f"reject {reject['id']} ({state})",
+        f"reason:    {printable(reject['reason'])}",
+        f"detail:    {detail[0]}",
+        *(f"           {line}" for line in detail[1:]),
+        f"origin:    {printable(reject['topic'])} partition {reject['partition']} "
+        f"offset {reject['offset']}, key {shown_key(reject['key'])}",
+        f"event:     {event}",
+        f"rejected:  {_iso(reject['rejected_at'])}",
+        f"raw bytes: {len(raw)}"
+        + (f", the first {len(shown)}:" if len(shown) < len(raw) else (":" if raw else "")),
+        *hex_dump(shown),
+    ]
+    if len(shown) < len(raw):
+        lines.append(f"... {len(raw) - len(shown)} more bytes (--bytes 0 shows all)")
+    return lines
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
 
 
 def _reason_now(codec: Codec, raw: bytes, old_reason: str) -> str:

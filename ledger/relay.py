@@ -1,79 +1,376 @@
-"""Outbox relay: publishes outbox rows to Kafka in id order, then marks them published.
+"""Outbox relay: publishes outbox rows to Kafka in id order and marks them published once Kafka
+acked them. One bad row never blocks the others, and Kafka or PostgreSQL restarts are ridden
+out.
 
-One relay is active at a time (a session advisory lock); others wait as standbys. A crash
-between the Kafka flush and the mark re-sends those rows: status events carry status_version
-and a deterministic event_id so consumers drop the duplicates; the dead-letter topic is
-at-least-once (`rejected_events` is the exact record).
+**One active relay.** A session advisory lock; other relays wait as standbys. The lock lives
+with the database session, so after a reconnect the relay takes it again (or, if another relay
+took it meanwhile, becomes the standby).
+
+**Parking.** A row Kafka refuses for good is *parked* (`parked_at`, `park_reason`,
+`park_detail`, `attempts`) with one `outbox_parked` error line, and the relay moves on to later
+rows. Refusals for good: larger than the producer's max_request_size or the broker's limit
+(`message_too_large`), a topic name Kafka does not allow or a topic the broker refuses
+(`invalid_topic`, `topic_refused`), a record the broker calls invalid (`invalid_record`), or one
+that cannot be turned into a Kafka record (`serialization`). `ledger outbox parked` lists them;
+`ledger outbox retry` un-parks them, and the relay tries them again.
+
+**Order rule.** Kafka keeps order per partition and the key picks the partition, so a later
+row with the *same topic and key* as a parked row waits behind it: it is neither sent nor
+parked until the parked row is published (after a retry). Rows of other keys and other topics
+go ahead, and rows without a key (no order to keep) are never held. So a parked dead-letter
+copy holds back only later dead-letter copies of the same account, never a status event; a
+parked status event holds back that account's later status events, so a gateway never sees
+them out of order. Refusals the client sees before sending (size, topic name, serialization)
+are caught before any later row of the key is sent. A refusal the broker returns after later
+rows of the same key were already acked in the same batch cannot be undone: those rows stay
+published, and the parked row, if retried, arrives late (consumers keep the highest
+`status_version`).
+
+**Transient trouble** (broker unavailable, timeouts, not enough replicas, lost connections)
+never parks anything. The acked rows before the first failure are marked; the failed row and
+every row after it stay unpublished and are sent again, by a new producer, after a capped
+exponential backoff (0.5 s doubling to 5 s). While records wait for acks, one
+`relay_waiting_for_kafka` line every 5 s. PostgreSQL going away (a restart, a lost connection):
+one `relay_database_unavailable` line per attempt, reconnect with the same backoff, take the
+lock again, go on. Nothing of this crashes the worker. The `stop` event is looked at at least
+every 0.5 s (a connection attempt waits at most 3 s), so the relay stops within 5 s; records
+not yet acked then stay unpublished.
+
+**At-least-once.** A row is marked published only after Kafka acked it, but a row acked and
+not yet marked (a crash, PostgreSQL gone, a stop, a transient failure of an earlier row in
+its batch) is sent again. Status events carry `status_version` and a deterministic event_id
+so consumers drop the duplicates; the dead-letter topic is at-least-once (`rejected_events`
+is the exact record).
 """
 
 from __future__ import annotations
 
+import re
 import threading
 
+import psycopg
 import structlog
 from kafka import KafkaProducer
+from kafka import errors as kafka_errors
 
 from ledger import db
-from ledger.db import QUERIES
+from ledger.db import QUERIES, DatabaseError
 from ledger.settings import Settings
 
 log = structlog.get_logger(__name__)
 
+BACKOFF_FIRST_S = 0.5
+BACKOFF_MAX_S = 5.0
+STOP_CHECK_S = 0.5
+CONNECT_TIMEOUT_S = 3
+WAITING_NOTE_EVERY_S = 5.0
+
+# Kafka's rule for topic names.
+_TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
+
+# Errors that are about the row itself: retrying them as they are cannot succeed.
+_REFUSALS: tuple[tuple[type[BaseException], str], ...] = (
+    (kafka_errors.MessageSizeTooLargeError, "message_too_large"),
+    (kafka_errors.RecordListTooLargeError, "message_too_large"),
+    (kafka_errors.InvalidTopicError, "invalid_topic"),
+    (kafka_errors.TopicAuthorizationFailedError, "topic_refused"),
+    (kafka_errors.InvalidRecordError, "invalid_record"),
+    (kafka_errors.UnsupportedForMessageFormatError, "invalid_record"),
+    (TypeError, "serialization"),
+    (ValueError, "serialization"),
+)
+
+_DATABASE_TROUBLE = (psycopg.OperationalError, psycopg.InterfaceError, DatabaseError)
+
+
+def refusal_reason(exc: BaseException) -> str | None:
+    """The park reason when `exc` refuses a row for good; None when it is transient."""
+    for kind, reason in _REFUSALS:
+        if isinstance(exc, kind):
+            return reason
+    return None
+
+
+def brief(exc: BaseException) -> str:
+    """One line naming an error, for a log field: no traceback, no locals."""
+    name, text = type(exc).__name__, " ".join(str(exc).split())[:300]
+    if not text:
+        return name
+    return text if text.startswith(name) else f"{name}: {text}"
+
+
+def _with_connect_timeout(dsn: str) -> str:
+    """`dsn` with a connect timeout, so a hung connection attempt cannot hold up `stop`
+    (kept in URL form, so error messages still hide a password)."""
+    if "connect_timeout" in dsn:
+        return dsn
+    if "://" in dsn:
+        return f"{dsn}{'&' if '?' in dsn else '?'}connect_timeout={CONNECT_TIMEOUT_S}"
+    return f"{dsn} connect_timeout={CONNECT_TIMEOUT_S}"
+
+
+class Backoff:
+    """Capped exponential backoff: 0.5 s, 1 s, 2 s, 4 s, 5 s, 5 s, ..."""
+
+    def __init__(self, first: float = BACKOFF_FIRST_S, cap: float = BACKOFF_MAX_S):
+        self.first = first
+        self.cap = cap
+        self.attempt = 0
+
+    def next(self) -> float:
+        delay = min(self.cap, self.first * 2**self.attempt)
+        self.attempt += 1
+        return delay
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class KafkaTrouble(Exception):
+    """Kafka could not take rows for a transient reason: back off, new producer, try again."""
+
+    def __init__(self, cause: BaseException):
+        super().__init__(brief(cause))
+        self.cause = cause
+
 
 class OutboxRelay:
-    def __init__(self, settings: Settings, bootstrap: str, dsn: str, *, batch_size: int = 1000):
+    def __init__(
+        self,
+        settings: Settings,
+        bootstrap: str,
+        dsn: str,
+        *,
+        batch_size: int = 1000,
+        producer_options: dict | None = None,
+    ):
         self.settings = settings
         self.bootstrap = bootstrap
         self.dsn = dsn
         self.batch_size = batch_size
+        self.producer_options = producer_options or {}
+        self.producer: KafkaProducer | None = None
+        self.kafka_backoff = Backoff()
+        self.database_outages = 0  # times the database went away under the relay
+        self.kafka_outages = 0  # times Kafka failed transiently
+        self.awaiting_acks = 0  # records sent and not yet answered by Kafka
+
+    # --- the loop -------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
-        conn = db.connect(self.dsn, autocommit=True)
-        producer = None
+        dsn = _with_connect_timeout(self.dsn)
+        database_backoff = Backoff()
+        started = False
         try:
             while not stop.is_set():
-                (locked,) = conn.execute(QUERIES["relay_lock"]).fetchone()
-                if locked:
-                    break
-                stop.wait(1.0)  # standby: another relay is active
-            if stop.is_set():
-                return
-            conn.execute("LISTEN ledger_outbox")
-            producer = KafkaProducer(
-                bootstrap_servers=self.bootstrap,
-                acks="all",
-                enable_idempotence=True,
-                linger_ms=5,
-                client_id="ledger-relay",
-            )
-            log.info("relay_started")
-            while not stop.is_set():
-                if self.publish_once(conn, producer):
-                    continue
-                for _ in conn.notifies(timeout=self.settings.poll_interval_ms / 1000, stop_after=1):
-                    pass
+                conn = None
+                try:
+                    conn = db.connect(dsn, autocommit=True)
+                    if not self._take_lock(conn, stop):
+                        return
+                    conn.execute(QUERIES["relay_listen"])
+                    log.info("relay_reconnected" if started else "relay_started")
+                    started = True
+                    database_backoff.reset()
+                    self._serve(conn, stop)
+                except _DATABASE_TROUBLE as exc:
+                    self.database_outages += 1
+                    delay = database_backoff.next()
+                    log.warning(
+                        "relay_database_unavailable",
+                        error=brief(exc),
+                        attempt=database_backoff.attempt,
+                        retry_in_s=delay,
+                    )
+                    stop.wait(delay)
+                finally:
+                    if conn is not None:
+                        conn.close()
         finally:
-            if producer is not None:
-                producer.close()
-            conn.close()
+            self._close_producer()
             log.info("relay_stopped")
 
-    def publish_once(self, conn, producer: KafkaProducer) -> int:
+    def _take_lock(self, conn: psycopg.Connection, stop: threading.Event) -> bool:
+        """Become the active relay; False if stopped first."""
+        standby = False
+        while not stop.is_set():
+            (locked,) = conn.execute(QUERIES["relay_lock"]).fetchone()
+            if locked:
+                return True
+            if not standby:
+                log.info("relay_standby")  # another relay is active
+                standby = True
+            stop.wait(1.0)
+        return False
+
+    def _serve(self, conn: psycopg.Connection, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                producer = self._ensure_producer()
+                published = self.publish_once(conn, producer, stop)
+                self.kafka_backoff.reset()
+            except KafkaTrouble as trouble:
+                self.kafka_outages += 1
+                self._close_producer()
+                delay = self.kafka_backoff.next()
+                log.warning(
+                    "relay_kafka_unavailable",
+                    error=str(trouble),
+                    attempt=self.kafka_backoff.attempt,
+                    retry_in_s=delay,
+                )
+                stop.wait(delay)
+                continue
+            if published:
+                continue
+            wait = min(self.settings.poll_interval_ms / 1000, STOP_CHECK_S)
+            for _ in conn.notifies(timeout=wait, stop_after=1):
+                pass
+
+    def _ensure_producer(self) -> KafkaProducer:
+        if self.producer is None:
+            options = {
+                "bootstrap_servers": self.bootstrap,
+                "acks": "all",
+                "enable_idempotence": True,
+                "linger_ms": 5,
+                "client_id": "ledger-relay",
+                # Bounded waits for the first broker contact and for metadata (the defaults
+                # are 30 s and 60 s), so `stop` is seen within 5 s even with Kafka down.
+                "bootstrap_timeout_ms": 2000,
+                "max_block_ms": 2000,
+                "request_timeout_ms": 10_000,
+                "delivery_timeout_ms": 30_000,
+                "reconnect_backoff_ms": int(BACKOFF_FIRST_S * 1000),
+                "reconnect_backoff_max_ms": int(BACKOFF_MAX_S * 1000),
+                **self.producer_options,
+            }
+            try:
+                self.producer = KafkaProducer(**options)
+            except kafka_errors.KafkaError as exc:
+                raise KafkaTrouble(exc) from exc
+        return self.producer
+
+    def _close_producer(self) -> None:
+        if self.producer is not None:
+            try:
+                self.producer.close(timeout=1)
+            except Exception as exc:  # closing a producer that lost its broker must not crash
+                log.warning("relay_producer_close_failed", error=brief(exc))
+            self.producer = None
+
+    # --- one batch ------------------------------------------------------------------------
+
+    def publish_once(
+        self,
+        conn: psycopg.Connection,
+        producer: KafkaProducer,
+        stop: threading.Event | None = None,
+    ) -> int:
+        """Send the next rows, wait for their acks, mark the acked ones and park the refused
+        ones. Returns how many rows were settled (published or parked); raises KafkaTrouble
+        after marking what it could when Kafka failed transiently."""
         rows = conn.execute(QUERIES["unpublished"], (self.batch_size,)).fetchall()
         if not rows:
             return 0
-        futures = [
-            producer.send(
-                topic,
-                key=key,
-                value=bytes(value),
-                headers=[(k, bytes.fromhex(v)) for k, v in headers],
-            )
-            for _, topic, key, value, headers in rows
-        ]
-        producer.flush()
-        for future in futures:
-            future.get(timeout=30)  # raises if Kafka refused a message: nothing is marked
-        conn.execute(QUERIES["mark_published"], ([row[0] for row in rows],))
-        log.info("outbox_published", messages=len(rows))
-        return len(rows)
+        sent: list[tuple[int, object]] = []
+        parked: list[tuple[int, str, str, str]] = []  # id, topic, reason, detail
+        held: set[tuple[str, bytes]] = set()  # (topic, key) of rows parked in this batch
+        trouble: BaseException | None = None
+        for row_id, topic, key, value, headers in rows:
+            order_key = (topic, bytes(key)) if key is not None else None
+            if order_key in held:
+                continue  # waits behind a row of its key parked in this batch
+            try:
+                if not _TOPIC_NAME.fullmatch(topic) or topic in (".", ".."):
+                    raise kafka_errors.InvalidTopicError(f"{topic!r} is not a legal topic name")
+                record_headers = [(k, bytes.fromhex(v)) for k, v in headers]
+                future = producer.send(
+                    topic,
+                    key=bytes(key) if key is not None else None,
+                    value=bytes(value),
+                    headers=record_headers,
+                )
+                if future.is_done and future.failed():
+                    raise future.exception
+            except Exception as exc:
+                reason = refusal_reason(exc)
+                if reason is None:
+                    trouble = exc
+                    break  # Kafka is not taking anything now: settle what was sent
+                parked.append((row_id, topic, reason, brief(exc)))
+                if order_key is not None:
+                    held.add(order_key)
+                continue
+            sent.append((row_id, future))
+
+        acked: list[int] = []
+        self._await_acks(producer, [f for _, f in sent], stop)
+        by_id = {row[0]: row[1] for row in rows}
+        in_order = True  # acked rows are marked only up to the first one that is not
+        for row_id, future in sent:
+            if not future.is_done:  # stopping: it and every later row are sent again
+                in_order = False
+            elif future.succeeded():
+                if in_order:
+                    acked.append(row_id)
+            elif (reason := refusal_reason(future.exception)) is not None:
+                parked.append((row_id, by_id[row_id], reason, brief(future.exception)))
+            else:
+                trouble = trouble or future.exception
+                in_order = False
+
+        with conn.transaction():
+            if acked:
+                conn.execute(QUERIES["mark_published"], (acked,))
+            for row_id, _, reason, detail in parked:
+                conn.execute(QUERIES["park_outbox"], (reason, detail, row_id))
+        for row_id, topic, reason, detail in parked:
+            log.error("outbox_parked", id=row_id, topic=topic, reason=reason, detail=detail)
+        if acked:
+            log.info("outbox_published", messages=len(acked))
+        if trouble is not None:
+            raise KafkaTrouble(trouble)
+        return len(acked) + len(parked)
+
+    def _await_acks(
+        self, producer: KafkaProducer, futures: list, stop: threading.Event | None
+    ) -> None:
+        """Wait until Kafka answered for every future (acked or failed), or `stop`."""
+        waited = 0.0
+        next_note = WAITING_NOTE_EVERY_S
+        while (pending := sum(not f.is_done for f in futures)) > 0:
+            self.awaiting_acks = pending
+            if stop is not None and stop.is_set():
+                return
+            try:
+                producer.flush(timeout=STOP_CHECK_S)
+            except kafka_errors.KafkaTimeoutError:
+                waited += STOP_CHECK_S
+                if waited >= next_note:
+                    log.warning("relay_waiting_for_kafka", pending=pending, seconds=waited)
+                    next_note += WAITING_NOTE_EVERY_S
+        self.awaiting_acks = 0
+
+
+# --- operations (`ledger outbox`) -------------------------------------------------------------
+
+
+def parked_rows(dsn: str) -> list[dict]:
+    """Parked outbox rows, oldest first, with how many later rows wait behind each."""
+    with db.connect(dsn) as conn:
+        rows = conn.execute(QUERIES["parked_outbox"]).fetchall()
+    keys = ("id", "topic", "key", "size", "reason", "detail", "parked_at", "attempts", "waiting")
+    return [dict(zip(keys, row, strict=True)) for row in rows]
+
+
+def retry_parked(dsn: str, row_id: int | None = None) -> list[int]:
+    """Un-park one row (`row_id`) or all of them; the relay tries them again. Returns the ids."""
+    with db.connect(dsn) as conn:
+        ids = [i for (i,) in conn.execute(QUERIES["unpark_outbox"], {"id": row_id})]
+        if ids:
+            conn.execute(QUERIES["notify_outbox"])
+        conn.commit()
+    for i in ids:
+        log.info("outbox_unparked", id=i)
+    return ids

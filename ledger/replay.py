@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from datetime import datetime
 
 import structlog
 
@@ -37,6 +38,7 @@ class StoredRecord:
     key: bytes | None
     value: bytes
     headers: tuple = ()
+    recorded_at: datetime | None = None  # when the source journal recorded it: its clock
 
 
 def replay(
@@ -65,8 +67,10 @@ def replay(
             cur.execute(QUERIES["replay_source"])
             while rows := cur.fetchmany(batch_size):
                 records = [
-                    StoredRecord(topic, partition, offset, account_id.encode() or None, raw)
-                    for topic, partition, offset, account_id, raw in rows
+                    StoredRecord(
+                        topic, partition, offset, account_id.encode() or None, raw, (), recorded
+                    )
+                    for topic, partition, offset, account_id, raw, recorded in rows
                 ]
                 result = writer.write_batch(records, replay=True)
                 if result.rejected or result.duplicates:

@@ -15,6 +15,11 @@ from ledger.errors import ConfigError
 
 PREFIX = "LEDGER_"
 
+# A dead-letter copy (raw value + key + headers) larger than this is written as a reference to
+# its `rejected_events` row instead of the bytes: well under Kafka's default 1 MB limit
+# (message.max.bytes, and the producer's max_request_size).
+DEADLETTER_MAX_BYTES = 900 * 1024
+
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
@@ -33,10 +38,15 @@ class Settings:
     # Shards (partition numbers) this worker's ledger consumer may own, e.g. "0-3,6";
     # None: all of them (each shard is held by one worker at a time; others stand by).
     shards: list[int] | None = None
+    # Seconds after which a shard lease not renewed (its holder crashed, froze or lost the
+    # database) may be taken over by a standby.
+    lease_timeout_s: int = 10
     batch_max_events: int = 2000
     batch_max_ms: int = 200
     # Projection and relay.
     poll_interval_ms: int = 200
+    # Dead-letter copies larger than this (bytes) carry a reference to the reject instead.
+    deadletter_max_bytes: int = DEADLETTER_MAX_BYTES
     # Scheduler: seconds between PeriodTicks.
     tick_interval_s: int = 60
     # Business configuration files (None: the defaults shipped with the package).
@@ -74,6 +84,8 @@ class Settings:
             ("batch_max_ms", 1, 600_000),
             ("poll_interval_ms", 1, 600_000),
             ("tick_interval_s", 1, 86_400),
+            ("lease_timeout_s", 3, 600),
+            ("deadletter_max_bytes", 1024, 1_000_000),
         ):
             value = getattr(self, name)
             if not low <= value <= high:

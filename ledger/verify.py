@@ -8,7 +8,9 @@ other while workers keep running):
      rating detail, raw event bytes); the first broken link of each account is reported;
   3. the account-status projection recomputed from scratch up to the live positions equals the
      live one, column by column and state document by state document, its clock included;
-  4. the invoices recomputed equal the issued ones.
+  4. the invoices recomputed equal the issued ones;
+  5. every account's receivable is what its issued invoices still owe plus what is not yet
+     invoiced (charges waiting + rounding carry − payments waiting to be applied).
 Each difference is reported with what it concerns; any difference means a non-zero exit.
 """
 
@@ -30,8 +32,8 @@ from ledger.policy import Policy
 from ledger.reports import trial_balance
 from ledger.settings import Settings
 from projections.account_status import AccountStatusProjection, InvoiceIssued
+from projections.fold import invoice_row, status_row
 from projections.rebuild import recompute
-from projections.worker import invoice_row, status_row
 
 STATUS_COLUMNS = (
     "account_id", "opened", "suspended", "reasons", "status_version", "credit_balance",
@@ -46,7 +48,7 @@ INVOICE_COLUMNS = (
 
 @dataclasses.dataclass(frozen=True)
 class Difference:
-    check: str  # trial_balance | hash_chain | projection | invoice | position
+    check: str  # trial_balance | hash_chain | projection | invoice | position | receivable
     subject: str  # what it concerns: an account, an entry, a shard, an invoice
     detail: str
 
@@ -95,6 +97,17 @@ def verify(
             if isinstance(effect, InvoiceIssued)
         }
         differences += _compare("invoice", INVOICE_COLUMNS, issued, invoices)
+        differences += [
+            Difference(
+                "receivable",
+                account_id,
+                f"receivable {state.receivable} != invoices owed {state.invoiced_outstanding} "
+                f"+ not yet invoiced {state.unbilled}",
+            )
+            for s in shards.values()
+            for account_id, state in sorted(s.states.items())
+            if state.receivable != state.invoiced_outstanding + state.unbilled
+        ]
         conn.rollback()
     return differences
 

@@ -12,15 +12,25 @@ Suspension reasons (suspended ⇔ any holds), decided only once the account is o
   PAYMENT_FAILED                       a payment failed; cleared by a new payment method, a paid
                                        invoice or a credit purchase (a payment that succeeded)
   MANUAL_HOLD                          between AccountHoldPlaced and AccountHoldReleased
-Every change of (suspended, reasons) bumps `status_version` and yields a StatusChanged effect.
-Spend-limit warnings (50/80/100 %) fire at most once per account per month and carry the
-current status_version without bumping it.
+Every change of (suspended, reasons) yields a StatusChanged effect with a new `status_version`:
+the journal position (shard sequence) of the entry or tick that caused it (or one more than the
+previous version, if that is higher). Journal positions only grow and are the same on every
+replay and rebuild, so versions strictly increase per account and a rebuild, even under a
+changed policy, can never hand out a version that was already published.
+Spend-limit warnings (50/80/100 %) fire at most once per account, month and effective limit
+(a raised limit warns again), after the status decision of the same entry, carrying the
+status_version they follow.
+
+Time: the projection's clock is its shard's last PeriodTick. An entry's time counts as at most
+clock + CLOCK_SKEW (before the first tick, as stated), so an event dated in the future can never
+turn the month, reset spend limits or date an effect ahead of the shard's clock.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from datetime import datetime
+from collections.abc import Callable
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -34,6 +44,11 @@ SPEND_LIMIT_REACHED = "SPEND_LIMIT_REACHED"
 PAYMENT_FAILED = "PAYMENT_FAILED"
 MANUAL_HOLD = "MANUAL_HOLD"
 REASON_ORDER = (CREDITS_EXHAUSTED, SPEND_LIMIT_REACHED, PAYMENT_FAILED, MANUAL_HOLD)
+
+# How far ahead of its shard's last PeriodTick an entry's occurred_at may count (the scheduler
+# ticks every LEDGER_TICK_INTERVAL_S, 60 s by default; producers' clocks drift a little).
+CLOCK_SKEW = timedelta(minutes=15)
+PAYMENT_EVENTS = ("CreditPurchased", "InvoicePaid")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +104,8 @@ class AccountStatus:
     receivable: Decimal = ZERO
     payment_methods: list[str] = dataclasses.field(default_factory=list)
     payment_failed: bool = False
+    payment_failed_at: datetime | None = None  # the latest failure
+    payment_ok_at: datetime | None = None  # the latest success (payment, new method)
     manual_hold: bool = False
     suspended: bool = False
     reasons: tuple[str, ...] = ()
@@ -96,6 +113,8 @@ class AccountStatus:
     last_event_at: datetime | None = None
     # Spend limits.
     paid_total: Decimal = ZERO
+    purchases: dict[str, Decimal] = dataclasses.field(default_factory=dict)  # grant → paid
+    grant_expiry: dict[str, datetime] = dataclasses.field(default_factory=dict)
     configured_limit: Decimal | None = None
     custom_limit: Decimal | None = None
     month: str | None = None
@@ -108,10 +127,29 @@ class AccountStatus:
     invoiced_outstanding: Decimal = ZERO
     rounding_carry: Decimal = ZERO
     invoices: list[str] = dataclasses.field(default_factory=list)
+    closed_through: str | None = None  # the last month closed for this account
 
     @property
     def credit_balance(self) -> Decimal:
         return sum(self.grants.values(), ZERO)
+
+    def usable_credit(self, at: datetime) -> Decimal:
+        """Credit that can still pay for usage at `at`: a grant past its expires_at counts for
+        nothing even before the tick that expires it is journaled."""
+        return sum(
+            (
+                v
+                for gid, v in self.grants.items()
+                if v > 0 and (gid not in self.grant_expiry or at < self.grant_expiry[gid])
+            ),
+            ZERO,
+        )
+
+    @property
+    def unbilled(self) -> Decimal:
+        """What the receivable holds beyond issued invoices: waiting charges + carry − prepaid."""
+        waiting = sum((v for kinds in self.pending.values() for v in kinds.values()), ZERO)
+        return waiting + self.rounding_carry - self.prepaid
 
     @property
     def month_to_date_spend(self) -> Decimal:
@@ -135,6 +173,9 @@ class AccountStatus:
         def dec(value: str | None) -> Decimal | None:
             return None if value is None else Decimal(value)
 
+        def when(value: str | None) -> datetime | None:
+            return datetime.fromisoformat(value) if value else None
+
         last = data.get("last_event_at")
         return cls(
             account_id=account_id,
@@ -143,12 +184,18 @@ class AccountStatus:
             receivable=Decimal(data["receivable"]),
             payment_methods=list(data["payment_methods"]),
             payment_failed=data["payment_failed"],
+            payment_failed_at=when(data.get("payment_failed_at")),
+            payment_ok_at=when(data.get("payment_ok_at")),
             manual_hold=data["manual_hold"],
             suspended=data["suspended"],
             reasons=tuple(data["reasons"]),
             status_version=data["status_version"],
             last_event_at=datetime.fromisoformat(last) if last else None,
             paid_total=Decimal(data.get("paid_total", "0")),
+            purchases={g: Decimal(v) for g, v in data.get("purchases", {}).items()},
+            grant_expiry={
+                g: datetime.fromisoformat(v) for g, v in data.get("grant_expiry", {}).items()
+            },
             configured_limit=dec(data.get("configured_limit")),
             custom_limit=dec(data.get("custom_limit")),
             month=data.get("month"),
@@ -162,6 +209,7 @@ class AccountStatus:
             invoiced_outstanding=Decimal(data.get("invoiced_outstanding", "0")),
             rounding_carry=Decimal(data.get("rounding_carry", "0")),
             invoices=list(data.get("invoices", [])),
+            closed_through=data.get("closed_through"),
         )
 
 
@@ -185,54 +233,67 @@ class AccountStatusProjection:
 
     # --- the fold ---------------------------------------------------------------------------
 
+    def bounded(self, occurred_at: datetime, clock: datetime | None) -> datetime:
+        """The time an entry counts at: its occurred_at, but never beyond clock + CLOCK_SKEW."""
+        if clock is None:
+            return occurred_at
+        return min(occurred_at, clock + CLOCK_SKEW)
+
     def apply(
         self, state: AccountStatus, entry: JournalEntry, clock: datetime | None = None
     ) -> list[Effect]:
-        self._advance_month(state, entry.occurred_at, clock)
-        self._apply_postings(state, entry)
-        handler = getattr(self, f"_on_{entry.event_type}", None)
+        at = self.bounded(entry.occurred_at, clock)
+        self._advance_month(state, at)
+        self._apply_postings(state, entry, at)
+        if entry.event_type not in HANDLERS:
+            raise ValueError(f"account_status has no handler for {entry.event_type}")
+        handler = HANDLERS[entry.event_type]
         if handler is not None:
-            handler(state, entry.payload)
-        if state.last_event_at is None or entry.occurred_at > state.last_event_at:
-            state.last_event_at = entry.occurred_at
-        effects: list[Effect] = list(self._warnings(state, entry.occurred_at))
-        return self._decide(state, state.last_event_at) + effects
+            handler(self, state, entry.payload, at)
+        if state.last_event_at is None or at > state.last_event_at:
+            state.last_event_at = at
+        effects: list[Effect] = self._decide(state, state.last_event_at, entry.shard_seq)
+        # Warnings after the decision: they carry the version of the status they follow.
+        return effects + self._warnings(state, at)
 
     def on_tick(
-        self, state: AccountStatus, tick_at: datetime, previous: datetime | None
+        self, state: AccountStatus, tick_at: datetime, previous: datetime | None, seq: int = 0
     ) -> list[Effect]:
-        """A PeriodTick in the account's shard: the month may turn, months may close."""
-        self._advance_month(state, tick_at, tick_at)
-        effects: list[Effect] = []
-        effects += self._decide(state, max(tick_at, state.last_event_at or tick_at))
+        """A PeriodTick (journal position `seq`) in the account's shard: the month may turn,
+        months may close."""
+        self._advance_month(state, tick_at)
+        at = max(tick_at, state.last_event_at or tick_at)
+        effects: list[Effect] = self._decide(state, at, seq)
         effects += self._close_months(state, tick_at, previous)
         return effects
 
     # --- time -------------------------------------------------------------------------------
 
     @staticmethod
-    def _advance_month(state: AccountStatus, occurred_at: datetime, clock: datetime | None):
-        months = [m for m in (state.month, billing.month_of(occurred_at)) if m]
-        if clock is not None:
-            months.append(billing.month_of(clock))
-        current = max(months)
-        if current != state.month:
-            state.month = current
-            keep = {m for m in state.spend if m >= current} | {current}
-            state.spend = {m: v for m, v in state.spend.items() if m in keep}
-            state.warned = {m: v for m, v in state.warned.items() if m in keep}
+    def _advance_month(state: AccountStatus, at: datetime) -> None:
+        """The account's month only moves forward, to the month of `at` (already bounded)."""
+        current = billing.month_of(at)
+        if state.month is not None and current <= state.month:
+            return
+        state.month = current
+        state.spend = {m: v for m, v in state.spend.items() if m >= current}
+        state.warned = {k: v for k, v in state.warned.items() if k[:7] >= current}
 
     def _close_months(
         self, state: AccountStatus, tick_at: datetime, previous: datetime | None
     ) -> list[Effect]:
+        """Close every month due at `tick_at` that is not closed yet, for this account, in
+        order. A month already closed (for the shard at the previous tick, or for this account)
+        is never closed again: late charges for it wait in `pending` and go on the next
+        invoice as dated adjustment lines. An invoice id is issued once."""
         grace = self.policy.grace_hours
         upto = billing.closed_through(tick_at, grace)
-        if upto is None or (not state.pending and not state.prepaid and not state.rounding_carry):
+        if upto is None:
             return []
-        before = billing.closed_through(previous, grace)
-        first = billing.next_month(before) if before else min(state.pending, default=upto)
+        done = [m for m in (billing.closed_through(previous, grace), state.closed_through) if m]
+        first = billing.next_month(max(done)) if done else min(state.pending, default=upto)
         effects: list[Effect] = []
-        for month in billing.months_between(min(first, upto), upto):
+        for month in billing.months_between(first, upto):
             if not state.pending and not state.prepaid and not state.rounding_carry:
                 break
             close = billing.close_month(
@@ -243,6 +304,8 @@ class AccountStatusProjection:
                 state.rounding_carry,
                 tick_at,
             )
+            if close.invoice is not None and close.invoice["invoice_id"] in state.invoices:
+                continue  # never a second invoice under one id: the amounts wait for the next
             state.pending, state.prepaid = close.pending, close.prepaid
             state.rounding_carry = close.rounding_carry
             if close.invoice is None:
@@ -252,19 +315,23 @@ class AccountStatusProjection:
             effects.append(
                 InvoiceIssued(state.account_id, close.invoice, state.status_version, tick_at)
             )
+        if state.closed_through is None or upto > state.closed_through:
+            state.closed_through = upto
         return effects
 
     # --- money from postings ------------------------------------------------------------------
 
-    def _apply_postings(self, state: AccountStatus, entry: JournalEntry) -> None:
+    def _apply_postings(self, state: AccountStatus, entry: JournalEntry, at: datetime) -> None:
         credit_prefix = f"customer:{state.account_id}:credit:"
         receivable = f"customer:{state.account_id}:receivable"
-        month = billing.month_of(entry.occurred_at)
+        month = billing.month_of(at)
+        to_credit = ZERO
         for ledger_account, amount in entry.postings:
             if ledger_account.startswith(credit_prefix):
                 gid = ledger_account[len(credit_prefix) :]
                 # Credit-normal: a grant's balance is the negated sum of its postings.
                 state.grants[gid] = state.grants.get(gid, ZERO) - amount
+                to_credit -= amount
             elif ledger_account == receivable:
                 state.receivable += amount
                 if amount > 0:
@@ -276,6 +343,8 @@ class AccountStatusProjection:
             elif ledger_account == "revenue:usage":
                 # Month-to-date spend counts usage whether credits or the invoice pay for it.
                 state.spend[month] = state.spend.get(month, ZERO) - amount
+        if entry.event_type in PAYMENT_EVENTS and to_credit > 0:
+            self._overpaid(state, to_credit)
 
     @staticmethod
     def _receivable_paid(state: AccountStatus, amount: Decimal) -> None:
@@ -285,41 +354,78 @@ class AccountStatusProjection:
         state.invoiced_outstanding -= to_invoices
         state.prepaid += amount - to_invoices
 
-    # --- one handler per event type -----------------------------------------------------------
+    @staticmethod
+    def _overpaid(state: AccountStatus, amount: Decimal) -> None:
+        """A payment beyond the receivable became a credit grant in the ledger. If issued
+        invoices still owe something, it is their rounding up (invoices round the exact
+        receivable to the cent): the payment covered it and the grant gives it back, so the
+        negative carry that would give it back a second time on the next invoice is settled."""
+        settle = min(amount, state.invoiced_outstanding, max(-state.rounding_carry, ZERO))
+        state.invoiced_outstanding -= settle
+        state.rounding_carry += settle
 
-    def _on_AccountOpened(self, state: AccountStatus, event: dict) -> None:
+    # --- one handler per event type (the table HANDLERS below) ------------------------------
+
+    def _on_AccountOpened(self, state: AccountStatus, event: dict, at: datetime) -> None:
         state.opened = True
+        days = self.policy.signup_expires_after_days
+        if days and self.policy.signup_grant_id not in state.grant_expiry:
+            opened_at = _time(event["occurred_at"])
+            state.grant_expiry[self.policy.signup_grant_id] = opened_at + timedelta(days=days)
 
-    def _on_PaymentMethodAdded(self, state: AccountStatus, event: dict) -> None:
+    def _on_PaymentMethodAdded(self, state: AccountStatus, event: dict, at: datetime) -> None:
         if event["payment_method_id"] not in state.payment_methods:
             state.payment_methods = sorted([*state.payment_methods, event["payment_method_id"]])
-        state.payment_failed = False
+        self._payment_ok(state, at)
 
-    def _on_PaymentMethodRemoved(self, state: AccountStatus, event: dict) -> None:
+    def _on_PaymentMethodRemoved(self, state: AccountStatus, event: dict, at: datetime) -> None:
         state.payment_methods = [
             m for m in state.payment_methods if m != event["payment_method_id"]
         ]
 
-    def _on_PaymentFailed(self, state: AccountStatus, event: dict) -> None:
-        state.payment_failed = True
+    @staticmethod
+    def _payment_ok(state: AccountStatus, at: datetime) -> None:
+        """A success clears a failure that happened before it (topics are not ordered with each
+        other: a failure journaled later but dated earlier stays cleared)."""
+        if state.payment_ok_at is None or at > state.payment_ok_at:
+            state.payment_ok_at = at
+        if state.payment_failed_at is None or state.payment_ok_at >= state.payment_failed_at:
+            state.payment_failed = False
 
-    def _on_CreditPurchased(self, state: AccountStatus, event: dict) -> None:
-        state.payment_failed = False
+    def _on_PaymentFailed(self, state: AccountStatus, event: dict, at: datetime) -> None:
+        if state.payment_failed_at is None or at > state.payment_failed_at:
+            state.payment_failed_at = at
+        if state.payment_ok_at is None or state.payment_failed_at > state.payment_ok_at:
+            state.payment_failed = True
+
+    def _on_CreditPurchased(self, state: AccountStatus, event: dict, at: datetime) -> None:
+        self._payment_ok(state, at)
+        state.paid_total += Decimal(event["amount"])
+        state.purchases[event["grant_id"]] = Decimal(event["amount"])
+
+    def _on_InvoicePaid(self, state: AccountStatus, event: dict, at: datetime) -> None:
+        self._payment_ok(state, at)
         state.paid_total += Decimal(event["amount"])
 
-    _on_InvoicePaid = _on_CreditPurchased
+    def _on_CreditGranted(self, state: AccountStatus, event: dict, at: datetime) -> None:
+        if event.get("expires_at"):
+            state.grant_expiry[event["grant_id"]] = _time(event["expires_at"])
 
-    def _on_AccountHoldPlaced(self, state: AccountStatus, event: dict) -> None:
+    def _on_CreditRevoked(self, state: AccountStatus, event: dict, at: datetime) -> None:
+        """A charged-back purchase no longer counts towards the tier."""
+        state.paid_total -= state.purchases.pop(event["grant_id"], ZERO)
+
+    def _on_AccountHoldPlaced(self, state: AccountStatus, event: dict, at: datetime) -> None:
         state.manual_hold = True
 
-    def _on_AccountHoldReleased(self, state: AccountStatus, event: dict) -> None:
+    def _on_AccountHoldReleased(self, state: AccountStatus, event: dict, at: datetime) -> None:
         state.manual_hold = False
 
-    def _on_SpendLimitConfigured(self, state: AccountStatus, event: dict) -> None:
+    def _on_SpendLimitConfigured(self, state: AccountStatus, event: dict, at: datetime) -> None:
         limit = event.get("monthly_limit")
         state.configured_limit = None if limit is None else Decimal(limit)
 
-    def _on_SpendLimitOverridden(self, state: AccountStatus, event: dict) -> None:
+    def _on_SpendLimitOverridden(self, state: AccountStatus, event: dict, at: datetime) -> None:
         limit = event.get("monthly_limit")
         state.custom_limit = None if limit is None else Decimal(limit)
 
@@ -327,7 +433,7 @@ class AccountStatusProjection:
 
     def tier(self, state: AccountStatus) -> tuple[str, Decimal]:
         """(tier name, tier limit): a contract override, else the tier that the account's
-        historical payments reach."""
+        historical payments reach (charged-back purchases do not count)."""
         if state.custom_limit is not None:
             return "custom", state.custom_limit
         tier = self.policy.tier_for(state.paid_total)
@@ -339,12 +445,13 @@ class AccountStatusProjection:
             return tier_limit
         return min(state.configured_limit, tier_limit)
 
-    def _warnings(self, state: AccountStatus, at: datetime) -> list[SpendLimitWarning]:
+    def _warnings(self, state: AccountStatus, at: datetime) -> list[Effect]:
         if not state.opened or state.month is None:
             return []
         limit, spend = self.effective_limit(state), state.month_to_date_spend
-        warned = state.warned.setdefault(state.month, [])
-        out = []
+        key = warned_key(state.month, limit)
+        warned = state.warned.setdefault(key, [])
+        out: list[Effect] = []
         for threshold in self.policy.warning_thresholds:
             if threshold in warned or spend < limit * threshold / 100:
                 continue
@@ -355,30 +462,64 @@ class AccountStatusProjection:
                 )
             )
         if not warned:
-            del state.warned[state.month]
+            del state.warned[key]
         return out
 
     # --- the decision -----------------------------------------------------------------------
 
-    def suspension_reasons(self, state: AccountStatus) -> tuple[str, ...]:
+    def suspension_reasons(self, state: AccountStatus, at: datetime) -> tuple[str, ...]:
         if not state.opened:
             return ()  # never suspend an account the ledger has not seen opened
         held = {
-            CREDITS_EXHAUSTED: state.credit_balance <= 0 and not state.payment_methods,
+            CREDITS_EXHAUSTED: state.usable_credit(at) <= 0 and not state.payment_methods,
             SPEND_LIMIT_REACHED: state.month_to_date_spend >= self.effective_limit(state),
             PAYMENT_FAILED: state.payment_failed,
             MANUAL_HOLD: state.manual_hold,
         }
         return tuple(r for r in REASON_ORDER if held[r])
 
-    def _decide(self, state: AccountStatus, effective_at: datetime) -> list[Effect]:
-        reasons = self.suspension_reasons(state)
+    def _decide(self, state: AccountStatus, effective_at: datetime, seq: int) -> list[Effect]:
+        reasons = self.suspension_reasons(state, effective_at)
         suspended = bool(reasons)
         if (suspended, reasons) == (state.suspended, state.reasons):
             return []
         state.suspended, state.reasons = suspended, reasons
-        state.status_version += 1
+        state.status_version = max(state.status_version + 1, seq)
         # effective_at never goes back: the latest time seen for the account so far.
         return [
             StatusChanged(state.account_id, suspended, reasons, state.status_version, effective_at)
         ]
+
+
+def _time(value: str | datetime) -> datetime:
+    """A time from an entry's payload (ISO text as journaled, or a datetime)."""
+    return value if isinstance(value, datetime) else datetime.fromisoformat(value)
+
+
+def warned_key(month: str, limit: Decimal) -> str:
+    """Warnings are kept per month and effective limit: `2026-03@500`."""
+    return f"{month}@{format(limit.normalize(), 'f')}"
+
+
+Handler = Callable[[AccountStatusProjection, AccountStatus, dict, datetime], None]
+P = AccountStatusProjection
+# Every journal entry type and what the projection does with it beyond reading its postings
+# (None: postings only). PeriodTick entries are the shard clock (projections.fold); a type
+# missing here is an error, never silently skipped (a test checks this against the codec).
+HANDLERS: dict[str, Handler | None] = {
+    "AccountOpened": P._on_AccountOpened,
+    "SpendLimitConfigured": P._on_SpendLimitConfigured,
+    "SpendLimitOverridden": P._on_SpendLimitOverridden,
+    "AccountHoldPlaced": P._on_AccountHoldPlaced,
+    "AccountHoldReleased": P._on_AccountHoldReleased,
+    "UsageRecorded": None,
+    "CreditPurchased": P._on_CreditPurchased,
+    "CreditGranted": P._on_CreditGranted,
+    "CreditRevoked": P._on_CreditRevoked,
+    "GrantExpired": None,
+    "PaymentMethodAdded": P._on_PaymentMethodAdded,
+    "PaymentMethodRemoved": P._on_PaymentMethodRemoved,
+    "PaymentFailed": P._on_PaymentFailed,
+    "InvoicePaid": P._on_InvoicePaid,
+}
+del P

@@ -13,6 +13,8 @@ Rules (written down here and in the README):
   cent; the difference (under half a cent) is carried to the next invoice, so no fraction of a
   cent is ever lost or billed twice.
 - An invoice whose amount due is not positive is not issued; its amounts wait for the next close.
+  A net credit waits as `prepaid`; the rounding carry stays a carry (a negative carry is never
+  turned into a payment).
 - An issued invoice never changes.
 """
 
@@ -84,9 +86,9 @@ def close_month(
     issued_at: datetime,
 ) -> Close:
     """Close `month` for one account: the invoice (or None) and what waits afterwards.
-    Amounts of later months stay pending. If the lines net to zero or less, nothing is billed
-    and the net credit waits as `prepaid`; if they net to less than half a cent, it waits as
-    rounding carry."""
+    Amounts of later months stay pending. If the lines net to less than half a cent, nothing is
+    billed: a net credit of the charges and payments waits as `prepaid` (the carry unchanged);
+    a net charge under half a cent joins the carry."""
     later = {m: kinds for m, kinds in pending.items() if m > month}
     lines: list[dict[str, str]] = []
     for m in sorted(pending):
@@ -101,13 +103,14 @@ def close_month(
             lines.append({"kind": kind, "month": m, "amount": plain(amount)})
     if prepaid:
         lines.append({"kind": "payments_applied", "month": month, "amount": plain(-prepaid)})
+    charges = sum((Decimal(line["amount"]) for line in lines), ZERO)
     if carry:
         lines.append({"kind": "rounding_carry", "month": month, "amount": plain(carry)})
-    exact = sum((Decimal(line["amount"]) for line in lines), ZERO)
-    if exact <= 0:
-        return Close(None, later, -exact, ZERO)
+    exact = charges + carry
     due = exact.quantize(CENT, rounding=ROUND_HALF_UP)
-    if due == 0:
+    if due <= 0:
+        if charges <= 0:
+            return Close(None, later, -charges, carry)
         return Close(None, later, ZERO, exact)
     invoice = {
         "invoice_id": invoice_id(account_id, month),

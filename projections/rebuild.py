@@ -20,7 +20,8 @@ from ledger.db import QUERIES
 from ledger.policy import Policy
 from ledger.settings import Settings
 from projections.account_status import AccountStatus, AccountStatusProjection, Effect
-from projections.worker import fold_entries, read_entries, status_row
+from projections.fold import fold_entries, status_row
+from projections.worker import read_entries
 
 log = structlog.get_logger(__name__)
 
@@ -54,7 +55,10 @@ class ShardState:
             entries = list(read_entries(conn, shard, self.position, end))
             touched |= {e.account_id for e in entries if e.account_id}
             before = set(self.states)
-            effects, self.clock = fold_entries(projection, self.states, entries, self.clock)
+            # Accounts a month-turn or close tick revisited change too, even with no effect.
+            effects, self.clock = fold_entries(
+                projection, self.states, entries, self.clock, visited=touched
+            )
             touched |= set(self.states) - before
             touched |= {e.account_id for e in effects}
             if keep_effects:

@@ -26,10 +26,14 @@ from ledger.errors import (
     BadMagicError,
     DecodeError,
     InvalidEventError,
+    OversizedEventError,
+    OversizedFieldError,
     SchemaViolationError,
+    TombstoneError,
     TruncatedBodyError,
     UnknownEnumValueError,
     UnknownFingerprintError,
+    UnstorableValueError,
 )
 
 UTC = dt.UTC
@@ -373,9 +377,10 @@ def test_bad_magic(codec, value):
         codec.decode(value)
 
 
-def test_tombstone_and_non_bytes_are_bad_magic(codec):
-    with pytest.raises(BadMagicError, match="tombstone"):
+def test_tombstone_has_its_own_reason_and_non_bytes_are_bad_magic(codec):
+    with pytest.raises(TombstoneError, match="tombstone") as caught:
         codec.decode(None)
+    assert caught.value.reason == "tombstone"
     with pytest.raises(BadMagicError, match="not bytes"):
         codec.decode("\xc3\x01")
 
@@ -510,6 +515,44 @@ def test_encode_refuses_invalid_events(codec):
     refuse(codec, "AccountSuspended", {**suspended, "reasons": "MANUAL_HOLD"}, "reasons", "list")
     refuse(codec, "NoSuchEvent", {}, "<event_type>", "unknown event type")
     refuse(codec, "AccountOpened", [("account_id", "a")], "<event>", "dict")
+
+
+def test_encode_refuses_what_the_journal_cannot_store(codec):
+    usage = SAMPLES["UsageRecorded"]
+    refuse(codec, "UsageRecorded", {**usage, "request_id": "r\x00"}, "request_id", "NUL")
+    refuse(codec, "UsageRecorded", {**usage, "account_id": "a\x00b"}, "account_id", "NUL")
+    refuse(codec, "UsageRecorded", {**usage, "account_id": "a" * 3000}, "account_id", "3000 bytes")
+    refuse(codec, "UsageRecorded", {**usage, "model": "m\x1b[2J"}, "model", "U\\+001B")
+    grant = SAMPLES["CreditGranted"]
+    refuse(codec, "CreditGranted", {**grant, "grant_id": "g" * 257}, "grant_id", "exceeds 256")
+    refuse(codec, "CreditGranted", {**grant, "reason": "x" * 5000}, "reason", "exceeds 4096")
+    # Bounds are on UTF-8 bytes: 128 two-byte characters fit, 129 do not.
+    codec.encode("CreditGranted", {**grant, "grant_id": "é" * 128})
+    refuse(codec, "CreditGranted", {**grant, "grant_id": "é" * 129}, "grant_id", "258 bytes")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "error", "reason"),
+    [
+        ("request_id", "req\x00", UnstorableValueError, "unstorable_value"),
+        ("account_id", "acct\x00", UnstorableValueError, "unstorable_value"),
+        ("account_id", "a" * 3000, OversizedFieldError, "oversized_field"),
+        ("model", "m\x07", UnstorableValueError, "unstorable_value"),
+    ],
+)
+def test_decode_quarantines_what_the_journal_cannot_store(codec, field, value, error, reason):
+    """Another client's bytes, not refused by our producer: decode names the reason."""
+    body = shadow_body("UsageRecorded", **{field: ("string", value)})
+    with pytest.raises(error, match=field) as caught:
+        codec.decode(header(codec, "UsageRecorded") + body)
+    assert caught.value.reason == reason
+
+
+def test_decode_refuses_an_oversized_record_before_parsing_it(codec):
+    value = header(codec, "UsageRecorded") + bytes(1024 * 1024)
+    with pytest.raises(OversizedEventError, match="exceeds") as caught:
+        codec.decode(value)
+    assert caught.value.reason == "oversized_event"
 
 
 def test_encode_normalizes_what_it_safely_can(codec):

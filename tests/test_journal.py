@@ -11,7 +11,7 @@ import pytest
 
 from ledger.book import LedgerFold
 from ledger.codec import Codec
-from ledger.journal import LedgerWriter, OffsetGapError
+from ledger.journal import LedgerWriter, OffsetGapError, split_fetched
 from ledger.policy import Policy
 from ledger.rating import PriceBook
 
@@ -157,3 +157,15 @@ def test_each_batch_logs_one_canonical_line_with_its_counts(writer):
     )
     [rejected] = [entry for entry in logs if entry["event"] == "event_rejected"]
     assert (rejected["reason"], rejected["offset"]) == ("bad_magic", 2)
+
+
+def test_a_split_batch_hands_each_half_the_offsets_it_fetched():
+    """Bisecting a failed batch: the left half ends after its last record of a partition,
+    the right half starts there; a partition with nothing but markers goes with the left."""
+    a, b, c = (FakeRecord(TOPIC, 0, o, b"") for o in (3, 5, 9))
+    d = FakeRecord(TOPIC, 1, 4, b"")
+    fetched = {(TOPIC, 0): (2, 12), (TOPIC, 1): (4, 6), (TOPIC, 2): (7, 8)}
+    left, right = split_fetched(fetched, [a, b], [c, d])
+    assert left == {(TOPIC, 0): (2, 6), (TOPIC, 2): (7, 8)}
+    assert right == {(TOPIC, 0): (6, 12), (TOPIC, 1): (4, 6)}
+    assert split_fetched(None, [a], [b]) == (None, None)

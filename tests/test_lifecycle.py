@@ -1,8 +1,10 @@
-"""The $1-credit lifecycle end to end, on real Kafka and PostgreSQL."""
+"""The $1-credit lifecycle end to end, on real Kafka and PostgreSQL: the wiring (journal rows,
+price versions, published status events). The rules themselves are tested in the in-memory
+rule harness (tests/test_rules_*.py)."""
 
 from decimal import Decimal
 
-from projections.account_status import CREDITS_EXHAUSTED, MANUAL_HOLD, PAYMENT_FAILED
+from projections.account_status import CREDITS_EXHAUSTED
 
 SUSPENDED, REINSTATED = "AccountSuspended", "AccountReinstated"
 
@@ -30,75 +32,19 @@ def test_exhausted_credit_without_payment_method_suspends_until_one_is_added(led
     ledger.use("a2", input_tokens=1_000_000)  # $0.90
     ledger.use("a2", input_tokens=200_000)  # $0.18: $0.10 of credit + $0.08 owed
     ledger.settle(3)
-    assert ledger.status_of("a2") == [(SUSPENDED, (CREDITS_EXHAUSTED,), 1)]
+    [(kind, reasons, suspended_version)] = ledger.status_of("a2")
+    assert (kind, reasons) == (SUSPENDED, (CREDITS_EXHAUSTED,))
     assert ledger.account("a2")["receivable"] == Decimal("0.08")
 
     ledger.send("PaymentMethodAdded", "a2", payment_method_id="pm_1", kind="card")
     ledger.settle(4)
+    # status_version is the journal position of the entry that changed the status: it only
+    # grows, and the projection row carries the last one published.
     assert ledger.status_of("a2") == [
-        (SUSPENDED, (CREDITS_EXHAUSTED,), 1),
-        (REINSTATED, (), 2),
+        (SUSPENDED, (CREDITS_EXHAUSTED,), suspended_version),
+        (REINSTATED, (), ledger.account("a2")["status_version"]),
     ]
-
-
-def test_with_a_payment_method_usage_continues_into_receivable_unsuspended(ledger):
-    ledger.open_account("a3")
-    ledger.send("PaymentMethodAdded", "a3", payment_method_id="pm_1", kind="card")
-    for _ in range(3):
-        ledger.use("a3", output_tokens=1_000_000)  # $0.90 each
-    ledger.settle(5)
-    account = ledger.account("a3")
-    assert account["credit_balance"] == 0
-    assert account["receivable"] == Decimal("1.70")
-    assert not account["suspended"]
-    assert ledger.status_of("a3") == []
-
-
-def test_purchase_pays_the_outstanding_balance_first(ledger):
-    # §7: $750 owed + $500 bought → $250 owed, $0 credit.
-    ledger.open_account("a4")
-    ledger.send("PaymentMethodAdded", "a4", payment_method_id="pm_1", kind="card")
-    # $751 of DeepSeek R1 output ($8 / 1M): $1 from the credit, $750 owed.
-    ledger.use("a4", model="accounts/fireworks/models/deepseek-r1", output_tokens=93_875_000)
-    ledger.send(
-        "CreditPurchased", "a4", grant_id="buy-1", amount=Decimal("500"), payment_reference="ch_1"
-    )
-    ledger.settle(4)
-    account = ledger.account("a4")
-    assert account["receivable"] == Decimal("250")
-    assert account["credit_balance"] == 0
-
-
-def test_failed_payment_suspends_and_new_method_or_paid_invoice_reinstates(ledger):
-    ledger.open_account("a5")
-    ledger.send("PaymentMethodAdded", "a5", payment_method_id="pm_1", kind="card")
-    ledger.send(
-        "PaymentFailed", "a5", payment_method_id="pm_1", amount=None, failure_code="card_declined"
-    )
-    ledger.settle(3)
-    assert ledger.status_of("a5") == [(SUSPENDED, (PAYMENT_FAILED,), 1)]
-    ledger.send("PaymentMethodAdded", "a5", payment_method_id="pm_2", kind="card")
-    ledger.send("PaymentFailed", "a5", payment_method_id="pm_2", amount=None, failure_code="x")
-    ledger.use("a5", output_tokens=2_000_000)  # $1.80: $1 credit, $0.80 owed
-    ledger.send(
-        "InvoicePaid", "a5", invoice_id="inv-1", amount=Decimal("0.80"), payment_reference="ch_2"
-    )
-    ledger.settle(7)
-    assert [(t, r) for t, r, _ in ledger.status_of("a5")] == [
-        (SUSPENDED, (PAYMENT_FAILED,)),
-        (REINSTATED, ()),
-        (SUSPENDED, (PAYMENT_FAILED,)),
-        (REINSTATED, ()),
-    ]
-    assert ledger.account("a5")["receivable"] == 0
-
-
-def test_manual_hold_suspends_and_release_reinstates(ledger):
-    ledger.open_account("a6")
-    ledger.send("AccountHoldPlaced", "a6", reason="risk review")
-    ledger.send("AccountHoldReleased", "a6", reason="cleared")
-    ledger.settle(3)
-    assert ledger.status_of("a6") == [(SUSPENDED, (MANUAL_HOLD,), 1), (REINSTATED, (), 2)]
+    assert ledger.account("a2")["status_version"] > suspended_version
 
 
 def test_usage_before_account_opened_is_journaled_and_suspends_nothing(ledger):
@@ -120,4 +66,4 @@ def test_usage_before_account_opened_is_journaled_and_suspends_nothing(ledger):
     assert not a7["suspended"] and ledger.status_of("a7") == []
     # a8 used more than its credit and has no payment method: suspended once it is opened.
     assert (a8["credit_balance"], a8["receivable"]) == (0, Decimal("3.5"))
-    assert ledger.status_of("a8") == [(SUSPENDED, (CREDITS_EXHAUSTED,), 1)]
+    assert [(t, r) for t, r, _ in ledger.status_of("a8")] == [(SUSPENDED, (CREDITS_EXHAUSTED,))]

@@ -1,5 +1,6 @@
 """The policy file: the shipped defaults are the business rules; a bad file fails naming it."""
 
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from importlib import resources
 
@@ -25,6 +26,9 @@ def test_shipped_policy_is_fireworks_rules():
     assert policy.warning_thresholds == (50, 80, 100)
     assert policy.grace_hours == 72
     assert policy.burn_kinds[-1] == "purchased"
+    assert policy.max_clock_skew == timedelta(minutes=5)
+    assert policy.earliest_event == datetime(2020, 1, 1, tzinfo=UTC)
+    assert policy.max_tick_step == timedelta(days=31)
 
 
 @pytest.mark.parametrize(
@@ -37,6 +41,12 @@ def test_shipped_policy_is_fireworks_rules():
             "burn_order.kinds",
         ),
         (("grace_hours = 72", "grace = 72"), "grace_hours"),
+        (("max_clock_skew_seconds = 300", "max_clock_skew_seconds = -1"), "max_clock_skew"),
+        (
+            ('earliest_event = "2020-01-01T00:00:00+00:00"', 'earliest_event = "2020-01-01"'),
+            "time.earliest_event: needs a UTC offset",
+        ),
+        (("max_tick_step_hours = 744", "max_tick_step_hours = 0"), "max_tick_step_hours"),
     ],
 )
 def test_a_bad_policy_file_is_refused_naming_the_file_and_the_key(tmp_path, change, message):

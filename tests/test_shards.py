@@ -1,7 +1,12 @@
 """Shard leases: one writer per shard at a time, standbys take over, LEDGER_SHARDS splits."""
 
 import dataclasses
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 
 import psycopg
 
@@ -10,13 +15,10 @@ from tests.harness import wait_until
 
 
 def lease_holders(dsn: str) -> int:
-    """Shard leases held right now: advisory locks taken with two int keys (objsubid 2);
-    nothing else in the ledger takes that kind."""
+    """Shard leases held right now (not expired, not released)."""
     with psycopg.connect(dsn) as conn:
         return conn.execute(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
-            "AND objsubid = 2 AND database = (SELECT oid FROM pg_database "
-            "WHERE datname = current_database())"
+            "SELECT count(*) FROM shard_leases WHERE expires_at > clock_timestamp()"
         ).fetchone()[0]
 
 
@@ -29,7 +31,7 @@ def test_a_standby_takes_over_the_shards_of_a_stopped_worker(ledger):
         ledger.settle(8)
         # Every shard is leased once: the first worker has them, the standby waits.
         assert lease_holders(ledger.dsn) == ledger.settings.partitions
-        ledger.stop()  # the first worker goes away (its leases end with its sessions)
+        ledger.stop()  # the first worker goes away (it releases its leases)
         for n in range(8, 16):
             ledger.open_account(f"sh-{n}")
         wait_until(lambda: ledger.journaled() == 16, 30, "the standby journals new events")
@@ -84,3 +86,82 @@ def test_workers_given_shard_ranges_split_the_work(ledger):
     ledger.start()  # owns every shard again and catches up
     ledger.settle(80)
     assert ledger.journaled() == 80
+
+
+def worker_process(ledger, log_path, *, lease_timeout_s: int) -> subprocess.Popen:
+    """A real `ledger worker --role ledger` on the test's topics and database."""
+    env = os.environ | {
+        "LEDGER_KAFKA_BOOTSTRAP": ledger.bootstrap,
+        "LEDGER_DATABASE_URL": ledger.dsn,
+        "LEDGER_TOPIC_PREFIX": ledger.settings.topic_prefix,
+        "LEDGER_CONSUMER_GROUP": ledger.settings.consumer_group,
+        "LEDGER_LEASE_TIMEOUT_S": str(lease_timeout_s),
+        "LEDGER_LOG_FORMAT": "json",
+    }
+    with log_path.open("a") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "ledger.cli", "worker", "--role", "ledger"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def holders(dsn: str) -> set[str]:
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT DISTINCT holder FROM shard_leases WHERE expires_at > clock_timestamp()"
+        ).fetchall()
+    return {holder for (holder,) in rows}
+
+
+def test_a_frozen_holder_loses_its_shards_and_stops_writing_when_it_thaws(ledger, tmp_path):
+    """SIGSTOP the shard holder: a standby takes every shard once the lease times out; after
+    SIGCONT the old holder finds its leases gone and writes nothing more."""
+    ledger.stop()  # the test's own ledger role would compete; projections are not needed
+    frozen_log = tmp_path / "frozen.log"
+    first = worker_process(ledger, frozen_log, lease_timeout_s=4)
+    standby = None
+    try:
+        for n in range(8):
+            ledger.open_account(f"frz-{n}")
+        wait_until(lambda: ledger.journaled() == 8, 60, "the first worker journals")
+        (first_holder,) = wait_until(lambda: holders(ledger.dsn), 10, "leases held")
+        standby = worker_process(ledger, tmp_path / "standby.log", lease_timeout_s=4)
+        time.sleep(3)  # the standby is up and waiting: every lease is still the first's
+        assert holders(ledger.dsn) == {first_holder}
+
+        first.send_signal(signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        for n in range(8, 16):
+            ledger.open_account(f"frz-{n}")
+        wait_until(lambda: ledger.journaled() == 16, 60, "the standby journals new events")
+        took_over_s = time.monotonic() - frozen_at
+        (standby_holder,) = holders(ledger.dsn)
+        assert standby_holder != first_holder
+        # Timeout 4 s + a lease refresh (2 s) + a batch; generous for a loaded machine.
+        assert took_over_s < 30, f"takeover took {took_over_s:.1f}s"
+
+        first.send_signal(signal.SIGCONT)
+        wait_until(
+            lambda: any(
+                event in frozen_log.read_text()
+                for event in ('"shard_leases_lost"', '"shard_lease_fenced"')
+            ),
+            30,
+            "the thawed worker notices",
+        )
+        for n in range(16, 24):
+            ledger.open_account(f"frz-{n}")
+        wait_until(lambda: ledger.journaled() == 24, 60, "journaling goes on")
+        assert holders(ledger.dsn) == {standby_holder}
+        with psycopg.connect(ledger.dsn) as conn:
+            ids = conn.execute("SELECT count(DISTINCT event_id), count(*) FROM raw_events")
+            assert ids.fetchone() == (24, 24)
+    finally:
+        for proc in (first, standby):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+                proc.terminate()
+                proc.wait(timeout=30)
+    ledger.start()

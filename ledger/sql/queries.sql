@@ -50,14 +50,51 @@ SELECT proname, pg_get_function_arguments(oid), prosrc
 -- ---------------------------------------------------------------------------------------------
 -- Ledger writer: one transaction per batch.
 
--- name: lock_offsets
-SELECT topic, kafka_partition, next_offset FROM consumer_offsets
- WHERE group_id = %(group_id)s AND topic = ANY(%(topics)s)
- ORDER BY topic, kafka_partition
-   FOR UPDATE;
+-- name: ensure_offsets
+INSERT INTO consumer_offsets (group_id, topic, kafka_partition, next_offset)
+SELECT %(group_id)s, t, p, o
+  FROM unnest(%(topics)s::text[], %(partitions)s::integer[], %(offsets)s::bigint[]) AS x (t, p, o)
+ ORDER BY t, p
+ON CONFLICT (group_id, topic, kafka_partition) DO NOTHING;
 
--- name: try_shard_lease
-SELECT pg_try_advisory_lock(hashtext(%s), %s);
+-- name: lock_offsets
+SELECT o.topic, o.kafka_partition, o.next_offset
+  FROM consumer_offsets o
+  JOIN unnest(%(topics)s::text[], %(partitions)s::integer[]) AS x (topic, kafka_partition)
+ USING (topic, kafka_partition)
+ WHERE o.group_id = %(group_id)s
+ ORDER BY o.topic, o.kafka_partition
+   FOR UPDATE OF o;
+
+-- name: accept_offset_loss
+INSERT INTO accepted_offset_losses (group_id, topic, kafka_partition, from_offset, to_offset, note)
+VALUES (%s, %s, %s, %s, %s, %s);
+
+-- name: shard_clocks
+SELECT shard, last_tick_at FROM shard_heads WHERE shard = ANY(%s);
+
+-- name: save_shard_clock
+UPDATE shard_heads SET last_tick_at = %s WHERE shard = %s;
+
+-- name: claim_shards
+INSERT INTO shard_leases (group_id, shard, holder, expires_at)
+SELECT %(group)s, s, %(holder)s, clock_timestamp() + make_interval(secs => %(ttl)s)
+  FROM unnest(%(shards)s::integer[]) AS s
+ ORDER BY s
+ON CONFLICT (group_id, shard) DO UPDATE
+   SET holder = EXCLUDED.holder, expires_at = EXCLUDED.expires_at
+ WHERE shard_leases.holder = EXCLUDED.holder OR shard_leases.expires_at < clock_timestamp()
+RETURNING shard;
+
+-- name: fence_shards
+SELECT shard FROM shard_leases
+ WHERE group_id = %s AND shard = ANY(%s) AND holder = %s AND expires_at > clock_timestamp();
+
+-- name: release_shards
+DELETE FROM shard_leases WHERE group_id = %s AND holder = %s;
+
+-- name: set_idle_in_transaction_timeout
+SELECT set_config('idle_in_transaction_session_timeout', %s, false);
 
 -- name: stored_offsets
 SELECT topic, kafka_partition, next_offset FROM consumer_offsets
@@ -180,12 +217,46 @@ ON CONFLICT (invoice_id) DO NOTHING;
 -- name: relay_lock
 SELECT pg_try_advisory_lock(4242002);
 
+-- name: relay_listen
+LISTEN ledger_outbox;
+
 -- name: unpublished
-SELECT id, topic, message_key, value, headers FROM outbox
- WHERE published_at IS NULL ORDER BY id LIMIT %s;
+-- Neither published nor parked, in id order; a row whose topic and key match an earlier
+-- parked row waits behind it (per-key order). Rows without a key are never held.
+SELECT o.id, o.topic, o.message_key, o.value, o.headers FROM outbox o
+ WHERE o.published_at IS NULL AND o.parked_at IS NULL
+   AND NOT EXISTS (SELECT 1 FROM outbox p
+                    WHERE p.parked_at IS NOT NULL AND p.published_at IS NULL
+                      AND p.topic = o.topic AND p.message_key = o.message_key AND p.id < o.id)
+ ORDER BY o.id LIMIT %s;
 
 -- name: mark_published
 UPDATE outbox SET published_at = clock_timestamp() WHERE id = ANY(%s);
+
+-- name: park_outbox
+UPDATE outbox SET parked_at = clock_timestamp(), park_reason = %s, park_detail = %s,
+                  attempts = attempts + 1
+ WHERE id = %s AND published_at IS NULL;
+
+-- name: parked_outbox
+-- size: key + value + header names and values (headers are stored hex-encoded).
+SELECT o.id, o.topic, o.message_key,
+       octet_length(o.value) + coalesce(octet_length(o.message_key), 0)
+         + (SELECT coalesce(sum(octet_length(h ->> 0) + length(h ->> 1) / 2), 0)
+              FROM jsonb_array_elements(o.headers) h)::bigint,
+       o.park_reason, o.park_detail, o.parked_at, o.attempts,
+       (SELECT count(*) FROM outbox w
+         WHERE w.published_at IS NULL AND w.parked_at IS NULL AND w.topic = o.topic
+           AND w.message_key = o.message_key AND w.id > o.id)
+  FROM outbox o
+ WHERE o.parked_at IS NOT NULL AND o.published_at IS NULL
+ ORDER BY o.id;
+
+-- name: unpark_outbox
+UPDATE outbox SET parked_at = NULL
+ WHERE parked_at IS NOT NULL AND published_at IS NULL
+   AND (%(id)s::bigint IS NULL OR id = %(id)s)
+RETURNING id;
 
 -- ---------------------------------------------------------------------------------------------
 -- Reports.
@@ -258,7 +329,7 @@ SELECT coalesce(sum(least(coalesce(p.position, 0), h.last_seq)), 0)::bigint,
 
 -- name: bench_latency_ready
 SELECT (SELECT count(*) FROM account_status WHERE account_id LIKE 'lat-%%' AND opened),
-       (SELECT count(*) FROM outbox WHERE published_at IS NULL)
+       (SELECT count(*) FROM outbox WHERE published_at IS NULL AND parked_at IS NULL)
        + (SELECT count(*) FROM shard_heads h
             LEFT JOIN projection_positions p
               ON p.shard = h.shard AND p.projection = 'account_status'
@@ -275,7 +346,7 @@ SELECT (SELECT coalesce(sum(last_seq), 0) FROM shard_heads)::bigint,
           LEFT JOIN projection_positions p
             ON p.shard = h.shard AND p.projection = 'account_status')::bigint,
        (SELECT coalesce(sum(last_seq), 0) FROM shard_heads)::bigint,
-       (SELECT count(*) FROM outbox WHERE published_at IS NULL),
+       (SELECT count(*) FROM outbox WHERE published_at IS NULL AND parked_at IS NULL),
        (SELECT count(*) FROM outbox WHERE topic = %s AND published_at IS NOT NULL);
 
 -- name: demo_last_recorded
@@ -315,7 +386,7 @@ SELECT account_id FROM account_status
 SELECT count(*) FROM journal_entries WHERE cause_event_id IS NULL;
 
 -- name: replay_source
-SELECT r.topic, r.kafka_partition, r.kafka_offset, r.account_id, r.raw
+SELECT r.topic, r.kafka_partition, r.kafka_offset, r.account_id, r.raw, r.recorded_at
   FROM journal_entries e JOIN raw_events r ON r.event_id = e.event_id
  WHERE e.cause_event_id IS NULL
  ORDER BY e.shard, e.shard_seq;
@@ -467,3 +538,11 @@ SELECT id, topic, kafka_partition, kafka_offset, message_key, raw, reason
 
 -- name: resolve_reject
 UPDATE rejected_events SET resolved_at = clock_timestamp(), resolution = %s WHERE id = %s;
+
+-- name: reject_id_at
+SELECT id FROM rejected_events WHERE topic = %s AND kafka_partition = %s AND kafka_offset = %s;
+
+-- name: reject_row
+SELECT id, reason, detail, topic, kafka_partition, kafka_offset, message_key, event_id,
+       event_type, rejected_at, resolved_at, resolution, raw
+  FROM rejected_events WHERE id = %s;

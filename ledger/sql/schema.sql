@@ -227,3 +227,47 @@ ALTER TABLE rejected_events ADD COLUMN message_key bytea;
 ALTER TABLE rejected_events ADD COLUMN resolved_at timestamptz;
 ALTER TABLE rejected_events ADD COLUMN resolution text;
 CREATE INDEX rejected_events_open ON rejected_events (id) WHERE resolved_at IS NULL;
+
+-- 0004 ----------------------------------------------------------------------------------------
+-- Nothing stops a shard: the ledger bounds time by each shard's clock, an operator can
+-- accept a range of Kafka offsets that was deleted before the ledger read it, and shard
+-- leases expire when their holder stops renewing them.
+
+-- The last PeriodTick journaled in each shard: ticks only move it forward, by a bounded step.
+ALTER TABLE shard_heads ADD COLUMN last_tick_at timestamptz;
+
+-- Offsets the ledger never read because Kafka deleted them first (retention, a recreated
+-- topic), accepted by an operator (`ledger offsets accept-loss`); the consumer refuses to
+-- move past such a range on its own.
+CREATE TABLE accepted_offset_losses (
+    id              bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    group_id        text        NOT NULL,
+    topic           text        NOT NULL,
+    kafka_partition integer     NOT NULL,
+    from_offset     bigint      NOT NULL,
+    to_offset       bigint      NOT NULL,
+    note            text        NOT NULL,
+    accepted_at     timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+
+-- Shard leases with liveness: a holder renews its rows; a standby takes a shard whose lease
+-- expired (its holder crashed or froze) or was released.
+CREATE TABLE shard_leases (
+    group_id   text        NOT NULL,
+    shard      integer     NOT NULL,
+    holder     text        NOT NULL,
+    expires_at timestamptz NOT NULL,
+    PRIMARY KEY (group_id, shard)
+);
+
+-- 0005 ----------------------------------------------------------------------------------------
+-- The relay parks an outbox row Kafka refuses for good (too large for the producer or the
+-- broker, an invalid topic, a record it cannot serialize) with the reason, and moves on;
+-- `ledger outbox retry` un-parks it. `attempts` counts the refusals.
+ALTER TABLE outbox ADD COLUMN parked_at timestamptz;
+ALTER TABLE outbox ADD COLUMN park_reason text;
+ALTER TABLE outbox ADD COLUMN park_detail text;
+ALTER TABLE outbox ADD COLUMN attempts integer NOT NULL DEFAULT 0;
+-- Rows still parked, by (topic, key): later rows with the same topic and key wait behind them.
+CREATE INDEX outbox_parked ON outbox (topic, message_key, id)
+    WHERE parked_at IS NOT NULL AND published_at IS NULL;
