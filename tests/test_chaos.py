@@ -74,6 +74,12 @@ def clean_observation() -> Observed:
             ]
         },
         status_versions={"acct-a": 2},
+        status_recorded={
+            "acct-a": [
+                StatusEvent(1, "AccountSuspended", ("SPEND_LIMIT_REACHED",)),
+                StatusEvent(2, "AccountReinstated", ()),
+            ]
+        },
         verify=[],
         stalls={0: 1.5},
     )
@@ -121,7 +127,11 @@ def test_checker_passes_a_clean_outcome():
         ),
         (
             lambda o: o.status["acct-a"].insert(0, StatusEvent(2, "AccountReinstated", ())),
-            "status: acct-a: gap: version 2 after 0",
+            "status: acct-a: out of order: version 1 after 2",
+        ),
+        (
+            lambda o: o.status["acct-a"].pop(1),
+            "status: acct-a: gap: version 2 recorded by the projection, never published",
         ),
         (lambda o: o.status_versions.update({"acct-a": 3}), "status: acct-a: topic ends at"),
         (

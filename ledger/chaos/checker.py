@@ -13,8 +13,9 @@ Checks, in the order their differences are reported (the first one is "the first
   unexplained     a journaled or quarantined record that nobody sent
   deadletter      a quarantined record has no dead-letter copy (or reference)
   totals          usage charged / purchases / grants of an account differ from the model
-  status          status_version on the status topic: out of order, a gap, a changed re-send,
-                  or not ending at the projection's version
+  status          status_version on the status topic: out of order, a changed re-send, a
+                  version the projection recorded (outbox) but nobody published, or the last
+                  one not the projection's
   verify          `ledger verify` (trial balance, hash chains, rebuilt projection = live,
                   invoices), and `ledger projections rebuild` changing no account's row
   stall           a shard made no progress for longer than allowed
@@ -67,6 +68,7 @@ class Observed:
     deadletter: set[tuple[str, int, int]]  # (dlq_topic, dlq_partition, dlq_offset) headers
     status: dict[str, list[StatusEvent]]  # per account, in topic order (suspend/reinstate)
     status_versions: dict[str, int]  # account_status.status_version (the live projection)
+    status_recorded: dict[str, list[StatusEvent]]  # what the projection wrote to the outbox
     verify: list[tuple[str, str, str]]  # ledger.verify differences: (check, subject, detail)
     stalls: dict[int, float] = dataclasses.field(default_factory=dict)  # shard -> max seconds
 
@@ -204,7 +206,7 @@ def check(model: Model, seen: Observed, *, max_stall_s: float | None = None) -> 
                     counts["overcharged"] += 1
                 out.append(Difference("totals", account, f"{name}: ledger={h} model={w}"))
 
-    out += check_status(seen.status, seen.status_versions, counts)
+    out += check_status(seen.status, seen.status_recorded, seen.status_versions, counts)
 
     for check_name, subject, detail in seen.verify:
         counts["verify"] += 1
@@ -261,13 +263,18 @@ def stuck_partitions(
 
 
 def check_status(
-    status: dict[str, list[StatusEvent]], live: dict[str, int], counts: Counter[str]
+    status: dict[str, list[StatusEvent]],
+    recorded: dict[str, list[StatusEvent]],
+    live: dict[str, int],
+    counts: Counter[str],
 ) -> list[Difference]:
-    """Per account, the first delivery of each status_version must come in order 1, 2, 3, …;
-    a re-send (crash between publish and mark) repeats an earlier version unchanged; the last
-    version equals the live projection's."""
+    """Per account, the first delivery of each status_version must come in increasing order
+    (versions need not be consecutive); a re-send (crash between publish and mark) repeats an
+    earlier version unchanged; every version the projection recorded in the outbox is
+    delivered, and no other; the last one is the live projection's."""
     out = []
-    for account in sorted(set(status) | {a for a, v in live.items() if v > 0}):
+    accounts = set(status) | set(recorded) | {a for a, v in live.items() if v > 0}
+    for account in sorted(accounts):
         seen: dict[int, StatusEvent] = {}
         top = 0
         for event in status.get(account, []):
@@ -284,13 +291,27 @@ def check_status(
                         )
                     )
                 continue
-            if event.version != top + 1:
-                kind = "gap" if event.version > top + 1 else "out of order"
+            if event.version <= top:
                 out.append(
-                    Difference("status", account, f"{kind}: version {event.version} after {top}")
+                    Difference(
+                        "status", account, f"out of order: version {event.version} after {top}"
+                    )
                 )
             seen[event.version] = event
             top = max(top, event.version)
+        wanted = {e.version: e for e in recorded.get(account, [])}
+        for version in sorted(set(wanted) - set(seen)):
+            out.append(
+                Difference(
+                    "status",
+                    account,
+                    f"gap: version {version} recorded by the projection, never published",
+                )
+            )
+        for version in sorted(set(seen) - set(wanted)):
+            out.append(
+                Difference("status", account, f"version {version} published, never recorded")
+            )
         if top != live.get(account, 0):
             out.append(
                 Difference(

@@ -58,6 +58,13 @@ def observe(settings: Settings, bootstrap: str, dsn: str) -> Observed:
         versions = dict(
             conn.execute("SELECT account_id, status_version FROM account_status").fetchall()
         )
+        recorded = status_by_account(
+            bytes(value)
+            for (value,) in conn.execute(
+                "SELECT value FROM outbox WHERE topic = %s ORDER BY id",
+                (settings.topic(topics.STATUS),),
+            )
+        )
     differences = [(d.check, d.subject, d.detail) for d in verify(settings, dsn)]
     differences += rebuild_differences(settings, dsn)
     return Observed(
@@ -68,6 +75,7 @@ def observe(settings: Settings, bootstrap: str, dsn: str) -> Observed:
         deadletter=deadletter_refs(settings, bootstrap),
         status=status_events(settings, bootstrap),
         status_versions=versions,
+        status_recorded=recorded,
         verify=differences,
     )
 
@@ -197,11 +205,18 @@ def deadletter_refs(settings: Settings, bootstrap: str) -> set[tuple[str, int, i
 
 
 def status_events(settings: Settings, bootstrap: str) -> dict[str, list[StatusEvent]]:
+    """What a gateway sees: the status topic read from the start."""
+    records = read_topic(bootstrap, settings.topic(topics.STATUS))
+    return status_by_account(record.value for record in records)
+
+
+def status_by_account(values) -> dict[str, list[StatusEvent]]:
+    """Suspensions and reinstatements per account, in the given order."""
     codec = Codec.default()
     out: dict[str, list[StatusEvent]] = defaultdict(list)
-    for record in read_topic(bootstrap, settings.topic(topics.STATUS)):
+    for value in values:
         try:
-            decoded = codec.decode(record.value)
+            decoded = codec.decode(value)
         except DecodeError:
             continue
         if decoded.event_type not in STATUS_TYPES:

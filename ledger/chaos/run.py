@@ -315,7 +315,8 @@ def _drain(options: Options, settings: Settings, dsn: str, model: Model) -> None
                 snapshot = conn.execute(
                     "SELECT (SELECT count(*) FROM raw_events WHERE event_type <> 'PeriodTick'),"
                     " (SELECT count(*) FROM rejected_events),"
-                    " (SELECT count(*) FROM outbox WHERE published_at IS NULL),"
+                    " (SELECT count(*) FROM outbox"
+                    "   WHERE published_at IS NULL AND parked_at IS NULL),"
                     " (SELECT coalesce(sum(h.last_seq - coalesce(p.position, 0)), 0)"
                     "    FROM shard_heads h LEFT JOIN projection_positions p ON p.shard = h.shard)"
                 ).fetchone()
