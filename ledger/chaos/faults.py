@@ -84,8 +84,10 @@ class Injector:
         progress: Callable[[], float | None],
         traffic_done: Callable[[], bool],
         stop: threading.Event,
+        holder: Callable[[], str | None] | None = None,
     ):
         self.faults = faults
+        self.holder = holder or supervisor.shard_holder
         self.supervisor = supervisor
         self.kill_broker, self.start_broker = kill_broker, start_broker
         self.stop_postgres, self.start_postgres = stop_postgres, start_postgres
@@ -134,13 +136,13 @@ class Injector:
         about to exit after a PostgreSQL restart)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not self.stop.is_set():
-            holder = self.supervisor.shard_holder()
+            holder = self.holder()
             if holder is not None:
                 self.stop.wait(2.0)
-                if self.supervisor.shard_holder() == holder:
+                if self.holder() == holder:
                     return holder
             self.stop.wait(0.5)
-        return self.supervisor.shard_holder() or "ledger-1"
+        return self.holder() or "ledger-1"
 
     def inject(self, fault: Fault) -> None:
         record = Injected(fault, time.time())

@@ -18,8 +18,10 @@ import threading
 from collections import Counter
 from pathlib import Path
 
+import psycopg
 import structlog
 
+from ledger import db
 from ledger.runner import start_worker, stop_worker
 from ledger.settings import Settings
 
@@ -140,8 +142,28 @@ class Supervisor:
                 out.update(last_assignment(worker.log_path))
         return out
 
-    def shard_holder(self) -> str | None:
-        """The ledger worker holding the most shards, from its log's last assignment."""
+    def shard_holder(self, dsn: str | None = None, group: str | None = None) -> str | None:
+        """The ledger worker holding the most shards: from the live rows of `shard_leases`
+        (holder "host:pid:…"), or, where there is no such table, its log's last assignment."""
+        if dsn is not None and group is not None:
+            by_pid = {w.proc.pid: name for name, w in self.workers.items() if w.proc}
+            try:
+                with db.connect(dsn) as conn:
+                    rows = conn.execute(
+                        "SELECT holder, count(*) FROM shard_leases"
+                        " WHERE group_id = %s AND expires_at > now() GROUP BY holder"
+                        " ORDER BY 2 DESC",
+                        (group,),
+                    ).fetchall()
+                for holder, _ in rows:
+                    parts = holder.split(":")
+                    if len(parts) >= 2 and parts[1].isdigit() and int(parts[1]) in by_pid:
+                        return by_pid[int(parts[1])]
+                return None
+            except psycopg.errors.UndefinedTable:
+                pass
+            except psycopg.Error:
+                return None
         best, most = None, 0
         for name, worker in self.workers.items():
             if "ledger" not in worker.roles or worker.log_path is None:

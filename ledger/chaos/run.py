@@ -244,6 +244,7 @@ def _traffic_and_faults(options, settings, cluster, supervisor, pg_state, dsn, t
         progress=journal_progress,
         traffic_done=producers_done,
         stop=stop,
+        holder=lambda: supervisor.shard_holder(dsn, settings.consumer_group),
     )
     injecting = threading.Thread(target=injector.run, name="faults", daemon=True)
 
