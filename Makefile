@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install up down status topics demo test lint bench clean fuzz-rules
+.PHONY: install up down status topics demo test lint bench chaos clean fuzz-rules
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,12 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m ledger.bench
+
+# Seeded fault injection on a private 3-broker Kafka cluster + PostgreSQL (see the README);
+# pass options with CHAOS_ARGS, e.g. make chaos CHAOS_ARGS="--events 100000 --seed 7".
+CHAOS_ARGS ?=
+chaos: $(STAMP)
+	$(BIN)/python -m ledger.chaos $(CHAOS_ARGS)
 
 clean: down
 	rm -rf .ledger

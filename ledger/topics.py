@@ -59,8 +59,17 @@ def all_topics(settings: Settings) -> list[str]:
     return [settings.topic(name) for name in ALL]
 
 
-def create_topics(bootstrap: str, settings: Settings, *, timeout_ms: int = 30_000) -> list[str]:
-    """Create whichever of the ledger's topics are missing; return the names created."""
+def create_topics(
+    bootstrap: str,
+    settings: Settings,
+    *,
+    timeout_ms: int = 30_000,
+    replication_factor: int = 1,
+    configs: dict[str, str] | None = None,
+) -> list[str]:
+    """Create whichever of the ledger's topics are missing; return the names created.
+    `replication_factor` copies of each partition (a multi-broker cluster), with the topic
+    `configs` given (e.g. `{"min.insync.replicas": "2"}`)."""
     from kafka import KafkaAdminClient
     from kafka.errors import KafkaError
 
@@ -78,7 +87,11 @@ def create_topics(bootstrap: str, settings: Settings, *, timeout_ms: int = 30_00
         if not missing:
             return []
         spec = {
-            name: {"num_partitions": settings.partitions, "replication_factor": 1}
+            name: {
+                "num_partitions": settings.partitions,
+                "replication_factor": replication_factor,
+                **({"configs": dict(configs)} if configs else {}),
+            }
             for name in missing
         }
         result = admin.create_topics(spec, timeout_ms=timeout_ms, raise_errors=False)

@@ -280,3 +280,21 @@ def stop(settings: Settings) -> None:
             )
         procs.ensure_gone(tree, name="PostgreSQL")
     pid_path(settings).unlink(missing_ok=True)
+
+
+def stop_immediate(settings: Settings) -> None:
+    """`pg_ctl stop -m immediate`: the postmaster and its backends quit without a checkpoint,
+    as in a power cut (the next start replays the WAL). For fault injection."""
+    pid = running_pid(settings)
+    if pid is None:
+        return
+    tree = procs.process_tree(pid)
+    log.info("postgres.stopping_immediate", pid=pid)
+    out = _run(
+        [str(bindir() / "pg_ctl"), "-D", str(data_dir(settings)), "-m", "immediate", "-w", "stop"],
+        settings,
+        timeout=70,
+    )
+    if out.returncode != 0:
+        raise StackError(f"pg_ctl stop -m immediate failed: {(out.stdout + out.stderr).strip()}")
+    procs.ensure_gone(tree, name="PostgreSQL")

@@ -1,0 +1,1 @@
+"""Seeded fault injection against real services: `make chaos`, `python -m ledger.chaos`."""
