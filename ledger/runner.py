@@ -3,6 +3,7 @@ their own on the PostgreSQL server, and `ledger worker` as a child process."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -15,8 +16,24 @@ from psycopg import sql
 
 from ledger import db
 from ledger.db import QUERIES
+from ledger.settings import Settings
 
 log = structlog.get_logger(__name__)
+
+
+def worker_env(settings: Settings, bootstrap: str, dsn: str) -> dict[str, str]:
+    """The environment of a `ledger worker` child: every setting as a LEDGER_* variable (none
+    inherited), on these services, logging JSON lines to its log file."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LEDGER_")}
+    return (
+        env
+        | settings.to_env()
+        | {
+            "LEDGER_KAFKA_BOOTSTRAP": bootstrap,
+            "LEDGER_DATABASE_URL": dsn,
+            "LEDGER_LOG_FORMAT": "json",
+        }
+    )
 
 
 def with_database(dsn: str, name: str) -> str:

@@ -105,6 +105,21 @@ class Settings:
                         "expected host:port[,host:port...]"
                     )
 
+    def to_env(self) -> dict[str, str]:
+        """These settings as the LEDGER_* variables `from_env` reads back, for a child
+        process: unset ones left out, paths absolute, shard lists as `0,1,2`."""
+        env = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value is None:
+                continue
+            if isinstance(value, Path):
+                value = value.resolve()
+            if isinstance(value, list):
+                value = ",".join(str(v) for v in value)
+            env[PREFIX + field.name.upper()] = str(value)
+        return env
+
     @property
     def uses_existing_services(self) -> bool:
         return self.kafka_bootstrap is not None and self.database_url is not None

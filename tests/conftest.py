@@ -28,6 +28,10 @@ from psycopg import sql
 
 from ledger import db, topics
 from ledger import stack as local_stack
+from ledger.book import LedgerFold
+from ledger.journal import LedgerWriter
+from ledger.policy import Policy
+from ledger.rating import PriceBook
 from ledger.runner import on_server, with_database
 from ledger.settings import Settings
 from tests.harness import Ledger
@@ -109,3 +113,13 @@ def ledger(settings: Settings, stack: local_stack.StackInfo, dsn: str) -> Iterat
         running.assert_trial_balance_zero()
     finally:
         running.close()
+
+
+@pytest.fixture
+def writer(dsn: str) -> Iterator[LedgerWriter]:
+    """A LedgerWriter on this test's database, with the shipped price book and policy (no
+    Kafka: tests hand it records)."""
+    conn = psycopg.connect(dsn)
+    fold = LedgerFold(PriceBook.load(), Policy.load())
+    yield LedgerWriter(conn, fold, group_id="ledger", deadletter_topic="dlq")
+    conn.close()

@@ -9,11 +9,8 @@ from decimal import Decimal
 import psycopg
 import pytest
 
-from ledger.book import LedgerFold
 from ledger.codec import Codec
-from ledger.journal import LedgerWriter, OffsetGapError, split_fetched
-from ledger.policy import Policy
-from ledger.rating import PriceBook
+from ledger.journal import OffsetGapError, split_fetched
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 TOPIC = "billing.accounts.v1"
@@ -40,14 +37,6 @@ def opened(account_id: str, offset: int, partition: int = 0) -> FakeRecord:
     }
     value = Codec.default().encode("AccountOpened", event)
     return FakeRecord(TOPIC, partition, offset, value, account_id.encode())
-
-
-@pytest.fixture
-def writer(dsn):
-    conn = psycopg.connect(dsn)
-    fold = LedgerFold(PriceBook.load(), Policy.load())
-    yield LedgerWriter(conn, fold, group_id="ledger", deadletter_topic="dlq")
-    conn.close()
 
 
 def count(dsn, table):

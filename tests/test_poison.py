@@ -18,12 +18,9 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.partitioner.default import murmur2
 
 from ledger import bounds, topics
-from ledger.book import LedgerFold
 from ledger.codec import MAGIC, Codec
-from ledger.journal import LedgerWriter, splittable
+from ledger.journal import splittable
 from ledger.offsets import LostRange, accept_loss, lost_ranges
-from ledger.policy import Policy
-from ledger.rating import PriceBook
 from ledger.scheduler import send_ticks
 from tests.harness import LLAMA_70B, T0, Ledger, wait_until
 from tests.test_journal import opened
@@ -101,14 +98,6 @@ def test_poison_records_are_quarantined_and_the_rest_of_their_batch_is_journaled
     ((event_type, reasons_now, version),) = ledger.status_of(acct)
     assert (event_type, reasons_now) == ("AccountSuspended", (CREDITS_EXHAUSTED,))
     assert version > 0
-
-
-@pytest.fixture
-def writer(dsn):
-    conn = psycopg.connect(dsn)
-    fold = LedgerFold(PriceBook.load(), Policy.load())
-    yield LedgerWriter(conn, fold, group_id="ledger", deadletter_topic="dlq")
-    conn.close()
 
 
 def test_a_batch_postgresql_refuses_is_split_and_only_the_failing_record_quarantined(

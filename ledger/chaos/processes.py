@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import signal
 import subprocess
 import threading
@@ -23,7 +22,6 @@ import structlog
 
 from ledger import db
 from ledger.runner import start_worker, stop_worker
-from ledger.settings import Settings
 
 log = structlog.get_logger(__name__)
 
@@ -36,24 +34,6 @@ LAYOUT = (
     ("scheduler-1", ("scheduler",)),
 )
 KILLABLE = tuple(name for name, roles in LAYOUT if name != "scheduler-1")
-
-
-def worker_env(settings: Settings, bootstrap: str, dsn: str) -> dict[str, str]:
-    """Every setting as a LEDGER_* variable (the run's private home, topics and group)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LEDGER_")}
-    for field in dataclasses.fields(settings):
-        value = getattr(settings, field.name)
-        if value is None:
-            continue
-        if isinstance(value, Path):
-            value = value.resolve()
-        if isinstance(value, list):
-            value = ",".join(str(v) for v in value)
-        env[f"LEDGER_{field.name.upper()}"] = str(value)
-    env["LEDGER_KAFKA_BOOTSTRAP"] = bootstrap
-    env["LEDGER_DATABASE_URL"] = dsn
-    env["LEDGER_LOG_FORMAT"] = "json"
-    return env
 
 
 @dataclasses.dataclass

@@ -25,9 +25,10 @@ from ledger.chaos.observe import (
     recovery,
     shards_with_traffic,
 )
-from ledger.chaos.processes import Supervisor, worker_env
+from ledger.chaos.processes import Supervisor
 from ledger.chaos.traffic import Progress, plan, run_plain, run_transactional
 from ledger.errors import StackError
+from ledger.runner import worker_env
 from ledger.settings import Settings
 from ledger.stack import postgres, procs
 from ledger.stack.cluster import KafkaCluster

@@ -3,9 +3,7 @@ real process, configured with the demo's settings, and how the demo knows it is 
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -13,7 +11,7 @@ from pathlib import Path
 import structlog
 
 from ledger.errors import LedgerError
-from ledger.runner import start_worker
+from ledger.runner import start_worker, worker_env
 from ledger.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -27,24 +25,8 @@ def start_demo_worker(
     """The worker on the demo's topics and database, in its own session: Ctrl-C reaches the
     demo, which stops the worker itself."""
     return start_worker(
-        WORKER_ROLES, _worker_env(settings, bootstrap, dsn), log_path, own_session=True
+        WORKER_ROLES, worker_env(settings, bootstrap, dsn), log_path, own_session=True
     )
-
-
-def _worker_env(settings: Settings, bootstrap: str, dsn: str) -> dict[str, str]:
-    """The environment of the worker process: every setting as a LEDGER_* variable."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LEDGER_")}
-    for field in dataclasses.fields(settings):
-        value = getattr(settings, field.name)
-        if value is None:
-            continue
-        if isinstance(value, Path):
-            value = value.resolve()
-        env[f"LEDGER_{field.name.upper()}"] = str(value)
-    env["LEDGER_KAFKA_BOOTSTRAP"] = bootstrap
-    env["LEDGER_DATABASE_URL"] = dsn
-    env["LEDGER_LOG_FORMAT"] = "json"  # to a file; the demo reads it for the assignment
-    return env
 
 
 def wait_for_assignment(proc: subprocess.Popen, log_path: Path, timeout: float) -> None:
