@@ -99,7 +99,7 @@ def test_usage_burns_credit_then_goes_to_receivable(fold):
 
 
 def test_purchase_pays_outstanding_balance_first(fold):
-    # DESIGN §7: a $750 unpaid balance plus a $500 purchase leaves $250 owed and $0 credit.
+    # The rule: a $750 unpaid balance plus a $500 purchase leaves $250 owed and $0 credit.
     book = opened(fold)
     # 93,875,000 output tokens of DeepSeek R1 at $8 / 1M = $751: $1 of credit, $750 owed.
     fold.post(
