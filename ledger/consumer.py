@@ -175,7 +175,10 @@ def run_ledger_consumer(
         isolation_level="read_committed",
         max_poll_records=settings.batch_max_events,
         fetch_max_wait_ms=min(settings.batch_max_ms, 500),
-        max_partition_fetch_bytes=4 * 1024 * 1024,
+        # A poll hands out one partition's buffered records before the next: small fetches
+        # per partition keep a backlog (after a takeover) from starving the other shards.
+        # 256 KiB vs 4 MiB, 100k events with 4 kills: max stall per shard 15-22 s vs 21-42 s.
+        max_partition_fetch_bytes=256 * 1024,
         **kafka_consumer_options(settings),
     )
     input_topics = topics.input_topics(settings)
