@@ -1,6 +1,7 @@
 """The `ledger` command line. Parses arguments, builds settings, calls into the package.
 
-This is the only module (with the demo and the benchmark) that prints to stdout.
+This is the only module (with the demo, the benchmark and `python -m ledger.chaos`) that prints
+to stdout.
 """
 
 from __future__ import annotations

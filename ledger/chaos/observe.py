@@ -16,6 +16,7 @@ from ledger import db, topics
 from ledger.chaos.checker import Observed, Reject, StatusEvent
 from ledger.chaos.model import Totals
 from ledger.codec import Codec
+from ledger.db import QUERIES
 from ledger.errors import DecodeError
 from ledger.settings import Settings
 from ledger.verify import verify
@@ -28,26 +29,16 @@ STATUS_TYPES = ("AccountSuspended", "AccountReinstated")
 
 def observe(settings: Settings, bootstrap: str, dsn: str) -> Observed:
     with db.connect(dsn) as conn:
-        journaled = dict(conn.execute("SELECT event_id, event_type FROM raw_events").fetchall())
-        twice = dict(
-            conn.execute(
-                "SELECT event_id, count(*) FROM journal_entries WHERE cause_event_id IS NULL"
-                " GROUP BY event_id HAVING count(*) > 1"
-            ).fetchall()
-        )
+        journaled = dict(conn.execute(QUERIES["chaos_journaled"]).fetchall())
+        twice = dict(conn.execute(QUERIES["chaos_journaled_twice"]).fetchall())
         rejects = [
             Reject(topic, partition, offset, event_id, reason, bytes(sha))
             for topic, partition, offset, event_id, reason, sha in conn.execute(
-                "SELECT topic, kafka_partition, kafka_offset, event_id, reason, sha256(raw)"
-                " FROM rejected_events"
+                QUERIES["chaos_rejects"]
             )
         ]
         totals: dict[str, Totals] = defaultdict(Totals)
-        for account, ledger_account, amount in conn.execute(
-            "SELECT account_id, ledger_account, sum(amount) FROM postings"
-            " WHERE ledger_account IN ('revenue:usage', 'cash', 'expense:promotional')"
-            " GROUP BY 1, 2"
-        ):
+        for account, ledger_account, amount in conn.execute(QUERIES["chaos_totals"]):
             t = totals[account]
             if ledger_account == "revenue:usage":
                 t.usage -= Decimal(amount)
@@ -55,13 +46,11 @@ def observe(settings: Settings, bootstrap: str, dsn: str) -> Observed:
                 t.purchases += Decimal(amount)
             else:
                 t.grants += Decimal(amount)
-        versions = dict(
-            conn.execute("SELECT account_id, status_version FROM account_status").fetchall()
-        )
+        versions = dict(conn.execute(QUERIES["chaos_status_versions"]).fetchall())
         recorded = status_by_account(
             bytes(value)
             for (value,) in conn.execute(
-                "SELECT value FROM outbox WHERE topic = %s ORDER BY id",
+                QUERIES["chaos_status_recorded"],
                 (settings.topic(topics.STATUS),),
             )
         )
@@ -83,7 +72,7 @@ def observe(settings: Settings, bootstrap: str, dsn: str) -> Observed:
 def rebuild_differences(settings: Settings, dsn: str) -> list[tuple[str, str, str]]:
     """`ledger projections rebuild` (the real one: fold from scratch, swap in) must leave every
     account's status row exactly as the live projection had it."""
-    query = "SELECT account_id, to_jsonb(s) FROM account_status s ORDER BY account_id"
+    query = QUERIES["chaos_status_rows"]
     with db.connect(dsn) as conn:
         before = dict(conn.execute(query).fetchall())
     rebuild(settings, dsn)
@@ -106,12 +95,7 @@ def commit_times(dsn: str) -> dict[int, list[float]]:
     """Per shard, the wall-clock times its records were journaled or quarantined, sorted."""
     out: dict[int, list[float]] = defaultdict(list)
     with db.connect(dsn) as conn:
-        for shard, at in conn.execute(
-            "SELECT kafka_partition, extract(epoch FROM recorded_at)::float8 FROM raw_events"
-            " WHERE event_type <> 'PeriodTick'"
-            " UNION ALL SELECT kafka_partition, extract(epoch FROM rejected_at)::float8"
-            " FROM rejected_events"
-        ):
+        for shard, at in conn.execute(QUERIES["chaos_commit_times"]):
             out[shard].append(at)
     for times in out.values():
         times.sort()

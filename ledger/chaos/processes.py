@@ -21,6 +21,7 @@ import psycopg
 import structlog
 
 from ledger import db
+from ledger.db import QUERIES
 from ledger.runner import start_worker, stop_worker
 
 log = structlog.get_logger(__name__)
@@ -130,9 +131,7 @@ class Supervisor:
             try:
                 with db.connect(dsn) as conn:
                     rows = conn.execute(
-                        "SELECT holder, count(*) FROM shard_leases"
-                        " WHERE group_id = %s AND expires_at > now() GROUP BY holder"
-                        " ORDER BY 2 DESC",
+                        QUERIES["chaos_lease_holders"],
                         (group,),
                     ).fetchall()
                 for holder, _ in rows:

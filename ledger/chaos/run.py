@@ -27,6 +27,7 @@ from ledger.chaos.observe import (
 )
 from ledger.chaos.processes import Supervisor
 from ledger.chaos.traffic import Progress, plan, run_plain, run_transactional
+from ledger.db import QUERIES
 from ledger.errors import StackError
 from ledger.runner import worker_env
 from ledger.settings import Settings
@@ -217,8 +218,7 @@ def _traffic_and_faults(options, settings, cluster, supervisor, pg_state, dsn, t
         try:
             with db.connect(dsn) as conn:
                 (done,) = conn.execute(
-                    "SELECT coalesce(sum(next_offset), 0) FROM consumer_offsets"
-                    " WHERE group_id = %s",
+                    QUERIES["chaos_offsets_done"],
                     (settings.consumer_group,),
                 ).fetchone()
             return float(done) / planned
@@ -314,14 +314,7 @@ def _drain(options: Options, settings: Settings, dsn: str, model: Model) -> None
     while time.monotonic() < deadline:
         try:
             with db.connect(dsn) as conn:
-                snapshot = conn.execute(
-                    "SELECT (SELECT count(*) FROM raw_events WHERE event_type <> 'PeriodTick'),"
-                    " (SELECT count(*) FROM rejected_events),"
-                    " (SELECT count(*) FROM outbox"
-                    "   WHERE published_at IS NULL AND parked_at IS NULL),"
-                    " (SELECT coalesce(sum(h.last_seq - coalesce(p.position, 0)), 0)"
-                    "    FROM shard_heads h LEFT JOIN projection_positions p ON p.shard = h.shard)"
-                ).fetchone()
+                snapshot = conn.execute(QUERIES["chaos_drain_snapshot"]).fetchone()
         except Exception:
             time.sleep(1)
             continue

@@ -546,3 +546,50 @@ SELECT id FROM rejected_events WHERE topic = %s AND kafka_partition = %s AND kaf
 SELECT id, reason, detail, topic, kafka_partition, kafka_offset, message_key, event_id,
        event_type, rejected_at, resolved_at, resolution, raw
   FROM rejected_events WHERE id = %s;
+
+-- ---------------------------------------------------------------------------------------------
+-- The fault-injection run (ledger/chaos/): what its checker reads of the ledger.
+
+-- name: chaos_journaled
+SELECT event_id, event_type FROM raw_events;
+
+-- name: chaos_journaled_twice
+SELECT event_id, count(*) FROM journal_entries WHERE cause_event_id IS NULL
+ GROUP BY event_id HAVING count(*) > 1;
+
+-- name: chaos_rejects
+SELECT topic, kafka_partition, kafka_offset, event_id, reason, sha256(raw) FROM rejected_events;
+
+-- name: chaos_totals
+SELECT account_id, ledger_account, sum(amount) FROM postings
+ WHERE ledger_account IN ('revenue:usage', 'cash', 'expense:promotional')
+ GROUP BY 1, 2;
+
+-- name: chaos_status_versions
+SELECT account_id, status_version FROM account_status;
+
+-- name: chaos_status_recorded
+SELECT value FROM outbox WHERE topic = %s ORDER BY id;
+
+-- name: chaos_status_rows
+SELECT account_id, to_jsonb(s) FROM account_status s ORDER BY account_id;
+
+-- name: chaos_commit_times
+SELECT kafka_partition, extract(epoch FROM recorded_at)::float8 FROM raw_events
+ WHERE event_type <> 'PeriodTick'
+UNION ALL
+SELECT kafka_partition, extract(epoch FROM rejected_at)::float8 FROM rejected_events;
+
+-- name: chaos_lease_holders
+SELECT holder, count(*) FROM shard_leases
+ WHERE group_id = %s AND expires_at > now() GROUP BY holder ORDER BY 2 DESC;
+
+-- name: chaos_offsets_done
+SELECT coalesce(sum(next_offset), 0) FROM consumer_offsets WHERE group_id = %s;
+
+-- name: chaos_drain_snapshot
+SELECT (SELECT count(*) FROM raw_events WHERE event_type <> 'PeriodTick'),
+       (SELECT count(*) FROM rejected_events),
+       (SELECT count(*) FROM outbox WHERE published_at IS NULL AND parked_at IS NULL),
+       (SELECT coalesce(sum(h.last_seq - coalesce(p.position, 0)), 0)
+          FROM shard_heads h LEFT JOIN projection_positions p ON p.shard = h.shard);
