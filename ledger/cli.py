@@ -1,7 +1,9 @@
 """The `ledger` command line. Parses arguments, builds settings, calls into the package.
 
 This is the only module (with the demo, the benchmark and `python -m ledger.chaos`) that prints
-to stdout.
+to stdout. Every command connects to PostgreSQL as the role it needs (`COMMAND_ROLES`): the owner
+only for `db migrate` (and to migrate a `replay` target), the writer for whatever writes, the
+reader for whatever only reads. Nothing it prints carries a password (`ledger.redact`).
 """
 
 from __future__ import annotations
@@ -13,14 +15,39 @@ from datetime import UTC, datetime
 
 from ledger.errors import ConfigError, LedgerError
 from ledger.log import configure_logging
+from ledger.redact import redact
 from ledger.settings import Settings
 
+# The PostgreSQL role each command connects as (README: "Database roles").
+COMMAND_ROLES = {
+    "db migrate": "owner",
+    "worker": "writer",
+    "scheduler": "writer",
+    "replay": "writer (the target; migrated as the owner first)",
+    "rejects replay": "writer",
+    "rejects resolve": "writer",
+    "offsets accept-loss": "writer",
+    "outbox retry": "writer",
+    "projections rebuild": "writer",
+    "prune": "writer",
+    "rejects list": "reader",
+    "rejects show": "reader",
+    "offsets show": "reader",
+    "outbox parked": "reader",
+    "trial-balance": "reader",
+    "account show": "reader",
+    "invoices list": "reader",
+    "audit": "reader",
+    "verify": "reader",
+}
 
-def _database(settings: Settings) -> str:
-    """The ledger's database (the local stack's unless LEDGER_DATABASE_URL), schema checked."""
+
+def _database(settings: Settings, role: str) -> str:
+    """The ledger's database as `role` ("owner", "writer" or "reader"): the local stack's
+    unless LEDGER_DATABASE_URL (and LEDGER_OWNER_/READER_DATABASE_URL), schema checked."""
     from ledger import db, stack
 
-    return db.require_current_schema(stack.connect(settings).dsn)
+    return db.require_current_schema(stack.connect(settings).role_dsn(role))
 
 
 def _with_progress(label: str, unit: str, work, *, transient: bool = False):
@@ -40,14 +67,16 @@ def _stack(args: argparse.Namespace, settings: Settings) -> int:
     if args.action == "up":
         info = stack.up(settings)
         print(f"kafka bootstrap: {info.bootstrap}  ({info.broker})")
-        print(f"database url:    {info.dsn}")
+        print(f"database url:    {redact(info.dsn)}  (writer: the workers)")
+        print(f"owner url:       {redact(info.owner_dsn)}  (ledger db migrate)")
+        print(f"reader url:      {redact(info.reader_dsn)}  (audit, verify, reports)")
         return 0
     if args.action == "down":
         stack.down(settings)
         print("stack stopped")
         return 0
     report = stack.status(settings)
-    print(json.dumps(report, indent=2, default=str))
+    print(redact(json.dumps(report, indent=2, default=str)))
     return 0 if report.get("running") else 3
 
 
@@ -65,7 +94,7 @@ def _topics(args: argparse.Namespace, settings: Settings) -> int:
 def _db(args: argparse.Namespace, settings: Settings) -> int:
     from ledger import db, stack
 
-    applied = db.migrate(stack.connect(settings).dsn)
+    applied = db.migrate(stack.connect(settings).owner_dsn, settings.db_roles)
     print(f"applied migrations: {applied or 'none (up to date)'}")
     return 0
 
@@ -76,7 +105,8 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
 
     roles = tuple(args.role or ROLES)
     info = stack.connect(settings)
-    db.migrate(info.dsn)
+    # The writer cannot migrate: the schema must be current (`ledger db migrate`, the owner).
+    db.require_current_schema(info.dsn)
     return run_worker(settings, info.bootstrap, info.dsn, roles)
 
 
@@ -96,33 +126,44 @@ def _scheduler(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _replay(args: argparse.Namespace, settings: Settings) -> int:
-
-    from ledger import stack
+    from ledger import db, stack
     from ledger.replay import replay
 
-    target = stack.connect(settings).dsn
+    info = stack.connect(settings)
+    db.migrate(info.owner_dsn, settings.db_roles)
+    target = info.dsn
     count = _with_progress(
         "replaying",
         "events",
         lambda progress: replay(settings, args.from_database_url, target, progress=progress),
     )
-    print(f"replayed {count} events into {target}")
+    print(f"replayed {count} events into {redact(target)}")
     return 0
 
 
 def _rejects(args: argparse.Namespace, settings: Settings) -> int:
-    from ledger.rejects import replay_rejects, summary
+    from ledger.rejects import dismiss, replay_rejects, summary
 
     if args.action == "show":
         return _rejects_show(args, settings)
-    dsn = _database(settings)
+    if args.action == "resolve":
+        if args.id is None or not args.note:
+            raise LedgerError(
+                'rejects resolve: give the id and --note "why", e.g. '
+                '`ledger rejects resolve 42 --note "test record"`'
+            )
+        if not dismiss(_database(settings, "writer"), args.id, args.note):
+            print(f"no open rejected event with id {args.id}")
+            return 4
+        print(f"reject {args.id} resolved (dismissed)")
+        return 0
     if args.action == "replay":
-        outcome = replay_rejects(settings, dsn, reason=args.reason)
+        outcome = replay_rejects(settings, _database(settings, "writer"), reason=args.reason)
         print(f"journaled now: {len(outcome.journaled)}")
         print(f"already journaled: {len(outcome.duplicates)}")
         for reason, count in sorted(outcome.still_rejected.items()):
             print(f"still rejected ({reason}): {count}")
-    for reason, still_open, resolved in summary(dsn):
+    for reason, still_open, resolved in summary(_database(settings, "reader")):
         print(f"{reason:<24} open {still_open:>8}   resolved {resolved:>8}")
     return 0
 
@@ -132,7 +173,9 @@ def _offsets(args: argparse.Namespace, settings: Settings) -> int:
     from ledger.offsets import accept_loss, lost_ranges
 
     info = stack.connect(settings)
-    dsn = db.require_current_schema(info.dsn)
+    dsn = db.require_current_schema(
+        info.role_dsn("writer" if args.action == "accept-loss" else "reader")
+    )
     if args.action == "accept-loss":
         if args.shard is None:
             raise ConfigError("offsets accept-loss: --shard is required")
@@ -155,7 +198,7 @@ def _rejects_show(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.id is None:
         raise LedgerError("rejects show: give the reject id, e.g. `ledger rejects show 42`")
-    reject = show(_database(settings), args.id)
+    reject = show(_database(settings, "reader"), args.id)
     if reject is None:
         print(f"no rejected event with id {args.id}")
         return 4
@@ -170,7 +213,7 @@ def _outbox(args: argparse.Namespace, settings: Settings) -> int:
     from ledger.rejects import printable
     from ledger.relay import parked_rows, retry_parked
 
-    dsn = _database(settings)
+    dsn = _database(settings, "writer" if args.action == "retry" else "reader")
     if args.action == "retry":
         if (args.id is None) == (not args.all):
             raise LedgerError("outbox retry: give either --id N or --all")
@@ -210,7 +253,7 @@ def _trial_balance(args: argparse.Namespace, settings: Settings) -> int:
     from ledger.money import plain
     from ledger.reports import trial_balance
 
-    with db.connect(_database(settings)) as conn:
+    with db.connect(_database(settings, "reader")) as conn:
         tb = trial_balance(conn)
     for currency, total in sorted(tb.totals.items()) or [("USD", 0)]:
         state = "balanced" if total == 0 else "UNBALANCED"
@@ -223,7 +266,7 @@ def _account(args: argparse.Namespace, settings: Settings) -> int:
     from ledger import db
     from ledger.reports import account_view
 
-    with db.connect(_database(settings)) as conn:
+    with db.connect(_database(settings, "reader")) as conn:
         view = account_view(conn, args.account_id, last=args.last)
     if args.json:
         print(json.dumps(view, indent=2))
@@ -238,7 +281,7 @@ def _invoices(args: argparse.Namespace, settings: Settings) -> int:
     from ledger import db
     from ledger.reports import invoices_of_month
 
-    with db.connect(_database(settings)) as conn:
+    with db.connect(_database(settings, "reader")) as conn:
         invoices = invoices_of_month(conn, args.month)
     if args.json:
         print(json.dumps(invoices, indent=2))
@@ -254,7 +297,7 @@ def _audit(args: argparse.Namespace, settings: Settings) -> int:
     from ledger.audit import audit_bill, bill_as_csv
     from ledger.policy import Policy
 
-    with db.connect(_database(settings)) as conn:
+    with db.connect(_database(settings, "reader")) as conn:
         bill = audit_bill(conn, Policy.load(settings.policy), args.account, args.month, args.as_of)
     if args.format == "json":
         print(json.dumps(bill, indent=2))
@@ -271,7 +314,7 @@ def _projections(args: argparse.Namespace, settings: Settings) -> int:
 
     from projections.rebuild import rebuild
 
-    dsn = _database(settings)
+    dsn = _database(settings, "writer")
     count = _with_progress(
         f"rebuilding {args.name}",
         "entries",
@@ -285,7 +328,7 @@ def _verify(args: argparse.Namespace, settings: Settings) -> int:
 
     from ledger.verify import verify
 
-    dsn = _database(settings)
+    dsn = _database(settings, "reader")
     differences = _with_progress(
         "recomputing",
         "entries",
@@ -300,6 +343,18 @@ def _verify(args: argparse.Namespace, settings: Settings) -> int:
     print(
         "verify OK: trial balance zero, hash chains intact, projections and invoices "
         "equal their recomputation from the journal"
+    )
+    return 0
+
+
+def _prune(args: argparse.Namespace, settings: Settings) -> int:
+    from ledger.retention import prune
+
+    pruned = prune(settings, _database(settings, "writer"))
+    print(
+        f"pruned {pruned.outbox_rows} outbox rows published over "
+        f"{settings.outbox_retention_days} days ago, {pruned.rejects} rejects resolved over "
+        f"{settings.rejects_retention_days} days ago; the journal keeps everything"
     )
     return 0
 
@@ -348,9 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_replay)
 
     p = sub.add_parser("rejects", help="quarantined events: counts, one in full, feeding again")
-    p.add_argument("action", choices=["list", "replay", "show"])
-    p.add_argument("id", nargs="?", type=_positive_int, help="the reject's id (show)")
+    p.add_argument("action", choices=["list", "replay", "show", "resolve"])
+    p.add_argument("id", nargs="?", type=_positive_int, help="the reject's id (show, resolve)")
     p.add_argument("--reason", help="only rejects with this reason (replay)")
+    p.add_argument("--note", help="why it is resolved without being journaled (resolve)")
     p.add_argument("--json", action="store_true", help="machine-readable output (show)")
     p.add_argument(
         "--bytes",
@@ -409,6 +465,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="check the live state against the journal; exit 1 if not")
     p.set_defaults(func=_verify)
+
+    p = sub.add_parser(
+        "prune", help="delete published outbox rows and resolved rejects past their retention"
+    )
+    p.set_defaults(func=_prune)
 
     p = sub.add_parser("demo", help="local stack + worker + a simulated month of traffic")
     p.add_argument("--accounts", type=_positive_int, default=1000, help="accounts (default 1000)")
@@ -471,14 +532,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings.from_env()
     except ConfigError as exc:
-        parser.exit(2, f"ledger: configuration error: {exc}\n")
+        parser.exit(2, f"ledger: configuration error: {redact(str(exc))}\n")
     configure_logging(settings)
     try:
         return args.func(args, settings)
     except ConfigError as exc:
-        parser.exit(2, f"ledger: configuration error: {exc}\n")
+        parser.exit(2, f"ledger: configuration error: {redact(str(exc))}\n")
     except LedgerError as exc:
-        print(f"ledger: {exc}", file=sys.stderr)
+        print(f"ledger: {redact(str(exc))}", file=sys.stderr)
         return 1
 
 

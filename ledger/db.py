@@ -12,8 +12,11 @@ from importlib import resources
 
 import psycopg
 import structlog
+from psycopg import sql as pgsql
 
 from ledger.errors import LedgerError
+from ledger.redact import redact
+from ledger.settings import DbRoles
 
 log = structlog.get_logger(__name__)
 
@@ -36,6 +39,7 @@ def _load_queries() -> dict[str, str]:
 
 
 QUERIES: dict[str, str] = _load_queries()
+DEFAULT_ROLES = DbRoles()
 
 
 def connect(dsn: str, *, autocommit: bool = False) -> psycopg.Connection:
@@ -46,7 +50,9 @@ def connect(dsn: str, *, autocommit: bool = False) -> psycopg.Connection:
             dsn, autocommit=autocommit, application_name="ledger", options="-c TimeZone=UTC"
         )
     except psycopg.OperationalError as exc:
-        raise DatabaseError(f"cannot connect to PostgreSQL at {_redact(dsn)}: {exc}") from exc
+        raise DatabaseError(
+            f"cannot connect to PostgreSQL at {redact(dsn)}: {redact(str(exc))}"
+        ) from exc
 
 
 def migrations() -> list[tuple[int, str, str]]:
@@ -64,10 +70,24 @@ def migrations() -> list[tuple[int, str, str]]:
     return found
 
 
-def migrate(dsn: str) -> list[int]:
-    """Apply the migrations not yet recorded; returns the versions applied. Idempotent."""
+def migrate(dsn: str, roles: DbRoles = DEFAULT_ROLES) -> list[int]:
+    """Apply the migrations not yet recorded; returns the versions applied. Idempotent.
+
+    Runs as `roles.owner`, so it owns everything it creates: `dsn` is the owner's, or a role
+    that may SET ROLE to it (a member, e.g. a managed database's admin)."""
     applied_now = []
     with connect(dsn) as conn:
+        (current,) = conn.execute(QUERIES["current_role"]).fetchone()
+        if current != roles.owner:
+            try:
+                conn.execute(pgsql.SQL(QUERIES["set_role"]).format(pgsql.Identifier(roles.owner)))
+            except psycopg.Error as exc:
+                raise DatabaseError(
+                    f"`ledger db migrate` runs as the owner role {roles.owner!r}; {current!r} "
+                    f"cannot become it ({exc.diag.message_primary}): connect as the owner "
+                    "(LEDGER_OWNER_DATABASE_URL) or grant it membership of that role"
+                ) from exc
+        conn.execute(QUERIES["set_migration_roles"], tuple(roles))
         conn.execute(QUERIES["create_migrations_table"])
         # One migrator at a time, even when several workers start together.
         conn.execute(QUERIES["lock_migrations"])
@@ -95,7 +115,7 @@ def require_current_schema(dsn: str) -> str:
     if applied != latest:
         found = "no ledger schema" if applied is None else f"schema version {applied}"
         raise DatabaseError(
-            f"the database at {_redact(dsn)} has {found}; this ledger needs version {latest}: "
+            f"the database at {redact(dsn)} has {found}; this ledger needs version {latest}: "
             "run `ledger db migrate` (the worker also migrates when it starts)"
         )
     return dsn
@@ -108,7 +128,3 @@ def describe_schema(conn: psycopg.Connection) -> dict[str, list[tuple]]:
         key: [tuple(row) for row in conn.execute(QUERIES[f"describe_{key}"])]
         for key in ("columns", "constraints", "indexes", "triggers", "functions")
     }
-
-
-def _redact(dsn: str) -> str:
-    return re.sub(r"://([^:@/]+):[^@/]*@", r"://\1:***@", dsn)

@@ -640,10 +640,12 @@ class LedgerWriter:
         replay: bool,
     ) -> None:
         """Store each reject with its raw bytes and, unless replaying, queue its dead-letter
-        copy. A copy whose key + value + headers would exceed `deadletter_max_bytes`
-        (LEDGER_DEADLETTER_MAX_BYTES, default 900 KiB) goes out as a reference instead: an empty
-        value and the dlq_* headers plus `dlq_reject_id` (the `rejected_events` id),
-        `dlq_truncated=true` and `dlq_size`. The reject row always keeps the full bytes."""
+        copy. The bytes are stored once: the copy's outbox row names the reject
+        (`value_of_reject`) and the relay publishes the reject's bytes. A copy whose key +
+        value + headers would exceed `deadletter_max_bytes` (LEDGER_DEADLETTER_MAX_BYTES,
+        default 900 KiB) goes out as a reference instead: an empty value and the dlq_* headers
+        plus `dlq_reject_id` (the `rejected_events` id), `dlq_truncated=true` and `dlq_size`.
+        The reject row always keeps the full bytes."""
         if not rejects:
             return
         rejects = sorted(rejects, key=lambda r: (r[0].topic, r[0].partition, r[0].offset))
@@ -674,20 +676,21 @@ class LedgerWriter:
             headers = _dead_letter_headers(r, reason, detail)
             size = len(r.key or b"") + len(value)
             size += sum(len(name.encode()) + len(hexed) // 2 for name, hexed in headers)
+            (reject_id,) = cur.execute(
+                QUERIES["reject_id_at"], (r.topic, r.partition, r.offset)
+            ).fetchone()
+            value_of: int | None = reject_id
             if size > limit:
-                (reject_id,) = cur.execute(
-                    QUERIES["reject_id_at"], (r.topic, r.partition, r.offset)
-                ).fetchone()
                 headers = _dead_letter_headers(
                     r, reason, detail, reject_id=reject_id, size=len(value)
                 )
-                value = b""
+                value_of = None  # a reference: the record goes out with an empty value
                 log.warning(
                     "dead_letter_by_reference", reject_id=reject_id, bytes=size, limit=limit
                 )
             # Same key as the original, so the same partitioning: per-account order kept.
-            copies.append((self.deadletter_topic, r.key, value, Jsonb(headers)))
-        cur.executemany(QUERIES["insert_outbox"], copies)
+            copies.append((self.deadletter_topic, r.key, Jsonb(headers), value_of))
+        cur.executemany(QUERIES["insert_deadletter_copy"], copies)
 
 
 def _dead_letter_headers(

@@ -8,6 +8,7 @@ structlog renderer (`structlog.stdlib.ProcessorFormatter`), at WARNING (ERROR wh
 per `LIBRARY_REPEAT_S` per kind (logger, level, message template), the next one carrying
 `repeated=N` for the ones held back. `LEDGER_LOG_LEVEL=DEBUG` shows every library record,
 with its traceback. Tracebacks are plain text (no `rich` frames with local variables).
+Every rendered line has its passwords redacted (`ledger.redact`).
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import structlog
 
+from ledger.redact import redact
 from ledger.settings import Settings
 
 LIBRARY_LOGGERS = ("kafka", "psycopg", "psycopg.pool")
@@ -89,9 +92,17 @@ class RepeatFilter(logging.Filter):
 
 
 def _renderer(fmt: str) -> structlog.typing.Processor:
+    """The line renderer; every rendered line (fields, error messages, tracebacks) has its
+    passwords redacted (`ledger.redact`), so no DSN or credential reaches a log."""
     if fmt == "console":
-        return structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
-    return structlog.processors.JSONRenderer(sort_keys=False)
+        render = structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
+    else:
+        render = structlog.processors.JSONRenderer(sort_keys=False)
+
+    def redacted(logger: Any, name: str, event: Any) -> str:
+        return redact(render(logger, name, event))
+
+    return redacted
 
 
 def configure_logging(

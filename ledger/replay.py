@@ -49,9 +49,11 @@ def replay(
     batch_size: int = 2000,
     progress: Callable[[int, int], None] | None = None,
 ) -> int:
-    """Replay every event journaled in `source_dsn` into the empty `target_dsn`, then bring
-    its projections up to date. Returns the number of events replayed."""
-    db.migrate(target_dsn)
+    """Replay every event journaled in `source_dsn` into the empty, migrated `target_dsn`
+    (the writer's: `ledger replay` migrates it as the owner first), then bring its
+    projections up to date. Returns the number of events replayed. `source_dsn` is only
+    read: a reader's URL is enough."""
+    db.require_current_schema(target_dsn)
     fold = LedgerFold(PriceBook.load(settings.price_book), Policy.load(settings.policy))
     with db.connect(source_dsn) as source, db.connect(target_dsn) as target:
         if not target.execute(QUERIES["journal_is_empty"]).fetchone()[0]:

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 from ledger.errors import ConfigError
+from ledger.redact import redact
 
 PREFIX = "LEDGER_"
 
@@ -20,12 +23,32 @@ PREFIX = "LEDGER_"
 # (message.max.bytes, and the producer's max_request_size).
 DEADLETTER_MAX_BYTES = 900 * 1024
 
+# A PostgreSQL role name the migrations can quote safely: lower case, at most 63 bytes.
+_ROLE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+
+class DbRoles(NamedTuple):
+    """The ledger's PostgreSQL roles: `owner` owns the schema (DDL, `ledger db migrate`),
+    `writer` is every worker role's, `reader` may only read."""
+
+    owner: str = "ledger_owner"
+    writer: str = "ledger_writer"
+    reader: str = "ledger_reader"
+
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
     # Existing services; when set, the local stack starts nothing.
     kafka_bootstrap: str | None = None
+    # The writer role's database (the workers'); the owner's (`ledger db migrate`) and the
+    # reader's (audit, verify, reports) default to it when not given.
     database_url: str | None = None
+    owner_database_url: str | None = None
+    reader_database_url: str | None = None
+    # PostgreSQL role names: the migrations grant to them, the local stack creates them.
+    db_owner_role: str = DbRoles().owner
+    db_writer_role: str = DbRoles().writer
+    db_reader_role: str = DbRoles().reader
     # Local stack.
     home: Path = Path(".ledger")
     cache_dir: Path = Path.home() / ".cache" / "billing-ledger"
@@ -52,6 +75,10 @@ class Settings:
     # Business configuration files (None: the defaults shipped with the package).
     price_book: Path | None = None
     policy: Path | None = None
+    # Retention (`ledger prune`): published outbox rows and resolved rejects older than this
+    # many days are deleted; the journal keeps everything.
+    outbox_retention_days: int = 7
+    rejects_retention_days: int = 90
     # Logging.
     log_level: str = "INFO"
     log_format: str = "auto"  # auto | json | console
@@ -86,15 +113,35 @@ class Settings:
             ("tick_interval_s", 1, 86_400),
             ("lease_timeout_s", 3, 600),
             ("deadletter_max_bytes", 1024, 1_000_000),
+            ("outbox_retention_days", 1, 36_500),
+            ("rejects_retention_days", 1, 36_500),
         ):
             value = getattr(self, name)
             if not low <= value <= high:
                 raise ConfigError(f"LEDGER_{name.upper()}={value}: must be in [{low}, {high}]")
-        if self.database_url is not None and not self.database_url.startswith(
-            ("postgresql://", "postgres://")
-        ):
+        for name in ("database_url", "owner_database_url", "reader_database_url"):
+            url = getattr(self, name)
+            if url is not None and not url.startswith(("postgresql://", "postgres://")):
+                raise ConfigError(
+                    f"LEDGER_{name.upper()}={redact(url)!r}: must be a postgresql:// URL"
+                )
+        for name in ("owner_database_url", "reader_database_url"):
+            if getattr(self, name) is not None and self.database_url is None:
+                raise ConfigError(
+                    f"LEDGER_{name.upper()} needs LEDGER_DATABASE_URL too (the writer's); "
+                    "without it the local stack's roles are used"
+                )
+        for name in ("db_owner_role", "db_writer_role", "db_reader_role"):
+            role = getattr(self, name)
+            if not _ROLE_NAME.fullmatch(role):
+                raise ConfigError(
+                    f"LEDGER_{name.upper()}={role!r}: a role name is lower-case letters, "
+                    "digits and _, at most 63, not starting with a digit"
+                )
+        if len(set(self.db_roles)) != 3:
             raise ConfigError(
-                f"LEDGER_DATABASE_URL={self.database_url!r}: must be a postgresql:// URL"
+                "LEDGER_DB_OWNER_ROLE, LEDGER_DB_WRITER_ROLE and LEDGER_DB_READER_ROLE must be "
+                f"three different roles, got {', '.join(self.db_roles)}"
             )
         if self.kafka_bootstrap is not None:
             for hostport in self.kafka_bootstrap.split(","):
@@ -119,6 +166,14 @@ class Settings:
                 value = ",".join(str(v) for v in value)
             env[PREFIX + field.name.upper()] = str(value)
         return env
+
+    def __repr__(self) -> str:  # a DSN's password never reaches a log or a traceback
+        fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
+        return redact(f"Settings({fields})")
+
+    @property
+    def db_roles(self) -> DbRoles:
+        return DbRoles(self.db_owner_role, self.db_writer_role, self.db_reader_role)
 
     @property
     def uses_existing_services(self) -> bool:

@@ -53,10 +53,18 @@ def test_a_bad_argument_fails_fast_naming_it():
 
 
 def services_env(stack, dsn):
-    return {"LEDGER_KAFKA_BOOTSTRAP": stack.bootstrap, "LEDGER_DATABASE_URL": dsn}
+    """The CLI's environment for `dsn`'s database: each role's URL, as in production."""
+    from tests.conftest import as_role
+
+    return {
+        "LEDGER_KAFKA_BOOTSTRAP": stack.bootstrap,
+        "LEDGER_DATABASE_URL": dsn,
+        "LEDGER_OWNER_DATABASE_URL": as_role(stack, dsn, "owner"),
+        "LEDGER_READER_DATABASE_URL": as_role(stack, dsn, "reader"),
+    }
 
 
-def test_trial_balance_exits_zero_when_balanced_and_one_when_not(ledger, stack, dsn):
+def test_trial_balance_exits_zero_when_balanced_and_one_when_not(ledger, stack, dsn, admin_dsn):
     ledger.open_account("tb")
     ledger.use("tb", output_tokens=2_000_000)
     ledger.settle(2)
@@ -65,7 +73,7 @@ def test_trial_balance_exits_zero_when_balanced_and_one_when_not(ledger, stack, 
     assert "USD" in result.stdout and "balanced" in result.stdout
 
     # Force an unbalanced journal (as a superuser: the constraint trigger is bypassed).
-    with psycopg.connect(dsn) as conn:
+    with psycopg.connect(admin_dsn) as conn:
         conn.execute("SET session_replication_role = replica")
         conn.execute(
             "INSERT INTO postings SELECT shard, shard_seq, 99, 'cash', account_id, 1 "
@@ -74,7 +82,7 @@ def test_trial_balance_exits_zero_when_balanced_and_one_when_not(ledger, stack, 
     result = ledger_cli("trial-balance", env=services_env(stack, dsn))
     assert result.returncode == 1
     assert "UNBALANCED" in result.stdout
-    with psycopg.connect(dsn) as conn:  # put it back so the fixture's own check passes
+    with psycopg.connect(admin_dsn) as conn:  # put it back so the fixture's own check passes
         conn.execute("SET session_replication_role = replica")
         conn.execute("DELETE FROM postings WHERE line = 99")
 
@@ -142,12 +150,9 @@ def test_a_database_without_the_current_schema_is_refused_with_the_fix(stack):
     from ledger.runner import on_server, with_database
 
     name = "cli_unmigrated"
-    on_server(stack.dsn, "drop_database", name)
-    on_server(stack.dsn, "create_database", name)
-    env = {
-        "LEDGER_KAFKA_BOOTSTRAP": stack.bootstrap,
-        "LEDGER_DATABASE_URL": with_database(stack.dsn, name),
-    }
+    on_server(stack.owner_dsn, "drop_database", name)
+    on_server(stack.owner_dsn, "create_database", name)
+    env = services_env(stack, with_database(stack.dsn, name))
     refused = ledger_cli("trial-balance", env=env)
     assert refused.returncode == 1
     assert "has no ledger schema" in refused.stderr

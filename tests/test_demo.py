@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import urllib.parse
 from collections import Counter
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -157,11 +158,21 @@ def test_demo_runs_end_to_end_and_reconciles(base_settings: Settings, stack):
         assert f"invoices list --month {demo.MONTH}" in text
         assert f"account show {result.limit_account}" in text
         assert "worker --role ledger --role projections --role relay" in text
-        assert result.dsn.endswith(f"/demo_{result.run_id}")
+        assert urllib.parse.urlsplit(result.dsn).path == f"/demo_{result.run_id}"
+        # Least privilege: the worker ran as the writer, the printed commands read as the
+        # reader; neither owns the database nor is a superuser.
+        for url, role in ((result.dsn, "writer"), (result.settings.reader_database_url, "reader")):
+            with psycopg.connect(url) as conn:
+                user, superuser = conn.execute(
+                    "SELECT current_user, rolsuper FROM pg_roles WHERE rolname = current_user"
+                ).fetchone()
+            assert (user, superuser) == (getattr(settings.db_roles, role), False)
+        worker_log = (settings.home / "demo-worker.log").read_text()
+        assert "worker_started" in worker_log
         assert (settings.home / "demo-worker.log").stat().st_size > 0
     finally:
         if result.run_id:
-            with psycopg.connect(stack.dsn, autocommit=True) as admin:
+            with psycopg.connect(stack.owner_dsn, autocommit=True) as admin:
                 admin.execute(
                     sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
                         sql.Identifier(f"demo_{result.run_id}")

@@ -85,7 +85,7 @@ def cleanup(info: stack.StackInfo, settings: Settings, databases: list[str]) -> 
 
     for name in databases:
         try:
-            on_server(info.dsn, "drop_database", name)
+            on_server(info.owner_dsn, "drop_database", name)
         except (psycopg.Error, LedgerError) as exc:
             say(f"warning: could not drop database {name}: {exc}", file=sys.stderr)
     try:

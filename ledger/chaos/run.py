@@ -135,8 +135,10 @@ def run(options: Options) -> Outcome:
     outcome: Outcome | None = None
     try:
         pg_state = postgres.start(settings, {})
-        dsn = postgres.dsn(pg_state["port"])
-        db.migrate(dsn)
+        # Least privilege here too: the owner migrates, the workers and the checker are the
+        # writer.
+        db.migrate(postgres.dsn(settings, pg_state["port"], "owner"), settings.db_roles)
+        dsn = postgres.dsn(settings, pg_state["port"], "writer")
         cluster.start()
         bootstrap = cluster.bootstrap
         topics.create_topics(

@@ -7,6 +7,17 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
     applied_at timestamptz NOT NULL DEFAULT now()
 );
 
+-- name: current_role
+SELECT current_user;
+
+-- name: set_role
+SET LOCAL ROLE {};
+
+-- name: set_migration_roles
+-- Read by the migrations that grant to the roles (0007).
+SELECT set_config('ledger.owner_role', %s, true), set_config('ledger.writer_role', %s, true),
+       set_config('ledger.reader_role', %s, true);
+
 -- name: lock_migrations
 SELECT pg_advisory_xact_lock(4242001);
 
@@ -150,6 +161,11 @@ ON CONFLICT (topic, kafka_partition, kafka_offset) DO NOTHING;
 -- name: insert_outbox
 INSERT INTO outbox (topic, message_key, value, headers) VALUES (%s, %s, %s, %s);
 
+-- name: insert_deadletter_copy
+-- The value is the reject's raw bytes, stored once (in rejected_events); the relay reads them.
+INSERT INTO outbox (topic, message_key, value, headers, value_of_reject)
+VALUES (%s, %s, ''::bytea, %s, %s);
+
 -- name: notify_journal
 SELECT pg_notify('ledger_journal', '');
 
@@ -223,7 +239,8 @@ LISTEN ledger_outbox;
 -- name: unpublished
 -- Neither published nor parked, in id order; a row whose topic and key match an earlier
 -- parked row waits behind it (per-key order). Rows without a key are never held.
-SELECT o.id, o.topic, o.message_key, o.value, o.headers FROM outbox o
+SELECT o.id, o.topic, o.message_key, coalesce(r.raw, o.value), o.headers FROM outbox o
+  LEFT JOIN rejected_events r ON r.id = o.value_of_reject
  WHERE o.published_at IS NULL AND o.parked_at IS NULL
    AND NOT EXISTS (SELECT 1 FROM outbox p
                     WHERE p.parked_at IS NOT NULL AND p.published_at IS NULL
@@ -241,7 +258,7 @@ UPDATE outbox SET parked_at = clock_timestamp(), park_reason = %s, park_detail =
 -- name: parked_outbox
 -- size: key + value + header names and values (headers are stored hex-encoded).
 SELECT o.id, o.topic, o.message_key,
-       octet_length(o.value) + coalesce(octet_length(o.message_key), 0)
+       octet_length(coalesce(r.raw, o.value)) + coalesce(octet_length(o.message_key), 0)
          + (SELECT coalesce(sum(octet_length(h ->> 0) + length(h ->> 1) / 2), 0)
               FROM jsonb_array_elements(o.headers) h)::bigint,
        o.park_reason, o.park_detail, o.parked_at, o.attempts,
@@ -249,6 +266,7 @@ SELECT o.id, o.topic, o.message_key,
          WHERE w.published_at IS NULL AND w.parked_at IS NULL AND w.topic = o.topic
            AND w.message_key = o.message_key AND w.id > o.id)
   FROM outbox o
+  LEFT JOIN rejected_events r ON r.id = o.value_of_reject
  WHERE o.parked_at IS NOT NULL AND o.published_at IS NULL
  ORDER BY o.id;
 
@@ -462,10 +480,11 @@ SELECT shard, position, last_tick_at FROM projection_positions
 SET TRANSACTION ISOLATION LEVEL REPEATABLE READ;
 
 -- name: create_status_rebuild
-CREATE TABLE account_status_rebuild (LIKE account_status INCLUDING DEFAULTS);
+-- Temporary (this session's own): the writer role that rebuilds creates no tables.
+CREATE TEMPORARY TABLE account_status_rebuild (LIKE account_status INCLUDING DEFAULTS);
 
 -- name: drop_status_rebuild
-DROP TABLE IF EXISTS account_status_rebuild;
+DROP TABLE IF EXISTS pg_temp.account_status_rebuild;
 
 -- name: copy_status_rebuild
 COPY account_status_rebuild (account_id, opened, suspended, reasons, status_version,
@@ -478,7 +497,7 @@ DELETE FROM account_status_rebuild WHERE account_id = ANY(%s);
 -- name: swap_status_rebuild
 DELETE FROM account_status;
 INSERT INTO account_status SELECT * FROM account_status_rebuild;
-DROP TABLE account_status_rebuild;
+DROP TABLE pg_temp.account_status_rebuild;
 
 -- name: all_account_status
 SELECT account_id, opened, suspended, reasons, status_version, credit_balance, receivable,
@@ -539,6 +558,11 @@ SELECT id, topic, kafka_partition, kafka_offset, message_key, raw, reason
 -- name: resolve_reject
 UPDATE rejected_events SET resolved_at = clock_timestamp(), resolution = %s WHERE id = %s;
 
+-- name: dismiss_reject
+UPDATE rejected_events SET resolved_at = clock_timestamp(), resolution = %s
+ WHERE id = %s AND resolved_at IS NULL
+RETURNING id;
+
 -- name: reject_id_at
 SELECT id FROM rejected_events WHERE topic = %s AND kafka_partition = %s AND kafka_offset = %s;
 
@@ -593,3 +617,9 @@ SELECT (SELECT count(*) FROM raw_events WHERE event_type <> 'PeriodTick'),
        (SELECT count(*) FROM outbox WHERE published_at IS NULL AND parked_at IS NULL),
        (SELECT coalesce(sum(h.last_seq - coalesce(p.position, 0)), 0)
           FROM shard_heads h LEFT JOIN projection_positions p ON p.shard = h.shard);
+
+-- ---------------------------------------------------------------------------------------------
+-- Retention (`ledger prune`): published outbox rows and resolved rejects, never the journal.
+
+-- name: prune
+SELECT outbox_rows, rejects FROM ledger_prune(make_interval(days => %s), make_interval(days => %s));

@@ -1,0 +1,2 @@
+-- Reserved for another branch's migration (tamper evidence); replaced by it at merge.
+SELECT 1;
