@@ -110,13 +110,15 @@ def require_current_schema(dsn: str) -> str:
     with connect(dsn) as conn:
         try:
             (applied,) = conn.execute(QUERIES["latest_migration"]).fetchone()
+            found = f"schema version {applied}"
         except psycopg.errors.UndefinedTable:
-            applied = None
+            applied, found = None, "no ledger schema"
+        except psycopg.errors.InsufficientPrivilege:  # this role was granted nothing yet
+            applied, found = None, "a schema older than its roles (0007)"
     if applied != latest:
-        found = "no ledger schema" if applied is None else f"schema version {applied}"
         raise DatabaseError(
             f"the database at {redact(dsn)} has {found}; this ledger needs version {latest}: "
-            "run `ledger db migrate` (the worker also migrates when it starts)"
+            "run `ledger db migrate` (as the owner role)"
         )
     return dsn
 
