@@ -72,12 +72,47 @@ def _db(args: argparse.Namespace, settings: Settings) -> int:
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
     from ledger import db, stack
+    from ledger.configure import configured_versions, publish
     from ledger.worker import ROLES, run_worker
 
     roles = tuple(args.role or ROLES)
     info = stack.connect(settings)
     db.migrate(info.dsn)
+    if "ledger" in roles:  # the configured files, published once (a changed one is refused)
+        with db.connect(info.dsn) as conn:
+            publish(conn, configured_versions(settings.price_book, settings.policy))
     return run_worker(settings, info.bootstrap, info.dsn, roles)
+
+
+def _config(args: argparse.Namespace, settings: Settings) -> int:
+    from ledger import db
+    from ledger.configure import configured_versions, publish, published
+
+    dsn = _database(settings)
+    if args.action == "publish":
+        versions = configured_versions(
+            args.prices or settings.price_book,
+            args.policy or settings.policy,
+            prices=args.only in (None, "prices"),
+            rules=args.only in (None, "policy"),
+        )
+        with db.connect(dsn) as conn:
+            for ref, outcome in publish(conn, versions):
+                print(f"{ref:<40} {outcome}")
+        return 0
+    rows = published(db.connect(dsn))
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    print(f"{'kind':<11} {'version':<20} {'effective_from':<26} {'sha256':<13} shards")
+    for r in rows:
+        print(
+            f"{r['kind']:<11} {r['version']:<20} {r['effective_from'].isoformat():<26} "
+            f"{r['sha256'][:12]:<13} {r['shards']}"
+        )
+    if not rows:
+        print("nothing published yet (`ledger config publish`; the worker publishes at start)")
+    return 0
 
 
 def _scheduler(args: argparse.Namespace, settings: Settings) -> int:
@@ -335,6 +370,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_worker)
 
+    p = sub.add_parser(
+        "config", help="price-book and policy versions: publish them to the journal, list them"
+    )
+    p.add_argument("action", choices=["publish", "list"])
+    p.add_argument("--prices", type=_existing_file, help="price book file (default: configured)")
+    p.add_argument("--policy", type=_existing_file, help="policy file (default: configured)")
+    p.add_argument("--only", choices=["prices", "policy"], help="publish one of the two")
+    p.add_argument("--json", action="store_true", help="list as JSON")
+    p.set_defaults(func=_config)
     p = sub.add_parser("scheduler", help="send PeriodTicks (also run by `ledger worker`)")
     p.add_argument("--once", action="store_true", help="send one tick now and exit")
     p.set_defaults(func=_scheduler)
@@ -443,6 +487,15 @@ def _shard(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more: {value}")
     return value
+
+
+def _existing_file(text: str):
+    from pathlib import Path
+
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text}")
+    return path
 
 
 def _positive_int(text: str) -> int:
