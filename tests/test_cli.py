@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from decimal import Decimal
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -156,3 +157,27 @@ def test_a_database_without_the_current_schema_is_refused_with_the_fix(stack):
     accepted = ledger_cli("trial-balance", env=env)
     assert accepted.returncode == 0
     assert accepted.stdout.split() == ["USD", "0", "balanced", "0", "postings"]
+
+
+def test_config_publish_lists_and_refuses_a_changed_version_naming_it(stack, dsn, tmp_path):
+    env = services_env(stack, dsn)
+    first = ledger_cli("config", "publish", env=env)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.count(" published") == 3  # two price versions and the policy
+    again = ledger_cli("config", "publish", env=env)
+    assert again.stdout.count("already published") == 3
+    listed = ledger_cli("config", "list", "--json", env=env)
+    rows = json.loads(listed.stdout)
+    assert [(r["kind"], r["version"]) for r in rows] == [
+        ("price_book", "2026-01"),
+        ("price_book", "2026-07"),
+        ("policy", "2026-01"),
+    ]
+    policy = Path(__file__).parents[1] / "ledger" / "policy.toml"
+    edited = tmp_path / "policy.toml"
+    edited.write_text(policy.read_text().replace('credit = "1.00"', 'credit = "2.00"'))
+    refused = ledger_cli("config", "publish", "--only", "policy", "--policy", str(edited), env=env)
+    assert refused.returncode == 2
+    assert "policy version '2026-01' is already published" in refused.stderr
+    missing = ledger_cli("config", "publish", "--prices", "/nonexistent.toml", env=env)
+    assert missing.returncode == 2 and "no such file: /nonexistent.toml" in missing.stderr
