@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from datetime import UTC, datetime
 
@@ -17,10 +18,11 @@ from ledger.settings import Settings
 
 
 def _database(settings: Settings) -> str:
-    """The ledger's database (the local stack's unless LEDGER_DATABASE_URL), schema checked."""
+    """The ledger's database (the local stack's unless LEDGER_DATABASE_URL), schema checked;
+    Kafka is not needed."""
     from ledger import db, stack
 
-    return db.require_current_schema(stack.connect(settings).dsn)
+    return db.require_current_schema(stack.database_url(settings))
 
 
 def _with_progress(label: str, unit: str, work, *, transient: bool = False):
@@ -65,7 +67,7 @@ def _topics(args: argparse.Namespace, settings: Settings) -> int:
 def _db(args: argparse.Namespace, settings: Settings) -> int:
     from ledger import db, stack
 
-    applied = db.migrate(stack.connect(settings).dsn)
+    applied = db.migrate(stack.database_url(settings))
     print(f"applied migrations: {applied or 'none (up to date)'}")
     return 0
 
@@ -135,7 +137,7 @@ def _replay(args: argparse.Namespace, settings: Settings) -> int:
     from ledger import stack
     from ledger.replay import replay
 
-    target = stack.connect(settings).dsn
+    target = stack.database_url(settings)
     count = _with_progress(
         "replaying",
         "events",
@@ -462,10 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _month(text: str) -> str:
-    try:
-        datetime.strptime(text, "%Y-%m")
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a month (YYYY-MM): {text!r}") from None
+    """Strictly YYYY-MM: `2026-3` would silently name no month's data."""
+    if re.fullmatch(r"[0-9]{4}-(0[1-9]|1[0-2])", text) is None:
+        raise argparse.ArgumentTypeError(f"not a month (YYYY-MM, e.g. 2026-03): {text!r}")
     return text
 
 
