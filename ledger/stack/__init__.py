@@ -223,6 +223,16 @@ def _postgres_status(settings: Settings, state: dict) -> dict[str, Any]:
     }
 
 
+def kafka_bootstrap(settings: Settings) -> str:
+    """The brokers alone (LEDGER_KAFKA_BOOTSTRAP, else the local stack's Kafka)."""
+    if settings.kafka_bootstrap:
+        return settings.kafka_bootstrap
+    kafka_report = status(settings)["kafka"]
+    if kafka_report["alive"]:
+        return kafka_report["bootstrap"]
+    raise StackError(f"Kafka is not running under {_home(settings)}: run `ledger stack up`")
+
+
 def database_url(settings: Settings) -> str:
     """The database alone (LEDGER_DATABASE_URL, else the local stack's PostgreSQL): commands
     that only read the journal need no Kafka."""
