@@ -212,3 +212,26 @@ def test_config_publish_lists_and_refuses_a_changed_version_naming_it(stack, dsn
     assert "policy version '2026-01' is already published" in refused.stderr
     missing = ledger_cli("config", "publish", "--prices", "/nonexistent.toml", env=env)
     assert missing.returncode == 2 and "no such file: /nonexistent.toml" in missing.stderr
+
+
+def test_small_things_a_new_user_meets(stack, dsn):
+    env = services_env(stack, dsn)
+    version = ledger_cli("--version")
+    assert version.returncode == 0 and version.stdout.startswith("ledger ")
+    helped = ledger_cli("--help")
+    assert "billing ledger" in helped.stdout and "Parses arguments" not in helped.stdout
+    assert "default: all four" in ledger_cli("worker", "--help").stdout
+    assert ledger_cli("rejects", "list", env=env).stdout.strip() == "no rejected events"
+    empty = ledger_cli("invoices", "list", "--month", "2026-03", env=env)
+    assert "no invoices for 2026-03 yet" in empty.stdout
+    # The reader of a pipe goes away (`ledger ... | head`): no traceback, exit 0.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ledger.cli", "rejects", "list"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=os.environ | env,
+    )
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0, stderr
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr
