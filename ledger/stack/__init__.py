@@ -16,7 +16,7 @@ The local PostgreSQL has one login role per job (`postgres.py`): the owner
 bootstrap superuser (`admin_dsn`, the local stack only: it made the cluster and the roles).
 Their URLs carry no password: they name the stack's libpq password file.
 
-Everything lives under `settings.home` (default `.ledger/`):
+Everything lives under `settings.home` (default `~/.local/state/billing-ledger/`):
 
     stack.json              broker kind and ports (reused on the next start if still free)
     kafka/ tansu/ postgres/ per-service state, logs and pid files (see those modules)
@@ -263,6 +263,29 @@ def _postgres_status(settings: Settings, state: dict) -> dict[str, Any]:
         "dsn": postgres.dsn(settings, port) if port else None,
         "log": str(postgres.log_path(settings)),
     }
+
+
+def kafka_bootstrap(settings: Settings) -> str:
+    """The brokers alone (LEDGER_KAFKA_BOOTSTRAP, else the local stack's Kafka)."""
+    if settings.kafka_bootstrap:
+        return settings.kafka_bootstrap
+    kafka_report = status(settings)["kafka"]
+    if kafka_report["alive"]:
+        return kafka_report["bootstrap"]
+    raise StackError(f"Kafka is not running under {_home(settings)}: run `ledger stack up`")
+
+
+def database_url(settings: Settings, role: str = "writer") -> str:
+    """The database alone, as `role` ("owner", "writer" or "reader"): LEDGER_DATABASE_URL
+    (and LEDGER_OWNER_/READER_DATABASE_URL), else the local stack's PostgreSQL. Commands that
+    only use the journal need no Kafka."""
+    key = {"owner": "owner_dsn", "writer": "dsn", "reader": "reader_dsn"}[role]
+    if settings.database_url:
+        return _database_urls(settings, None)[key]
+    pg_report = status(settings)["postgres"]
+    if pg_report["alive"]:
+        return _database_urls(settings, pg_report["port"])[key]
+    raise StackError(f"PostgreSQL is not running under {_home(settings)}: run `ledger stack up`")
 
 
 def connect(settings: Settings) -> StackInfo:

@@ -85,7 +85,9 @@ BEGIN
                    reader);
     -- The journal and the records of what happened: append only.
     EXECUTE format('GRANT INSERT ON raw_events, journal_entries, postings, invoices, '
-                   'rejected_events, accepted_offset_losses TO %I', writer);
+                   'rejected_events, accepted_offset_losses, config_publications TO %I',
+                   writer);
+    EXECUTE format('GRANT USAGE ON SEQUENCE config_publications_id_seq TO %I', writer);
     -- A reject is resolved (replayed, or dismissed by an operator), never rewritten.
     EXECUTE format('GRANT UPDATE (resolved_at, resolution) ON rejected_events TO %I', writer);
     -- The writer's own working state.
