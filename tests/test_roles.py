@@ -23,6 +23,7 @@ JOURNAL = (
     "invoices",
     "rejected_events",
     "accepted_offset_losses",
+    "config_publications",
 )
 # The writer's own working state: it rewrites these.
 WORKING_STATE = (
@@ -71,6 +72,7 @@ TEXT_COLUMN = {
     "invoices": "account_id",
     "rejected_events": "reason",
     "accepted_offset_losses": "note",
+    "config_publications": "document",
 }
 
 
@@ -99,6 +101,10 @@ def journal(writer, dsn, owner_dsn):
         conn.execute(
             "INSERT INTO accepted_offset_losses (group_id, topic, kafka_partition, "
             "from_offset, to_offset, note) VALUES ('ledger', 't', 0, 0, 9, 'test')"
+        )
+        conn.execute(
+            "INSERT INTO config_publications (kind, version, effective_from, document, sha256) "
+            "VALUES ('policy', 'test-1', now(), 'x = 1', 'abc')"
         )
     with psycopg.connect(owner_dsn) as owner:
         before = journal_state(owner)
