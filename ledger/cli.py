@@ -71,10 +71,12 @@ def _db(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
-    from ledger import db, stack
+    from ledger import chain_keys, db, stack
     from ledger.worker import ROLES, run_worker
 
     roles = tuple(args.role or ROLES)
+    if {"ledger", "relay"} & set(roles):
+        chain_keys.load(settings)  # no chain key: stop now, not in a restarting role
     info = stack.connect(settings)
     db.migrate(info.dsn)
     return run_worker(settings, info.bootstrap, info.dsn, roles)
@@ -282,25 +284,129 @@ def _projections(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _verify(args: argparse.Namespace, settings: Settings) -> int:
+    from pathlib import Path
 
-    from ledger.verify import verify
+    from ledger import chain_keys, checkpoints, db, stack, topics
+    from ledger.verify import Difference, verify
 
-    dsn = _database(settings)
-    differences = _with_progress(
+    info = stack.connect(settings)
+    dsn = db.require_current_schema(info.dsn)
+    keys = chain_keys.load(settings)
+    found: list[checkpoints.Checkpoint] | None = None
+    problems: list[str] = []
+    if args.checkpoints:
+        path = Path(args.checkpoints)
+        try:
+            text = path.read_text("utf-8")
+        except OSError as exc:
+            raise LedgerError(f"--checkpoints {path}: cannot read it ({exc.strerror})") from None
+        found = checkpoints.parse_digest(text, str(path))
+        source = str(path)
+    elif not args.no_checkpoints:
+        from kafka.errors import KafkaError
+
+        try:
+            found, problems = checkpoints.read_topic(settings, info.bootstrap, keys)
+        except KafkaError as exc:
+            raise LedgerError(
+                f"cannot read the checkpoints from Kafka ({exc}); give an auditor's digest "
+                "with --checkpoints FILE, or --no-checkpoints"
+            ) from None
+        source = settings.topic(topics.CHECKPOINTS)
+    notes: list[str] = []
+    differences = [Difference("checkpoint", "forged or unreadable", p) for p in problems]
+    differences += _with_progress(
         "recomputing",
         "entries",
-        lambda progress: verify(settings, dsn, progress=progress),
+        lambda progress: verify(
+            settings, dsn, progress=progress, keys=keys, checkpoints=found, notes=notes
+        ),
         transient=True,
     )
     for difference in differences:
         print(difference)
+    for note in notes:
+        print(f"note: {note}")
+    checked = (
+        "no checkpoints (--no-checkpoints)"
+        if found is None
+        else f"{len(found)} checkpoints of {len(checkpoints.latest(found))} shards from {source}"
+    )
     if differences:
-        print(f"verify FAILED: {len(differences)} differences")
+        print(f"verify FAILED: {len(differences)} differences (checked against {checked})")
         return 1
     print(
-        "verify OK: trial balance zero, hash chains intact, projections and invoices "
-        "equal their recomputation from the journal"
+        "verify OK: trial balance zero, keyed hash chains intact, checked against "
+        f"{checked}; account books, projections and invoices equal their recomputation "
+        "from the journal"
     )
+    return 0
+
+
+def _keys(args: argparse.Namespace, settings: Settings) -> int:
+    from ledger import chain_keys
+
+    path = chain_keys.key_file(settings)
+    if args.action == "new":
+        key_id = chain_keys.add_key(path, args.id)
+        print(f"added chain key {key_id} to {path}")
+        print("it links new entries once the ledger and relay roles are restarted")
+        return 0
+    keys = chain_keys.load(settings)
+    for key_id in keys.secrets:
+        print(f"{key_id}{'  (current)' if key_id == keys.current else ''}")
+    print(f"{len(keys.secrets)} keys in {path}")
+    return 0
+
+
+def _checkpoints(args: argparse.Namespace, settings: Settings) -> int:
+    from kafka.errors import KafkaError
+
+    from ledger import chain_keys, checkpoints, db, stack, topics
+
+    info = stack.connect(settings)
+    keys = chain_keys.load(settings)
+    if args.action == "publish":
+        from kafka import KafkaProducer
+
+        from ledger.kafka_auth import client_options
+
+        producer = KafkaProducer(
+            bootstrap_servers=info.bootstrap,
+            client_id="ledger-checkpoints",
+            acks="all",
+            enable_idempotence=True,
+            **client_options(settings),
+        )
+        try:
+            with db.connect(db.require_current_schema(info.dsn), autocommit=True) as conn:
+                count = checkpoints.Publisher(settings, keys).publish(conn, producer)
+        finally:
+            producer.close(timeout=5)
+        print(f"published {count} checkpoints to {settings.topic(topics.CHECKPOINTS)}")
+        return 0
+    try:
+        found, problems = checkpoints.read_topic(settings, info.bootstrap, keys)
+    except KafkaError as exc:
+        raise LedgerError(f"cannot read the checkpoints from Kafka: {exc}") from None
+    for problem in problems:
+        print(f"ledger: {problem}", file=sys.stderr)
+    print(checkpoints.digest(found, settings.topic(topics.CHECKPOINTS)), end="")
+    return 1 if problems else 0
+
+
+def _kafka_acls(args: argparse.Namespace, settings: Settings) -> int:
+    from ledger import kafka_acls
+
+    grants = kafka_acls.plan(
+        settings,
+        ledger=args.ledger_user,
+        relay=args.relay_user,
+        scheduler=args.scheduler_user,
+        producer=args.producer_user,
+    )
+    for command in kafka_acls.commands(grants, args.bootstrap_server):
+        print(command)
     return 0
 
 
@@ -408,7 +514,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_projections)
 
     p = sub.add_parser("verify", help="check the live state against the journal; exit 1 if not")
+    p.add_argument(
+        "--checkpoints",
+        metavar="FILE",
+        help="check the chains against this checkpoint digest (`ledger checkpoints digest`) "
+        "instead of the checkpoint topic",
+    )
+    p.add_argument("--no-checkpoints", action="store_true", help="do not read the checkpoint topic")
     p.set_defaults(func=_verify)
+
+    p = sub.add_parser("keys", help="the hash chain's keys: add one (rotation), list them")
+    p.add_argument("action", choices=["new", "list"])
+    p.add_argument("--id", help="the new key's id (default: k<UTC time>)")
+    p.set_defaults(func=_keys)
+
+    p = sub.add_parser(
+        "checkpoints", help="chain-head checkpoints: print the digest, or publish one round now"
+    )
+    p.add_argument("action", choices=["digest", "publish"])
+    p.set_defaults(func=_checkpoints)
+
+    p = sub.add_parser(
+        "kafka-acls", help="print the kafka-acls.sh commands of a least-privilege deployment"
+    )
+    p.add_argument("--bootstrap-server", default="BROKER:9092", help="as kafka-acls.sh takes it")
+    for role, default in (
+        ("ledger", "ledger"),
+        ("relay", "relay"),
+        ("scheduler", "scheduler"),
+        ("producer", "producer"),
+    ):
+        p.add_argument(f"--{role}-user", default=default, help=f"SASL user of the {role}")
+    p.set_defaults(func=_kafka_acls)
 
     p = sub.add_parser("demo", help="local stack + worker + a simulated month of traffic")
     p.add_argument("--accounts", type=_positive_int, default=1000, help="accounts (default 1000)")

@@ -9,7 +9,9 @@ The commit protocol, in order:
      and the stored offset moves to the end of that range;
   3. decode and check bounds (`ledger.bounds`), deduplicate by event_id, check time and the
      account's home shard, post each event onto its account book (the pure fold);
-  4. take gapless per-shard sequence numbers (row lock on shard_heads until commit);
+  4. take gapless per-shard sequence numbers (row lock on shard_heads until commit) and link
+     each entry into its shard's hash chain: an HMAC under the current chain key, over the
+     shard's previous link (`shard_heads.head_hash`) and the entry (`ledger.book.chain_link`);
   5. COPY raw events, entries and postings; insert rejects and their dead-letter outbox rows;
   6. save the account books and the next offsets; NOTIFY the projection workers; commit.
 A crash anywhere before the commit loses nothing (Kafka redelivers from the stored offsets) and
@@ -25,6 +27,7 @@ they propagate, and the consumer retries the batch with backoff.
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import time
 import traceback
 from collections import defaultdict
@@ -42,10 +45,12 @@ from ledger.book import (
     LedgerFold,
     Rejected,
     canonical_json,
-    chain_hash,
+    chain_link,
     content_hash,
     expiry_events,
+    link_header,
 )
+from ledger.chain_keys import ChainKeys
 from ledger.codec import Codec
 from ledger.db import QUERIES
 from ledger.errors import DecodeError, LedgerError, TombstoneError
@@ -137,14 +142,30 @@ class _Accepted:
     event_json: str = ""  # canonical JSON of `event`, made once: stored, hashed, compared
     detail_json: str = ""
 
-    def link(self, prev_hash: bytes) -> bytes:
-        """Set this entry's place in its account's hash chain; returns its hash."""
+    def link(self, key_id: str, mac: hmac.HMAC, prev_hash: bytes, shard: int, seq: int) -> bytes:
+        """Set this entry's place in its shard's keyed hash chain; returns its hash."""
         assert self.entry is not None
         self.event_json = self.event_json or canonical_json(self.event)
         self.detail_json = canonical_json(self.entry.detail)
         self.prev_hash = prev_hash
-        self.hash = chain_hash(
-            prev_hash, self.event_json, self.entry, self.record.value, self.detail_json
+        header = link_header(
+            key_id,
+            shard,
+            seq,
+            self.event_type,
+            self.event["account_id"],
+            self.event["occurred_at"],
+            self.entry.price_version,
+            self.cause_event_id,
+        )
+        self.hash = chain_link(
+            mac,
+            prev_hash,
+            header,
+            self.event_json,
+            self.entry,
+            self.record.value,
+            self.detail_json,
         )
         return self.hash
 
@@ -154,13 +175,15 @@ class _Accepted:
 
 
 class LedgerWriter:
-    """Journals batches of records for consumer group `group_id` over connection `conn`."""
+    """Journals batches of records for consumer group `group_id` over connection `conn`,
+    linking each entry into its shard's hash chain with the current key of `keys`."""
 
     def __init__(
         self,
         conn: psycopg.Connection,
         fold: LedgerFold,
         *,
+        keys: ChainKeys,
         group_id: str,
         deadletter_topic: str,
         codec: Codec | None = None,
@@ -169,6 +192,10 @@ class LedgerWriter:
     ):
         self.conn = conn
         self.fold = fold
+        self.key_id = keys.current
+        mac = keys.mac(self.key_id)
+        assert mac is not None
+        self._mac = mac
         self.group_id = group_id
         self.deadletter_topic = deadletter_topic
         self.codec = codec or Codec.default()
@@ -366,11 +393,7 @@ class LedgerWriter:
                 journaled += self._period_tick(cur, item, books)
                 continue
             account_id = item.event["account_id"]
-            book, last_hash, home = books.get(account_id) or (
-                AccountBook(account_id),
-                GENESIS,
-                item.record.partition,
-            )
+            book, home = books.get(account_id) or (AccountBook(account_id), item.record.partition)
             if home is not None and home != item.record.partition:
                 rejects.append(
                     (
@@ -404,7 +427,7 @@ class LedgerWriter:
                     )
                 )
                 continue
-            books[account_id] = (book, item.link(last_hash), item.record.partition)
+            books[account_id] = (book, item.record.partition)
             journaled.append(item)
 
         self._copy_journal(cur, journaled)
@@ -412,9 +435,9 @@ class LedgerWriter:
         cur.executemany(
             QUERIES["save_book"],
             [
-                (acct, Jsonb(book.to_json()), last_hash, shard, book.next_expiry())
+                (acct, Jsonb(book.to_json()), shard, book.next_expiry())
                 for acct in sorted({j.event["account_id"] for j in journaled} - {""})
-                for book, last_hash, shard in [books[acct]]
+                for book, shard in [books[acct]]
             ],
         )
         cur.executemany(
@@ -522,35 +545,30 @@ class LedgerWriter:
 
     def _load_books(
         self, cur: psycopg.Cursor, account_ids: set[str]
-    ) -> dict[str, tuple[AccountBook, bytes, int]]:
+    ) -> dict[str, tuple[AccountBook, int]]:
         rows = cur.execute(QUERIES["lock_books"], (sorted(account_ids),)).fetchall()
-        return {a: (AccountBook.from_json(a, b), bytes(h), shard) for a, b, h, shard in rows}
+        return {a: (AccountBook.from_json(a, b), shard) for a, b, shard in rows}
 
     def _period_tick(
         self,
         cur: psycopg.Cursor,
         tick: _Accepted,
-        books: dict[str, tuple[AccountBook, bytes, int]],
+        books: dict[str, tuple[AccountBook, int]],
     ) -> list[_Accepted]:
         """Journal a PeriodTick (so projections see the shard's clock move, in order) and
         expire what is left of every grant in its shard whose expires_at has come."""
         shard, at = tick.record.partition, tick.event["tick_at"]
         tick.entry = Entry("noop", detail={"tick_at": at.isoformat()})
-        tick.link(GENESIS)  # ticks belong to no account's chain
         out = [tick]
-        for account_id, book, last_hash, shard_ in cur.execute(
-            QUERIES["lock_expiring_books"], (shard, at)
-        ):
-            books.setdefault(
-                account_id, (AccountBook.from_json(account_id, book), bytes(last_hash), shard_)
-            )
+        for account_id, book, shard_ in cur.execute(QUERIES["lock_expiring_books"], (shard, at)):
+            books.setdefault(account_id, (AccountBook.from_json(account_id, book), shard_))
         due = sorted(
             a
-            for a, (book, _, s) in books.items()
+            for a, (book, s) in books.items()
             if s == shard and (when := book.next_expiry()) is not None and when <= at
         )
         for account_id in due:
-            book, last_hash, _ = books[account_id]
+            book, _ = books[account_id]
             for event, entry in expiry_events(self.fold, tick.event, account_id, book):
                 item = _Accepted(
                     tick.record,
@@ -561,9 +579,8 @@ class LedgerWriter:
                     entry=entry,
                     cause_event_id=tick.event["event_id"],
                 )
-                last_hash = item.link(last_hash)
                 out.append(item)
-            books[account_id] = (book, last_hash, shard)
+            books[account_id] = (book, shard)
         return out
 
     def _copy_journal(self, cur: psycopg.Cursor, journaled: list[_Accepted]) -> None:
@@ -573,11 +590,19 @@ class LedgerWriter:
         for item in journaled:
             per_shard[item.record.partition].append(item)
         numbered: list[tuple[int, int, _Accepted]] = []
+        heads = []
+        key_id, mac = self.key_id, self._mac
         for shard in sorted(per_shard):
             items = per_shard[shard]
-            (last,) = cur.execute(QUERIES["advance_shard"], (shard, len(items))).fetchone()
+            # The shard's row lock is held until commit: its head and sequence are ours.
+            last, head = cur.execute(QUERIES["advance_shard"], (shard, len(items))).fetchone()
             first = last - len(items) + 1
-            numbered += [(shard, first + i, item) for i, item in enumerate(items)]
+            head = bytes(head)
+            for i, item in enumerate(items):
+                head = item.link(key_id, mac, head, shard, first + i)
+                numbered.append((shard, first + i, item))
+            heads.append((head, shard))
+        cur.executemany(QUERIES["save_shard_head"], heads)
 
         with cur.copy(QUERIES["copy_raw_events"]) as copy:
             for _, _, a in numbered:
@@ -616,6 +641,7 @@ class LedgerWriter:
                         a.prev_hash,
                         a.hash,
                         a.cause_event_id,
+                        key_id,
                     )
                 )
         with cur.copy(QUERIES["copy_postings"]) as copy:

@@ -18,6 +18,7 @@ from ledger.chaos.model import Totals
 from ledger.codec import Codec
 from ledger.db import QUERIES
 from ledger.errors import DecodeError
+from ledger.kafka_auth import client_options
 from ledger.settings import Settings
 from ledger.verify import verify
 from projections.rebuild import rebuild
@@ -118,7 +119,7 @@ def max_stalls(
 
 def shards_with_traffic(settings: Settings, bootstrap: str) -> set[int]:
     """The partitions of the input topics that hold any record."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, **client_options(settings))
     try:
         partitions = [
             TopicPartition(topic, p)
@@ -145,7 +146,7 @@ def recovery(times: dict[int, list[float]], at: float) -> tuple[float | None, li
     return worst, never
 
 
-def read_topic(bootstrap: str, topic: str, timeout_s: float = 120.0):
+def read_topic(settings: Settings, bootstrap: str, topic: str, timeout_s: float = 120.0):
     """Every record of `topic`, partition by partition in offset order."""
     consumer = KafkaConsumer(
         bootstrap_servers=bootstrap,
@@ -153,6 +154,7 @@ def read_topic(bootstrap: str, topic: str, timeout_s: float = 120.0):
         enable_auto_commit=False,
         enable_incremental_fetch_sessions=False,
         max_partition_fetch_bytes=4 * 1024 * 1024,
+        **client_options(settings),
     )
     try:
         partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
@@ -173,7 +175,7 @@ def read_topic(bootstrap: str, topic: str, timeout_s: float = 120.0):
 
 def deadletter_refs(settings: Settings, bootstrap: str) -> set[tuple[str, int, int]]:
     out = set()
-    for record in read_topic(bootstrap, settings.topic(topics.DEADLETTER)):
+    for record in read_topic(settings, bootstrap, settings.topic(topics.DEADLETTER)):
         headers = {k: v for k, v in record.headers or ()}
         try:
             out.add(
@@ -190,7 +192,7 @@ def deadletter_refs(settings: Settings, bootstrap: str) -> set[tuple[str, int, i
 
 def status_events(settings: Settings, bootstrap: str) -> dict[str, list[StatusEvent]]:
     """What a gateway sees: the status topic read from the start."""
-    records = read_topic(bootstrap, settings.topic(topics.STATUS))
+    records = read_topic(settings, bootstrap, settings.topic(topics.STATUS))
     return status_by_account(record.value for record in records)
 
 
