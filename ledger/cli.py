@@ -39,8 +39,11 @@ def _stack(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.action == "up":
         info = stack.up(settings)
+        from ledger.chain_keys import key_file
+
         print(f"kafka bootstrap: {info.bootstrap}  ({info.broker})")
         print(f"database url:    {info.dsn}")
+        print(f"chain keys:      {key_file(settings)}")
         return 0
     if args.action == "down":
         stack.down(settings)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
@@ -311,3 +313,28 @@ def test_the_readme_shows_the_acls_that_ledger_kafka_acls_prints():
     assert printed.stdout.splitlines() == expected
     for command in expected:
         assert command in readme
+
+
+def test_a_client_configuration_logged_at_debug_shows_no_password():
+    """kafka-python logs a client's whole configuration at DEBUG; the ledger's log handler
+    masks the password in it."""
+    script = (
+        "from kafka import KafkaAdminClient\n"
+        "from ledger.kafka_auth import client_options\n"
+        "from ledger.log import configure_logging\n"
+        "from ledger.settings import Settings\n"
+        "settings = Settings.from_env()\n"
+        "configure_logging(settings)\n"
+        "try:\n"
+        "    KafkaAdminClient(bootstrap_servers='127.0.0.1:1', bootstrap_timeout_ms=300,\n"
+        "                     **client_options(settings))\n"
+        "except Exception:\n"
+        "    pass\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LEDGER_")}
+    env |= SASL | {"LEDGER_LOG_LEVEL": "DEBUG", "LEDGER_LOG_FORMAT": "json"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert "sasl_plain_password" in result.stderr  # the configuration was logged ...
+    assert PASSWORD not in result.stdout + result.stderr  # ... masked
