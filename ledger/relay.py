@@ -38,7 +38,8 @@ not yet acked then stay unpublished.
 
 **Checkpoints.** The active relay also publishes every shard's hash-chain head to the
 checkpoint topic every `LEDGER_CHECKPOINT_INTERVAL_S` (`ledger.checkpoints`), with the same
-producer; Kafka trouble while doing so is ridden out like any other.
+producer. A round Kafka does not take is logged (`checkpoints_unpublished`) and tried again at
+the next interval; it never holds up the outbox.
 
 **At-least-once.** A row is marked published only after Kafka acked it, but a row acked and
 not yet marked (a crash, PostgreSQL gone, a stop, a transient failure of an earlier row in
@@ -71,6 +72,10 @@ BACKOFF_MAX_S = 5.0
 STOP_CHECK_S = 0.5
 CONNECT_TIMEOUT_S = 3
 WAITING_NOTE_EVERY_S = 5.0
+# How long one checkpoint round waits for Kafka's acks (short: stop is looked at in between).
+CHECKPOINT_TIMEOUT_S = 3.0
+# After a round Kafka did not take, the next one waits at least this long.
+CHECKPOINT_RETRY_S = 10.0
 
 # Kafka's rule for topic names.
 _TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
@@ -238,14 +243,23 @@ class OutboxRelay:
                 pass
 
     def _checkpoint_if_due(self, conn: psycopg.Connection, producer: KafkaProducer) -> None:
-        """Publish the shards' chain heads that moved, once per checkpoint interval."""
+        """Publish the shards' chain heads that moved, once per checkpoint interval. A round
+        Kafka does not take (down, or no checkpoint topic yet) is logged and tried again at
+        the next interval; it never holds up the outbox."""
         if time.monotonic() < self._next_checkpoint:
             return
-        try:
-            self.checkpoints.publish(conn, producer)
-        except kafka_errors.KafkaError as exc:
-            raise KafkaTrouble(exc) from exc
         self._next_checkpoint = time.monotonic() + self.settings.checkpoint_interval_s
+        try:
+            self.checkpoints.publish(conn, producer, timeout_s=CHECKPOINT_TIMEOUT_S)
+        except kafka_errors.KafkaError as exc:
+            retry = max(self.settings.checkpoint_interval_s, CHECKPOINT_RETRY_S)
+            self._next_checkpoint = time.monotonic() + retry
+            log.warning(
+                "checkpoints_unpublished",
+                error=brief(exc),
+                topic=self.checkpoints.topic,
+                retry_in_s=retry,
+            )
 
     def _ensure_producer(self) -> KafkaProducer:
         if self.producer is None:

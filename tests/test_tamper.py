@@ -14,7 +14,8 @@ from decimal import Decimal
 
 import psycopg
 import pytest
-from kafka import KafkaProducer
+from kafka import KafkaAdminClient, KafkaProducer
+from structlog.testing import capture_logs
 
 from ledger import chain_keys, topics
 from ledger.book import Entry, Posting, canonical_json, chain_hash, chain_link, link_header
@@ -349,3 +350,21 @@ def test_the_key_file_is_private_and_its_secret_never_printed(settings):
             hexed = chain_keys.load(settings).secret(key_id).hex()
             assert hexed not in out
     assert chain_keys.load(settings).current == "k9"
+
+
+def test_status_events_are_published_even_when_checkpoints_cannot_be(ledger, settings):
+    """No checkpoint topic (an upgrade that did not run `ledger topics create`): the relay
+    logs it and goes on publishing the outbox."""
+    admin = KafkaAdminClient(bootstrap_servers=ledger.bootstrap)
+    admin.delete_topics([settings.topic(topics.CHECKPOINTS)])
+    admin.close()
+    with capture_logs() as logs:
+        ledger.open_account("nc-1")
+        ledger.use("nc-1", model="accounts/fireworks/models/deepseek-r1", output_tokens=1_000_000)
+        ledger.settle(2, timeout=60)
+        wait_until(
+            lambda: any(line["event"] == "checkpoints_unpublished" for line in logs),
+            30,
+            "the relay to say it could not publish checkpoints",
+        )
+    assert [t for t, *_ in ledger.status_of("nc-1")] == ["AccountSuspended"]
