@@ -40,6 +40,7 @@ import hashlib
 import hmac
 import json
 import re
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -222,9 +223,9 @@ def read_topic(
         consumer.assign(tps)
         consumer.seek_to_beginning(*tps)
         end = consumer.end_offsets(tps, timeout_ms=int(timeout_s * 1000))
-        deadline = datetime.now(UTC).timestamp() + timeout_s
+        deadline = time.monotonic() + timeout_s
         while any(consumer.position(tp) < end[tp] for tp in tps):
-            if datetime.now(UTC).timestamp() > deadline:
+            if time.monotonic() > deadline:
                 raise CheckpointError(f"reading {topic} timed out after {timeout_s:.0f}s")
             for tp, records in consumer.poll(timeout_ms=500).items():
                 for record in records:

@@ -12,9 +12,10 @@ from decimal import Decimal
 import structlog
 from kafka import KafkaConsumer, TopicPartition
 
-from ledger import db, topics
+from ledger import chain_keys, db, topics
 from ledger.chaos.checker import Observed, Reject, StatusEvent
 from ledger.chaos.model import Totals
+from ledger.checkpoints import read_topic as read_checkpoints
 from ledger.codec import Codec
 from ledger.db import QUERIES
 from ledger.errors import DecodeError
@@ -55,7 +56,14 @@ def observe(settings: Settings, bootstrap: str, dsn: str) -> Observed:
                 (settings.topic(topics.STATUS),),
             )
         )
-    differences = [(d.check, d.subject, d.detail) for d in verify(settings, dsn)]
+    # The chains checked against every checkpoint the relays published through the faults.
+    keys = chain_keys.load(settings)
+    checkpoints, forged = read_checkpoints(settings, bootstrap, keys)
+    differences = [("checkpoint", "unreadable", problem) for problem in forged]
+    differences += [
+        (d.check, d.subject, d.detail)
+        for d in verify(settings, dsn, keys=keys, checkpoints=checkpoints)
+    ]
     differences += rebuild_differences(settings, dsn)
     return Observed(
         journaled=journaled,
