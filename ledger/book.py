@@ -27,7 +27,7 @@ from typing import Any
 
 from ledger.money import plain, quantize
 from ledger.policy import Policy
-from ledger.rating import PriceBook
+from ledger.rating import PriceBook, Rating
 
 ZERO = Decimal(0)
 
@@ -243,6 +243,7 @@ class LedgerFold:
                 "kind": "promotional",
                 "amount": plain(credit),
                 "applied_to_receivable": plain(covers),
+                **self._policy_ref(),
             },
         )
 
@@ -287,16 +288,31 @@ class LedgerFold:
     def _on_UsageRecorded(self, book: AccountBook, event: dict) -> Entry:
         self._check_quantities(event)
         rating = self.pricebook.rate(event)
-        lines = [line.to_json() for line in rating.lines]
         if not rating.priced:
             return Entry(
                 "unpriced",
                 price_version=rating.price_version,
                 detail={"unpriced_reason": rating.unpriced_reason},
             )
+        return self._charge(book, event, rating)
+
+    def rerate(self, book: AccountBook, usage: dict) -> Entry | None:
+        """Held (unpriced) usage, rated again after a price version was published: its entry,
+        charged as the usage would have been at its occurred_at, or None if still unpriced."""
+        rating = self.pricebook.rate(usage)
+        if not rating.priced:
+            return None
+        return self._charge(book, usage, rating)
+
+    def _charge(self, book: AccountBook, event: dict, rating: Rating) -> Entry:
+        lines = [line.to_json() for line in rating.lines]
+        refs = {"price_ref": self.pricebook.ref_of(rating.price_version)}
+        refs = {k: v for k, v in refs.items() if v} | self._policy_ref()
         charge = rating.total
         if charge == 0:
-            return Entry("noop", price_version=rating.price_version, detail={"lines": lines})
+            return Entry(
+                "noop", price_version=rating.price_version, detail={"lines": lines, **refs}
+            )
         burns, owed = burn_credits(book, charge, self.policy, event["occurred_at"])
         postings = [(credit_account(book.account_id, g.grant_id), take) for g, take in burns]
         postings += [(receivable_account(book.account_id), owed), (REVENUE_USAGE, -charge)]
@@ -308,8 +324,13 @@ class LedgerFold:
                 "charge": plain(charge),
                 "burns": [{"grant_id": g.grant_id, "amount": plain(t)} for g, t in burns],
                 "to_receivable": plain(owed),
+                **refs,
             },
         )
+
+    def _policy_ref(self) -> dict[str, str]:
+        """The policy version an entry used, when it was published (ledger.config_versions)."""
+        return {"policy_ref": self.policy.ref} if self.policy.ref else {}
 
     def _check_quantities(self, event: dict) -> None:
         policy = self.policy
@@ -457,6 +478,43 @@ def expiry_events(
             "tick_event_id": tick_event["event_id"],
         }
         out.append((event, entry))
+    return out
+
+
+USAGE_FIELDS = (
+    "request_id", "product", "model", "service_tier", "input_tokens", "cached_input_tokens",
+    "output_tokens", "training_tokens", "gpu_type", "gpu_seconds", "images", "steps",
+)  # fmt: skip
+
+
+def rerate_event(
+    fold: LedgerFold, published_event_id: str, usage: dict[str, Any], book: AccountBook
+) -> tuple[dict[str, Any], Entry] | None:
+    """The UsageRerated event (derived from a price publication) and its entry for one held
+    usage event, or None if the published prices still do not price it: the one definition
+    shared by the journal writer and the rule harness. `usage` is the held event as decoded
+    or as journaled (ISO times, decimals as text)."""
+    usage = _as_usage(usage)
+    entry = fold.rerate(book, usage)
+    if entry is None:
+        return None
+    event = {
+        "event_id": f"{usage['event_id']}:rerated",
+        "account_id": usage["account_id"],
+        "occurred_at": usage["occurred_at"],
+        "usage_event_id": usage["event_id"],
+        "published_event_id": published_event_id,
+        **{k: usage[k] for k in USAGE_FIELDS if usage.get(k) is not None},
+    }
+    return event, entry
+
+
+def _as_usage(usage: dict[str, Any]) -> dict[str, Any]:
+    out = dict(usage)
+    if isinstance(out["occurred_at"], str):
+        out["occurred_at"] = datetime.fromisoformat(out["occurred_at"])
+    if isinstance(out.get("gpu_seconds"), str):
+        out["gpu_seconds"] = Decimal(out["gpu_seconds"])
     return out
 
 

@@ -53,13 +53,11 @@ class ChainKeys:
     source: str = ""
     _macs: dict[str, hmac.HMAC] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        if not self.secrets:
-            raise ConfigError(f"{self.source or 'chain keys'}: no key")
-
     @property
     def current(self) -> str:
         """The id of the key new entries are linked with."""
+        if not self.secrets:
+            raise ConfigError(f"{self.source or 'chain keys'}: no key")
         return next(reversed(self.secrets))
 
     def secret(self, key_id: str) -> bytes | None:
@@ -76,7 +74,7 @@ class ChainKeys:
         return self._macs[key_id]
 
     def __repr__(self) -> str:
-        return f"ChainKeys(ids={list(self.secrets)}, current={self.current!r})"
+        return f"ChainKeys(ids={list(self.secrets)}, source={self.source!r})"
 
 
 def key_file(settings: Settings) -> Path:

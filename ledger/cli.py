@@ -8,27 +8,36 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 from datetime import UTC, datetime
 
-from ledger.errors import ConfigError, LedgerError
+from ledger.errors import ConfigError, LedgerError, StackError
 from ledger.log import configure_logging
 from ledger.settings import Settings
 
 
 def _database(settings: Settings) -> str:
-    """The ledger's database (the local stack's unless LEDGER_DATABASE_URL), schema checked."""
+    """The ledger's database (the local stack's unless LEDGER_DATABASE_URL), schema checked;
+    Kafka is not needed."""
     from ledger import db, stack
 
-    return db.require_current_schema(stack.connect(settings).dsn)
+    return db.require_current_schema(stack.database_url(settings))
 
 
 def _with_progress(label: str, unit: str, work, *, transient: bool = False):
     """Run `work(progress)` under a progress bar with rate and ETA; returns what it returns.
     `progress(done, total)` is what the long-running commands call as they go."""
-    from rich.progress import Progress
+    from rich.progress import Progress, ProgressColumn
+    from rich.text import Text
 
-    columns = (*Progress.get_default_columns(), f"{{task.speed}} {unit}/s")
+    class Rate(ProgressColumn):
+        def render(self, task) -> Text:  # a whole number per second, nothing before known
+            speed = task.finished_speed or task.speed
+            return Text("" if speed is None else f"{speed:,.0f} {unit}/s")
+
+    columns = (*Progress.get_default_columns(), Rate())
     with Progress(*columns, transient=transient) as bar:
         task = bar.add_task(label, total=None)
         return work(lambda done, total: bar.update(task, completed=done, total=total))
@@ -68,13 +77,14 @@ def _topics(args: argparse.Namespace, settings: Settings) -> int:
 def _db(args: argparse.Namespace, settings: Settings) -> int:
     from ledger import db, stack
 
-    applied = db.migrate(stack.connect(settings).dsn)
+    applied = db.migrate(stack.database_url(settings))
     print(f"applied migrations: {applied or 'none (up to date)'}")
     return 0
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
     from ledger import chain_keys, db, stack
+    from ledger.configure import configured_versions, publish
     from ledger.worker import ROLES, run_worker
 
     roles = tuple(args.role or ROLES)
@@ -82,7 +92,41 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
         chain_keys.load(settings)  # no chain key: stop now, not in a restarting role
     info = stack.connect(settings)
     db.migrate(info.dsn)
+    if "ledger" in roles:  # the configured files, published once (a changed one is refused)
+        with db.connect(info.dsn) as conn:
+            publish(conn, configured_versions(settings.price_book, settings.policy))
     return run_worker(settings, info.bootstrap, info.dsn, roles)
+
+
+def _config(args: argparse.Namespace, settings: Settings) -> int:
+    from ledger import db
+    from ledger.configure import configured_versions, publish, published
+
+    dsn = _database(settings)
+    if args.action == "publish":
+        versions = configured_versions(
+            args.prices or settings.price_book,
+            args.policy or settings.policy,
+            prices=args.only in (None, "prices"),
+            rules=args.only in (None, "policy"),
+        )
+        with db.connect(dsn) as conn:
+            for ref, outcome in publish(conn, versions):
+                print(f"{ref:<40} {outcome}")
+        return 0
+    rows = published(db.connect(dsn))
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    print(f"{'kind':<11} {'version':<20} {'effective_from':<26} {'sha256':<13} shards")
+    for r in rows:
+        print(
+            f"{r['kind']:<11} {r['version']:<20} {r['effective_from'].isoformat():<26} "
+            f"{r['sha256'][:12]:<13} {r['shards']}"
+        )
+    if not rows:
+        print("nothing published yet (`ledger config publish`; the worker publishes at start)")
+    return 0
 
 
 def _scheduler(args: argparse.Namespace, settings: Settings) -> int:
@@ -105,7 +149,7 @@ def _replay(args: argparse.Namespace, settings: Settings) -> int:
     from ledger import stack
     from ledger.replay import replay
 
-    target = stack.connect(settings).dsn
+    target = stack.database_url(settings)
     count = _with_progress(
         "replaying",
         "events",
@@ -127,8 +171,11 @@ def _rejects(args: argparse.Namespace, settings: Settings) -> int:
         print(f"already journaled: {len(outcome.duplicates)}")
         for reason, count in sorted(outcome.still_rejected.items()):
             print(f"still rejected ({reason}): {count}")
-    for reason, still_open, resolved in summary(dsn):
+    rows = summary(dsn)
+    for reason, still_open, resolved in rows:
         print(f"{reason:<24} open {still_open:>8}   resolved {resolved:>8}")
+    if not rows:
+        print("no rejected events")
     return 0
 
 
@@ -251,6 +298,11 @@ def _invoices(args: argparse.Namespace, settings: Settings) -> int:
         from ledger.render import print_invoices
 
         print_invoices(invoices, f"invoices for {args.month} ({len(invoices)})")
+        if not invoices:
+            print(
+                f"no invoices for {args.month} yet: a month's invoices are issued at the first "
+                "tick after its end plus the grace period (policy month_close.grace_hours)"
+            )
     return 0
 
 
@@ -289,14 +341,19 @@ def _projections(args: argparse.Namespace, settings: Settings) -> int:
 def _verify(args: argparse.Namespace, settings: Settings) -> int:
     from pathlib import Path
 
-    from ledger import chain_keys, checkpoints, db, stack, topics
+    from ledger import chain_keys, checkpoints, stack, topics
     from ledger.verify import Difference, verify
 
-    info = stack.connect(settings)
-    dsn = db.require_current_schema(info.dsn)
-    keys = chain_keys.load(settings)
+    dsn = _database(settings)
+    notes: list[str] = []
+    try:
+        keys = chain_keys.load(settings)
+    except ConfigError as exc:  # an empty journal needs none; keyed entries are reported
+        keys = chain_keys.ChainKeys({}, "no key file")
+        notes.append(f"no chain keys ({exc})")
     found: list[checkpoints.Checkpoint] | None = None
     problems: list[str] = []
+    source = ""
     if args.checkpoints:
         path = Path(args.checkpoints)
         try:
@@ -305,18 +362,23 @@ def _verify(args: argparse.Namespace, settings: Settings) -> int:
             raise LedgerError(f"--checkpoints {path}: cannot read it ({exc.strerror})") from None
         found = checkpoints.parse_digest(text, str(path))
         source = str(path)
-    elif not args.no_checkpoints:
+    elif not args.no_checkpoints and stack.kafka_configured(settings):
         from kafka.errors import KafkaError
 
         try:
-            found, problems = checkpoints.read_topic(settings, info.bootstrap, keys)
-        except KafkaError as exc:
+            bootstrap = stack.connect(settings).bootstrap
+            found, problems = checkpoints.read_topic(settings, bootstrap, keys)
+        except (KafkaError, StackError) as exc:
             raise LedgerError(
                 f"cannot read the checkpoints from Kafka ({exc}); give an auditor's digest "
                 "with --checkpoints FILE, or --no-checkpoints"
             ) from None
         source = settings.topic(topics.CHECKPOINTS)
-    notes: list[str] = []
+    elif not args.no_checkpoints:
+        notes.append(
+            "no Kafka here (LEDGER_KAFKA_BOOTSTRAP, or a local stack): the chains were not "
+            "checked against checkpoints; give an auditor's digest with --checkpoints FILE"
+        )
     differences = [Difference("checkpoint", "forged or unreadable", p) for p in problems]
     differences += _with_progress(
         "recomputing",
@@ -331,7 +393,7 @@ def _verify(args: argparse.Namespace, settings: Settings) -> int:
     for note in notes:
         print(f"note: {note}")
     checked = (
-        "no checkpoints (--no-checkpoints)"
+        "no checkpoints"
         if found is None
         else f"{len(found)} checkpoints of {len(checkpoints.latest(found))} shards from {source}"
     )
@@ -420,7 +482,14 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ledger", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="ledger",
+        description="An event-sourced, double-entry billing ledger: Kafka in, a PostgreSQL "
+        "journal, account balances, spend limits and suspensions out.",
+        epilog="Each command has its own --help. Settings come from LEDGER_* environment "
+        "variables (see the README's Configuration).",
+    )
+    parser.add_argument("--version", action="version", version=f"ledger {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("stack", help="start/stop/inspect the local Kafka + PostgreSQL")
@@ -440,10 +509,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--role",
         action="append",
         choices=["ledger", "projections", "relay", "scheduler"],
-        help="run only this role (repeatable); default: all three",
+        help="run only this role (repeatable); default: all four",
     )
     p.set_defaults(func=_worker)
 
+    p = sub.add_parser(
+        "config", help="price-book and policy versions: publish them to the journal, list them"
+    )
+    p.add_argument("action", choices=["publish", "list"])
+    p.add_argument("--prices", type=_existing_file, help="price book file (default: configured)")
+    p.add_argument("--policy", type=_existing_file, help="policy file (default: configured)")
+    p.add_argument("--only", choices=["prices", "policy"], help="publish one of the two")
+    p.add_argument("--json", action="store_true", help="list as JSON")
+    p.set_defaults(func=_config)
     p = sub.add_parser("scheduler", help="send PeriodTicks (also run by `ledger worker`)")
     p.add_argument("--once", action="store_true", help="send one tick now and exit")
     p.set_defaults(func=_scheduler)
@@ -557,11 +635,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _month(text: str) -> str:
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
-        datetime.strptime(text, "%Y-%m")
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a month (YYYY-MM): {text!r}") from None
+        return version("billing-ledger")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _month(text: str) -> str:
+    """Strictly YYYY-MM: `2026-3` would silently name no month's data."""
+    if re.fullmatch(r"[0-9]{4}-(0[1-9]|1[0-2])", text) is None:
+        raise argparse.ArgumentTypeError(f"not a month (YYYY-MM, e.g. 2026-03): {text!r}")
     return text
 
 
@@ -583,6 +669,15 @@ def _shard(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more: {value}")
     return value
+
+
+def _existing_file(text: str):
+    from pathlib import Path
+
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text}")
+    return path
 
 
 def _positive_int(text: str) -> int:
@@ -620,6 +715,10 @@ def main(argv: list[str] | None = None) -> int:
     except LedgerError as exc:
         print(f"ledger: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `ledger audit ... | head`: the reader left, not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush is quiet
+        return 0
 
 
 if __name__ == "__main__":

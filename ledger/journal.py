@@ -49,9 +49,17 @@ from ledger.book import (
     content_hash,
     expiry_events,
     link_header,
+    rerate_event,
 )
 from ledger.chain_keys import ChainKeys
 from ledger.codec import Codec
+from ledger.config_versions import (
+    CONFIG_PUBLISHED,
+    CONFIG_TOPIC,
+    PRICE_BOOK,
+    ConfigVersion,
+    ShardConfig,
+)
 from ledger.db import QUERIES
 from ledger.errors import DecodeError, LedgerError, TombstoneError
 from ledger.settings import DEADLETTER_MAX_BYTES
@@ -204,6 +212,14 @@ class LedgerWriter:
         # Called inside each batch transaction with the shards the batch writes, after their
         # offsets are locked; raises to refuse the batch (the shard lease fence).
         self.fence: Callable[[psycopg.Cursor, set[int]], None] | None = None
+        # Per shard: (config_seq, the versions journaled there, the fold they make), as of
+        # the last committed batch; a shard absent here uses `fold` (nothing journaled yet).
+        self._configs: dict[int, tuple[int, ShardConfig, LedgerFold]] = {}
+
+    def fold_for(self, shard: int) -> LedgerFold:
+        """The fold of `shard`: its journaled price-book and policy versions."""
+        cached = self._configs.get(shard)
+        return cached[2] if cached is not None else self.fold
 
     def stored_offsets(self, topics: Sequence[str]) -> dict[tuple[str, int], int]:
         rows = self.conn.execute(
@@ -255,6 +271,7 @@ class LedgerWriter:
             with self.conn.transaction():
                 result = self._write(records, replay, fetched, poison)
         except BaseException:
+            self._configs.clear()  # it may hold versions of the rolled-back batch: reload
             if not self.conn.closed:
                 self.conn.rollback()
             raise
@@ -318,6 +335,11 @@ class LedgerWriter:
         accepted: list[_Accepted] = []
         rejects: list[tuple[Record, str | None, str | None, str, str]] = []
         seen: dict[str, bytes] = {}
+        shards = {r.partition for r in records}
+        self._refresh_configs(cur, shards)
+        # Versions published since the shard's last batch go first (never in a replay: there
+        # they come from the source journal, in its order).
+        publications = [] if replay else self._pending_configs(cur, shards, now)
 
         decoded = []
         for record in records:
@@ -332,7 +354,7 @@ class LedgerWriter:
             except DecodeError as exc:
                 rejects.append((record, None, None, exc.reason, safe_text(str(exc))))
                 continue
-            problem = self._implausible_time(d.event_type, d.event, record.recorded_at or now)
+            problem = self._implausible_time(record.partition, d.event, record.recorded_at or now)
             if problem is not None:
                 rejects.append(
                     (record, d.event["event_id"], d.event_type, "implausible_time", problem)
@@ -371,8 +393,9 @@ class LedgerWriter:
         # occurred_at order (stable, so Kafka's order breaks ties).
         if not replay:
             accepted.sort(key=lambda a: a.event["occurred_at"])
+        accepted = publications + accepted
         books = self._load_books(
-            cur, {a.event["account_id"] for a in accepted if a.event_type != "PeriodTick"}
+            cur, {a.event["account_id"] for a in accepted if a.event["account_id"]}
         )
         clocks = self._shard_clocks(
             cur, {a.record.partition for a in accepted if a.event_type == "PeriodTick"}
@@ -383,7 +406,7 @@ class LedgerWriter:
             if item.event_type == "PeriodTick":
                 shard, tick_at = item.record.partition, item.event["tick_at"]
                 problem = self._implausible_tick(
-                    tick_at, clocks.get(shard), item.record.recorded_at or now
+                    shard, tick_at, clocks.get(shard), item.record.recorded_at or now
                 )
                 if problem is not None:
                     rejects.append((item.record, item.event["event_id"], item.event_type, *problem))
@@ -391,6 +414,21 @@ class LedgerWriter:
                 clocks[shard] = tick_at
                 moved.add(shard)
                 journaled += self._period_tick(cur, item, books)
+                continue
+            if item.event_type == CONFIG_PUBLISHED:
+                try:
+                    journaled += self._publish_config(cur, item, books, journaled)
+                except ValueError as exc:
+                    detail = str(exc)
+                    rejects.append(
+                        (
+                            item.record,
+                            item.event["event_id"],
+                            item.event_type,
+                            "invalid_config",
+                            detail,
+                        )
+                    )
                 continue
             account_id = item.event["account_id"]
             book, home = books.get(account_id) or (AccountBook(account_id), item.record.partition)
@@ -408,7 +446,9 @@ class LedgerWriter:
                 )
                 continue
             try:
-                item.entry = self.fold.post(book, item.event_type, item.event)
+                item.entry = self.fold_for(item.record.partition).post(
+                    book, item.event_type, item.event
+                )
             except Rejected as exc:
                 rejects.append(
                     (item.record, item.event["event_id"], item.event_type, exc.reason, exc.detail)
@@ -430,7 +470,14 @@ class LedgerWriter:
             books[account_id] = (book, item.record.partition)
             journaled.append(item)
 
-        self._copy_journal(cur, journaled)
+        numbered = self._copy_journal(cur, journaled)
+        config_seqs = {shard: seq for shard, seq, a in numbered if a.event_type == CONFIG_PUBLISHED}
+        cur.executemany(
+            QUERIES["save_config_seq"], [(seq, shard) for shard, seq in sorted(config_seqs.items())]
+        )
+        for shard, seq in config_seqs.items():
+            _, config, fold = self._configs[shard]
+            self._configs[shard] = (seq, config, fold)
         self._insert_rejects(cur, rejects, replay)
         cur.executemany(
             QUERIES["save_book"],
@@ -501,9 +548,9 @@ class LedgerWriter:
         rows = cur.execute(QUERIES["shard_clocks"], (sorted(shards),)).fetchall()
         return {shard: at for shard, at in rows if at is not None}
 
-    def _implausible_time(self, event_type: str, event: dict, now: datetime) -> str | None:
+    def _implausible_time(self, shard: int, event: dict, now: datetime) -> str | None:
         """Why an event's occurred_at cannot be true, or None (policy [time])."""
-        policy = self.fold.policy
+        policy = self.fold_for(shard).policy
         at = event["occurred_at"]
         if at > now + policy.max_clock_skew:
             return (
@@ -518,11 +565,11 @@ class LedgerWriter:
         return None
 
     def _implausible_tick(
-        self, tick_at: datetime, last: datetime | None, now: datetime
+        self, shard: int, tick_at: datetime, last: datetime | None, now: datetime
     ) -> tuple[str, str] | None:
         """A PeriodTick moves a shard's clock only forward, by a bounded step, and never past
         the ledger's own clock plus the skew; (reason, detail) if this one may not."""
-        policy = self.fold.policy
+        policy = self.fold_for(shard).policy
         if tick_at > now + policy.max_clock_skew:
             return (
                 "implausible_time",
@@ -569,7 +616,7 @@ class LedgerWriter:
         )
         for account_id in due:
             book, _ = books[account_id]
-            for event, entry in expiry_events(self.fold, tick.event, account_id, book):
+            for event, entry in expiry_events(self.fold_for(shard), tick.event, account_id, book):
                 item = _Accepted(
                     tick.record,
                     "GrantExpired",
@@ -583,9 +630,136 @@ class LedgerWriter:
             books[account_id] = (book, shard)
         return out
 
-    def _copy_journal(self, cur: psycopg.Cursor, journaled: list[_Accepted]) -> None:
-        if not journaled:
+    # --- published configuration (ledger.config_versions) -----------------------------------
+
+    def _refresh_configs(self, cur: psycopg.Cursor, shards: set[int]) -> None:
+        """Reload the versions of any of `shards` whose journal moved on since they were
+        cached (another writer held the shard, or nothing is cached yet)."""
+        if not shards:
             return
+        seqs = dict(cur.execute(QUERIES["shard_config_seqs"], (sorted(shards),)).fetchall())
+        for shard in shards:
+            seq = seqs.get(shard, 0)
+            cached = self._configs.get(shard)
+            if cached is not None and cached[0] == seq:
+                continue
+            if seq == 0:
+                self._configs.pop(shard, None)
+                continue
+            config = ShardConfig()
+            for (payload,) in cur.execute(QUERIES["shard_config_entries"], (shard,)):
+                config.add(ConfigVersion.from_event(payload))
+            self._configs[shard] = (seq, config, config.fold(self.fold))
+
+    def _pending_configs(
+        self, cur: psycopg.Cursor, shards: set[int], now: datetime
+    ) -> list[_Accepted]:
+        """The publications not yet journaled on `shards`, as ConfigPublished events to
+        journal first in this batch (a policy only once its effective_from has come)."""
+        if not shards:
+            return []
+        rows = cur.execute(
+            QUERIES["pending_config"], {"shards": sorted(shards), "now": now}
+        ).fetchall()
+        out = []
+        for shard, pid, kind, name, effective, document, sha, published_at in rows:
+            version = ConfigVersion(kind, name, effective, document, sha)
+            value = self.codec.encode(CONFIG_PUBLISHED, version.event(shard, published_at))
+            decoded = self.codec.decode(value)
+            event_json = canonical_json(decoded.event)
+            out.append(
+                _Accepted(
+                    InputRecord(CONFIG_TOPIC, shard, pid, None, value),
+                    CONFIG_PUBLISHED,
+                    decoded.fingerprint,
+                    decoded.event,
+                    content_hash(CONFIG_PUBLISHED, event_json),
+                    event_json=event_json,
+                )
+            )
+        return out
+
+    def _publish_config(
+        self,
+        cur: psycopg.Cursor,
+        item: _Accepted,
+        books: dict[str, tuple[AccountBook, int]],
+        journaled: list[_Accepted],
+    ) -> list[_Accepted]:
+        """Journal a ConfigPublished: from here on the shard uses the version; a price
+        version re-rates the shard's held usage that it prices. ValueError: refused."""
+        if item.record.topic != CONFIG_TOPIC:
+            raise ValueError(
+                "configuration is published with `ledger config publish`, never from Kafka "
+                f"(this one came from {item.record.topic})"
+            )
+        version = ConfigVersion.from_event(item.event)
+        shard = item.record.partition
+        cached = self._configs.get(shard)
+        config = ShardConfig() if cached is None else dataclasses.replace(cached[1])
+        config.add(version)
+        fold = config.fold(self.fold)
+        self._configs[shard] = (cached[0] if cached else 0, config, fold)
+        item.entry = Entry(
+            "noop",
+            detail={"kind": version.kind, "version": version.version, "ref": version.ref},
+        )
+        out = [item]
+        if version.kind == PRICE_BOOK:
+            out += self._rerate(cur, item, books, journaled, fold)
+        return out
+
+    def _rerate(
+        self,
+        cur: psycopg.Cursor,
+        publication: _Accepted,
+        books: dict[str, tuple[AccountBook, int]],
+        journaled: list[_Accepted],
+        fold: LedgerFold,
+    ) -> list[_Accepted]:
+        """One UsageRerated entry per held usage event of the shard that `fold` now prices,
+        oldest first (held in earlier batches, then earlier in this one)."""
+        shard = publication.record.partition
+        held = [tuple(row) for row in cur.execute(QUERIES["held_usage"], (shard,))]
+        held += [
+            (j.event["event_id"], j.event["account_id"], j.event)
+            for j in journaled
+            if j.record.partition == shard
+            and j.event_type == "UsageRecorded"
+            and j.entry is not None
+            and j.entry.status == "unpriced"
+        ]
+        done = {j.event["usage_event_id"] for j in journaled if j.event_type == "UsageRerated"}
+        books.update(self._load_books(cur, {a for _, a, _ in held if a not in books}))
+        out = []
+        for event_id, account_id, usage in held:
+            if event_id in done:
+                continue
+            book, home = books[account_id]
+            derived = rerate_event(fold, publication.event["event_id"], usage, book)
+            if derived is None:
+                continue
+            event, entry = derived
+            item = _Accepted(
+                publication.record,
+                "UsageRerated",
+                publication.fingerprint,
+                event,
+                b"",
+                entry=entry,
+                cause_event_id=publication.event["event_id"],
+            )
+            books[account_id] = (book, home)
+            out.append(item)
+            done.add(event_id)
+        return out
+
+    def _copy_journal(
+        self, cur: psycopg.Cursor, journaled: list[_Accepted]
+    ) -> list[tuple[int, int, _Accepted]]:
+        """COPY the entries (and raw events, postings); returns them as (shard, seq, item)."""
+        if not journaled:
+            return []
         per_shard: dict[int, list[_Accepted]] = defaultdict(list)
         for item in journaled:
             per_shard[item.record.partition].append(item)
@@ -658,6 +832,7 @@ class LedgerWriter:
                             posting.amount,
                         )
                     )
+        return numbered
 
     def _insert_rejects(
         self,

@@ -30,6 +30,7 @@ Each difference is reported with what it concerns; any difference means a non-ze
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from collections.abc import Callable
@@ -52,6 +53,7 @@ from ledger.book import (
 )
 from ledger.chain_keys import ChainKeys
 from ledger.checkpoints import Checkpoint
+from ledger.config_versions import CONFIG_PUBLISHED, POLICY, ConfigVersion
 from ledger.db import QUERIES
 from ledger.journal import GENESIS
 from ledger.policy import Policy
@@ -182,6 +184,7 @@ def check_journal(
     legacy_heads: dict[str, bytes] = {}  # account → its last unkeyed link
     books: dict[str, tuple[AccountBook, int]] = {}
     unfoldable: set[str] = set()
+    policies: dict[int, Policy] = {}  # shard → the policy journaled there (default: `policy`)
     at_seq: dict[tuple[int, int], list[Checkpoint]] = {}
     for cp in checkpoints or ():
         at_seq.setdefault((cp.shard, cp.seq), []).append(cp)
@@ -222,12 +225,19 @@ def check_journal(
                 out.append(Difference("hash_chain", where, problem))
             walk.keyed = walk.keyed or key_id is not None
         walk.last_seq, walk.head = seq, entry_hash
+        if event_type == CONFIG_PUBLISHED:  # a policy applies from its entry on, as written
+            version = _config_version(payload)
+            if version is not None and version.kind == POLICY:
+                with contextlib.suppress(ValueError):
+                    policies[shard] = version.parsed()
         if account_id and account_id not in unfoldable:
             book, home = books.setdefault(account_id, (AccountBook(account_id), shard))
             try:
                 if home != shard:
                     raise ValueError(f"it has entries in shard {home} and in shard {shard}")
-                apply_recorded(book, event_type, payload, detail, postings, policy)
+                apply_recorded(
+                    book, event_type, payload, detail, postings, policies.get(shard, policy)
+                )
             except (ValueError, KeyError, ArithmeticError) as exc:
                 unfoldable.add(account_id)
                 out.append(
@@ -248,6 +258,13 @@ def check_journal(
     out += _checkpoint_coverage(walks, checkpoints, notes)
     out += _compare_books(conn, books, unfoldable)
     return out
+
+
+def _config_version(payload: dict) -> ConfigVersion | None:
+    try:
+        return ConfigVersion.from_event(payload)
+    except (ValueError, KeyError, TypeError):
+        return None  # its link says whether it was changed; the writer refused no such entry
 
 
 def _link_problem(

@@ -106,6 +106,7 @@ def test_summary_checks_fail_on_an_unbalanced_trial_balance():
     assert not dataclasses.replace(summary, revenue=Decimal("0.49")).ok
     assert not dataclasses.replace(summary, rejected=1).ok
     assert not dataclasses.replace(summary, derived=0).ok  # 4 journaled for 3 produced
+    assert not dataclasses.replace(summary, configured=1).ok  # a ConfigPublished unaccounted
     assert not dataclasses.replace(summary, breakage=Decimal("2.01")).ok
     assert not dataclasses.replace(summary, expired_left=Decimal("0.01")).ok
     assert not dataclasses.replace(summary, invoice_mismatches=1).ok
@@ -128,7 +129,7 @@ def test_demo_runs_end_to_end_and_reconciles(base_settings: Settings, stack):
         assert result.worker_exit == 0
         s = result.summary
         assert s is not None
-        assert s.journaled + s.rejected == s.produced + s.derived > 1000
+        assert s.journaled + s.rejected == s.produced + s.derived + s.configured > 1000
         assert s.ticks_sent == s.ticks_journaled == (31 + 2) * 4  # the demo's clock, 4 partitions
         assert s.balanced and s.trial_balance
         assert s.revenue == s.expected.revenue > 0

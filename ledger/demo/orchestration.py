@@ -192,7 +192,7 @@ def _run(
         t_relay = progress.add_task("status events out", total=None, note="")
         started_wall = datetime.now(UTC)
         last_poll = 0.0
-        derived = 0  # GrantExpired entries known so far (they only grow)
+        derived = 0  # GrantExpired and ConfigPublished entries known so far (they only grow)
 
         def poll() -> tuple[int, int, int, int, int, int]:
             """Progress (cheap): journal entries (derived ones included), rejected, ..."""

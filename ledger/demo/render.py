@@ -69,7 +69,7 @@ def print_summary(console: Console, s: DemoSummary, worker_exit: int | None) -> 
         "journaled",
         f"{s.journaled:,}  ("
         + ", ".join(f"{k} {v:,}" for k, v in sorted(s.entries_by_status.items()))
-        + f"; GrantExpired {s.derived:,})",
+        + f"; GrantExpired {s.derived:,}, ConfigPublished {s.configured:,})",
     )
     flow.add_row(
         "rejected",

@@ -405,13 +405,14 @@ UPDATE outbox SET published_at = clock_timestamp() WHERE published_at IS NULL;
 -- The demo's billing periods (ledger/demo.py): ticks, grant expiry, invoices.
 
 -- name: demo_journal_sources
-SELECT count(*) FILTER (WHERE cause_event_id IS NULL),
-       count(*) FILTER (WHERE cause_event_id IS NOT NULL)
+SELECT count(*) FILTER (WHERE cause_event_id IS NULL AND event_type <> 'ConfigPublished'),
+       count(*) FILTER (WHERE cause_event_id IS NOT NULL OR event_type = 'ConfigPublished')
   FROM journal_entries;
 
 -- name: demo_journal_kinds
 SELECT count(*) FILTER (WHERE cause_event_id IS NOT NULL),
-       count(*) FILTER (WHERE event_type = 'PeriodTick')
+       count(*) FILTER (WHERE event_type = 'PeriodTick'),
+       count(*) FILTER (WHERE event_type = 'ConfigPublished')
   FROM journal_entries;
 
 -- name: demo_breakage
@@ -573,7 +574,7 @@ SELECT id, reason, detail, topic, kafka_partition, kafka_offset, message_key, ev
 -- The fault-injection run (ledger/chaos/): what its checker reads of the ledger.
 
 -- name: chaos_journaled
-SELECT event_id, event_type FROM raw_events;
+SELECT event_id, event_type FROM raw_events WHERE event_type <> 'ConfigPublished';
 
 -- name: chaos_journaled_twice
 SELECT event_id, count(*) FROM journal_entries WHERE cause_event_id IS NULL
@@ -598,7 +599,7 @@ SELECT account_id, to_jsonb(s) FROM account_status s ORDER BY account_id;
 
 -- name: chaos_commit_times
 SELECT kafka_partition, extract(epoch FROM recorded_at)::float8 FROM raw_events
- WHERE event_type <> 'PeriodTick'
+ WHERE event_type NOT IN ('PeriodTick', 'ConfigPublished')
 UNION ALL
 SELECT kafka_partition, extract(epoch FROM rejected_at)::float8 FROM rejected_events;
 
@@ -615,3 +616,54 @@ SELECT (SELECT count(*) FROM raw_events WHERE event_type <> 'PeriodTick'),
        (SELECT count(*) FROM outbox WHERE published_at IS NULL AND parked_at IS NULL),
        (SELECT coalesce(sum(h.last_seq - coalesce(p.position, 0)), 0)
           FROM shard_heads h LEFT JOIN projection_positions p ON p.shard = h.shard);
+
+-- ---------------------------------------------------------------------------------------------
+-- Published configuration (price-book and policy versions).
+
+-- name: publish_config
+INSERT INTO config_publications (kind, version, effective_from, document, sha256)
+VALUES (%(kind)s, %(version)s, %(effective_from)s, %(document)s, %(sha256)s)
+ON CONFLICT (kind, version) DO NOTHING
+RETURNING id;
+
+-- name: published_config
+SELECT id, kind, version, effective_from, sha256, published_at
+  FROM config_publications WHERE kind = %(kind)s AND version = %(version)s;
+
+-- name: list_config
+SELECT p.id, p.kind, p.version, p.effective_from, p.sha256, p.published_at,
+       (SELECT count(*) FROM journal_entries e
+         WHERE e.event_type = 'ConfigPublished'
+           AND e.event_id LIKE 'config:' || p.kind || ':' || p.version || ':%%')
+  FROM config_publications p ORDER BY p.id;
+
+-- name: pending_config
+SELECT s.shard, p.id, p.kind, p.version, p.effective_from, p.document, p.sha256, p.published_at
+  FROM config_publications p
+ CROSS JOIN unnest(%(shards)s::integer[]) AS s(shard)
+ WHERE (p.kind = 'price_book' OR p.effective_from <= %(now)s)
+   AND NOT EXISTS (SELECT 1 FROM journal_entries e
+                    WHERE e.event_id = 'config:' || p.kind || ':' || p.version || ':' || s.shard)
+ ORDER BY s.shard, p.id;
+
+-- name: shard_config_seqs
+SELECT shard, config_seq FROM shard_heads WHERE shard = ANY(%s);
+
+-- name: shard_config_entries
+SELECT payload FROM journal_entries
+ WHERE shard = %s AND event_type = 'ConfigPublished' ORDER BY shard_seq;
+
+-- name: save_config_seq
+UPDATE shard_heads SET config_seq = %s WHERE shard = %s;
+
+-- name: held_usage
+SELECT e.event_id, e.account_id, e.payload FROM journal_entries e
+ WHERE e.shard = %s AND e.status = 'unpriced' AND e.event_type = 'UsageRecorded'
+   AND NOT EXISTS (SELECT 1 FROM journal_entries r WHERE r.event_id = e.event_id || ':rerated')
+ ORDER BY e.shard_seq;
+
+-- name: shard_policy_at
+SELECT payload FROM journal_entries
+ WHERE shard = %s AND shard_seq <= %s AND event_type = 'ConfigPublished'
+   AND payload->>'kind' = 'policy'
+ ORDER BY shard_seq DESC LIMIT 1;
