@@ -15,8 +15,9 @@ Key ids are 1-64 characters of `A-Za-z0-9._-` (starting with a letter or digit),
 once. The LAST key is the current one: new entries are linked with it; earlier keys stay for
 verifying what they linked. Rotating: append a key (`ledger keys new`) and restart the ledger
 and relay roles; never remove a key that entries were linked with (verify would report them
-as unverifiable). The file should be readable by the ledger's user only (mode 0600); a
-looser mode is logged as a warning. Secrets are never logged or printed.
+as unverifiable). The file should be readable by the ledger's user only (mode 0600, or 0640/0440
+with a group of its own, e.g. a Kubernetes Secret with fsGroup); a file any user can read is
+logged as a warning. Secrets are never logged or printed.
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ def parse(text: str, *, source: str, mode: int | None = None) -> ChainKeys:
         found[key_id] = secret
     if not found:
         raise ConfigError(f"{source}: no chain key in the file")
-    if mode is not None and mode & 0o077:
+    if mode is not None and mode & 0o007:
         log.warning(
             "chain_key_file_readable_by_others", file=source, mode=oct(mode & 0o777), want="0o600"
         )
