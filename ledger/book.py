@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import hmac
 import json
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -517,6 +518,81 @@ def _as_usage(usage: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def apply_recorded(
+    book: AccountBook,
+    event_type: str,
+    payload: dict[str, Any],
+    detail: dict[str, Any],
+    postings: list[tuple[str, Decimal]],
+    policy: Policy,
+) -> None:
+    """Move `book` by one journaled entry as it was recorded, without deciding anything again:
+    grants appear, are revoked or expire as the entry's detail says, and every amount (grant
+    balances, receivable) moves by the entry's postings. Folding an account's entries in
+    journal order gives the book the writer must hold (`ledger verify` compares them). Raises
+    ValueError for an entry the writer could not have made (a posting to an unknown grant)."""
+    account_id = book.account_id
+
+    def new_grant(grant_id: str, kind: str, granted: Decimal, expires_at, applied=ZERO) -> None:
+        book.grants[grant_id] = Grant(
+            grant_id, kind, granted, ZERO, expires_at, book.next_order, applied=applied
+        )
+        book.next_order += 1
+
+    if event_type == "AccountOpened":
+        book.opened = True
+        if "grant_id" in detail:
+            granted = Decimal(detail["amount"]) - Decimal(detail["applied_to_receivable"])
+            if granted > 0:
+                expires = None
+                if policy.signup_expires_after_days:
+                    expires = datetime.fromisoformat(payload["occurred_at"]) + timedelta(
+                        days=policy.signup_expires_after_days
+                    )
+                new_grant(detail["grant_id"], "promotional", granted, expires)
+    elif event_type == "CreditPurchased" and "grant_id" in detail:
+        new_grant(
+            detail["grant_id"],
+            "purchased",
+            Decimal(detail["granted"]),
+            None,
+            Decimal(detail["applied_to_receivable"]),
+        )
+    elif event_type == "CreditGranted" and "grant_id" in detail:
+        expires = payload.get("expires_at")
+        new_grant(
+            detail["grant_id"],
+            detail["kind"],
+            Decimal(detail["amount"]),
+            datetime.fromisoformat(expires) if expires else None,
+        )
+    elif event_type == "InvoicePaid" and "overpayment_grant_id" in detail:
+        extra = Decimal(detail["paid"]) - Decimal(detail["applied_to_receivable"])
+        new_grant(detail["overpayment_grant_id"], "purchased", extra, None)
+    elif event_type == "CreditRevoked" and "removed" in detail:
+        grant = _recorded_grant(book, detail["grant_id"])
+        grant.granted = ZERO
+        grant.revoked = True
+    elif event_type == "GrantExpired":
+        _recorded_grant(book, detail["grant_id"]).expired += Decimal(detail["expired"])
+
+    receivable = receivable_account(account_id)
+    credit_prefix = f"customer:{account_id}:credit:"
+    for ledger_account, amount in postings:
+        if ledger_account == receivable:
+            book.receivable += amount
+        elif ledger_account.startswith(credit_prefix):
+            # Credit-normal: money granted is a negative posting, money spent a positive one.
+            _recorded_grant(book, ledger_account[len(credit_prefix) :]).remaining -= amount
+
+
+def _recorded_grant(book: AccountBook, grant_id: str) -> Grant:
+    grant = book.grants.get(grant_id)
+    if grant is None:
+        raise ValueError(f"the journal moves grant {grant_id!r}, which it never granted")
+    return grant
+
+
 def _entry(*postings: tuple[str, Decimal], price_version: str | None = None, detail: dict) -> Entry:
     kept = tuple(Posting(acct, amount) for acct, amount in postings if amount != 0)
     assert sum((p.amount for p in kept), ZERO) == 0, f"unbalanced postings {kept}"
@@ -548,15 +624,73 @@ def content_hash(event_type: str, event_json: str) -> bytes:
     return hashlib.sha256(f"[{canonical_json(event_type)},{event_json}]".encode()).digest()
 
 
-def chain_hash(
-    prev_hash: bytes, event_json: str, entry: Entry, raw: bytes, detail_json: str | None = None
-) -> bytes:
-    """The entry's link in its account's hash chain: over the previous link, the event as
-    journaled (its canonical JSON payload), the entry's status, postings and rating detail, and
-    the raw event bytes, i.e. over canonical_json([event, status, postings, detail]). Amounts
-    at the journal's scale (9 places), so the link can be recomputed from what is stored."""
+def _entry_body(event_json: str, entry: Entry, detail_json: str | None) -> str:
+    """canonical_json([event, status, postings, detail]), amounts at the journal's scale (9
+    places), so it can be made again from what is stored."""
     postings = [[p.ledger_account, format(quantize(p.amount), "f")] for p in entry.postings]
     if detail_json is None:
         detail_json = canonical_json(entry.detail)
-    body = f"[{event_json},{canonical_json(entry.status)},{canonical_json(postings)},{detail_json}]"
+    return f"[{event_json},{canonical_json(entry.status)},{canonical_json(postings)},{detail_json}]"
+
+
+def chain_hash(
+    prev_hash: bytes, event_json: str, entry: Entry, raw: bytes, detail_json: str | None = None
+) -> bytes:
+    """The UNKEYED link of entries journaled before the chain was keyed (their `chain_key_id`
+    is NULL): SHA-256 over the previous link of the same account, the event as journaled (its
+    canonical JSON payload), the entry's status, postings and rating detail, and the raw event
+    bytes. Anyone can recompute it; kept only to verify those older entries."""
+    body = _entry_body(event_json, entry, detail_json)
     return hashlib.sha256(prev_hash + body.encode() + hashlib.sha256(raw).digest()).digest()
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def link_header(
+    key_id: str,
+    shard: int,
+    shard_seq: int,
+    event_type: str,
+    account_id: str,
+    occurred_at: datetime,
+    price_version: str | None,
+    cause_event_id: str | None,
+) -> str:
+    """What a keyed link binds besides the entry's content: where it stands in the journal and
+    the columns the readers use that the payload does not hold. Fields are separated by US
+    (0x1f) and None is NUL: neither can occur in an identifier the journal accepts, so no two
+    different rows share a header; occurred_at counts in microseconds since 1970 (UTC)."""
+    micros = (occurred_at - _EPOCH) // _MICROSECOND
+    version = "\x00" if price_version is None else price_version
+    cause = "\x00" if cause_event_id is None else cause_event_id
+    return (
+        f"{key_id}\x1f{shard}\x1f{shard_seq}\x1f{event_type}\x1f{account_id}\x1f{micros}"
+        f"\x1f{version}\x1f{cause}"
+    )
+
+
+def chain_link(
+    mac: hmac.HMAC,
+    prev_hash: bytes,
+    header: str,
+    event_json: str,
+    entry: Entry,
+    raw: bytes,
+    detail_json: str | None = None,
+) -> bytes:
+    """The entry's link in its SHARD's hash chain: HMAC-SHA256 under a chain key (held outside
+    the database, `ledger.chain_keys`; `mac` is `hmac.new(secret, digestmod="sha256")`, copied
+    here) over the previous entry's link in the shard, the `link_header` (key id, shard,
+    shard_seq, event type, account, occurred_at, price version, cause), a newline,
+    canonical_json([event, status, postings, detail]) and SHA-256 of the raw event bytes.
+    Without the key nobody can make a link that verifies."""
+    body = _entry_body(event_json, entry, detail_json)
+    link = mac.copy()
+    link.update(prev_hash)
+    link.update(header.encode())
+    link.update(b"\n")
+    link.update(body.encode())
+    link.update(hashlib.sha256(raw).digest())
+    return link.digest()

@@ -15,7 +15,7 @@ import re
 import sys
 from datetime import UTC, datetime
 
-from ledger.errors import ConfigError, LedgerError
+from ledger.errors import ConfigError, LedgerError, StackError
 from ledger.log import configure_logging
 from ledger.redact import redact
 from ledger.settings import Settings
@@ -77,10 +77,13 @@ def _stack(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.action == "up":
         info = stack.up(settings)
+        from ledger.chain_keys import key_file
+
         print(f"kafka bootstrap: {info.bootstrap}  ({info.broker})")
         print(f"database url:    {redact(info.dsn)}  (writer: the workers)")
         print(f"owner url:       {redact(info.owner_dsn)}  (ledger db migrate)")
         print(f"reader url:      {redact(info.reader_dsn)}  (audit, verify, reports)")
+        print(f"chain keys:      {key_file(settings)}")
         return 0
     if args.action == "down":
         stack.down(settings)
@@ -111,11 +114,13 @@ def _db(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
-    from ledger import db, stack
+    from ledger import chain_keys, db, stack
     from ledger.configure import configured_versions, publish
     from ledger.worker import ROLES, run_worker
 
     roles = tuple(args.role or ROLES)
+    if {"ledger", "relay"} & set(roles):
+        chain_keys.load(settings)  # no chain key: stop now, not in a restarting role
     info = stack.connect(settings)
     # The writer cannot migrate: the schema must be current (`ledger db migrate`, the owner).
     db.require_current_schema(info.dsn)
@@ -378,24 +383,71 @@ def _projections(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _verify(args: argparse.Namespace, settings: Settings) -> int:
+    from pathlib import Path
 
-    from ledger.verify import verify
+    from ledger import chain_keys, checkpoints, stack, topics
+    from ledger.verify import Difference, verify
 
     dsn = _database(settings, "reader")
-    differences = _with_progress(
+    notes: list[str] = []
+    try:
+        keys = chain_keys.load(settings)
+    except ConfigError as exc:  # an empty journal needs none; keyed entries are reported
+        keys = chain_keys.ChainKeys({}, "no key file")
+        notes.append(f"no chain keys ({exc})")
+    found: list[checkpoints.Checkpoint] | None = None
+    problems: list[str] = []
+    source = ""
+    if args.checkpoints:
+        path = Path(args.checkpoints)
+        try:
+            text = path.read_text("utf-8")
+        except OSError as exc:
+            raise LedgerError(f"--checkpoints {path}: cannot read it ({exc.strerror})") from None
+        found = checkpoints.parse_digest(text, str(path))
+        source = str(path)
+    elif not args.no_checkpoints and stack.kafka_configured(settings):
+        from kafka.errors import KafkaError
+
+        try:
+            bootstrap = stack.connect(settings).bootstrap
+            found, problems = checkpoints.read_topic(settings, bootstrap, keys)
+        except (KafkaError, StackError) as exc:
+            raise LedgerError(
+                f"cannot read the checkpoints from Kafka ({exc}); give an auditor's digest "
+                "with --checkpoints FILE, or --no-checkpoints"
+            ) from None
+        source = settings.topic(topics.CHECKPOINTS)
+    elif not args.no_checkpoints:
+        notes.append(
+            "no Kafka here (LEDGER_KAFKA_BOOTSTRAP, or a local stack): the chains were not "
+            "checked against checkpoints; give an auditor's digest with --checkpoints FILE"
+        )
+    differences = [Difference("checkpoint", "forged or unreadable", p) for p in problems]
+    differences += _with_progress(
         "recomputing",
         "entries",
-        lambda progress: verify(settings, dsn, progress=progress),
+        lambda progress: verify(
+            settings, dsn, progress=progress, keys=keys, checkpoints=found, notes=notes
+        ),
         transient=True,
     )
     for difference in differences:
         print(difference)
+    for note in notes:
+        print(f"note: {note}")
+    checked = (
+        "no checkpoints"
+        if found is None
+        else f"{len(found)} checkpoints of {len(checkpoints.latest(found))} shards from {source}"
+    )
     if differences:
-        print(f"verify FAILED: {len(differences)} differences")
+        print(f"verify FAILED: {len(differences)} differences (checked against {checked})")
         return 1
     print(
-        "verify OK: trial balance zero, hash chains intact, projections and invoices "
-        "equal their recomputation from the journal"
+        "verify OK: trial balance zero, keyed hash chains intact, checked against "
+        f"{checked}; account books, projections and invoices equal their recomputation "
+        "from the journal"
     )
     return 0
 
@@ -409,6 +461,73 @@ def _prune(args: argparse.Namespace, settings: Settings) -> int:
         f"{settings.outbox_retention_days} days ago, {pruned.rejects} rejects resolved over "
         f"{settings.rejects_retention_days} days ago; the journal keeps everything"
     )
+    return 0
+
+
+def _keys(args: argparse.Namespace, settings: Settings) -> int:
+    from ledger import chain_keys
+
+    path = chain_keys.key_file(settings)
+    if args.action == "new":
+        key_id = chain_keys.add_key(path, args.id)
+        print(f"added chain key {key_id} to {path}")
+        print("it links new entries once the ledger and relay roles are restarted")
+        return 0
+    keys = chain_keys.load(settings)
+    for key_id in keys.secrets:
+        print(f"{key_id}{'  (current)' if key_id == keys.current else ''}")
+    print(f"{len(keys.secrets)} keys in {path}")
+    return 0
+
+
+def _checkpoints(args: argparse.Namespace, settings: Settings) -> int:
+    from kafka.errors import KafkaError
+
+    from ledger import chain_keys, checkpoints, db, stack, topics
+
+    info = stack.connect(settings)
+    keys = chain_keys.load(settings)
+    if args.action == "publish":
+        from kafka import KafkaProducer
+
+        from ledger.kafka_auth import client_options
+
+        producer = KafkaProducer(
+            bootstrap_servers=info.bootstrap,
+            client_id="ledger-checkpoints",
+            acks="all",
+            enable_idempotence=True,
+            **client_options(settings),
+        )
+        try:
+            with db.connect(db.require_current_schema(info.dsn), autocommit=True) as conn:
+                count = checkpoints.Publisher(settings, keys).publish(conn, producer)
+        finally:
+            producer.close(timeout=5)
+        print(f"published {count} checkpoints to {settings.topic(topics.CHECKPOINTS)}")
+        return 0
+    try:
+        found, problems = checkpoints.read_topic(settings, info.bootstrap, keys)
+    except KafkaError as exc:
+        raise LedgerError(f"cannot read the checkpoints from Kafka: {exc}") from None
+    for problem in problems:
+        print(f"ledger: {problem}", file=sys.stderr)
+    print(checkpoints.digest(found, settings.topic(topics.CHECKPOINTS)), end="")
+    return 1 if problems else 0
+
+
+def _kafka_acls(args: argparse.Namespace, settings: Settings) -> int:
+    from ledger import kafka_acls
+
+    grants = kafka_acls.plan(
+        settings,
+        ledger=args.ledger_user,
+        relay=args.relay_user,
+        scheduler=args.scheduler_user,
+        producer=args.producer_user,
+    )
+    for command in kafka_acls.commands(grants, args.bootstrap_server):
+        print(command)
     return 0
 
 
@@ -533,12 +652,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_projections)
 
     p = sub.add_parser("verify", help="check the live state against the journal; exit 1 if not")
+    p.add_argument(
+        "--checkpoints",
+        metavar="FILE",
+        help="check the chains against this checkpoint digest (`ledger checkpoints digest`) "
+        "instead of the checkpoint topic",
+    )
+    p.add_argument("--no-checkpoints", action="store_true", help="do not read the checkpoint topic")
     p.set_defaults(func=_verify)
 
     p = sub.add_parser(
         "prune", help="delete published outbox rows and resolved rejects past their retention"
     )
     p.set_defaults(func=_prune)
+
+    p = sub.add_parser("keys", help="the hash chain's keys: add one (rotation), list them")
+    p.add_argument("action", choices=["new", "list"])
+    p.add_argument("--id", help="the new key's id (default: k<UTC time>)")
+    p.set_defaults(func=_keys)
+
+    p = sub.add_parser(
+        "checkpoints", help="chain-head checkpoints: print the digest, or publish one round now"
+    )
+    p.add_argument("action", choices=["digest", "publish"])
+    p.set_defaults(func=_checkpoints)
+
+    p = sub.add_parser(
+        "kafka-acls", help="print the kafka-acls.sh commands of a least-privilege deployment"
+    )
+    p.add_argument("--bootstrap-server", default="BROKER:9092", help="as kafka-acls.sh takes it")
+    for role, default in (
+        ("ledger", "ledger"),
+        ("relay", "relay"),
+        ("scheduler", "scheduler"),
+        ("producer", "producer"),
+    ):
+        p.add_argument(f"--{role}-user", default=default, help=f"SASL user of the {role}")
+    p.set_defaults(func=_kafka_acls)
 
     p = sub.add_parser("demo", help="local stack + worker + a simulated month of traffic")
     p.add_argument("--accounts", type=_positive_int, default=1000, help="accounts (default 1000)")

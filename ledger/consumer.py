@@ -30,12 +30,13 @@ import structlog
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import OffsetOutOfRangeError as KafkaOffsetOutOfRange
 
-from ledger import db, topics
+from ledger import chain_keys, db, topics
 from ledger.backoff import kafka_reconnect_options
 from ledger.book import LedgerFold
 from ledger.db import QUERIES
 from ledger.errors import StackError
 from ledger.journal import Fetched, LedgerWriter, OffsetGapError, one_line
+from ledger.kafka_auth import client_options
 from ledger.leases import LEASE_REFRESH_S, LeaseLostError, ShardLeases
 from ledger.policy import Policy
 from ledger.rating import PriceBook
@@ -158,6 +159,7 @@ def run_ledger_consumer(
     writer = LedgerWriter(
         _writer_connection(dsn, settings),
         fold,
+        keys=chain_keys.load(settings),
         group_id=settings.consumer_group,
         deadletter_topic=settings.topic(topics.DEADLETTER),
         deadletter_max_bytes=settings.deadletter_max_bytes,
@@ -180,6 +182,7 @@ def run_ledger_consumer(
         # 256 KiB vs 4 MiB, 100k events with 4 kills: max stall per shard 15-22 s vs 21-42 s.
         max_partition_fetch_bytes=256 * 1024,
         **kafka_consumer_options(settings),
+        **client_options(settings),
     )
     input_topics = topics.input_topics(settings)
     shard_count = _shard_count(consumer, input_topics, stop)

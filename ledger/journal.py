@@ -9,7 +9,9 @@ The commit protocol, in order:
      and the stored offset moves to the end of that range;
   3. decode and check bounds (`ledger.bounds`), deduplicate by event_id, check time and the
      account's home shard, post each event onto its account book (the pure fold);
-  4. take gapless per-shard sequence numbers (row lock on shard_heads until commit);
+  4. take gapless per-shard sequence numbers (row lock on shard_heads until commit) and link
+     each entry into its shard's hash chain: an HMAC under the current chain key, over the
+     shard's previous link (`shard_heads.head_hash`) and the entry (`ledger.book.chain_link`);
   5. COPY raw events, entries and postings; insert rejects and their dead-letter outbox rows;
   6. save the account books and the next offsets; NOTIFY the projection workers; commit.
 A crash anywhere before the commit loses nothing (Kafka redelivers from the stored offsets) and
@@ -25,6 +27,7 @@ they propagate, and the consumer retries the batch with backoff.
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import time
 import traceback
 from collections import defaultdict
@@ -42,11 +45,13 @@ from ledger.book import (
     LedgerFold,
     Rejected,
     canonical_json,
-    chain_hash,
+    chain_link,
     content_hash,
     expiry_events,
+    link_header,
     rerate_event,
 )
+from ledger.chain_keys import ChainKeys
 from ledger.codec import Codec
 from ledger.config_versions import (
     CONFIG_PUBLISHED,
@@ -145,14 +150,30 @@ class _Accepted:
     event_json: str = ""  # canonical JSON of `event`, made once: stored, hashed, compared
     detail_json: str = ""
 
-    def link(self, prev_hash: bytes) -> bytes:
-        """Set this entry's place in its account's hash chain; returns its hash."""
+    def link(self, key_id: str, mac: hmac.HMAC, prev_hash: bytes, shard: int, seq: int) -> bytes:
+        """Set this entry's place in its shard's keyed hash chain; returns its hash."""
         assert self.entry is not None
         self.event_json = self.event_json or canonical_json(self.event)
         self.detail_json = canonical_json(self.entry.detail)
         self.prev_hash = prev_hash
-        self.hash = chain_hash(
-            prev_hash, self.event_json, self.entry, self.record.value, self.detail_json
+        header = link_header(
+            key_id,
+            shard,
+            seq,
+            self.event_type,
+            self.event["account_id"],
+            self.event["occurred_at"],
+            self.entry.price_version,
+            self.cause_event_id,
+        )
+        self.hash = chain_link(
+            mac,
+            prev_hash,
+            header,
+            self.event_json,
+            self.entry,
+            self.record.value,
+            self.detail_json,
         )
         return self.hash
 
@@ -162,13 +183,15 @@ class _Accepted:
 
 
 class LedgerWriter:
-    """Journals batches of records for consumer group `group_id` over connection `conn`."""
+    """Journals batches of records for consumer group `group_id` over connection `conn`,
+    linking each entry into its shard's hash chain with the current key of `keys`."""
 
     def __init__(
         self,
         conn: psycopg.Connection,
         fold: LedgerFold,
         *,
+        keys: ChainKeys,
         group_id: str,
         deadletter_topic: str,
         codec: Codec | None = None,
@@ -177,6 +200,10 @@ class LedgerWriter:
     ):
         self.conn = conn
         self.fold = fold
+        self.key_id = keys.current
+        mac = keys.mac(self.key_id)
+        assert mac is not None
+        self._mac = mac
         self.group_id = group_id
         self.deadletter_topic = deadletter_topic
         self.codec = codec or Codec.default()
@@ -404,11 +431,7 @@ class LedgerWriter:
                     )
                 continue
             account_id = item.event["account_id"]
-            book, last_hash, home = books.get(account_id) or (
-                AccountBook(account_id),
-                GENESIS,
-                item.record.partition,
-            )
+            book, home = books.get(account_id) or (AccountBook(account_id), item.record.partition)
             if home is not None and home != item.record.partition:
                 rejects.append(
                     (
@@ -444,7 +467,7 @@ class LedgerWriter:
                     )
                 )
                 continue
-            books[account_id] = (book, item.link(last_hash), item.record.partition)
+            books[account_id] = (book, item.record.partition)
             journaled.append(item)
 
         numbered = self._copy_journal(cur, journaled)
@@ -459,9 +482,9 @@ class LedgerWriter:
         cur.executemany(
             QUERIES["save_book"],
             [
-                (acct, Jsonb(book.to_json()), last_hash, shard, book.next_expiry())
+                (acct, Jsonb(book.to_json()), shard, book.next_expiry())
                 for acct in sorted({j.event["account_id"] for j in journaled} - {""})
-                for book, last_hash, shard in [books[acct]]
+                for book, shard in [books[acct]]
             ],
         )
         cur.executemany(
@@ -569,35 +592,30 @@ class LedgerWriter:
 
     def _load_books(
         self, cur: psycopg.Cursor, account_ids: set[str]
-    ) -> dict[str, tuple[AccountBook, bytes, int]]:
+    ) -> dict[str, tuple[AccountBook, int]]:
         rows = cur.execute(QUERIES["lock_books"], (sorted(account_ids),)).fetchall()
-        return {a: (AccountBook.from_json(a, b), bytes(h), shard) for a, b, h, shard in rows}
+        return {a: (AccountBook.from_json(a, b), shard) for a, b, shard in rows}
 
     def _period_tick(
         self,
         cur: psycopg.Cursor,
         tick: _Accepted,
-        books: dict[str, tuple[AccountBook, bytes, int]],
+        books: dict[str, tuple[AccountBook, int]],
     ) -> list[_Accepted]:
         """Journal a PeriodTick (so projections see the shard's clock move, in order) and
         expire what is left of every grant in its shard whose expires_at has come."""
         shard, at = tick.record.partition, tick.event["tick_at"]
         tick.entry = Entry("noop", detail={"tick_at": at.isoformat()})
-        tick.link(GENESIS)  # ticks belong to no account's chain
         out = [tick]
-        for account_id, book, last_hash, shard_ in cur.execute(
-            QUERIES["lock_expiring_books"], (shard, at)
-        ):
-            books.setdefault(
-                account_id, (AccountBook.from_json(account_id, book), bytes(last_hash), shard_)
-            )
+        for account_id, book, shard_ in cur.execute(QUERIES["lock_expiring_books"], (shard, at)):
+            books.setdefault(account_id, (AccountBook.from_json(account_id, book), shard_))
         due = sorted(
             a
-            for a, (book, _, s) in books.items()
+            for a, (book, s) in books.items()
             if s == shard and (when := book.next_expiry()) is not None and when <= at
         )
         for account_id in due:
-            book, last_hash, _ = books[account_id]
+            book, _ = books[account_id]
             for event, entry in expiry_events(self.fold_for(shard), tick.event, account_id, book):
                 item = _Accepted(
                     tick.record,
@@ -608,9 +626,8 @@ class LedgerWriter:
                     entry=entry,
                     cause_event_id=tick.event["event_id"],
                 )
-                last_hash = item.link(last_hash)
                 out.append(item)
-            books[account_id] = (book, last_hash, shard)
+            books[account_id] = (book, shard)
         return out
 
     # --- published configuration (ledger.config_versions) -----------------------------------
@@ -666,7 +683,7 @@ class LedgerWriter:
         self,
         cur: psycopg.Cursor,
         item: _Accepted,
-        books: dict[str, tuple[AccountBook, bytes, int]],
+        books: dict[str, tuple[AccountBook, int]],
         journaled: list[_Accepted],
     ) -> list[_Accepted]:
         """Journal a ConfigPublished: from here on the shard uses the version; a price
@@ -687,7 +704,6 @@ class LedgerWriter:
             "noop",
             detail={"kind": version.kind, "version": version.version, "ref": version.ref},
         )
-        item.link(GENESIS)  # configuration belongs to no account's chain
         out = [item]
         if version.kind == PRICE_BOOK:
             out += self._rerate(cur, item, books, journaled, fold)
@@ -697,7 +713,7 @@ class LedgerWriter:
         self,
         cur: psycopg.Cursor,
         publication: _Accepted,
-        books: dict[str, tuple[AccountBook, bytes, int]],
+        books: dict[str, tuple[AccountBook, int]],
         journaled: list[_Accepted],
         fold: LedgerFold,
     ) -> list[_Accepted]:
@@ -719,7 +735,7 @@ class LedgerWriter:
         for event_id, account_id, usage in held:
             if event_id in done:
                 continue
-            book, last_hash, home = books[account_id]
+            book, home = books[account_id]
             derived = rerate_event(fold, publication.event["event_id"], usage, book)
             if derived is None:
                 continue
@@ -733,7 +749,7 @@ class LedgerWriter:
                 entry=entry,
                 cause_event_id=publication.event["event_id"],
             )
-            books[account_id] = (book, item.link(last_hash), home)
+            books[account_id] = (book, home)
             out.append(item)
             done.add(event_id)
         return out
@@ -748,11 +764,19 @@ class LedgerWriter:
         for item in journaled:
             per_shard[item.record.partition].append(item)
         numbered: list[tuple[int, int, _Accepted]] = []
+        heads = []
+        key_id, mac = self.key_id, self._mac
         for shard in sorted(per_shard):
             items = per_shard[shard]
-            (last,) = cur.execute(QUERIES["advance_shard"], (shard, len(items))).fetchone()
+            # The shard's row lock is held until commit: its head and sequence are ours.
+            last, head = cur.execute(QUERIES["advance_shard"], (shard, len(items))).fetchone()
             first = last - len(items) + 1
-            numbered += [(shard, first + i, item) for i, item in enumerate(items)]
+            head = bytes(head)
+            for i, item in enumerate(items):
+                head = item.link(key_id, mac, head, shard, first + i)
+                numbered.append((shard, first + i, item))
+            heads.append((head, shard))
+        cur.executemany(QUERIES["save_shard_head"], heads)
 
         with cur.copy(QUERIES["copy_raw_events"]) as copy:
             for _, _, a in numbered:
@@ -791,6 +815,7 @@ class LedgerWriter:
                         a.prev_hash,
                         a.hash,
                         a.cause_event_id,
+                        key_id,
                     )
                 )
         with cur.copy(QUERIES["copy_postings"]) as copy:

@@ -14,6 +14,7 @@ Every rendered line has its passwords redacted (`ledger.redact`).
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import threading
 import time
@@ -91,6 +92,30 @@ class RepeatFilter(logging.Filter):
         return True
 
 
+_SECRET_NAME = re.compile(r"password|secret", re.I)
+MASK = "********"
+
+
+class SecretFilter(logging.Filter):
+    """A handler filter for library records: values under a key that names a password or a
+    secret in a mapping the record formats (kafka-python logs a client's whole configuration
+    at DEBUG, SASL password included) are replaced by a mask before anything is rendered."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, dict):
+            record.args = _masked(record.args)
+        elif isinstance(record.args, tuple):
+            record.args = tuple(_masked(a) if isinstance(a, dict) else a for a in record.args)
+        return True
+
+
+def _masked(mapping: dict) -> dict:
+    return {
+        k: MASK if isinstance(k, str) and _SECRET_NAME.search(k) and v is not None else v
+        for k, v in mapping.items()
+    }
+
+
 def _renderer(fmt: str) -> structlog.typing.Processor:
     """The line renderer; every rendered line (fields, error messages, tracebacks) has its
     passwords redacted (`ledger.redact`), so no DSN or credential reaches a log."""
@@ -158,6 +183,7 @@ def _route_library_logs(fmt: str, level: int, timestamper: structlog.typing.Proc
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)
     debug = library_level <= logging.DEBUG
+    handler.addFilter(SecretFilter())
     handler.addFilter(RepeatFilter(0 if debug else LIBRARY_REPEAT_S, keep_tracebacks=debug))
     handler._ledger_handler = True  # type: ignore[attr-defined]
     root = logging.getLogger()

@@ -15,6 +15,7 @@ from kafka import KafkaProducer
 from ledger import topics
 from ledger.backoff import kafka_reconnect_options
 from ledger.codec import Codec
+from ledger.kafka_auth import client_options
 from ledger.settings import Settings
 
 
@@ -61,6 +62,7 @@ class EventProducer:
             "linger_ms": 5,
             "compression_type": None,
             **kafka_producer_options(),
+            **client_options(settings),
         }
         config.update(kafka_overrides)
         self._producer = KafkaProducer(**config)

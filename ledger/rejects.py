@@ -22,7 +22,7 @@ from datetime import datetime
 
 import structlog
 
-from ledger import db, topics
+from ledger import chain_keys, db, topics
 from ledger.book import LedgerFold
 from ledger.codec import Codec
 from ledger.db import QUERIES
@@ -64,6 +64,7 @@ def replay_rejects(
         writer = LedgerWriter(
             conn,
             fold,
+            keys=chain_keys.load(settings),
             group_id=settings.consumer_group,
             deadletter_topic=settings.topic(topics.DEADLETTER),
             codec=codec,

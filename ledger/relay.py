@@ -36,6 +36,11 @@ lock again, go on. Nothing of this crashes the worker. The `stop` event is looke
 every 0.5 s (a connection attempt waits at most 3 s), so the relay stops within 5 s; records
 not yet acked then stay unpublished.
 
+**Checkpoints.** The active relay also publishes every shard's hash-chain head to the
+checkpoint topic every `LEDGER_CHECKPOINT_INTERVAL_S` (`ledger.checkpoints`), with the same
+producer. A round Kafka does not take is logged (`checkpoints_unpublished`) and tried again at
+the next interval; it never holds up the outbox.
+
 **At-least-once.** A row is marked published only after Kafka acked it, but a row acked and
 not yet marked (a crash, PostgreSQL gone, a stop, a transient failure of an earlier row in
 its batch) is sent again. Status events carry `status_version` and a deterministic event_id
@@ -47,14 +52,17 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 
 import psycopg
 import structlog
 from kafka import KafkaProducer
 from kafka import errors as kafka_errors
 
-from ledger import db
+from ledger import chain_keys, db
+from ledger.checkpoints import Publisher
 from ledger.db import QUERIES, DatabaseError
+from ledger.kafka_auth import client_options
 from ledger.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -64,6 +72,10 @@ BACKOFF_MAX_S = 5.0
 STOP_CHECK_S = 0.5
 CONNECT_TIMEOUT_S = 3
 WAITING_NOTE_EVERY_S = 5.0
+# How long one checkpoint round waits for Kafka's acks (short: stop is looked at in between).
+CHECKPOINT_TIMEOUT_S = 3.0
+# After a round Kafka did not take, the next one waits at least this long.
+CHECKPOINT_RETRY_S = 10.0
 
 # Kafka's rule for topic names.
 _TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
@@ -154,6 +166,8 @@ class OutboxRelay:
         self.database_outages = 0  # times the database went away under the relay
         self.kafka_outages = 0  # times Kafka failed transiently
         self.awaiting_acks = 0  # records sent and not yet answered by Kafka
+        self.checkpoints = Publisher(settings, chain_keys.load(settings))
+        self._next_checkpoint = 0.0  # monotonic time of the next checkpoint round
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -207,6 +221,7 @@ class OutboxRelay:
         while not stop.is_set():
             try:
                 producer = self._ensure_producer()
+                self._checkpoint_if_due(conn, producer)
                 published = self.publish_once(conn, producer, stop)
                 self.kafka_backoff.reset()
             except KafkaTrouble as trouble:
@@ -227,6 +242,25 @@ class OutboxRelay:
             for _ in conn.notifies(timeout=wait, stop_after=1):
                 pass
 
+    def _checkpoint_if_due(self, conn: psycopg.Connection, producer: KafkaProducer) -> None:
+        """Publish the shards' chain heads that moved, once per checkpoint interval. A round
+        Kafka does not take (down, or no checkpoint topic yet) is logged and tried again at
+        the next interval; it never holds up the outbox."""
+        if time.monotonic() < self._next_checkpoint:
+            return
+        self._next_checkpoint = time.monotonic() + self.settings.checkpoint_interval_s
+        try:
+            self.checkpoints.publish(conn, producer, timeout_s=CHECKPOINT_TIMEOUT_S)
+        except kafka_errors.KafkaError as exc:
+            retry = max(self.settings.checkpoint_interval_s, CHECKPOINT_RETRY_S)
+            self._next_checkpoint = time.monotonic() + retry
+            log.warning(
+                "checkpoints_unpublished",
+                error=brief(exc),
+                topic=self.checkpoints.topic,
+                retry_in_s=retry,
+            )
+
     def _ensure_producer(self) -> KafkaProducer:
         if self.producer is None:
             options = {
@@ -243,6 +277,7 @@ class OutboxRelay:
                 "delivery_timeout_ms": 30_000,
                 "reconnect_backoff_ms": int(BACKOFF_FIRST_S * 1000),
                 "reconnect_backoff_max_ms": int(BACKOFF_MAX_S * 1000),
+                **client_options(self.settings),
                 **self.producer_options,
             }
             try:

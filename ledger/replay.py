@@ -15,7 +15,7 @@ from datetime import datetime
 
 import structlog
 
-from ledger import db, topics
+from ledger import chain_keys, db, topics
 from ledger.book import LedgerFold
 from ledger.db import QUERIES
 from ledger.errors import LedgerError
@@ -61,7 +61,11 @@ def replay(
         target.commit()
         total = source.execute(QUERIES["replay_count"]).fetchone()[0]
         writer = LedgerWriter(
-            target, fold, group_id="replay", deadletter_topic=settings.topic(topics.DEADLETTER)
+            target,
+            fold,
+            keys=chain_keys.load(settings),
+            group_id="replay",
+            deadletter_topic=settings.topic(topics.DEADLETTER),
         )
         done = 0
         with source.cursor(name="replay_source") as cur:

@@ -83,6 +83,20 @@ class Settings:
     # Logging.
     log_level: str = "INFO"
     log_format: str = "auto"  # auto | json | console
+    # Tamper evidence: the keys of the journal's hash chain (a file held outside the database;
+    # None: `<home>/chain.keys`, made by the local stack), and how often the relay publishes
+    # every shard's chain head to the checkpoint topic.
+    chain_key_file: Path | None = None
+    checkpoint_interval_s: int = 10
+    # Kafka security, for every client the ledger makes (`ledger.kafka_auth`).
+    kafka_security_protocol: str = "PLAINTEXT"  # PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL
+    kafka_sasl_mechanism: str | None = None  # PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512
+    kafka_username: str | None = None
+    kafka_password: str | None = dataclasses.field(default=None, repr=False)  # never printed
+    kafka_password_file: Path | None = None
+    kafka_ssl_cafile: Path | None = None
+    kafka_ssl_certfile: Path | None = None
+    kafka_ssl_keyfile: Path | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -123,6 +137,7 @@ class Settings:
             ("deadletter_max_bytes", 1024, 1_000_000),
             ("outbox_retention_days", 1, 36_500),
             ("rejects_retention_days", 1, 36_500),
+            ("checkpoint_interval_s", 1, 86_400),
         ):
             value = getattr(self, name)
             if not low <= value <= high:
@@ -159,6 +174,8 @@ class Settings:
                         f"LEDGER_KAFKA_BOOTSTRAP={self.kafka_bootstrap!r}: "
                         "expected host:port[,host:port...]"
                     )
+
+        _check_kafka_security(self)
 
     def to_env(self) -> dict[str, str]:
         """These settings as the LEDGER_* variables `from_env` reads back, for a child
@@ -203,10 +220,76 @@ def _parse(var: str, name: str, raw: str) -> object:
             raise ConfigError(f"{var}={raw!r}: not an integer") from None
     if "Path" in str(kind):
         path = Path(raw).expanduser()
-        if name in ("price_book", "policy") and not path.is_file():
+        if name in _MUST_EXIST and not path.is_file():
             raise ConfigError(f"{var}={raw!r}: no such file")
         return path
     return raw
+
+
+# Files that must exist when the setting is read (the chain key file may be made later, by
+# `ledger keys new`; it is checked when the keys are loaded).
+_MUST_EXIST = (
+    "price_book",
+    "policy",
+    "kafka_password_file",
+    "kafka_ssl_cafile",
+    "kafka_ssl_certfile",
+    "kafka_ssl_keyfile",
+)
+
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+def _check_kafka_security(s: Settings) -> None:
+    """The LEDGER_KAFKA_* security settings agree with each other: SASL needs a mechanism, a
+    user name and one password (inline or from a file); TLS files only with SSL protocols."""
+    protocol = s.kafka_security_protocol
+    _check_choice("LEDGER_KAFKA_SECURITY_PROTOCOL", protocol, SECURITY_PROTOCOLS)
+    sasl = protocol.startswith("SASL_")
+    given = {
+        "LEDGER_KAFKA_SASL_MECHANISM": s.kafka_sasl_mechanism,
+        "LEDGER_KAFKA_USERNAME": s.kafka_username,
+        "LEDGER_KAFKA_PASSWORD": s.kafka_password,
+        "LEDGER_KAFKA_PASSWORD_FILE": s.kafka_password_file,
+    }
+    if not sasl:
+        for var, value in given.items():
+            if value is not None:
+                raise ConfigError(
+                    f"{var} is set but LEDGER_KAFKA_SECURITY_PROTOCOL={protocol}: SASL settings "
+                    "need SASL_PLAINTEXT or SASL_SSL"
+                )
+    else:
+        if s.kafka_sasl_mechanism is None:
+            raise ConfigError(
+                f"LEDGER_KAFKA_SECURITY_PROTOCOL={protocol} needs LEDGER_KAFKA_SASL_MECHANISM "
+                f"({', '.join(SASL_MECHANISMS)})"
+            )
+        _check_choice("LEDGER_KAFKA_SASL_MECHANISM", s.kafka_sasl_mechanism, SASL_MECHANISMS)
+        if not s.kafka_username:
+            raise ConfigError(
+                f"LEDGER_KAFKA_SECURITY_PROTOCOL={protocol} needs LEDGER_KAFKA_USERNAME"
+            )
+        if (s.kafka_password is None) == (s.kafka_password_file is None):
+            raise ConfigError(
+                f"LEDGER_KAFKA_SECURITY_PROTOCOL={protocol} needs exactly one of "
+                "LEDGER_KAFKA_PASSWORD and LEDGER_KAFKA_PASSWORD_FILE"
+            )
+    tls = protocol in ("SSL", "SASL_SSL")
+    files = {
+        "LEDGER_KAFKA_SSL_CAFILE": s.kafka_ssl_cafile,
+        "LEDGER_KAFKA_SSL_CERTFILE": s.kafka_ssl_certfile,
+        "LEDGER_KAFKA_SSL_KEYFILE": s.kafka_ssl_keyfile,
+    }
+    for var, value in files.items():
+        if value is not None and not tls:
+            raise ConfigError(
+                f"{var} is set but LEDGER_KAFKA_SECURITY_PROTOCOL={protocol}: TLS files need SSL "
+                "or SASL_SSL"
+            )
+    if s.kafka_ssl_keyfile is not None and s.kafka_ssl_certfile is None:
+        raise ConfigError("LEDGER_KAFKA_SSL_KEYFILE needs LEDGER_KAFKA_SSL_CERTFILE")
 
 
 def parse_shards(var: str, raw: str) -> list[int]:

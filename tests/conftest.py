@@ -31,7 +31,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from ledger import db, topics
+from ledger import chain_keys, db, topics
 from ledger import stack as local_stack
 from ledger.book import LedgerFold
 from ledger.journal import LedgerWriter
@@ -147,10 +147,11 @@ def ledger(settings: Settings, stack: local_stack.StackInfo, dsn: str) -> Iterat
 
 
 @pytest.fixture
-def writer(dsn: str) -> Iterator[LedgerWriter]:
-    """A LedgerWriter on this test's database, with the shipped price book and policy (no
-    Kafka: tests hand it records)."""
+def writer(dsn: str, base_settings: Settings) -> Iterator[LedgerWriter]:
+    """A LedgerWriter on this test's database, with the shipped price book and policy and the
+    session's chain key (no Kafka: tests hand it records)."""
     conn = psycopg.connect(dsn)
     fold = LedgerFold(PriceBook.load(), Policy.load())
-    yield LedgerWriter(conn, fold, group_id="ledger", deadletter_topic="dlq")
+    keys = chain_keys.load(base_settings)
+    yield LedgerWriter(conn, fold, keys=keys, group_id="ledger", deadletter_topic="dlq")
     conn.close()

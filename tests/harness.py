@@ -16,6 +16,7 @@ from kafka import KafkaConsumer
 
 from ledger import topics
 from ledger.codec import Codec
+from ledger.kafka_auth import client_options
 from ledger.producer import EventProducer
 from ledger.reports import trial_balance
 from ledger.scheduler import send_ticks
@@ -192,6 +193,7 @@ class Ledger:
                 auto_offset_reset="earliest",
                 enable_auto_commit=False,
                 group_id=None,
+                **client_options(self.settings),
             )
         deadline = time.monotonic() + (timeout if expect is not None else 0.5)
         while True:

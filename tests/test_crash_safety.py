@@ -111,6 +111,7 @@ class Run:
         env = os.environ | {
             "LEDGER_KAFKA_BOOTSTRAP": self.stack.bootstrap,
             "LEDGER_DATABASE_URL": self.dsn,
+            "LEDGER_HOME": str(self.settings.home),  # the session's chain key
             "LEDGER_TOPIC_PREFIX": self.settings.topic_prefix,
             "LEDGER_CONSUMER_GROUP": self.settings.consumer_group,
             "LEDGER_PARTITIONS": "4",

@@ -118,9 +118,10 @@ def test_topics():
         "x-billing.payment-methods.v1",
         "x-billing.control.v1",
     ]
-    assert topics.all_topics(settings)[-2:] == [
+    assert topics.all_topics(settings)[-3:] == [
         "x-billing.account-status.v1",
         "x-billing.deadletter.v1",
+        "x-billing.checkpoints.v1",
     ]
     assert sorted(topics.TOPIC_OF) == Codec.default().event_types()
     with pytest.raises(ValueError):

@@ -11,7 +11,7 @@ from importlib import resources
 import psycopg
 from kafka import KafkaProducer
 
-from ledger import topics
+from ledger import chain_keys, topics
 from ledger.book import LedgerFold
 from ledger.codec import Codec
 from ledger.db import QUERIES
@@ -96,13 +96,19 @@ def test_fixed_rejects_are_journaled_and_the_rest_stay_open(ledger, tmp_path):
     assert (again.journaled, dict(again.still_rejected)) == ([], {"bad_magic": 1})
 
 
-def test_a_dead_letter_copy_over_the_bound_carries_a_reference_to_the_reject(dsn):
+def test_a_dead_letter_copy_over_the_bound_carries_a_reference_to_the_reject(dsn, base_settings):
     """The writer alone (no Kafka): a copy over `deadletter_max_bytes` is a reference; one
     under it is the record byte for byte with its headers. The bytes are stored once: the
     copy's outbox row names its reject, and what the relay publishes is the reject's bytes."""
     fold = LedgerFold(PriceBook.load(), Policy.load())
     with psycopg.connect(dsn) as conn:
-        writer = LedgerWriter(conn, fold, group_id="ledger", deadletter_topic="dlq")
+        writer = LedgerWriter(
+            conn,
+            fold,
+            keys=chain_keys.load(base_settings),
+            group_id="ledger",
+            deadletter_topic="dlq",
+        )
         writer.deadletter_max_bytes = 4096
         small = StoredRecord("in", 0, 0, b"acct-1", b"not avro", (("h", b"v"),))
         big = StoredRecord("in", 0, 1, b"acct-1", b"\x00" * 5000, (("h", b"v"),))

@@ -82,6 +82,7 @@ def test_the_worker_applies_the_dead_letter_bound_setting(settings, stack, dsn, 
     reference, a small one byte for byte; SIGTERM then stops the worker cleanly."""
     env = os.environ | {
         **services_env(stack, dsn),
+        "LEDGER_HOME": str(settings.home),  # the session's chain key
         "LEDGER_TOPIC_PREFIX": settings.topic_prefix,
         "LEDGER_CONSUMER_GROUP": settings.consumer_group,
         "LEDGER_DEADLETTER_MAX_BYTES": "2048",

@@ -107,7 +107,7 @@ def produce_input(run: BenchRun) -> int:
         flush=True,
     )
     meter.start()
-    seconds, api = produce(info.bootstrap, messages)
+    seconds, api = produce(info.bootstrap, messages, run.settings)
     results["produce"] = {
         "seconds": round(seconds, 3),
         "rate": total / seconds,

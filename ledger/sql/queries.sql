@@ -121,24 +121,27 @@ ON CONFLICT (group_id, topic, kafka_partition) DO UPDATE SET next_offset = EXCLU
 SELECT event_id, content_hash FROM raw_events WHERE event_id = ANY(%s);
 
 -- name: lock_books
-SELECT account_id, book, last_hash, shard FROM account_books
+SELECT account_id, book, shard FROM account_books
  WHERE account_id = ANY(%s) ORDER BY account_id FOR UPDATE;
 
 -- name: lock_expiring_books
-SELECT account_id, book, last_hash, shard FROM account_books
+SELECT account_id, book, shard FROM account_books
  WHERE shard = %s AND next_expiry <= %s ORDER BY account_id FOR UPDATE;
 
 -- name: save_book
-INSERT INTO account_books (account_id, book, last_hash, shard, next_expiry)
-VALUES (%s, %s, %s, %s, %s)
+INSERT INTO account_books (account_id, book, shard, next_expiry)
+VALUES (%s, %s, %s, %s)
 ON CONFLICT (account_id) DO UPDATE
-   SET book = EXCLUDED.book, last_hash = EXCLUDED.last_hash, shard = EXCLUDED.shard,
-       next_expiry = EXCLUDED.next_expiry;
+   SET book = EXCLUDED.book, shard = EXCLUDED.shard, next_expiry = EXCLUDED.next_expiry;
 
 -- name: advance_shard
+-- The new last sequence number, and the shard's chain head before this batch.
 INSERT INTO shard_heads (shard, last_seq) VALUES (%s, %s)
 ON CONFLICT (shard) DO UPDATE SET last_seq = shard_heads.last_seq + EXCLUDED.last_seq
-RETURNING last_seq;
+RETURNING last_seq, head_hash;
+
+-- name: save_shard_head
+UPDATE shard_heads SET head_hash = %s WHERE shard = %s;
 
 -- name: copy_raw_events
 COPY raw_events (event_id, event_type, account_id, topic, kafka_partition, kafka_offset,
@@ -146,7 +149,8 @@ COPY raw_events (event_id, event_type, account_id, topic, kafka_partition, kafka
 
 -- name: copy_journal_entries
 COPY journal_entries (shard, shard_seq, event_id, account_id, event_type, status, occurred_at,
-                      price_version, payload, detail, prev_hash, entry_hash, cause_event_id)
+                      price_version, payload, detail, prev_hash, entry_hash, cause_event_id,
+                      chain_key_id)
 FROM STDIN;
 
 -- name: copy_postings
@@ -510,17 +514,35 @@ SELECT invoice_id, account_id, month, issued_at, currency, exact_total, amount_d
   FROM invoices ORDER BY invoice_id;
 
 -- name: chain_entries
+-- Every entry in chain order (shard, shard_seq), with what its link covers: the raw bytes
+-- (a derived entry's are its cause's), postings in line order, and whether every posting
+-- belongs to the entry's account in USD (the link does not cover those two columns).
 SELECT e.account_id, e.shard, e.shard_seq, e.event_id, e.event_type, e.status, e.payload,
        e.detail, e.prev_hash, e.entry_hash, coalesce(r.raw, c.raw),
        coalesce(array_agg(p.ledger_account ORDER BY p.line) FILTER (WHERE p.line IS NOT NULL),
                 '{}'),
-       coalesce(array_agg(p.amount ORDER BY p.line) FILTER (WHERE p.line IS NOT NULL), '{}')
+       coalesce(array_agg(p.amount ORDER BY p.line) FILTER (WHERE p.line IS NOT NULL), '{}'),
+       e.chain_key_id, e.occurred_at, e.price_version, e.cause_event_id,
+       bool_and(p.account_id = e.account_id AND p.currency = 'USD') IS NOT FALSE
   FROM journal_entries e
   LEFT JOIN raw_events r ON r.event_id = e.event_id
   LEFT JOIN raw_events c ON c.event_id = e.cause_event_id
   LEFT JOIN postings p ON p.shard = e.shard AND p.shard_seq = e.shard_seq
  GROUP BY e.shard, e.shard_seq, r.raw, c.raw
- ORDER BY e.account_id, e.shard, e.shard_seq;
+ ORDER BY e.shard, e.shard_seq;
+
+-- name: shard_chain_heads
+SELECT shard, last_seq, head_hash FROM shard_heads ORDER BY shard;
+
+-- name: all_account_books
+SELECT account_id, book, shard, next_expiry FROM account_books ORDER BY account_id;
+
+-- name: checkpoint_heads
+-- Each shard's last entry: what a checkpoint publishes.
+SELECT h.shard, h.last_seq, e.entry_hash, e.chain_key_id, e.event_id
+  FROM shard_heads h
+  JOIN journal_entries e ON e.shard = h.shard AND e.shard_seq = h.last_seq
+ ORDER BY h.shard;
 
 -- ---------------------------------------------------------------------------------------------
 -- Audit: one account's journal (and its shard's ticks), as it stood at a time.

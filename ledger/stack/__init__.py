@@ -19,6 +19,8 @@ Their URLs carry no password: they name the stack's libpq password file.
 Everything lives under `settings.home` (default `~/.local/state/billing-ledger/`):
 
     stack.json              broker kind and ports (reused on the next start if still free)
+    chain.keys              the hash chain's key (mode 0600), made on the first `up` unless
+                            LEDGER_CHAIN_KEY_FILE names another file (`ledger.chain_keys`)
     kafka/ tansu/ postgres/ per-service state, logs and pid files (see those modules)
 
 The broker is Apache Kafka (`kafka.py`, needs Java + Maven once) or, as a fallback,
@@ -34,11 +36,12 @@ from typing import Any
 
 import structlog
 
+from ledger import chain_keys
 from ledger.errors import StackError
 from ledger.settings import Settings
 from ledger.stack import kafka, postgres, procs, tansu
 
-__all__ = ["StackInfo", "connect", "down", "status", "up"]
+__all__ = ["StackInfo", "connect", "down", "kafka_configured", "status", "up"]
 
 log = structlog.get_logger()
 
@@ -83,6 +86,7 @@ def up(settings: Settings) -> StackInfo:
     """
     _home(settings).mkdir(parents=True, exist_ok=True)
     with _lock(settings):
+        chain_keys.ensure_local(settings)
         state = procs.load_json(_state_file(settings))
         bootstrap, broker = _broker_up(settings, state)
         port = _postgres_up(settings, state)
@@ -134,17 +138,36 @@ def _broker_up(settings: Settings, state: dict) -> tuple[str, str]:
                 f"a {kind} broker (pid {pid}) is running under {_home(settings)}, but "
                 f"LEDGER_BROKER={settings.broker}; run `ledger stack down` first"
             )
+        _check_security(settings, kind, state.get(kind, {}))
         bootstrap = f"{procs.HOST}:{port}"
         logfile = kafka.log_path(settings) if kind == "kafka" else tansu.log_path(settings)
-        kafka.wait_ready(bootstrap, pid=pid, logfile=logfile, name=kind)
+        kafka.wait_ready(
+            bootstrap, pid=pid, logfile=logfile, name=kind, options=kafka.options(settings)
+        )
         log.info("stack.already_running", service=kind, pid=pid, bootstrap=bootstrap)
         return bootstrap, kind
     kind = _choose_broker(settings)
+    if kind == "tansu" and kafka.sasl_enabled(settings):
+        raise StackError(
+            "LEDGER_KAFKA_SECURITY_PROTOCOL=SASL_PLAINTEXT: the local SASL broker is Apache "
+            "Kafka (Java + Maven); the Tansu fallback has no SASL"
+        )
     module = kafka if kind == "kafka" else tansu
     state[kind] = module.start(settings, state.get(kind, {}))
     state["broker"] = kind
     _save(settings, state)
     return f"{procs.HOST}:{state[kind]['port']}", kind
+
+
+def _check_security(settings: Settings, kind: str, state: dict) -> None:
+    """The running local broker listens as the settings say (SASL or not)."""
+    wanted = "SASL_PLAINTEXT" if kafka.sasl_enabled(settings) else "PLAINTEXT"
+    running = state.get("security", "PLAINTEXT")
+    if running != wanted:
+        raise StackError(
+            f"the local {kind} broker under {_home(settings)} listens in {running}, but "
+            f"LEDGER_KAFKA_SECURITY_PROTOCOL asks for {wanted}: `ledger stack down` first"
+        )
 
 
 def _choose_broker(settings: Settings) -> str:
@@ -273,6 +296,12 @@ def kafka_bootstrap(settings: Settings) -> str:
     if kafka_report["alive"]:
         return kafka_report["bootstrap"]
     raise StackError(f"Kafka is not running under {_home(settings)}: run `ledger stack up`")
+
+
+def kafka_configured(settings: Settings) -> bool:
+    """Whether there is a Kafka to talk to: LEDGER_KAFKA_BOOTSTRAP, or a local broker running
+    under settings.home (a read-only command without one works from the database alone)."""
+    return bool(settings.kafka_bootstrap) or _running_broker(settings) is not None
 
 
 def database_url(settings: Settings, role: str = "writer") -> str:
