@@ -52,6 +52,11 @@ class Settings:
     # Business configuration files (None: the defaults shipped with the package).
     price_book: Path | None = None
     policy: Path | None = None
+    # Prometheus metrics, /healthz and /readyz of `ledger worker` on this port (0: off).
+    metrics_port: int = 0
+    # /readyz answers 503 while a ledger consumer's lag (records) or the projection's lag
+    # (journal entries) exceeds this.
+    ready_max_lag: int = 100_000
     # Logging.
     log_level: str = "INFO"
     log_format: str = "auto"  # auto | json | console
@@ -86,6 +91,8 @@ class Settings:
             ("tick_interval_s", 1, 86_400),
             ("lease_timeout_s", 3, 600),
             ("deadletter_max_bytes", 1024, 1_000_000),
+            ("metrics_port", 0, 65_535),
+            ("ready_max_lag", 0, 10**12),
         ):
             value = getattr(self, name)
             if not low <= value <= high:

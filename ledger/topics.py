@@ -16,10 +16,19 @@ CREDITS = "billing.credits.v1"
 PAYMENTS = "billing.payment-methods.v1"
 CONTROL = "billing.control.v1"
 STATUS = "billing.account-status.v1"
+# The latest AccountSuspended/AccountReinstated of each account (keyed by account, compacted),
+# written by the relay before the event itself goes to STATUS: a new gateway reads it to its
+# end instead of the whole status history (`ledger.status`).
+STATUS_SNAPSHOT = "billing.account-status-snapshot.v1"
 DEADLETTER = "billing.deadletter.v1"
 
 INPUTS = (USAGE, ACCOUNTS, CREDITS, PAYMENTS, CONTROL)
-ALL = (*INPUTS, STATUS, DEADLETTER)
+ALL = (*INPUTS, STATUS, STATUS_SNAPSHOT, DEADLETTER)
+
+# Topic configs beyond the defaults: the snapshot keeps the latest record per key, and rolls a
+# segment every hour so that the cleaner compacts it within hours rather than days (it never
+# compacts the active segment).
+TOPIC_CONFIGS = {STATUS_SNAPSHOT: {"cleanup.policy": "compact", "segment.ms": "3600000"}}
 
 _EVENT_TOPICS = {
     USAGE: ("UsageRecorded",),
@@ -86,14 +95,15 @@ def create_topics(
         missing = [name for name in all_topics(settings) if name not in existing]
         if not missing:
             return []
-        spec = {
-            name: {
+        bases = {settings.topic(base): base for base in ALL}
+        spec = {}
+        for name in missing:
+            topic_configs = {**(configs or {}), **TOPIC_CONFIGS.get(bases[name], {})}
+            spec[name] = {
                 "num_partitions": settings.partitions,
                 "replication_factor": replication_factor,
-                **({"configs": dict(configs)} if configs else {}),
+                **({"configs": topic_configs} if topic_configs else {}),
             }
-            for name in missing
-        }
         result = admin.create_topics(spec, timeout_ms=timeout_ms, raise_errors=False)
         created = []
         for topic in result.get("topics", []):

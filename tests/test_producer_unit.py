@@ -118,8 +118,9 @@ def test_topics():
         "x-billing.payment-methods.v1",
         "x-billing.control.v1",
     ]
-    assert topics.all_topics(settings)[-2:] == [
+    assert topics.all_topics(settings)[-3:] == [
         "x-billing.account-status.v1",
+        "x-billing.account-status-snapshot.v1",
         "x-billing.deadletter.v1",
     ]
     assert sorted(topics.TOPIC_OF) == Codec.default().event_types()
