@@ -387,6 +387,10 @@ class OutboxRelay:
             if not any(t in STATUS_CHANGES for t in types):
                 continue
             try:
+                if not _TOPIC_NAME.fullmatch(self.snapshot_topic):
+                    raise kafka_errors.InvalidTopicError(
+                        f"{self.snapshot_topic!r} is not a legal topic name"
+                    )
                 future = producer.send(
                     self.snapshot_topic,
                     key=bytes(key),

@@ -7,10 +7,12 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 
-from kafka import KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from psycopg.types.json import Jsonb
 
-from ledger import topics
+from ledger import db, topics
 from ledger.codec import Codec
+from ledger.relay import OutboxRelay, retry_parked
 from ledger.status import AccountStatusFollower
 from tests.harness import read_records, wait_until
 
@@ -151,3 +153,58 @@ def test_a_new_gateway_bootstraps_from_the_snapshot_and_misses_nothing(ledger, s
     finally:
         history.close()
         snapshot.close()
+
+
+def test_a_status_change_never_reaches_the_status_topic_before_its_snapshot(settings, dsn, stack):
+    """Kafka refuses the snapshot copy for good (here: the relay names a topic Kafka does not
+    allow): the row is parked, the status event is not published, and the account's next
+    change waits behind it, its copy not sent; once the copies can go and the row is retried,
+    both rows go out, each copy before its status event, in order."""
+    codec = Codec.default()
+    status_topic = settings.topic(topics.STATUS)
+    headers = Jsonb([[k, v.hex()] for k, v in codec.headers("AccountSuspended")])
+    rows = []
+    conn = db.connect(dsn, autocommit=True)
+    for version in (1, 2):
+        event = status_event("AccountSuspended", "p-1", version, "PAYMENT_FAILED")
+        rows.append(
+            conn.execute(
+                "INSERT INTO outbox (topic, message_key, value, headers) VALUES (%s, %s, %s, %s) "
+                "RETURNING id",
+                (status_topic, b"p-1", codec.encode("AccountSuspended", event), headers),
+            ).fetchone()[0]
+        )
+    relay = OutboxRelay(settings, stack.bootstrap, dsn)
+    relay.snapshot_topic = "no such topic!"
+    producer = relay._ensure_producer()
+    try:
+        assert relay.publish_once(conn, producer) == 1  # parked
+        first, second = conn.execute(
+            "SELECT parked_at IS NOT NULL, park_reason, park_detail, published_at IS NOT NULL "
+            "FROM outbox WHERE id = ANY(%s) ORDER BY id",
+            (rows,),
+        ).fetchall()
+        assert first[:2] == (True, "invalid_topic") and first[2].startswith("snapshot copy:")
+        assert second == (False, None, None, False)  # waits behind it
+        assert topic_end(stack.bootstrap, status_topic) == 0
+
+        relay.snapshot_topic = settings.topic(topics.STATUS_SNAPSHOT)
+        assert retry_parked(dsn) == [rows[0]]
+        assert relay.publish_once(conn, producer) == 2
+        for topic in (relay.snapshot_topic, status_topic):
+            records = read_records(stack.bootstrap, [topic], 2)
+            versions = [codec.decode(r.value).event["status_version"] for r in records]
+            assert versions == [1, 2], topic
+        assert topic_end(stack.bootstrap, relay.snapshot_topic) == 2  # no copy of the parked try
+    finally:
+        relay._close_producer()
+        conn.close()
+
+
+def topic_end(bootstrap: str, topic: str) -> int:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
+    try:
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
+        return sum(consumer.end_offsets(partitions).values())
+    finally:
+        consumer.close()
