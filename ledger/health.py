@@ -46,14 +46,27 @@ NEEDS_BROKER = ("ledger", "relay", "scheduler")
 # --- the checks ------------------------------------------------------------------------------
 
 
-def database_problem(dsn: str, timeout_s: int = CHECK_TIMEOUT_S) -> str | None:
-    """None if PostgreSQL answers a query within `timeout_s`, else why not (one line)."""
+def database_problem(
+    dsn: str, *, projection_max_lag: int | None = None, timeout_s: int = CHECK_TIMEOUT_S
+) -> tuple[str | None, str | None]:
+    """(why PostgreSQL did not answer a query within `timeout_s`, why the projection is too far
+    behind), each None when fine; the projection is looked at only with `projection_max_lag`."""
     try:
         with db.connect(dsn, autocommit=True, timeout_s=timeout_s) as conn:
             conn.execute(QUERIES["ping"]).fetchone()
+            if projection_max_lag is None:
+                return None, None
+            rows = conn.execute(QUERIES["shard_progress"], ("account_status",)).fetchall()
     except (psycopg.Error, LedgerError) as exc:
-        return _one_line(exc)
-    return None
+        return _one_line(exc), None
+    behind = {shard: lag for shard, lag, _ in rows if lag > projection_max_lag}
+    if not behind:
+        return None, None
+    worst = max(behind, key=behind.__getitem__)
+    return None, (
+        f"projection over {projection_max_lag} entries behind on {len(behind)} shard(s) "
+        f"(shard {worst}: {behind[worst]})"
+    )
 
 
 def broker_problem(bootstrap: str, timeout_s: float = CHECK_TIMEOUT_S) -> str | None:
@@ -124,22 +137,6 @@ def shard_problems(views: list[metrics.ShardsView], max_lag: int) -> dict[str, s
     return problems
 
 
-def projection_problem(dsn: str, max_lag: int) -> str | None:
-    try:
-        with db.connect(dsn, autocommit=True, timeout_s=CHECK_TIMEOUT_S) as conn:
-            rows = conn.execute(QUERIES["shard_progress"], ("account_status",)).fetchall()
-    except (psycopg.Error, LedgerError) as exc:
-        return _one_line(exc)
-    behind = {shard: lag for shard, lag, _ in rows if lag > max_lag}
-    if not behind:
-        return None
-    worst = max(behind, key=behind.__getitem__)
-    return (
-        f"projection over {max_lag} entries behind on {len(behind)} shard(s) "
-        f"(shard {worst}: {behind[worst]})"
-    )
-
-
 class Readiness:
     """The checks of the roles one process runs."""
 
@@ -152,20 +149,19 @@ class Readiness:
     def problems(self) -> dict[str, str]:
         """{check: why it fails}; empty when the process is ready."""
         problems: dict[str, str] = {}
-        checks: list[tuple[str, Callable[[], str | None]]] = []
+        max_lag = self.settings.ready_max_lag
         if any(role in NEEDS_DATABASE for role in self.roles):
-            checks.append(("database", lambda: database_problem(self.dsn)))
+            down, behind = database_problem(
+                self.dsn, projection_max_lag=max_lag if "projections" in self.roles else None
+            )
+            problems |= {"database": down} if down else {}
+            problems |= {"lag": behind} if behind else {}
         if any(role in NEEDS_BROKER for role in self.roles):
-            checks.append(("broker", lambda: broker_problem(self.bootstrap)))
-        for name, check in checks:
-            if (problem := check()) is not None:
-                problems[name] = problem
+            problem = broker_problem(self.bootstrap)
+            problems |= {"broker": problem} if problem else {}
         if "ledger" in self.roles:
-            problems |= shard_problems(metrics.CONSUMERS.views(), self.settings.ready_max_lag)
-        if "projections" in self.roles and "database" not in problems:
-            problem = projection_problem(self.dsn, self.settings.ready_max_lag)
-            if problem is not None:
-                problems["lag"] = "; ".join(filter(None, (problems.get("lag"), problem)))
+            for name, problem in shard_problems(metrics.CONSUMERS.views(), max_lag).items():
+                problems[name] = "; ".join(filter(None, (problem, problems.get(name))))
         return problems
 
 
