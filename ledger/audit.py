@@ -162,6 +162,8 @@ def _grants(entries: list[JournalEntry], extra: dict) -> list[dict[str, str]]:
         if e.event_type not in GRANT_EVENTS or e.status != "posted":
             continue
         detail = extra[e.shard_seq][2]
+        if e.event_type == "CreditPurchased" and Decimal(detail.get("granted", "0")) == 0:
+            continue  # it all paid the receivable: a payment (listed there), no credit
         amount = (
             detail.get("amount")
             or detail.get("granted")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 from datetime import UTC, datetime
 
@@ -17,18 +19,25 @@ from ledger.settings import Settings
 
 
 def _database(settings: Settings) -> str:
-    """The ledger's database (the local stack's unless LEDGER_DATABASE_URL), schema checked."""
+    """The ledger's database (the local stack's unless LEDGER_DATABASE_URL), schema checked;
+    Kafka is not needed."""
     from ledger import db, stack
 
-    return db.require_current_schema(stack.connect(settings).dsn)
+    return db.require_current_schema(stack.database_url(settings))
 
 
 def _with_progress(label: str, unit: str, work, *, transient: bool = False):
     """Run `work(progress)` under a progress bar with rate and ETA; returns what it returns.
     `progress(done, total)` is what the long-running commands call as they go."""
-    from rich.progress import Progress
+    from rich.progress import Progress, ProgressColumn
+    from rich.text import Text
 
-    columns = (*Progress.get_default_columns(), f"{{task.speed}} {unit}/s")
+    class Rate(ProgressColumn):
+        def render(self, task) -> Text:  # a whole number per second, nothing before known
+            speed = task.finished_speed or task.speed
+            return Text("" if speed is None else f"{speed:,.0f} {unit}/s")
+
+    columns = (*Progress.get_default_columns(), Rate())
     with Progress(*columns, transient=transient) as bar:
         task = bar.add_task(label, total=None)
         return work(lambda done, total: bar.update(task, completed=done, total=total))
@@ -65,7 +74,7 @@ def _topics(args: argparse.Namespace, settings: Settings) -> int:
 def _db(args: argparse.Namespace, settings: Settings) -> int:
     from ledger import db, stack
 
-    applied = db.migrate(stack.connect(settings).dsn)
+    applied = db.migrate(stack.database_url(settings))
     print(f"applied migrations: {applied or 'none (up to date)'}")
     return 0
 
@@ -135,7 +144,7 @@ def _replay(args: argparse.Namespace, settings: Settings) -> int:
     from ledger import stack
     from ledger.replay import replay
 
-    target = stack.connect(settings).dsn
+    target = stack.database_url(settings)
     count = _with_progress(
         "replaying",
         "events",
@@ -157,8 +166,11 @@ def _rejects(args: argparse.Namespace, settings: Settings) -> int:
         print(f"already journaled: {len(outcome.duplicates)}")
         for reason, count in sorted(outcome.still_rejected.items()):
             print(f"still rejected ({reason}): {count}")
-    for reason, still_open, resolved in summary(dsn):
+    rows = summary(dsn)
+    for reason, still_open, resolved in rows:
         print(f"{reason:<24} open {still_open:>8}   resolved {resolved:>8}")
+    if not rows:
+        print("no rejected events")
     return 0
 
 
@@ -294,6 +306,11 @@ def _invoices(args: argparse.Namespace, settings: Settings) -> int:
         from ledger.render import print_invoices
 
         print_invoices(invoices, f"invoices for {args.month} ({len(invoices)})")
+        if not invoices:
+            print(
+                f"no invoices for {args.month} yet: a month's invoices are issued at the first "
+                "tick after its end plus the grace period (policy month_close.grace_hours)"
+            )
     return 0
 
 
@@ -359,7 +376,14 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ledger", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="ledger",
+        description="An event-sourced, double-entry billing ledger: Kafka in, a PostgreSQL "
+        "journal, account balances, spend limits and suspensions out.",
+        epilog="Each command has its own --help. Settings come from LEDGER_* environment "
+        "variables (see the README's Configuration).",
+    )
+    parser.add_argument("--version", action="version", version=f"ledger {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("stack", help="start/stop/inspect the local Kafka + PostgreSQL")
@@ -379,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--role",
         action="append",
         choices=["ledger", "projections", "relay", "scheduler"],
-        help="run only this role (repeatable); default: all three",
+        help="run only this role (repeatable); default: all four",
     )
     p.set_defaults(func=_worker)
 
@@ -478,11 +502,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _month(text: str) -> str:
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
-        datetime.strptime(text, "%Y-%m")
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a month (YYYY-MM): {text!r}") from None
+        return version("billing-ledger")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _month(text: str) -> str:
+    """Strictly YYYY-MM: `2026-3` would silently name no month's data."""
+    if re.fullmatch(r"[0-9]{4}-(0[1-9]|1[0-2])", text) is None:
+        raise argparse.ArgumentTypeError(f"not a month (YYYY-MM, e.g. 2026-03): {text!r}")
     return text
 
 
@@ -550,6 +582,10 @@ def main(argv: list[str] | None = None) -> int:
     except LedgerError as exc:
         print(f"ledger: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `ledger audit ... | head`: the reader left, not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush is quiet
+        return 0
 
 
 if __name__ == "__main__":

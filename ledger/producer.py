@@ -65,6 +65,15 @@ class EventProducer:
         config.update(kafka_overrides)
         self._producer = KafkaProducer(**config)
 
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None, **kafka_overrides: Any):
+        """A producer for the configured brokers: LEDGER_KAFKA_BOOTSTRAP, else the local
+        stack's Kafka (`ledger stack up`), wherever its port is."""
+        from ledger import stack
+
+        settings = settings or Settings.from_env()
+        return cls(stack.kafka_bootstrap(settings), settings, **kafka_overrides)
+
     def topic(self, event_type: str) -> str:
         """The full topic name an event type is sent to."""
         return self.settings.topic(topics.topic_for(event_type))

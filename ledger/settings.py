@@ -7,6 +7,7 @@ variable. Nothing else in the project reads `os.environ`.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,7 +28,7 @@ class Settings:
     kafka_bootstrap: str | None = None
     database_url: str | None = None
     # Local stack.
-    home: Path = Path(".ledger")
+    home: Path = dataclasses.field(default_factory=lambda: default_home())
     cache_dir: Path = Path.home() / ".cache" / "billing-ledger"
     broker: str = "auto"  # auto | kafka | tansu
     # Topics.
@@ -66,9 +67,16 @@ class Settings:
         env = os.environ if environ is None else environ
         values: dict[str, object] = {}
         known = {f.name for f in dataclasses.fields(cls)}
+        names = sorted(PREFIX + n.upper() for n in known)
         for key in env:
             if key.startswith(PREFIX) and key[len(PREFIX) :].lower() not in known:
-                raise ConfigError(f"{key}: unknown setting (known: {_names(known)})")
+                # A near miss is a typo; anything else (hledger's LEDGER_FILE) is not ours.
+                close = difflib.get_close_matches(key, names, n=1, cutoff=0.8)
+                if close:
+                    raise ConfigError(
+                        f"{key}: unknown setting; did you mean {close[0]}? "
+                        f"(known: {', '.join(names)})"
+                    )
         for field in dataclasses.fields(cls):
             var = PREFIX + field.name.upper()
             raw = env.get(var)
@@ -173,5 +181,10 @@ def _check_choice(var: str, value: str, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{var}={value!r}: must be one of {', '.join(choices)}")
 
 
-def _names(known: set[str]) -> str:
-    return ", ".join(sorted(PREFIX + n.upper() for n in known))
+def default_home(environ: Mapping[str, str] | None = None) -> Path:
+    """Where the local stack lives unless LEDGER_HOME says otherwise: one place per user
+    (`$XDG_STATE_HOME/billing-ledger`, else `~/.local/state/billing-ledger`), so every command
+    finds the same stack from any directory."""
+    env = os.environ if environ is None else environ
+    state = env.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "billing-ledger"

@@ -1,6 +1,6 @@
 """Following account status from a gateway: which accounts must not be served, and why.
 
-    statuses = AccountStatusFollower("kafka-1:9092,kafka-2:9092")
+    statuses = AccountStatusFollower("kafka-1:9092,kafka-2:9092")   # or .from_settings()
     statuses.bootstrap()              # the snapshot to its end, then the live topic from there
     threading.Thread(target=statuses.run, args=(stop,), daemon=True).start()
     ...
@@ -53,6 +53,7 @@ from kafka import KafkaConsumer, TopicPartition
 from ledger import topics
 from ledger.codec import Codec
 from ledger.errors import DecodeError, LedgerError
+from ledger.settings import Settings
 
 log = structlog.get_logger(__name__)
 
@@ -146,6 +147,19 @@ class AccountStatusFollower:
             isolation_level="read_committed",
             enable_incremental_fetch_sessions=False,
             client_id="ledger-status-follower",
+            **consumer_options,
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None, **consumer_options):
+        """A follower for the configured brokers and topic prefix: LEDGER_KAFKA_BOOTSTRAP
+        (else the local stack's Kafka) and LEDGER_TOPIC_PREFIX."""
+        from ledger import stack
+
+        settings = settings or Settings.from_env()
+        return cls(
+            stack.kafka_bootstrap(settings),
+            topic_prefix=settings.topic_prefix,
             **consumer_options,
         )
 

@@ -4,7 +4,7 @@ Session-scoped, in dependency order:
 
     base_settings  Settings for the whole session: LEDGER_* from the environment, but with a
                    private `home` in a fresh temp dir, so tests never touch (or stop) a
-                   developer's own `.ledger/` stack.
+                   developer's own stack.
     stack          the running Kafka + PostgreSQL (a `ledger.stack.StackInfo`): started once
                    per session, stopped at the end. With LEDGER_KAFKA_BOOTSTRAP and/or
                    LEDGER_DATABASE_URL set, those services are used and nothing is started.

@@ -147,7 +147,9 @@ def test_a_published_price_rerates_held_usage_and_a_replay_ignores_edited_files(
         ("adjustment", "2026-03", Decimal(5))
     ]
     ledger.wait_projected()
-    rebuild(ledger.settings, ledger.dsn)
+    calls: list[tuple[int, int]] = []
+    rebuild(ledger.settings, ledger.dsn, progress=lambda done, total: calls.append((done, total)))
+    assert calls[-1][0] == calls[-1][1] > 0  # the progress bar ends at its total
     assert verify(ledger.settings, ledger.dsn) == []
     # March's bill: the re-rated usage is a priced line, no longer held.
     with psycopg.connect(ledger.dsn) as conn:

@@ -1,6 +1,7 @@
 """The README's examples run as printed: the producer's events reach the ledger, and the
 gateway's status follower refuses the account they suspend."""
 
+import dataclasses
 import re
 from decimal import Decimal
 from pathlib import Path
@@ -17,9 +18,12 @@ def examples(containing: str) -> list[str]:
 
 
 def test_the_readme_producer_example_works(ledger, monkeypatch):
-    [example] = examples("EventProducer(")
+    [example] = examples("EventProducer.from_settings()")
+    # As a user runs it: the settings come from the environment (here: this test's topics and
+    # the test stack's brokers, which the local stack would otherwise supply).
     monkeypatch.setenv("LEDGER_TOPIC_PREFIX", ledger.settings.topic_prefix)
-    exec(compile(example.replace("127.0.0.1:9092", ledger.bootstrap), "README.md", "exec"), {})
+    monkeypatch.setenv("LEDGER_KAFKA_BOOTSTRAP", ledger.bootstrap)
+    exec(compile(example, "README.md", "exec"), {})
     ledger.settle(3)
     account = ledger.account("acct-1")
     # $1 + $25 − (1,200 × $0.20 + 300 × $0.18) / 1M: the example's events happen now, under
@@ -27,20 +31,22 @@ def test_the_readme_producer_example_works(ledger, monkeypatch):
     assert account["credit_balance"] == Decimal("25.999706000")
 
 
-def test_the_readme_gateway_example_follows_suspensions(ledger):
-    [example] = examples("AccountStatusFollower(")
-    assert '"kafka-1:9092", topic_prefix=""' in example
+def test_a_producer_from_settings_finds_the_local_stack_wherever_its_port(stack, base_settings):
+    from ledger import stack as local_stack
+    from ledger.producer import EventProducer
+
+    local = dataclasses.replace(base_settings, kafka_bootstrap=None, database_url=None)
+    assert local_stack.kafka_bootstrap(local) == stack.bootstrap
+    with EventProducer.from_settings(local) as producer:
+        assert producer.topic("UsageRecorded").endswith("billing.usage.v1")
+
+
+def test_the_readme_gateway_example_follows_suspensions(ledger, monkeypatch):
+    [example] = examples("AccountStatusFollower.from_settings()")
+    monkeypatch.setenv("LEDGER_TOPIC_PREFIX", ledger.settings.topic_prefix)
+    monkeypatch.setenv("LEDGER_KAFKA_BOOTSTRAP", ledger.bootstrap)
     gateway: dict = {}
-    exec(
-        compile(
-            example.replace("kafka-1:9092", ledger.bootstrap).replace(
-                'topic_prefix=""', f"topic_prefix={ledger.settings.topic_prefix!r}"
-            ),
-            "README.md",
-            "exec",
-        ),
-        gateway,
-    )
+    exec(compile(example, "README.md", "exec"), gateway)
     try:
         assert gateway["admit"]("gw-1")
         ledger.open_account("gw-1")

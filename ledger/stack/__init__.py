@@ -9,7 +9,7 @@
 If `settings.kafka_bootstrap` / `settings.database_url` is set, that service is not
 started and the given address is used instead (each independently).
 
-Everything lives under `settings.home` (default `.ledger/`):
+Everything lives under `settings.home` (default `~/.local/state/billing-ledger/`):
 
     stack.json              broker kind and ports (reused on the next start if still free)
     kafka/ tansu/ postgres/ per-service state, logs and pid files (see those modules)
@@ -221,6 +221,27 @@ def _postgres_status(settings: Settings, state: dict) -> dict[str, Any]:
         "dsn": postgres.dsn(port) if port else None,
         "log": str(postgres.log_path(settings)),
     }
+
+
+def kafka_bootstrap(settings: Settings) -> str:
+    """The brokers alone (LEDGER_KAFKA_BOOTSTRAP, else the local stack's Kafka)."""
+    if settings.kafka_bootstrap:
+        return settings.kafka_bootstrap
+    kafka_report = status(settings)["kafka"]
+    if kafka_report["alive"]:
+        return kafka_report["bootstrap"]
+    raise StackError(f"Kafka is not running under {_home(settings)}: run `ledger stack up`")
+
+
+def database_url(settings: Settings) -> str:
+    """The database alone (LEDGER_DATABASE_URL, else the local stack's PostgreSQL): commands
+    that only read the journal need no Kafka."""
+    if settings.database_url:
+        return settings.database_url
+    pg_report = status(settings)["postgres"]
+    if pg_report["alive"]:
+        return pg_report["dsn"]
+    raise StackError(f"PostgreSQL is not running under {_home(settings)}: run `ledger stack up`")
 
 
 def connect(settings: Settings) -> StackInfo:
