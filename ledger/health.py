@@ -8,8 +8,10 @@
     - `database` (ledger, projections, relay): PostgreSQL answers `SELECT 1` within 2 s;
     - `broker` (ledger, relay, scheduler): a bootstrap broker answers a Kafka ApiVersions
       request within 2 s;
-    - `shards` (ledger): the consumer holds at least one shard lease and none of its shards
-      is stopped for lost offsets (a standby, which holds none, is not ready);
+    - `shards` (ledger): the consumer has started and holds at least one shard lease, none
+      of its shards stopped for lost offsets; or it is a standby: it holds none because every
+      one of its shards is held by another worker's live lease (`standby_for_shards` in the
+      body). A shard nobody holds that it has not taken yet makes it not ready;
     - `lag` (ledger): every held shard's lag is known and at most `LEDGER_READY_MAX_LAG`
       records; (projections): no shard's projection lag exceeds it (entries).
 
@@ -19,6 +21,7 @@ probe never hangs on a dependency that does not answer.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import struct
@@ -46,27 +49,42 @@ NEEDS_BROKER = ("ledger", "relay", "scheduler")
 # --- the checks ------------------------------------------------------------------------------
 
 
-def database_problem(
-    dsn: str, *, projection_max_lag: int | None = None, timeout_s: int = CHECK_TIMEOUT_S
-) -> tuple[str | None, str | None]:
-    """(why PostgreSQL did not answer a query within `timeout_s`, why the projection is too far
-    behind), each None when fine; the projection is looked at only with `projection_max_lag`."""
+@dataclasses.dataclass
+class DatabaseAnswer:
+    problem: str | None = None  # PostgreSQL did not answer: why
+    projection_behind: str | None = None  # the projection is too far behind: where
+    live_holders: dict[int, str] | None = None  # shard → holder of a lease not expired
+
+
+def ask_database(
+    dsn: str,
+    *,
+    projection_max_lag: int | None = None,
+    lease_group: str | None = None,
+    timeout_s: int = CHECK_TIMEOUT_S,
+) -> DatabaseAnswer:
+    """Whether PostgreSQL answers a query within `timeout_s`; with `projection_max_lag`,
+    whether a shard's projection is further behind; with `lease_group`, who holds live shard
+    leases. One connection."""
+    answer = DatabaseAnswer()
     try:
         with db.connect(dsn, autocommit=True, timeout_s=timeout_s) as conn:
             conn.execute(QUERIES["ping"]).fetchone()
-            if projection_max_lag is None:
-                return None, None
-            rows = conn.execute(QUERIES["shard_progress"], ("account_status",)).fetchall()
+            if lease_group is not None:
+                rows = conn.execute(QUERIES["shard_lease_holders"], (lease_group,)).fetchall()
+                answer.live_holders = {shard: holder for shard, holder, _, live in rows if live}
+            if projection_max_lag is not None:
+                rows = conn.execute(QUERIES["shard_progress"], ("account_status",)).fetchall()
+                behind = {shard: lag for shard, lag, _ in rows if lag > projection_max_lag}
+                if behind:
+                    worst = max(behind, key=behind.__getitem__)
+                    answer.projection_behind = (
+                        f"projection over {projection_max_lag} entries behind on "
+                        f"{len(behind)} shard(s) (shard {worst}: {behind[worst]})"
+                    )
     except (psycopg.Error, LedgerError) as exc:
-        return _one_line(exc), None
-    behind = {shard: lag for shard, lag, _ in rows if lag > projection_max_lag}
-    if not behind:
-        return None, None
-    worst = max(behind, key=behind.__getitem__)
-    return None, (
-        f"projection over {projection_max_lag} entries behind on {len(behind)} shard(s) "
-        f"(shard {worst}: {behind[worst]})"
-    )
+        return DatabaseAnswer(problem=_one_line(exc))
+    return answer
 
 
 def broker_problem(bootstrap: str, timeout_s: float = CHECK_TIMEOUT_S) -> str | None:
@@ -108,17 +126,28 @@ def _receive(sock: socket.socket, count: int) -> bytes:
     return data
 
 
-def shard_problems(views: list[metrics.ShardsView], max_lag: int) -> dict[str, str]:
-    """The `shards` and `lag` checks over this process's ledger consumers."""
+def shard_problems(
+    views: list[metrics.ShardsView], max_lag: int, live_holders: dict[int, str] | None
+) -> tuple[dict[str, str], list[int]]:
+    """The `shards` and `lag` checks over this process's ledger consumers: (problems, the
+    shards it stands by for). A consumer holding none of its shards is ready only as a standby:
+    when every one of them is held by another worker's live lease (`live_holders`); a shard
+    nobody holds is one it should have taken."""
     if not views:
-        return {"shards": "the ledger consumer has not started (waiting for PostgreSQL?)"}
+        return {"shards": "the ledger consumer has not started (waiting for PostgreSQL?)"}, []
     problems: dict[str, str] = {}
+    standby: list[int] = []
     for view in views:
         if not view.held:
-            problems["shards"] = (
-                f"holds none of its shards {_ranges(view.wanted)} (standby: another worker "
-                "holds them)"
-            )
+            if live_holders is None:
+                problems["shards"] = f"holds none of its shards {_ranges(view.wanted)}"
+            elif free := [s for s in view.wanted if s not in live_holders]:
+                problems["shards"] = (
+                    f"holds none of its shards {_ranges(view.wanted)}; {_ranges(free)} held "
+                    "by nobody and not taken yet"
+                )
+            else:
+                standby += view.wanted
         elif view.stopped:
             problems["shards"] = (
                 f"shards {_ranges(view.stopped)} stopped: Kafka deleted offsets not yet "
@@ -134,7 +163,7 @@ def shard_problems(views: list[metrics.ShardsView], max_lag: int) -> dict[str, s
             )
         elif unknown and "lag" not in problems:
             problems["lag"] = f"not measured yet for shards {_ranges(unknown)}"
-    return problems
+    return problems, sorted(set(standby))
 
 
 class Readiness:
@@ -146,23 +175,29 @@ class Readiness:
         self.dsn = dsn
         self.roles = tuple(roles)
 
-    def problems(self) -> dict[str, str]:
-        """{check: why it fails}; empty when the process is ready."""
+    def check(self) -> tuple[dict[str, str], list[int]]:
+        """({check: why it fails}, shards this process stands by for); ready when the first
+        is empty."""
         problems: dict[str, str] = {}
+        standby: list[int] = []
         max_lag = self.settings.ready_max_lag
+        answer = DatabaseAnswer()
         if any(role in NEEDS_DATABASE for role in self.roles):
-            down, behind = database_problem(
-                self.dsn, projection_max_lag=max_lag if "projections" in self.roles else None
+            answer = ask_database(
+                self.dsn,
+                projection_max_lag=max_lag if "projections" in self.roles else None,
+                lease_group=self.settings.consumer_group if "ledger" in self.roles else None,
             )
-            problems |= {"database": down} if down else {}
-            problems |= {"lag": behind} if behind else {}
+            problems |= {"database": answer.problem} if answer.problem else {}
+            problems |= {"lag": answer.projection_behind} if answer.projection_behind else {}
         if any(role in NEEDS_BROKER for role in self.roles):
             problem = broker_problem(self.bootstrap)
             problems |= {"broker": problem} if problem else {}
         if "ledger" in self.roles:
-            for name, problem in shard_problems(metrics.CONSUMERS.views(), max_lag).items():
+            found, standby = shard_problems(metrics.CONSUMERS.views(), max_lag, answer.live_holders)
+            for name, problem in found.items():
                 problems[name] = "; ".join(filter(None, (problem, problems.get(name))))
-        return problems
+        return problems, standby
 
 
 # --- the server ------------------------------------------------------------------------------
@@ -189,10 +224,12 @@ def application(scrape: _Scrape, readiness: Readiness) -> Callable:
         if path == "/healthz":
             return _answer(start_response, "200 OK", b"ok\n")
         if path == "/readyz":
-            problems = readiness.problems()
-            body = {"ready": not problems, "roles": list(readiness.roles)}
+            problems, standby = readiness.check()
+            body: dict = {"ready": not problems, "roles": list(readiness.roles)}
             if problems:
                 body["not_ready"] = problems
+            if standby:
+                body["standby_for_shards"] = standby
             status = "503 Service Unavailable" if problems else "200 OK"
             return _answer(
                 start_response, status, json.dumps(body).encode() + b"\n", "application/json"

@@ -4,12 +4,14 @@ unreachable); `ledger status` shows lag, lease holders, backlog and rejects."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import threading
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 
 import pytest
 from kafka import KafkaProducer
@@ -188,32 +190,41 @@ def test_a_worker_serves_metrics_that_move_with_the_events(settings, stack, dsn,
         worker.stop()
 
 
-def test_readyz_is_503_while_another_worker_holds_the_shards(settings, stack, dsn, tmp_path):
+def test_readyz_is_503_until_the_worker_has_its_shards_or_stands_by(settings, stack, dsn, tmp_path):
+    # Its own topics, not created yet: the consumer cannot start, so it has no shards.
+    prefix = f"t{uuid.uuid4().hex[:10]}."
+    settings = dataclasses.replace(settings, topic_prefix=prefix, consumer_group=f"{prefix}ledger")
     feed = Ledger(settings, stack.bootstrap, dsn)
-    feed.db.execute(
+    feed.db.execute(  # another worker holds every shard, its leases live for an hour
         "INSERT INTO shard_leases (group_id, shard, holder, expires_at) "
         "SELECT %s, s, 'other-host:1:cafe', now() + interval '1 hour' FROM generate_series(0, 3) s",
         (settings.consumer_group,),
     )
     worker = Worker(settings, stack, dsn, tmp_path, ("ledger",))
     try:
-        _, body = wait_until(
-            lambda: (r := worker.ready())[0] == 503 and "standby" in str(r[1]) and r,
-            60,
-            "readyz naming the standby",
-        )
-        assert worker.get("/healthz")[0] == 200
+        status, body = wait_until(lambda: (r := worker.ready())[0] and r, 60, "readyz answers")
+        assert worker.get("/healthz") == (200, "ok\n")
+        assert status == 503
         assert set(body["not_ready"]) == {"shards"}, body  # database and broker are fine
-        assert "holds none of its shards 0-3" in body["not_ready"]["shards"]
-        assert value(scrape(worker.port), "ledger_consumer_shards_held") == 0
+        assert "the ledger consumer has not started" in body["not_ready"]["shards"]
 
+        # The topics appear; every shard is held by the other worker: a ready standby.
+        topics.create_topics(stack.bootstrap, settings)
+        _, body = wait_until(lambda: (r := worker.ready())[0] == 200 and r, 60, "standby")
+        assert body == {"ready": True, "roles": ["ledger"], "standby_for_shards": [0, 1, 2, 3]}
+        assert value(scrape(worker.port), "ledger_consumer_shards_held") == 0
         report = json.loads(
             ledger_cli("status", "--json", env=services_env(stack, dsn) | _group(settings)).stdout
         )
         assert {row["holder"] for row in report["shards"]} == {"other-host:1:cafe"}
 
-        feed.db.execute("DELETE FROM shard_leases")  # the other worker stopped cleanly
-        _, body = wait_until(lambda: (r := worker.ready())[0] == 200 and r, 30, "ready")
+        # The other worker froze: its leases expire, and this one takes the shards over.
+        feed.db.execute("UPDATE shard_leases SET expires_at = now() - interval '1 second'")
+        _, body = wait_until(
+            lambda: (r := worker.ready())[0] == 200 and "standby_for_shards" not in r[1] and r,
+            30,
+            "ready, holding the shards",
+        )
         assert body == {"ready": True, "roles": ["ledger"]}
         assert value(scrape(worker.port), "ledger_consumer_shards_held") == 4
     finally:
