@@ -228,7 +228,7 @@ class DatabaseReadings:
 def read_database(conn: psycopg.Connection, projection: str = "account_status") -> DatabaseReadings:
     """The deployment-wide figures, in one short read-only snapshot."""
     with conn.transaction():
-        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        conn.execute(QUERIES["set_repeatable_read"])
         backlog, oldest, parked = conn.execute(QUERIES["outbox_backlog"]).fetchone()
         suspended = dict(conn.execute(QUERIES["suspended_by_reason"]).fetchall())
         shards = conn.execute(QUERIES["shard_progress"], (projection,)).fetchall()
