@@ -208,6 +208,8 @@ class AccountStatusFollower:
 
     def poll(self, timeout_ms: int = 200) -> list[AccountState]:
         """Apply what arrived on the status topic; returns the changes kept."""
+        if not self.consumer.assignment():
+            raise LedgerError("call bootstrap() before poll(): it places the follower")
         polled = self.consumer.poll(timeout_ms=timeout_ms)
         return self._apply(r for rs in polled.values() for r in rs)
 
