@@ -253,11 +253,15 @@ def _outbox(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _status(args: argparse.Namespace, settings: Settings) -> int:
-    from ledger import db, stack
+    from ledger import stack
+    from ledger.errors import StackError
     from ledger.overview import overview, overview_lines
 
-    info = stack.connect(settings)
-    report = overview(settings, info.bootstrap, db.require_current_schema(info.dsn))
+    dsn = _database(settings)
+    try:
+        report = overview(settings, stack.kafka_bootstrap(settings), dsn)
+    except StackError as exc:  # no Kafka known: the rest is still worth printing
+        report = overview(settings, None, dsn, kafka_unknown=str(exc))
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -47,13 +47,19 @@ def log_ends(settings: Settings, bootstrap: str) -> dict[tuple[str, int], int]:
     return {(tp.topic, tp.partition): end for tp, end in ends.items()}
 
 
-def overview(settings: Settings, bootstrap: str, dsn: str) -> dict:
-    """Everything `ledger status` prints, as data (JSON-ready)."""
-    kafka_error = None
-    try:
-        ends = log_ends(settings, bootstrap)
-    except KafkaError as exc:
-        ends, kafka_error = None, f"{type(exc).__name__}: {exc}"
+def overview(
+    settings: Settings, bootstrap: str | None, dsn: str, *, kafka_unknown: str | None = None
+) -> dict:
+    """Everything `ledger status` prints, as data (JSON-ready). Without `bootstrap` (no Kafka
+    known: `kafka_unknown` says why) the lags are unknown."""
+    kafka_error = kafka_unknown
+    ends = None
+    if bootstrap is not None:
+        try:
+            ends = log_ends(settings, bootstrap)
+        except KafkaError as exc:
+            name, text = type(exc).__name__, " ".join(str(exc).split())
+            kafka_error = text if text.startswith(name) else f"{name}: {text}"
     with db.connect(dsn, autocommit=True) as conn:
         stored = {
             (t, p): o
@@ -122,7 +128,9 @@ def overview_lines(report: dict) -> list[str]:
             f"{row['shard']:>5}  {_count(row['lag']):>10}  {_count(row['projection_lag']):>10}  "
             f"{row['last_tick_at'] or '-':<25}  {holder}"
         )
-    if not report["shards"]:
+    if not report["shards"] and report["kafka_error"]:
+        lines.append("  (no shard known to the database, and Kafka did not answer)")
+    elif not report["shards"]:
         lines.append("  (no shards yet: `ledger topics create`, then start a worker)")
     outbox = report["outbox"]
     lines.append(

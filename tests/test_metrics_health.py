@@ -13,6 +13,7 @@ import urllib.parse
 import urllib.request
 import uuid
 
+import psycopg
 import pytest
 from kafka import KafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
@@ -303,6 +304,30 @@ def test_ledger_status_shows_lag_holders_backlog_and_rejects(settings, stack, ds
         assert "outbox: 0 unpublished (oldest 0.0 s), 0 parked" in lines
     finally:
         feed.close()
+
+
+def test_ledger_status_without_kafka_prints_the_rest_and_exits_1(settings, stack, dsn):
+    closed = free_port()
+    env = (
+        services_env(stack, dsn)
+        | _group(settings)
+        | {"LEDGER_KAFKA_BOOTSTRAP": f"127.0.0.1:{closed}"}
+    )
+    with psycopg.connect(dsn, autocommit=True) as conn:  # a worker holds shard 2
+        conn.execute(
+            "INSERT INTO shard_leases (group_id, shard, holder, expires_at) "
+            "VALUES (%s, 2, 'w1', now() + interval '1 minute')",
+            (settings.consumer_group,),
+        )
+    result = ledger_cli("status", env=env)
+    assert result.returncode == 1, result.stderr
+    lines = result.stdout.splitlines()
+    assert "outbox: 0 unpublished (oldest 0.0 s), 0 parked" in lines
+    assert "rejects open: 0" in lines
+    assert lines[-1].startswith("lag unknown: Kafka did not answer (")
+    assert f"127.0.0.1:{closed}" in lines[-1]
+    assert lines[2].split()[:3] == ["2", "?", "0"]  # shard, lag unknown, projection lag
+    assert "w1 (live until" in lines[2]
 
 
 def _group(settings: Settings) -> dict[str, str]:
