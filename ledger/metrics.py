@@ -19,6 +19,7 @@ The ledger consumer also records, per process, which shards it holds and their l
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import time
@@ -202,7 +203,8 @@ class ConsumerShards:
     def _publish(self, before: ShardsView | None, after: ShardsView | None) -> None:
         shown = set(after.lag) if after else set()
         for shard in set(before.lag if before else ()) - shown:
-            CONSUMER_LAG.remove(str(shard))
+            with contextlib.suppress(KeyError):  # another consumer of this process removed it
+                CONSUMER_LAG.remove(str(shard))
         for shard, lag in (after.lag if after else {}).items():
             CONSUMER_LAG.labels(str(shard)).set(lag)
         SHARDS_HELD.set(sum(len(v.held) for v in self._views.values()))
