@@ -301,6 +301,23 @@ def _outbox(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace, settings: Settings) -> int:
+    from ledger import stack
+    from ledger.errors import StackError
+    from ledger.overview import overview, overview_lines
+
+    dsn = _database(settings)
+    try:
+        report = overview(settings, stack.kafka_bootstrap(settings), dsn)
+    except StackError as exc:  # no Kafka known: the rest is still worth printing
+        report = overview(settings, None, dsn, kafka_unknown=str(exc))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print("\n".join(overview_lines(report)))
+    return 1 if report["kafka_error"] else 0
+
+
 def _trial_balance(args: argparse.Namespace, settings: Settings) -> int:
     from ledger import db
     from ledger.money import plain
@@ -617,6 +634,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="retry every parked row")
     p.add_argument("--json", action="store_true", help="machine-readable output (parked)")
     p.set_defaults(func=_outbox)
+
+    p = sub.add_parser("status", help="lag per shard, lease holders, outbox backlog, open rejects")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_status)
 
     p = sub.add_parser("trial-balance", help="sum of all postings per currency; exit 1 unless 0")
     p.set_defaults(func=_trial_balance)

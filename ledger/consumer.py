@@ -30,7 +30,7 @@ import structlog
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import OffsetOutOfRangeError as KafkaOffsetOutOfRange
 
-from ledger import chain_keys, db, topics
+from ledger import chain_keys, db, metrics, topics
 from ledger.backoff import kafka_reconnect_options
 from ledger.book import LedgerFold
 from ledger.db import QUERIES
@@ -129,6 +129,20 @@ class ShardConsumer:
                 fetched[(tp.topic, tp.partition)] = (start, end)
         return batch, fetched
 
+    def lag(self) -> dict[int, int]:
+        """Per shard consumed: records in Kafka after the stored offset (the log end as of the
+        last fetch response), summed over the input topics; shards whose log end is not known
+        yet are left out."""
+        lag: dict[int, int] = {}
+        unknown: set[int] = set()
+        for tp, stored in self.starts.items():
+            end = self.consumer.highwater(tp)
+            if end is None:
+                unknown.add(tp.partition)
+            else:
+                lag[tp.partition] = lag.get(tp.partition, 0) + max(0, end - stored)
+        return {shard: n for shard, n in lag.items() if shard not in unknown}
+
     def committed(self, fetched: Fetched) -> None:
         """The writer stored `fetched`: the next batch starts where it ended."""
         for (topic, partition), (_, end) in fetched.items():
@@ -195,6 +209,12 @@ def run_ledger_consumer(
     owned: set[int] = set()
     next_refresh = 0.0
     failures = 0
+
+    def report_shards() -> None:  # for the lag gauge and /readyz
+        stopped = {tp.partition for tp in shards.lost}
+        lag = {shard: n for shard, n in shards.lag().items() if shard in owned}
+        metrics.CONSUMERS.report(leases.holder, wanted, owned, stopped, lag)
+
     log.info("ledger_consumer_started", group=settings.consumer_group, shards=wanted)
     try:
         while not stop.is_set():
@@ -211,14 +231,18 @@ def run_ledger_consumer(
                     next_refresh = time.monotonic() + LEASE_REFRESH_S
                 if not owned:
                     failures = 0
+                    report_shards()
                     stop.wait(LEASE_REFRESH_S)
                     continue
                 batch, fetched = shards.poll(settings, stop)
                 if batch or fetched:
-                    writer.write_batch(batch, fetched=fetched)
+                    started = time.perf_counter()
+                    result = writer.write_batch(batch, fetched=fetched)
+                    metrics.batch_written(result, len(batch), time.perf_counter() - started)
                     shards.committed(fetched)
                     if on_batch is not None and batch:
                         on_batch(len(batch))
+                report_shards()
                 if failures:
                     log.info("ledger_consumer_recovered", after_attempts=failures)
                 failures = 0
@@ -242,6 +266,7 @@ def run_ledger_consumer(
                 )
                 stop.wait(delay)
     finally:
+        metrics.CONSUMERS.gone(leases.holder)
         consumer.close(autocommit=False)
         leases.close()
         writer.conn.close()

@@ -42,12 +42,21 @@ QUERIES: dict[str, str] = _load_queries()
 DEFAULT_ROLES = DbRoles()
 
 
-def connect(dsn: str, *, autocommit: bool = False) -> psycopg.Connection:
+def connect(
+    dsn: str, *, autocommit: bool = False, timeout_s: int | None = None
+) -> psycopg.Connection:
+    """A connection; with `timeout_s`, connecting and every statement give up after that many
+    seconds (for probes and scrapes, which must answer even when the server does not)."""
+    options = "-c TimeZone=UTC"
+    extra: dict[str, object] = {}
+    if timeout_s is not None:
+        options += f" -c statement_timeout={timeout_s * 1000}"
+        extra["connect_timeout"] = timeout_s
     try:
         # The session time zone is pinned to UTC: timestamps the ledger reads back (audit,
         # reports, verify) never depend on the server's or the client's local zone.
         return psycopg.connect(
-            dsn, autocommit=autocommit, application_name="ledger", options="-c TimeZone=UTC"
+            dsn, autocommit=autocommit, application_name="ledger", options=options, **extra
         )
     except psycopg.OperationalError as exc:
         raise DatabaseError(

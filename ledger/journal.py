@@ -30,7 +30,7 @@ import dataclasses
 import hmac
 import time
 import traceback
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -127,6 +127,9 @@ class BatchResult:
     stale: int = 0
     next_offsets: dict[tuple[str, int], int] = dataclasses.field(default_factory=dict)
     split: bool = False  # the batch failed whole and was split to isolate a record
+    # What was journaled, by event type, and rejected, by reason (for the metrics).
+    journaled_by_type: Counter[str] = dataclasses.field(default_factory=Counter)
+    rejected_by_reason: Counter[str] = dataclasses.field(default_factory=Counter)
 
     def add(self, other: BatchResult) -> None:
         self.journaled += other.journaled
@@ -134,6 +137,8 @@ class BatchResult:
         self.rejected += other.rejected
         self.stale += other.stale
         self.next_offsets.update(other.next_offsets)
+        self.journaled_by_type.update(other.journaled_by_type)
+        self.rejected_by_reason.update(other.rejected_by_reason)
 
 
 @dataclasses.dataclass
@@ -500,6 +505,8 @@ class LedgerWriter:
             cur.execute(QUERIES["notify_outbox"])
         result.journaled = len(journaled)
         result.rejected = len(rejects)
+        result.journaled_by_type = Counter(j.event_type for j in journaled)
+        result.rejected_by_reason = Counter(r[3] for r in rejects)
         return result
 
     def _fresh_records(

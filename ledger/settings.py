@@ -80,6 +80,11 @@ class Settings:
     # many days are deleted; the journal keeps everything.
     outbox_retention_days: int = 7
     rejects_retention_days: int = 90
+    # Prometheus metrics, /healthz and /readyz of `ledger worker` on this port (0: off).
+    metrics_port: int = 0
+    # /readyz answers 503 while a ledger consumer's lag (records) or the projection's lag
+    # (journal entries) exceeds this.
+    ready_max_lag: int = 100_000
     # Logging.
     log_level: str = "INFO"
     log_format: str = "auto"  # auto | json | console
@@ -138,6 +143,8 @@ class Settings:
             ("outbox_retention_days", 1, 36_500),
             ("rejects_retention_days", 1, 36_500),
             ("checkpoint_interval_s", 1, 86_400),
+            ("metrics_port", 0, 65_535),
+            ("ready_max_lag", 0, 10**12),
         ):
             value = getattr(self, name)
             if not low <= value <= high:

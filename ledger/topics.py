@@ -16,15 +16,24 @@ CREDITS = "billing.credits.v1"
 PAYMENTS = "billing.payment-methods.v1"
 CONTROL = "billing.control.v1"
 STATUS = "billing.account-status.v1"
+# The latest AccountSuspended/AccountReinstated of each account (keyed by account, compacted),
+# written by the relay before the event itself goes to STATUS: a new gateway reads it to its
+# end instead of the whole status history (`ledger.status`).
+STATUS_SNAPSHOT = "billing.account-status-snapshot.v1"
 DEADLETTER = "billing.deadletter.v1"
 # Every shard's hash-chain head, published by the relay (`ledger.checkpoints`); kept forever.
 CHECKPOINTS = "billing.checkpoints.v1"
 
 INPUTS = (USAGE, ACCOUNTS, CREDITS, PAYMENTS, CONTROL)
-ALL = (*INPUTS, STATUS, DEADLETTER, CHECKPOINTS)
+ALL = (*INPUTS, STATUS, STATUS_SNAPSHOT, DEADLETTER, CHECKPOINTS)
 
-# Topic configs beyond the partition count and the caller's `configs`.
-TOPIC_CONFIGS = {CHECKPOINTS: {"retention.ms": "-1", "cleanup.policy": "delete"}}
+# Topic configs beyond the partition count and the caller's `configs`: checkpoints are kept
+# forever; the snapshot keeps the latest record per key, and rolls a segment every hour so that
+# the cleaner compacts it within hours rather than days (it never compacts the active segment).
+TOPIC_CONFIGS = {
+    CHECKPOINTS: {"retention.ms": "-1", "cleanup.policy": "delete"},
+    STATUS_SNAPSHOT: {"cleanup.policy": "compact", "segment.ms": "3600000"},
+}
 
 _EVENT_TOPICS = {
     USAGE: ("UsageRecorded",),

@@ -18,7 +18,7 @@ import psycopg
 import structlog
 from psycopg.types.json import Jsonb
 
-from ledger import db, topics
+from ledger import db, metrics, topics
 from ledger.backoff import Outage
 from ledger.codec import Codec
 from ledger.db import QUERIES
@@ -154,6 +154,7 @@ class ProjectionWorker:
                     if self.conn.closed or self.conn.broken:
                         self.conn = db.connect(self.dsn)
                     applied = self.run_once()
+                    metrics.PROJECTION_ENTRIES.inc(applied)
                     outage.ok()
                     if applied:
                         continue

@@ -120,6 +120,7 @@ def test_topics():
     ]
     assert topics.all_topics(settings)[-3:] == [
         "x-billing.account-status.v1",
+        "x-billing.account-status-snapshot.v1",
         "x-billing.deadletter.v1",
         "x-billing.checkpoints.v1",
     ]

@@ -697,3 +697,38 @@ SELECT payload FROM journal_entries
 
 -- name: prune
 SELECT outbox_rows, rejects FROM ledger_prune(make_interval(days => %s), make_interval(days => %s));
+
+-- --- metrics, readiness and `ledger status` (ledger/metrics.py, ledger/health.py, ----------
+-- --- ledger/overview.py) -------------------------------------------------------------------
+
+-- name: ping
+SELECT 1;
+
+-- name: outbox_backlog
+-- Unpublished rows not parked (rows waiting behind a parked row of their key included), the
+-- age of the oldest of them in seconds, and the parked rows.
+SELECT count(*) FILTER (WHERE parked_at IS NULL),
+       coalesce(extract(epoch FROM clock_timestamp()
+                - min(created_at) FILTER (WHERE parked_at IS NULL)), 0)::float8,
+       count(*) FILTER (WHERE parked_at IS NOT NULL)
+  FROM outbox WHERE published_at IS NULL;
+
+-- name: suspended_by_reason
+SELECT reason, count(*) FROM account_status, unnest(reasons) AS reason
+ WHERE suspended GROUP BY reason ORDER BY reason;
+
+-- name: shard_progress
+-- Per shard: journal entries the projection has not applied yet, and the last PeriodTick
+-- journaled there.
+SELECT h.shard, h.last_seq - coalesce(p.position, 0), h.last_tick_at
+  FROM shard_heads h
+  LEFT JOIN projection_positions p ON p.projection = %s AND p.shard = h.shard
+ ORDER BY h.shard;
+
+-- name: open_rejects_by_reason
+SELECT reason, count(*) FROM rejected_events WHERE resolved_at IS NULL
+ GROUP BY reason ORDER BY reason;
+
+-- name: shard_lease_holders
+SELECT shard, holder, expires_at, expires_at > clock_timestamp() FROM shard_leases
+ WHERE group_id = %s ORDER BY shard;
