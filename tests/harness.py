@@ -131,7 +131,11 @@ class Ledger:
     # --- reading --------------------------------------------------------------------------
 
     def journaled(self) -> int:
-        return self.db.execute("SELECT count(*) FROM journal_entries").fetchone()[0]
+        """Journal entries, not counting the price and policy versions a `ledger worker`
+        journals at start."""
+        return self.db.execute(
+            "SELECT count(*) FROM journal_entries WHERE event_type <> 'ConfigPublished'"
+        ).fetchone()[0]
 
     def rejected(self) -> list[tuple]:
         return self.db.execute(

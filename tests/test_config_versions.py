@@ -88,6 +88,12 @@ def test_a_published_price_rerates_held_usage_and_a_replay_ignores_edited_files(
     ]
     ledger.period_tick(datetime(2026, 3, 20, tzinfo=UTC))
     ledger.period_tick(datetime(2026, 4, 4, 1, tzinfo=UTC))  # March closes
+    wait_until(
+        lambda: ledger.db.execute(
+            "SELECT 1 FROM invoices WHERE invoice_id = 'INV-2026-03-acme'"
+        ).fetchone(),
+        what="March's invoice (the month closed before the late usage is sent)",
+    )
     # Late usage after the close: on April's invoice as an adjustment.
     base = ledger.journaled() + len(ledger.rejected())
     ledger.use("acme", model=R1, output_tokens=125_000, occurred_at=MARCH + timedelta(days=9))

@@ -124,6 +124,8 @@ def test_topics():
         "x-billing.deadletter.v1",
         "x-billing.checkpoints.v1",
     ]
-    assert sorted(topics.TOPIC_OF) == Codec.default().event_types()
+    # Every event type but ConfigPublished, which the ledger journals from its database.
+    journal_only = {"ConfigPublished"}
+    assert sorted(topics.TOPIC_OF) == sorted(set(Codec.default().event_types()) - journal_only)
     with pytest.raises(ValueError):
         topics.topic_for("Nope")
