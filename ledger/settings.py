@@ -199,8 +199,10 @@ class Settings:
             env[PREFIX + field.name.upper()] = str(value)
         return env
 
-    def __repr__(self) -> str:  # a DSN's password never reaches a log or a traceback
-        fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
+    def __repr__(self) -> str:  # no password (in a DSN or a field) reaches a log or traceback
+        fields = ", ".join(
+            f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if f.repr
+        )
         return redact(f"Settings({fields})")
 
     @property
