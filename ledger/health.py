@@ -7,7 +7,7 @@
   runs passes, otherwise 503 with `{"ready": false, "not_ready": {check: why}}`:
     - `database` (ledger, projections, relay): PostgreSQL answers `SELECT 1` within 2 s;
     - `broker` (ledger, relay, scheduler): a bootstrap broker answers a Kafka ApiVersions
-      request within 2 s;
+      request within 2 s (over TLS when the Kafka security settings say so);
     - `shards` (ledger): the consumer has started and holds at least one shard lease, none
       of its shards stopped for lost offsets; or it is a standby: it holds none because every
       one of its shards is held by another worker's live lease (`standby_for_shards` in the
@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import socket
+import ssl
 import struct
 import threading
 from collections.abc import Callable, Iterable
@@ -87,30 +88,51 @@ def ask_database(
     return answer
 
 
-def broker_problem(bootstrap: str, timeout_s: float = CHECK_TIMEOUT_S) -> str | None:
+def broker_problem(
+    bootstrap: str, settings: Settings | None = None, timeout_s: float = CHECK_TIMEOUT_S
+) -> str | None:
     """None if some bootstrap broker answers an ApiVersions request (the first request every
-    Kafka client sends, allowed before authentication) within `timeout_s`, else why not."""
+    Kafka client sends, allowed before SASL authentication) within `timeout_s`, else why not.
+    With LEDGER_KAFKA_SECURITY_PROTOCOL SSL or SASL_SSL, over TLS with the configured CA and
+    client certificate, host names checked."""
+    tls = _tls_context(settings) if settings is not None else None
     problems = []
     for address in bootstrap.split(","):
         host, _, port = address.strip().rpartition(":")
         try:
-            _api_versions(host.strip("[]"), int(port), timeout_s)
+            _api_versions(host.strip("[]"), int(port), timeout_s, tls)
             return None
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             problems.append(f"{address.strip()}: {_one_line(exc)}")
     return "; ".join(problems) or "no bootstrap address"
 
 
-def _api_versions(host: str, port: int, timeout_s: float) -> None:
+def _tls_context(settings: Settings) -> ssl.SSLContext | None:
+    if settings.kafka_security_protocol not in ("SSL", "SASL_SSL"):
+        return None
+    cafile = settings.kafka_ssl_cafile
+    context = ssl.create_default_context(cafile=str(cafile) if cafile else None)
+    if settings.kafka_ssl_certfile is not None:
+        keyfile = settings.kafka_ssl_keyfile
+        context.load_cert_chain(str(settings.kafka_ssl_certfile), str(keyfile) if keyfile else None)
+    return context
+
+
+def _api_versions(host: str, port: int, timeout_s: float, tls: ssl.SSLContext | None) -> None:
     """One ApiVersions v0 round trip; raises unless a Kafka broker answered it."""
     client_id = b"ledger-readyz"
     correlation_id = 0x4C454447
     request = struct.pack(">hhih", 18, 0, correlation_id, len(client_id)) + client_id
-    with socket.create_connection((host, port), timeout=timeout_s) as sock:
+    sock = socket.create_connection((host, port), timeout=timeout_s)
+    try:
+        if tls is not None:
+            sock = tls.wrap_socket(sock, server_hostname=host)  # takes the connection over
         sock.settimeout(timeout_s)
         sock.sendall(struct.pack(">i", len(request)) + request)
         (size,) = struct.unpack(">i", _receive(sock, 4))
         answer = _receive(sock, min(size, 6))
+    finally:
+        sock.close()
     if size < 6 or struct.unpack(">i", answer[:4])[0] != correlation_id:
         raise ValueError("the answer is not a Kafka ApiVersions response")
     # Any error code (e.g. UNSUPPORTED_VERSION, 35) still means a broker is answering.
@@ -191,7 +213,7 @@ class Readiness:
             problems |= {"database": answer.problem} if answer.problem else {}
             problems |= {"lag": answer.projection_behind} if answer.projection_behind else {}
         if any(role in NEEDS_BROKER for role in self.roles):
-            problem = broker_problem(self.bootstrap)
+            problem = broker_problem(self.bootstrap, self.settings)
             problems |= {"broker": problem} if problem else {}
         if "ledger" in self.roles:
             found, standby = shard_problems(metrics.CONSUMERS.views(), max_lag, answer.live_holders)

@@ -17,6 +17,7 @@ from kafka.errors import KafkaError
 
 from ledger import db, topics
 from ledger.db import QUERIES
+from ledger.kafka_auth import client_options
 from ledger.settings import Settings
 
 KAFKA_TIMEOUT_MS = 10_000
@@ -34,6 +35,7 @@ def log_ends(settings: Settings, bootstrap: str) -> dict[tuple[str, int], int]:
         enable_incremental_fetch_sessions=False,
         request_timeout_ms=KAFKA_TIMEOUT_MS,
         bootstrap_timeout_ms=KAFKA_TIMEOUT_MS,
+        **client_options(settings),
     )
     try:
         partitions = [

@@ -152,15 +152,17 @@ class AccountStatusFollower:
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None, **consumer_options):
-        """A follower for the configured brokers and topic prefix: LEDGER_KAFKA_BOOTSTRAP
-        (else the local stack's Kafka) and LEDGER_TOPIC_PREFIX."""
+        """A follower for the configured brokers, credentials and topic prefix:
+        LEDGER_KAFKA_BOOTSTRAP (else the local stack's Kafka), the LEDGER_KAFKA_* security
+        settings and LEDGER_TOPIC_PREFIX."""
         from ledger import stack
+        from ledger.kafka_auth import client_options
 
         settings = settings or Settings.from_env()
         return cls(
             stack.kafka_bootstrap(settings),
             topic_prefix=settings.topic_prefix,
-            **consumer_options,
+            **(client_options(settings) | consumer_options),
         )
 
     # --- reading --------------------------------------------------------------------------

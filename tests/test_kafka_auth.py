@@ -7,6 +7,7 @@ write status events."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import subprocess
@@ -341,3 +342,31 @@ def test_a_client_configuration_logged_at_debug_shows_no_password():
     )
     assert "sasl_plain_password" in result.stderr  # the configuration was logged ...
     assert PASSWORD not in result.stdout + result.stderr  # ... masked
+
+
+def test_readiness_ledger_status_and_the_gateway_sdk_use_the_kafka_credentials(sasl, stack):
+    from ledger import health
+    from ledger.status import AccountStatusFollower
+
+    base, info = sasl
+    settings = dataclasses.replace(
+        base,
+        kafka_bootstrap=info.bootstrap,
+        database_url=new_database(stack),
+        topic_prefix="ops.",
+        consumer_group="ops",
+    )
+    topics.create_topics(info.bootstrap, settings)
+    assert health.broker_problem(info.bootstrap, settings) is None  # ApiVersions before SASL
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LEDGER_")}
+    report = ledger_cli("status", "--json", env=env | settings.to_env())
+    assert report.returncode == 0, report.stderr
+    assert PASSWORD not in report.stdout + report.stderr
+    shards = json.loads(report.stdout)["shards"]
+    assert [row["lag"] for row in shards] == [0] * settings.partitions
+    follower = AccountStatusFollower.from_settings(settings)
+    try:
+        assert follower.bootstrap(timeout_s=30) == 0  # an empty snapshot, read with the SASL user
+        assert follower.poll() == []
+    finally:
+        follower.close()
