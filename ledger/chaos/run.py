@@ -39,7 +39,7 @@ log = structlog.get_logger(__name__)
 
 # The default offered rate: what the ledger drained on the 2-core development machine with the
 # three brokers, the producers and the other workers beside it (README, "Latest full run").
-RATE = 1000.0
+RATE = 750.0
 
 
 @dataclasses.dataclass(frozen=True)
