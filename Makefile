@@ -52,4 +52,4 @@ chaos: $(STAMP)
 	$(BIN)/python -m ledger.chaos $(CHAOS_ARGS)
 
 clean: down
-	rm -rf .ledger
+	rm -rf "$$($(BIN)/python -c 'from ledger.settings import Settings; print(Settings.from_env().home)')"

@@ -108,12 +108,15 @@ def _usage(entries: list[JournalEntry], extra: dict) -> dict[str, Any]:
     held: dict[tuple, list[Decimal]] = defaultdict(lambda: [ZERO, ZERO])
     burns: dict[str, Decimal] = defaultdict(lambda: ZERO)
     to_receivable = ZERO
+    rerated = {e.payload["usage_event_id"] for e in entries if e.event_type == "UsageRerated"}
     for e in entries:
-        if e.event_type != "UsageRecorded":
+        if e.event_type not in ("UsageRecorded", "UsageRerated"):
             continue
-        _, price_version, detail = extra[e.shard_seq]
+        event_id, price_version, detail = extra[e.shard_seq]
         p = e.payload
         if e.status == "unpriced":
+            if event_id in rerated:
+                continue  # priced since: its UsageRerated entry carries the lines
             meters = ("input_tokens", "cached_input_tokens", "output_tokens", "training_tokens",
                       "images", "steps", "gpu_seconds")  # fmt: skip
             for meter in meters:
@@ -159,6 +162,8 @@ def _grants(entries: list[JournalEntry], extra: dict) -> list[dict[str, str]]:
         if e.event_type not in GRANT_EVENTS or e.status != "posted":
             continue
         detail = extra[e.shard_seq][2]
+        if e.event_type == "CreditPurchased" and Decimal(detail.get("granted", "0")) == 0:
+            continue  # it all paid the receivable: a payment (listed there), no credit
         amount = (
             detail.get("amount")
             or detail.get("granted")

@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import hmac
 import json
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, TypeVar
 
 from ledger.money import plain, quantize
 from ledger.policy import Policy
-from ledger.rating import PriceBook
+from ledger.rating import PriceBook, Rating
 
 ZERO = Decimal(0)
 
@@ -257,6 +258,7 @@ class LedgerFold:
                 "kind": "promotional",
                 "amount": plain(credit),
                 "applied_to_receivable": plain(covers),
+                **self._policy_ref(),
             },
         )
 
@@ -301,16 +303,31 @@ class LedgerFold:
     def _on_UsageRecorded(self, book: AccountBook, event: dict) -> Entry:
         self._check_quantities(event)
         rating = self.pricebook.rate(event)
-        lines = [line.to_json() for line in rating.lines]
         if not rating.priced:
             return Entry(
                 "unpriced",
                 price_version=rating.price_version,
                 detail={"unpriced_reason": rating.unpriced_reason},
             )
+        return self._charge(book, event, rating)
+
+    def rerate(self, book: AccountBook, usage: dict) -> Entry | None:
+        """Held (unpriced) usage, rated again after a price version was published: its entry,
+        charged as the usage would have been at its occurred_at, or None if still unpriced."""
+        rating = self.pricebook.rate(usage)
+        if not rating.priced:
+            return None
+        return self._charge(book, usage, rating)
+
+    def _charge(self, book: AccountBook, event: dict, rating: Rating) -> Entry:
+        lines = [line.to_json() for line in rating.lines]
+        refs = {"price_ref": self.pricebook.ref_of(rating.price_version)}
+        refs = {k: v for k, v in refs.items() if v} | self._policy_ref()
         charge = rating.total
         if charge == 0:
-            return Entry("noop", price_version=rating.price_version, detail={"lines": lines})
+            return Entry(
+                "noop", price_version=rating.price_version, detail={"lines": lines, **refs}
+            )
         burns, owed = burn_credits(book, charge, self.policy, event["occurred_at"])
         postings = [(credit_account(book.account_id, g.grant_id), take) for g, take in burns]
         postings += [(receivable_account(book.account_id), owed), (REVENUE_USAGE, -charge)]
@@ -322,8 +339,13 @@ class LedgerFold:
                 "charge": plain(charge),
                 "burns": [{"grant_id": g.grant_id, "amount": plain(t)} for g, t in burns],
                 "to_receivable": plain(owed),
+                **refs,
             },
         )
+
+    def _policy_ref(self) -> dict[str, str]:
+        """The policy version an entry used, when it was published (ledger.config_versions)."""
+        return {"policy_ref": self.policy.ref} if self.policy.ref else {}
 
     def _check_quantities(self, event: dict) -> None:
         policy = self.policy
@@ -474,6 +496,118 @@ def expiry_events(
     return out
 
 
+USAGE_FIELDS = (
+    "request_id", "product", "model", "service_tier", "input_tokens", "cached_input_tokens",
+    "output_tokens", "training_tokens", "gpu_type", "gpu_seconds", "images", "steps",
+)  # fmt: skip
+
+
+def rerate_event(
+    fold: LedgerFold, published_event_id: str, usage: dict[str, Any], book: AccountBook
+) -> tuple[dict[str, Any], Entry] | None:
+    """The UsageRerated event (derived from a price publication) and its entry for one held
+    usage event, or None if the published prices still do not price it: the one definition
+    shared by the journal writer and the rule harness. `usage` is the held event as decoded
+    or as journaled (ISO times, decimals as text)."""
+    usage = _as_usage(usage)
+    entry = fold.rerate(book, usage)
+    if entry is None:
+        return None
+    event = {
+        "event_id": f"{usage['event_id']}:rerated",
+        "account_id": usage["account_id"],
+        "occurred_at": usage["occurred_at"],
+        "usage_event_id": usage["event_id"],
+        "published_event_id": published_event_id,
+        **{k: usage[k] for k in USAGE_FIELDS if usage.get(k) is not None},
+    }
+    return event, entry
+
+
+def _as_usage(usage: dict[str, Any]) -> dict[str, Any]:
+    out = dict(usage)
+    if isinstance(out["occurred_at"], str):
+        out["occurred_at"] = datetime.fromisoformat(out["occurred_at"])
+    if isinstance(out.get("gpu_seconds"), str):
+        out["gpu_seconds"] = Decimal(out["gpu_seconds"])
+    return out
+
+
+def apply_recorded(
+    book: AccountBook,
+    event_type: str,
+    payload: dict[str, Any],
+    detail: dict[str, Any],
+    postings: list[tuple[str, Decimal]],
+    policy: Policy,
+) -> None:
+    """Move `book` by one journaled entry as it was recorded, without deciding anything again:
+    grants appear, are revoked or expire as the entry's detail says, and every amount (grant
+    balances, receivable) moves by the entry's postings. Folding an account's entries in
+    journal order gives the book the writer must hold (`ledger verify` compares them). Raises
+    ValueError for an entry the writer could not have made (a posting to an unknown grant)."""
+    account_id = book.account_id
+
+    def new_grant(grant_id: str, kind: str, granted: Decimal, expires_at, applied=ZERO) -> None:
+        book.grants[grant_id] = Grant(
+            grant_id, kind, granted, ZERO, expires_at, book.next_order, applied=applied
+        )
+        book.next_order += 1
+
+    if event_type == "AccountOpened":
+        book.opened = True
+        if "grant_id" in detail:
+            granted = Decimal(detail["amount"]) - Decimal(detail["applied_to_receivable"])
+            if granted > 0:
+                expires = None
+                if policy.signup_expires_after_days:
+                    expires = datetime.fromisoformat(payload["occurred_at"]) + timedelta(
+                        days=policy.signup_expires_after_days
+                    )
+                new_grant(detail["grant_id"], "promotional", granted, expires)
+    elif event_type == "CreditPurchased" and "grant_id" in detail:
+        new_grant(
+            detail["grant_id"],
+            "purchased",
+            Decimal(detail["granted"]),
+            None,
+            Decimal(detail["applied_to_receivable"]),
+        )
+    elif event_type == "CreditGranted" and "grant_id" in detail:
+        expires = payload.get("expires_at")
+        new_grant(
+            detail["grant_id"],
+            detail["kind"],
+            Decimal(detail["amount"]),
+            datetime.fromisoformat(expires) if expires else None,
+        )
+    elif event_type == "InvoicePaid" and "overpayment_grant_id" in detail:
+        extra = Decimal(detail["paid"]) - Decimal(detail["applied_to_receivable"])
+        new_grant(detail["overpayment_grant_id"], "purchased", extra, None)
+    elif event_type == "CreditRevoked" and "removed" in detail:
+        grant = _recorded_grant(book, detail["grant_id"])
+        grant.granted = ZERO
+        grant.revoked = True
+    elif event_type == "GrantExpired":
+        _recorded_grant(book, detail["grant_id"]).expired += Decimal(detail["expired"])
+
+    receivable = receivable_account(account_id)
+    credit_prefix = f"customer:{account_id}:credit:"
+    for ledger_account, amount in postings:
+        if ledger_account == receivable:
+            book.receivable += amount
+        elif ledger_account.startswith(credit_prefix):
+            # Credit-normal: money granted is a negative posting, money spent a positive one.
+            _recorded_grant(book, ledger_account[len(credit_prefix) :]).remaining -= amount
+
+
+def _recorded_grant(book: AccountBook, grant_id: str) -> Grant:
+    grant = book.grants.get(grant_id)
+    if grant is None:
+        raise ValueError(f"the journal moves grant {grant_id!r}, which it never granted")
+    return grant
+
+
 def _entry(*postings: tuple[str, Decimal], price_version: str | None = None, detail: dict) -> Entry:
     kept = tuple(Posting(acct, amount) for acct, amount in postings if amount != 0)
     assert sum((p.amount for p in kept), ZERO) == 0, f"unbalanced postings {kept}"
@@ -505,15 +639,73 @@ def content_hash(event_type: str, event_json: str) -> bytes:
     return hashlib.sha256(f"[{canonical_json(event_type)},{event_json}]".encode()).digest()
 
 
-def chain_hash(
-    prev_hash: bytes, event_json: str, entry: Entry, raw: bytes, detail_json: str | None = None
-) -> bytes:
-    """The entry's link in its account's hash chain: over the previous link, the event as
-    journaled (its canonical JSON payload), the entry's status, postings and rating detail, and
-    the raw event bytes, i.e. over canonical_json([event, status, postings, detail]). Amounts
-    at the journal's scale (9 places), so the link can be recomputed from what is stored."""
+def _entry_body(event_json: str, entry: Entry, detail_json: str | None) -> str:
+    """canonical_json([event, status, postings, detail]), amounts at the journal's scale (9
+    places), so it can be made again from what is stored."""
     postings = [[p.ledger_account, format(quantize(p.amount), "f")] for p in entry.postings]
     if detail_json is None:
         detail_json = canonical_json(entry.detail)
-    body = f"[{event_json},{canonical_json(entry.status)},{canonical_json(postings)},{detail_json}]"
+    return f"[{event_json},{canonical_json(entry.status)},{canonical_json(postings)},{detail_json}]"
+
+
+def chain_hash(
+    prev_hash: bytes, event_json: str, entry: Entry, raw: bytes, detail_json: str | None = None
+) -> bytes:
+    """The UNKEYED link of entries journaled before the chain was keyed (their `chain_key_id`
+    is NULL): SHA-256 over the previous link of the same account, the event as journaled (its
+    canonical JSON payload), the entry's status, postings and rating detail, and the raw event
+    bytes. Anyone can recompute it; kept only to verify those older entries."""
+    body = _entry_body(event_json, entry, detail_json)
     return hashlib.sha256(prev_hash + body.encode() + hashlib.sha256(raw).digest()).digest()
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def link_header(
+    key_id: str,
+    shard: int,
+    shard_seq: int,
+    event_type: str,
+    account_id: str,
+    occurred_at: datetime,
+    price_version: str | None,
+    cause_event_id: str | None,
+) -> str:
+    """What a keyed link binds besides the entry's content: where it stands in the journal and
+    the columns the readers use that the payload does not hold. Fields are separated by US
+    (0x1f) and None is NUL: neither can occur in an identifier the journal accepts, so no two
+    different rows share a header; occurred_at counts in microseconds since 1970 (UTC)."""
+    micros = (occurred_at - _EPOCH) // _MICROSECOND
+    version = "\x00" if price_version is None else price_version
+    cause = "\x00" if cause_event_id is None else cause_event_id
+    return (
+        f"{key_id}\x1f{shard}\x1f{shard_seq}\x1f{event_type}\x1f{account_id}\x1f{micros}"
+        f"\x1f{version}\x1f{cause}"
+    )
+
+
+def chain_link(
+    mac: hmac.HMAC,
+    prev_hash: bytes,
+    header: str,
+    event_json: str,
+    entry: Entry,
+    raw: bytes,
+    detail_json: str | None = None,
+) -> bytes:
+    """The entry's link in its SHARD's hash chain: HMAC-SHA256 under a chain key (held outside
+    the database, `ledger.chain_keys`; `mac` is `hmac.new(secret, digestmod="sha256")`, copied
+    here) over the previous entry's link in the shard, the `link_header` (key id, shard,
+    shard_seq, event type, account, occurred_at, price version, cause), a newline,
+    canonical_json([event, status, postings, detail]) and SHA-256 of the raw event bytes.
+    Without the key nobody can make a link that verifies."""
+    body = _entry_body(event_json, entry, detail_json)
+    link = mac.copy()
+    link.update(prev_hash)
+    link.update(header.encode())
+    link.update(b"\n")
+    link.update(body.encode())
+    link.update(hashlib.sha256(raw).digest())
+    return link.digest()

@@ -10,6 +10,7 @@ The bounds, in UTF-8 bytes:
   identifiers (`account_id`, `*_id`, `model`, `gpu_type`, `payment_reference`)
                                      at most MAX_ID_BYTES, no control characters at all
   any other string                   at most MAX_TEXT_BYTES, no NUL
+  a configuration `document`         no NUL; bounded by the event size only
   a whole Kafka record value         at most MAX_EVENT_BYTES (checked by the ledger writer)
 """
 
@@ -24,6 +25,7 @@ MAX_TEXT_BYTES = 4096
 MAX_EVENT_BYTES = 64 * 1024
 
 IDENTIFIER_FIELDS = frozenset({"model", "gpu_type", "payment_reference"})
+DOCUMENT_FIELDS = frozenset({"document"})  # ConfigPublished: a whole price-book version
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")  # Unicode Cc and Cs
 
 
@@ -81,7 +83,7 @@ def _check_string(field: str, value: str) -> None:
                 f"identifier contains control character U+{ord(control.group()):04X} "
                 f"at position {control.start()}",
             )
-    elif size > MAX_TEXT_BYTES:
+    elif size > MAX_TEXT_BYTES and field not in DOCUMENT_FIELDS:
         raise BoundsViolation(
             "oversized_field", field, f"string of {size} bytes exceeds {MAX_TEXT_BYTES}"
         )

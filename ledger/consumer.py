@@ -31,12 +31,13 @@ import structlog
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import OffsetOutOfRangeError as KafkaOffsetOutOfRange
 
-from ledger import db, topics
+from ledger import chain_keys, db, metrics, topics
 from ledger.backoff import kafka_reconnect_options
 from ledger.book import LedgerFold
 from ledger.db import QUERIES
 from ledger.errors import StackError
 from ledger.journal import Fetched, LedgerWriter, OffsetGapError, one_line
+from ledger.kafka_auth import client_options
 from ledger.leases import LEASE_REFRESH_S, LeaseLostError, ShardLeases
 from ledger.policy import Policy
 from ledger.rating import PriceBook
@@ -173,6 +174,20 @@ class ShardConsumer:
         if paused - full:
             self.consumer.resume(*(paused - full))
 
+    def lag(self) -> dict[int, int]:
+        """Per shard consumed: records in Kafka after the stored offset (the log end as of the
+        last fetch response), summed over the input topics; shards whose log end is not known
+        yet are left out."""
+        lag: dict[int, int] = {}
+        unknown: set[int] = set()
+        for tp, stored in self.starts.items():
+            end = self.consumer.highwater(tp)
+            if end is None:
+                unknown.add(tp.partition)
+            else:
+                lag[tp.partition] = lag.get(tp.partition, 0) + max(0, end - stored)
+        return {shard: n for shard, n in lag.items() if shard not in unknown}
+
     def committed(self, fetched: Fetched) -> None:
         """The writer stored `fetched`: the next batch starts where it ended."""
         for (topic, partition), (_, end) in fetched.items():
@@ -230,6 +245,7 @@ def run_ledger_consumer(
     writer = LedgerWriter(
         _writer_connection(dsn, settings),
         fold,
+        keys=chain_keys.load(settings),
         group_id=settings.consumer_group,
         deadletter_topic=settings.topic(topics.DEADLETTER),
         deadletter_max_bytes=settings.deadletter_max_bytes,
@@ -251,6 +267,7 @@ def run_ledger_consumer(
         # (ShardConsumer takes each batch in fair shares from every partition anyway).
         max_partition_fetch_bytes=256 * 1024,
         **kafka_consumer_options(settings),
+        **client_options(settings),
     )
     input_topics = topics.input_topics(settings)
     shard_count = _shard_count(consumer, input_topics, stop)
@@ -264,6 +281,12 @@ def run_ledger_consumer(
     next_refresh = 0.0  # when the leases are next refreshed and the assignment checked
     renewed = 0.0  # when the leases were last renewed
     failures = 0
+
+    def report_shards() -> None:  # for the lag gauge and /readyz
+        stopped = {tp.partition for tp in shards.lost}
+        lag = {shard: n for shard, n in shards.lag().items() if shard in owned}
+        metrics.CONSUMERS.report(leases.holder, wanted, owned, stopped, lag)
+
     log.info("ledger_consumer_started", group=settings.consumer_group, shards=wanted)
     try:
         while not stop.is_set():
@@ -281,6 +304,7 @@ def run_ledger_consumer(
                     next_refresh = time.monotonic() + LEASE_REFRESH_S
                 if not owned:
                     failures = 0
+                    report_shards()
                     stop.wait(LEASE_REFRESH_S)
                     continue
                 batch, fetched = shards.poll(settings, stop)
@@ -291,10 +315,13 @@ def run_ledger_consumer(
                     if leases.refresh() != owned:
                         next_refresh = 0.0  # reassigned at the top of the loop
                 if batch or fetched:
-                    writer.write_batch(batch, fetched=fetched)
+                    started = time.perf_counter()
+                    result = writer.write_batch(batch, fetched=fetched)
+                    metrics.batch_written(result, len(batch), time.perf_counter() - started)
                     shards.committed(fetched)
                     if on_batch is not None and batch:
                         on_batch(len(batch))
+                report_shards()
                 if failures:
                     log.info("ledger_consumer_recovered", after_attempts=failures)
                 failures = 0
@@ -318,6 +345,7 @@ def run_ledger_consumer(
                 )
                 stop.wait(delay)
     finally:
+        metrics.CONSUMERS.gone(leases.holder)
         consumer.close(autocommit=False)
         leases.close()
         writer.conn.close()

@@ -12,8 +12,11 @@ from importlib import resources
 
 import psycopg
 import structlog
+from psycopg import sql as pgsql
 
 from ledger.errors import LedgerError
+from ledger.redact import redact
+from ledger.settings import DbRoles
 
 log = structlog.get_logger(__name__)
 
@@ -36,17 +39,29 @@ def _load_queries() -> dict[str, str]:
 
 
 QUERIES: dict[str, str] = _load_queries()
+DEFAULT_ROLES = DbRoles()
 
 
-def connect(dsn: str, *, autocommit: bool = False) -> psycopg.Connection:
+def connect(
+    dsn: str, *, autocommit: bool = False, timeout_s: int | None = None
+) -> psycopg.Connection:
+    """A connection; with `timeout_s`, connecting and every statement give up after that many
+    seconds (for probes and scrapes, which must answer even when the server does not)."""
+    options = "-c TimeZone=UTC"
+    extra: dict[str, object] = {}
+    if timeout_s is not None:
+        options += f" -c statement_timeout={timeout_s * 1000}"
+        extra["connect_timeout"] = timeout_s
     try:
         # The session time zone is pinned to UTC: timestamps the ledger reads back (audit,
         # reports, verify) never depend on the server's or the client's local zone.
         return psycopg.connect(
-            dsn, autocommit=autocommit, application_name="ledger", options="-c TimeZone=UTC"
+            dsn, autocommit=autocommit, application_name="ledger", options=options, **extra
         )
     except psycopg.OperationalError as exc:
-        raise DatabaseError(f"cannot connect to PostgreSQL at {_redact(dsn)}: {exc}") from exc
+        raise DatabaseError(
+            f"cannot connect to PostgreSQL at {redact(dsn)}: {redact(str(exc))}"
+        ) from exc
 
 
 def migrations() -> list[tuple[int, str, str]]:
@@ -59,15 +74,30 @@ def migrations() -> list[tuple[int, str, str]]:
             found.append((int(match[1]), match[2], entry.read_text("utf-8")))
     found.sort()
     versions = [v for v, _, _ in found]
-    if versions != list(range(1, len(versions) + 1)):
-        raise DatabaseError(f"migrations must be numbered 0001.. without gaps, found {versions}")
+    # Numbers may skip (a number reserved for a change on another branch), never repeat.
+    if len(set(versions)) != len(versions) or versions[:1] not in ([], [1]):
+        raise DatabaseError(f"migrations must be numbered 0001.. without duplicates: {versions}")
     return found
 
 
-def migrate(dsn: str) -> list[int]:
-    """Apply the migrations not yet recorded; returns the versions applied. Idempotent."""
+def migrate(dsn: str, roles: DbRoles = DEFAULT_ROLES) -> list[int]:
+    """Apply the migrations not yet recorded; returns the versions applied. Idempotent.
+
+    Runs as `roles.owner`, so it owns everything it creates: `dsn` is the owner's, or a role
+    that may SET ROLE to it (a member, e.g. a managed database's admin)."""
     applied_now = []
     with connect(dsn) as conn:
+        (current,) = conn.execute(QUERIES["current_role"]).fetchone()
+        if current != roles.owner:
+            try:
+                conn.execute(pgsql.SQL(QUERIES["set_role"]).format(pgsql.Identifier(roles.owner)))
+            except psycopg.Error as exc:
+                raise DatabaseError(
+                    f"`ledger db migrate` runs as the owner role {roles.owner!r}; {current!r} "
+                    f"cannot become it ({exc.diag.message_primary}): connect as the owner "
+                    "(LEDGER_OWNER_DATABASE_URL) or grant it membership of that role"
+                ) from exc
+        conn.execute(QUERIES["set_migration_roles"], tuple(roles))
         conn.execute(QUERIES["create_migrations_table"])
         # One migrator at a time, even when several workers start together.
         conn.execute(QUERIES["lock_migrations"])
@@ -90,13 +120,15 @@ def require_current_schema(dsn: str) -> str:
     with connect(dsn) as conn:
         try:
             (applied,) = conn.execute(QUERIES["latest_migration"]).fetchone()
+            found = f"schema version {applied}"
         except psycopg.errors.UndefinedTable:
-            applied = None
+            applied, found = None, "no ledger schema"
+        except psycopg.errors.InsufficientPrivilege:  # this role was granted nothing yet
+            applied, found = None, "a schema older than its roles (0007)"
     if applied != latest:
-        found = "no ledger schema" if applied is None else f"schema version {applied}"
         raise DatabaseError(
-            f"the database at {_redact(dsn)} has {found}; this ledger needs version {latest}: "
-            "run `ledger db migrate` (the worker also migrates when it starts)"
+            f"the database at {redact(dsn)} has {found}; this ledger needs version {latest}: "
+            "run `ledger db migrate` (as the owner role)"
         )
     return dsn
 
@@ -108,7 +140,3 @@ def describe_schema(conn: psycopg.Connection) -> dict[str, list[tuple]]:
         key: [tuple(row) for row in conn.execute(QUERIES[f"describe_{key}"])]
         for key in ("columns", "constraints", "indexes", "triggers", "functions")
     }
-
-
-def _redact(dsn: str) -> str:
-    return re.sub(r"://([^:@/]+):[^@/]*@", r"://\1:***@", dsn)

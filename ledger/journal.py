@@ -9,7 +9,9 @@ The commit protocol, in order:
      and the stored offset moves to the end of that range;
   3. decode and check bounds (`ledger.bounds`), deduplicate by event_id, check time and the
      account's home shard, post each event onto its account book (the pure fold);
-  4. take gapless per-shard sequence numbers (row lock on shard_heads until commit);
+  4. take gapless per-shard sequence numbers (row lock on shard_heads until commit) and link
+     each entry into its shard's hash chain: an HMAC under the current chain key, over the
+     shard's previous link (`shard_heads.head_hash`) and the entry (`ledger.book.chain_link`);
   5. COPY raw events, entries and postings; insert rejects and their dead-letter outbox rows;
   6. save the account books and the next offsets; NOTIFY the projection workers; commit.
 A crash anywhere before the commit loses nothing (Kafka redelivers from the stored offsets) and
@@ -25,9 +27,10 @@ they propagate, and the consumer retries the batch with backoff.
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import time
 import traceback
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -42,11 +45,21 @@ from ledger.book import (
     LedgerFold,
     Rejected,
     canonical_json,
-    chain_hash,
+    chain_link,
     content_hash,
     expiry_events,
+    link_header,
+    rerate_event,
 )
+from ledger.chain_keys import ChainKeys
 from ledger.codec import Codec
+from ledger.config_versions import (
+    CONFIG_PUBLISHED,
+    CONFIG_TOPIC,
+    PRICE_BOOK,
+    ConfigVersion,
+    ShardConfig,
+)
 from ledger.db import QUERIES
 from ledger.errors import DecodeError, LedgerError, TombstoneError
 from ledger.settings import DEADLETTER_MAX_BYTES
@@ -114,6 +127,9 @@ class BatchResult:
     stale: int = 0
     next_offsets: dict[tuple[str, int], int] = dataclasses.field(default_factory=dict)
     split: bool = False  # the batch failed whole and was split to isolate a record
+    # What was journaled, by event type, and rejected, by reason (for the metrics).
+    journaled_by_type: Counter[str] = dataclasses.field(default_factory=Counter)
+    rejected_by_reason: Counter[str] = dataclasses.field(default_factory=Counter)
 
     def add(self, other: BatchResult) -> None:
         self.journaled += other.journaled
@@ -121,6 +137,8 @@ class BatchResult:
         self.rejected += other.rejected
         self.stale += other.stale
         self.next_offsets.update(other.next_offsets)
+        self.journaled_by_type.update(other.journaled_by_type)
+        self.rejected_by_reason.update(other.rejected_by_reason)
 
 
 @dataclasses.dataclass
@@ -137,14 +155,30 @@ class _Accepted:
     event_json: str = ""  # canonical JSON of `event`, made once: stored, hashed, compared
     detail_json: str = ""
 
-    def link(self, prev_hash: bytes) -> bytes:
-        """Set this entry's place in its account's hash chain; returns its hash."""
+    def link(self, key_id: str, mac: hmac.HMAC, prev_hash: bytes, shard: int, seq: int) -> bytes:
+        """Set this entry's place in its shard's keyed hash chain; returns its hash."""
         assert self.entry is not None
         self.event_json = self.event_json or canonical_json(self.event)
         self.detail_json = canonical_json(self.entry.detail)
         self.prev_hash = prev_hash
-        self.hash = chain_hash(
-            prev_hash, self.event_json, self.entry, self.record.value, self.detail_json
+        header = link_header(
+            key_id,
+            shard,
+            seq,
+            self.event_type,
+            self.event["account_id"],
+            self.event["occurred_at"],
+            self.entry.price_version,
+            self.cause_event_id,
+        )
+        self.hash = chain_link(
+            mac,
+            prev_hash,
+            header,
+            self.event_json,
+            self.entry,
+            self.record.value,
+            self.detail_json,
         )
         return self.hash
 
@@ -154,13 +188,15 @@ class _Accepted:
 
 
 class LedgerWriter:
-    """Journals batches of records for consumer group `group_id` over connection `conn`."""
+    """Journals batches of records for consumer group `group_id` over connection `conn`,
+    linking each entry into its shard's hash chain with the current key of `keys`."""
 
     def __init__(
         self,
         conn: psycopg.Connection,
         fold: LedgerFold,
         *,
+        keys: ChainKeys,
         group_id: str,
         deadletter_topic: str,
         codec: Codec | None = None,
@@ -169,6 +205,10 @@ class LedgerWriter:
     ):
         self.conn = conn
         self.fold = fold
+        self.key_id = keys.current
+        mac = keys.mac(self.key_id)
+        assert mac is not None
+        self._mac = mac
         self.group_id = group_id
         self.deadletter_topic = deadletter_topic
         self.codec = codec or Codec.default()
@@ -177,6 +217,14 @@ class LedgerWriter:
         # Called inside each batch transaction with the shards the batch writes, after their
         # offsets are locked; raises to refuse the batch (the shard lease fence).
         self.fence: Callable[[psycopg.Cursor, set[int]], None] | None = None
+        # Per shard: (config_seq, the versions journaled there, the fold they make), as of
+        # the last committed batch; a shard absent here uses `fold` (nothing journaled yet).
+        self._configs: dict[int, tuple[int, ShardConfig, LedgerFold]] = {}
+
+    def fold_for(self, shard: int) -> LedgerFold:
+        """The fold of `shard`: its journaled price-book and policy versions."""
+        cached = self._configs.get(shard)
+        return cached[2] if cached is not None else self.fold
 
     def stored_offsets(self, topics: Sequence[str]) -> dict[tuple[str, int], int]:
         rows = self.conn.execute(
@@ -228,6 +276,7 @@ class LedgerWriter:
             with self.conn.transaction():
                 result = self._write(records, replay, fetched, poison)
         except BaseException:
+            self._configs.clear()  # it may hold versions of the rolled-back batch: reload
             if not self.conn.closed:
                 self.conn.rollback()
             raise
@@ -291,6 +340,11 @@ class LedgerWriter:
         accepted: list[_Accepted] = []
         rejects: list[tuple[Record, str | None, str | None, str, str]] = []
         seen: dict[str, bytes] = {}
+        shards = {r.partition for r in records}
+        self._refresh_configs(cur, shards)
+        # Versions published since the shard's last batch go first (never in a replay: there
+        # they come from the source journal, in its order).
+        publications = [] if replay else self._pending_configs(cur, shards, now)
 
         decoded = []
         for record in records:
@@ -305,7 +359,7 @@ class LedgerWriter:
             except DecodeError as exc:
                 rejects.append((record, None, None, exc.reason, safe_text(str(exc))))
                 continue
-            problem = self._implausible_time(d.event_type, d.event, record.recorded_at or now)
+            problem = self._implausible_time(record.partition, d.event, record.recorded_at or now)
             if problem is not None:
                 rejects.append(
                     (record, d.event["event_id"], d.event_type, "implausible_time", problem)
@@ -344,8 +398,9 @@ class LedgerWriter:
         # occurred_at order (stable, so Kafka's order breaks ties).
         if not replay:
             accepted.sort(key=lambda a: a.event["occurred_at"])
+        accepted = publications + accepted
         books = self._load_books(
-            cur, {a.event["account_id"] for a in accepted if a.event_type != "PeriodTick"}
+            cur, {a.event["account_id"] for a in accepted if a.event["account_id"]}
         )
         clocks = self._shard_clocks(
             cur, {a.record.partition for a in accepted if a.event_type == "PeriodTick"}
@@ -356,7 +411,7 @@ class LedgerWriter:
             if item.event_type == "PeriodTick":
                 shard, tick_at = item.record.partition, item.event["tick_at"]
                 problem = self._implausible_tick(
-                    tick_at, clocks.get(shard), item.record.recorded_at or now
+                    shard, tick_at, clocks.get(shard), item.record.recorded_at or now
                 )
                 if problem is not None:
                     rejects.append((item.record, item.event["event_id"], item.event_type, *problem))
@@ -365,12 +420,23 @@ class LedgerWriter:
                 moved.add(shard)
                 journaled += self._period_tick(cur, item, books)
                 continue
+            if item.event_type == CONFIG_PUBLISHED:
+                try:
+                    journaled += self._publish_config(cur, item, books, journaled)
+                except ValueError as exc:
+                    detail = str(exc)
+                    rejects.append(
+                        (
+                            item.record,
+                            item.event["event_id"],
+                            item.event_type,
+                            "invalid_config",
+                            detail,
+                        )
+                    )
+                continue
             account_id = item.event["account_id"]
-            book, last_hash, home = books.get(account_id) or (
-                AccountBook(account_id),
-                GENESIS,
-                item.record.partition,
-            )
+            book, home = books.get(account_id) or (AccountBook(account_id), item.record.partition)
             if home is not None and home != item.record.partition:
                 rejects.append(
                     (
@@ -385,7 +451,9 @@ class LedgerWriter:
                 )
                 continue
             try:
-                item.entry = self.fold.post(book, item.event_type, item.event)
+                item.entry = self.fold_for(item.record.partition).post(
+                    book, item.event_type, item.event
+                )
             except Rejected as exc:
                 rejects.append(
                     (item.record, item.event["event_id"], item.event_type, exc.reason, exc.detail)
@@ -404,17 +472,24 @@ class LedgerWriter:
                     )
                 )
                 continue
-            books[account_id] = (book, item.link(last_hash), item.record.partition)
+            books[account_id] = (book, item.record.partition)
             journaled.append(item)
 
-        self._copy_journal(cur, journaled)
+        numbered = self._copy_journal(cur, journaled)
+        config_seqs = {shard: seq for shard, seq, a in numbered if a.event_type == CONFIG_PUBLISHED}
+        cur.executemany(
+            QUERIES["save_config_seq"], [(seq, shard) for shard, seq in sorted(config_seqs.items())]
+        )
+        for shard, seq in config_seqs.items():
+            _, config, fold = self._configs[shard]
+            self._configs[shard] = (seq, config, fold)
         self._insert_rejects(cur, rejects, replay)
         cur.executemany(
             QUERIES["save_book"],
             [
-                (acct, Jsonb(book.to_json()), last_hash, shard, book.next_expiry())
+                (acct, Jsonb(book.to_json()), shard, book.next_expiry())
                 for acct in sorted({j.event["account_id"] for j in journaled} - {""})
-                for book, last_hash, shard in [books[acct]]
+                for book, shard in [books[acct]]
             ],
         )
         cur.executemany(
@@ -430,6 +505,8 @@ class LedgerWriter:
             cur.execute(QUERIES["notify_outbox"])
         result.journaled = len(journaled)
         result.rejected = len(rejects)
+        result.journaled_by_type = Counter(j.event_type for j in journaled)
+        result.rejected_by_reason = Counter(r[3] for r in rejects)
         return result
 
     def _fresh_records(
@@ -478,9 +555,9 @@ class LedgerWriter:
         rows = cur.execute(QUERIES["shard_clocks"], (sorted(shards),)).fetchall()
         return {shard: at for shard, at in rows if at is not None}
 
-    def _implausible_time(self, event_type: str, event: dict, now: datetime) -> str | None:
+    def _implausible_time(self, shard: int, event: dict, now: datetime) -> str | None:
         """Why an event's occurred_at cannot be true, or None (policy [time])."""
-        policy = self.fold.policy
+        policy = self.fold_for(shard).policy
         at = event["occurred_at"]
         if at > now + policy.max_clock_skew:
             return (
@@ -495,11 +572,11 @@ class LedgerWriter:
         return None
 
     def _implausible_tick(
-        self, tick_at: datetime, last: datetime | None, now: datetime
+        self, shard: int, tick_at: datetime, last: datetime | None, now: datetime
     ) -> tuple[str, str] | None:
         """A PeriodTick moves a shard's clock only forward, by a bounded step, and never past
         the ledger's own clock plus the skew; (reason, detail) if this one may not."""
-        policy = self.fold.policy
+        policy = self.fold_for(shard).policy
         if tick_at > now + policy.max_clock_skew:
             return (
                 "implausible_time",
@@ -522,36 +599,31 @@ class LedgerWriter:
 
     def _load_books(
         self, cur: psycopg.Cursor, account_ids: set[str]
-    ) -> dict[str, tuple[AccountBook, bytes, int]]:
+    ) -> dict[str, tuple[AccountBook, int]]:
         rows = cur.execute(QUERIES["lock_books"], (sorted(account_ids),)).fetchall()
-        return {a: (AccountBook.from_json(a, b), bytes(h), shard) for a, b, h, shard in rows}
+        return {a: (AccountBook.from_json(a, b), shard) for a, b, shard in rows}
 
     def _period_tick(
         self,
         cur: psycopg.Cursor,
         tick: _Accepted,
-        books: dict[str, tuple[AccountBook, bytes, int]],
+        books: dict[str, tuple[AccountBook, int]],
     ) -> list[_Accepted]:
         """Journal a PeriodTick (so projections see the shard's clock move, in order) and
         expire what is left of every grant in its shard whose expires_at has come."""
         shard, at = tick.record.partition, tick.event["tick_at"]
         tick.entry = Entry("noop", detail={"tick_at": at.isoformat()})
-        tick.link(GENESIS)  # ticks belong to no account's chain
         out = [tick]
-        for account_id, book, last_hash, shard_ in cur.execute(
-            QUERIES["lock_expiring_books"], (shard, at)
-        ):
-            books.setdefault(
-                account_id, (AccountBook.from_json(account_id, book), bytes(last_hash), shard_)
-            )
+        for account_id, book, shard_ in cur.execute(QUERIES["lock_expiring_books"], (shard, at)):
+            books.setdefault(account_id, (AccountBook.from_json(account_id, book), shard_))
         due = sorted(
             a
-            for a, (book, _, s) in books.items()
+            for a, (book, s) in books.items()
             if s == shard and (when := book.next_expiry()) is not None and when <= at
         )
         for account_id in due:
-            book, last_hash, _ = books[account_id]
-            for event, entry in expiry_events(self.fold, tick.event, account_id, book):
+            book, _ = books[account_id]
+            for event, entry in expiry_events(self.fold_for(shard), tick.event, account_id, book):
                 item = _Accepted(
                     tick.record,
                     "GrantExpired",
@@ -561,23 +633,157 @@ class LedgerWriter:
                     entry=entry,
                     cause_event_id=tick.event["event_id"],
                 )
-                last_hash = item.link(last_hash)
                 out.append(item)
-            books[account_id] = (book, last_hash, shard)
+            books[account_id] = (book, shard)
         return out
 
-    def _copy_journal(self, cur: psycopg.Cursor, journaled: list[_Accepted]) -> None:
-        if not journaled:
+    # --- published configuration (ledger.config_versions) -----------------------------------
+
+    def _refresh_configs(self, cur: psycopg.Cursor, shards: set[int]) -> None:
+        """Reload the versions of any of `shards` whose journal moved on since they were
+        cached (another writer held the shard, or nothing is cached yet)."""
+        if not shards:
             return
+        seqs = dict(cur.execute(QUERIES["shard_config_seqs"], (sorted(shards),)).fetchall())
+        for shard in shards:
+            seq = seqs.get(shard, 0)
+            cached = self._configs.get(shard)
+            if cached is not None and cached[0] == seq:
+                continue
+            if seq == 0:
+                self._configs.pop(shard, None)
+                continue
+            config = ShardConfig()
+            for (payload,) in cur.execute(QUERIES["shard_config_entries"], (shard,)):
+                config.add(ConfigVersion.from_event(payload))
+            self._configs[shard] = (seq, config, config.fold(self.fold))
+
+    def _pending_configs(
+        self, cur: psycopg.Cursor, shards: set[int], now: datetime
+    ) -> list[_Accepted]:
+        """The publications not yet journaled on `shards`, as ConfigPublished events to
+        journal first in this batch (a policy only once its effective_from has come)."""
+        if not shards:
+            return []
+        rows = cur.execute(
+            QUERIES["pending_config"], {"shards": sorted(shards), "now": now}
+        ).fetchall()
+        out = []
+        for shard, pid, kind, name, effective, document, sha, published_at in rows:
+            version = ConfigVersion(kind, name, effective, document, sha)
+            value = self.codec.encode(CONFIG_PUBLISHED, version.event(shard, published_at))
+            decoded = self.codec.decode(value)
+            event_json = canonical_json(decoded.event)
+            out.append(
+                _Accepted(
+                    InputRecord(CONFIG_TOPIC, shard, pid, None, value),
+                    CONFIG_PUBLISHED,
+                    decoded.fingerprint,
+                    decoded.event,
+                    content_hash(CONFIG_PUBLISHED, event_json),
+                    event_json=event_json,
+                )
+            )
+        return out
+
+    def _publish_config(
+        self,
+        cur: psycopg.Cursor,
+        item: _Accepted,
+        books: dict[str, tuple[AccountBook, int]],
+        journaled: list[_Accepted],
+    ) -> list[_Accepted]:
+        """Journal a ConfigPublished: from here on the shard uses the version; a price
+        version re-rates the shard's held usage that it prices. ValueError: refused."""
+        if item.record.topic != CONFIG_TOPIC:
+            raise ValueError(
+                "configuration is published with `ledger config publish`, never from Kafka "
+                f"(this one came from {item.record.topic})"
+            )
+        version = ConfigVersion.from_event(item.event)
+        shard = item.record.partition
+        cached = self._configs.get(shard)
+        config = ShardConfig() if cached is None else dataclasses.replace(cached[1])
+        config.add(version)
+        fold = config.fold(self.fold)
+        self._configs[shard] = (cached[0] if cached else 0, config, fold)
+        item.entry = Entry(
+            "noop",
+            detail={"kind": version.kind, "version": version.version, "ref": version.ref},
+        )
+        out = [item]
+        if version.kind == PRICE_BOOK:
+            out += self._rerate(cur, item, books, journaled, fold)
+        return out
+
+    def _rerate(
+        self,
+        cur: psycopg.Cursor,
+        publication: _Accepted,
+        books: dict[str, tuple[AccountBook, int]],
+        journaled: list[_Accepted],
+        fold: LedgerFold,
+    ) -> list[_Accepted]:
+        """One UsageRerated entry per held usage event of the shard that `fold` now prices,
+        oldest first (held in earlier batches, then earlier in this one)."""
+        shard = publication.record.partition
+        held = [tuple(row) for row in cur.execute(QUERIES["held_usage"], (shard,))]
+        held += [
+            (j.event["event_id"], j.event["account_id"], j.event)
+            for j in journaled
+            if j.record.partition == shard
+            and j.event_type == "UsageRecorded"
+            and j.entry is not None
+            and j.entry.status == "unpriced"
+        ]
+        done = {j.event["usage_event_id"] for j in journaled if j.event_type == "UsageRerated"}
+        books.update(self._load_books(cur, {a for _, a, _ in held if a not in books}))
+        out = []
+        for event_id, account_id, usage in held:
+            if event_id in done:
+                continue
+            book, home = books[account_id]
+            derived = rerate_event(fold, publication.event["event_id"], usage, book)
+            if derived is None:
+                continue
+            event, entry = derived
+            item = _Accepted(
+                publication.record,
+                "UsageRerated",
+                publication.fingerprint,
+                event,
+                b"",
+                entry=entry,
+                cause_event_id=publication.event["event_id"],
+            )
+            books[account_id] = (book, home)
+            out.append(item)
+            done.add(event_id)
+        return out
+
+    def _copy_journal(
+        self, cur: psycopg.Cursor, journaled: list[_Accepted]
+    ) -> list[tuple[int, int, _Accepted]]:
+        """COPY the entries (and raw events, postings); returns them as (shard, seq, item)."""
+        if not journaled:
+            return []
         per_shard: dict[int, list[_Accepted]] = defaultdict(list)
         for item in journaled:
             per_shard[item.record.partition].append(item)
         numbered: list[tuple[int, int, _Accepted]] = []
+        heads = []
+        key_id, mac = self.key_id, self._mac
         for shard in sorted(per_shard):
             items = per_shard[shard]
-            (last,) = cur.execute(QUERIES["advance_shard"], (shard, len(items))).fetchone()
+            # The shard's row lock is held until commit: its head and sequence are ours.
+            last, head = cur.execute(QUERIES["advance_shard"], (shard, len(items))).fetchone()
             first = last - len(items) + 1
-            numbered += [(shard, first + i, item) for i, item in enumerate(items)]
+            head = bytes(head)
+            for i, item in enumerate(items):
+                head = item.link(key_id, mac, head, shard, first + i)
+                numbered.append((shard, first + i, item))
+            heads.append((head, shard))
+        cur.executemany(QUERIES["save_shard_head"], heads)
 
         with cur.copy(QUERIES["copy_raw_events"]) as copy:
             for _, _, a in numbered:
@@ -616,6 +822,7 @@ class LedgerWriter:
                         a.prev_hash,
                         a.hash,
                         a.cause_event_id,
+                        key_id,
                     )
                 )
         with cur.copy(QUERIES["copy_postings"]) as copy:
@@ -632,6 +839,7 @@ class LedgerWriter:
                             posting.amount,
                         )
                     )
+        return numbered
 
     def _insert_rejects(
         self,
@@ -640,10 +848,12 @@ class LedgerWriter:
         replay: bool,
     ) -> None:
         """Store each reject with its raw bytes and, unless replaying, queue its dead-letter
-        copy. A copy whose key + value + headers would exceed `deadletter_max_bytes`
-        (LEDGER_DEADLETTER_MAX_BYTES, default 900 KiB) goes out as a reference instead: an empty
-        value and the dlq_* headers plus `dlq_reject_id` (the `rejected_events` id),
-        `dlq_truncated=true` and `dlq_size`. The reject row always keeps the full bytes."""
+        copy. The bytes are stored once: the copy's outbox row names the reject
+        (`value_of_reject`) and the relay publishes the reject's bytes. A copy whose key +
+        value + headers would exceed `deadletter_max_bytes` (LEDGER_DEADLETTER_MAX_BYTES,
+        default 900 KiB) goes out as a reference instead: an empty value and the dlq_* headers
+        plus `dlq_reject_id` (the `rejected_events` id), `dlq_truncated=true` and `dlq_size`.
+        The reject row always keeps the full bytes."""
         if not rejects:
             return
         rejects = sorted(rejects, key=lambda r: (r[0].topic, r[0].partition, r[0].offset))
@@ -674,20 +884,21 @@ class LedgerWriter:
             headers = _dead_letter_headers(r, reason, detail)
             size = len(r.key or b"") + len(value)
             size += sum(len(name.encode()) + len(hexed) // 2 for name, hexed in headers)
+            (reject_id,) = cur.execute(
+                QUERIES["reject_id_at"], (r.topic, r.partition, r.offset)
+            ).fetchone()
+            value_of: int | None = reject_id
             if size > limit:
-                (reject_id,) = cur.execute(
-                    QUERIES["reject_id_at"], (r.topic, r.partition, r.offset)
-                ).fetchone()
                 headers = _dead_letter_headers(
                     r, reason, detail, reject_id=reject_id, size=len(value)
                 )
-                value = b""
+                value_of = None  # a reference: the record goes out with an empty value
                 log.warning(
                     "dead_letter_by_reference", reject_id=reject_id, bytes=size, limit=limit
                 )
             # Same key as the original, so the same partitioning: per-account order kept.
-            copies.append((self.deadletter_topic, r.key, value, Jsonb(headers)))
-        cur.executemany(QUERIES["insert_outbox"], copies)
+            copies.append((self.deadletter_topic, r.key, Jsonb(headers), value_of))
+        cur.executemany(QUERIES["insert_deadletter_copy"], copies)
 
 
 def _dead_letter_headers(

@@ -8,18 +8,22 @@ structlog renderer (`structlog.stdlib.ProcessorFormatter`), at WARNING (ERROR wh
 per `LIBRARY_REPEAT_S` per kind (logger, level, message template), the next one carrying
 `repeated=N` for the ones held back. `LEDGER_LOG_LEVEL=DEBUG` shows every library record,
 with its traceback. Tracebacks are plain text (no `rich` frames with local variables).
+Every rendered line has its passwords redacted (`ledger.redact`).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import structlog
 
+from ledger.redact import redact
 from ledger.settings import Settings
 
 LIBRARY_LOGGERS = ("kafka", "psycopg", "psycopg.pool")
@@ -88,10 +92,42 @@ class RepeatFilter(logging.Filter):
         return True
 
 
+_SECRET_NAME = re.compile(r"password|secret", re.I)
+MASK = "********"
+
+
+class SecretFilter(logging.Filter):
+    """A handler filter for library records: values under a key that names a password or a
+    secret in a mapping the record formats (kafka-python logs a client's whole configuration
+    at DEBUG, SASL password included) are replaced by a mask before anything is rendered."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, dict):
+            record.args = _masked(record.args)
+        elif isinstance(record.args, tuple):
+            record.args = tuple(_masked(a) if isinstance(a, dict) else a for a in record.args)
+        return True
+
+
+def _masked(mapping: dict) -> dict:
+    return {
+        k: MASK if isinstance(k, str) and _SECRET_NAME.search(k) and v is not None else v
+        for k, v in mapping.items()
+    }
+
+
 def _renderer(fmt: str) -> structlog.typing.Processor:
+    """The line renderer; every rendered line (fields, error messages, tracebacks) has its
+    passwords redacted (`ledger.redact`), so no DSN or credential reaches a log."""
     if fmt == "console":
-        return structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
-    return structlog.processors.JSONRenderer(sort_keys=False)
+        render = structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
+    else:
+        render = structlog.processors.JSONRenderer(sort_keys=False)
+
+    def redacted(logger: Any, name: str, event: Any) -> str:
+        return redact(render(logger, name, event))
+
+    return redacted
 
 
 def configure_logging(
@@ -147,6 +183,7 @@ def _route_library_logs(fmt: str, level: int, timestamper: structlog.typing.Proc
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)
     debug = library_level <= logging.DEBUG
+    handler.addFilter(SecretFilter())
     handler.addFilter(RepeatFilter(0 if debug else LIBRARY_REPEAT_S, keep_tracebacks=debug))
     handler._ledger_handler = True  # type: ignore[attr-defined]
     root = logging.getLogger()

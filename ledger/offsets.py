@@ -18,6 +18,7 @@ from ledger import db, topics
 from ledger.consumer import kafka_consumer_options
 from ledger.db import QUERIES
 from ledger.errors import LedgerError
+from ledger.kafka_auth import client_options
 from ledger.settings import Settings
 
 
@@ -38,6 +39,7 @@ def lost_ranges(
         group_id=None,
         client_id="ledger-offsets",
         **kafka_consumer_options(settings),
+        **client_options(settings),
     )
     try:
         names = topics.input_topics(settings)

@@ -37,11 +37,17 @@ class Policy:
     max_clock_skew: timedelta = timedelta(minutes=5)
     earliest_event: datetime = EARLIEST_EVENT
     max_tick_step: timedelta = timedelta(days=31)
+    ref: str = ""  # version@sha256 prefix of its published document (ledger.config_versions)
 
     @classmethod
     def load(cls, path: Path | None = None) -> Policy:
         """The policy at `path`, or the one shipped with the package."""
         return load_toml("policy", "policy.toml", path, _parse)
+
+    @classmethod
+    def from_document(cls, data: dict, ref: str = "") -> Policy:
+        """A policy from its published document (the TOML tables as JSON)."""
+        return dataclasses.replace(_parse(data), ref=ref)
 
     def tier_for(self, paid: Decimal) -> Tier:
         """The highest tier whose payment threshold `paid` reaches."""

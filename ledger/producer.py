@@ -15,6 +15,7 @@ from kafka import KafkaProducer
 from ledger import topics
 from ledger.backoff import kafka_reconnect_options
 from ledger.codec import Codec
+from ledger.kafka_auth import client_options
 from ledger.settings import Settings
 
 
@@ -61,9 +62,19 @@ class EventProducer:
             "linger_ms": 5,
             "compression_type": None,
             **kafka_producer_options(),
+            **client_options(settings),
         }
         config.update(kafka_overrides)
         self._producer = KafkaProducer(**config)
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None, **kafka_overrides: Any):
+        """A producer for the configured brokers: LEDGER_KAFKA_BOOTSTRAP, else the local
+        stack's Kafka (`ledger stack up`), wherever its port is."""
+        from ledger import stack
+
+        settings = settings or Settings.from_env()
+        return cls(stack.kafka_bootstrap(settings), settings, **kafka_overrides)
 
     def topic(self, event_type: str) -> str:
         """The full topic name an event type is sent to."""

@@ -76,6 +76,7 @@ class PriceVersion:
     fine_tuning: dict[str, dict[str, Decimal]]
     on_demand: dict[str, Decimal]
     image: dict[str, dict[str, Decimal]]
+    ref: str = ""  # version@sha256 prefix of its published document (ledger.config_versions)
 
 
 class PriceBook:
@@ -94,8 +95,15 @@ class PriceBook:
             "price book",
             "pricebook.toml",
             path,
-            lambda data: cls([_parse_version(v) for v in data.get("versions", [])]),
+            lambda data: cls([parse_version(v) for v in data.get("versions", [])]),
         )
+
+    def ref_of(self, name: str | None) -> str | None:
+        """The fingerprinted reference (`version@sha`) of version `name`."""
+        for version in self.versions:
+            if version.version == name:
+                return version.ref or None
+        return None
 
     def version_at(self, when: datetime) -> PriceVersion | None:
         current = None
@@ -158,9 +166,16 @@ def _line(
     return ChargeLine(meter, quantity, price, unit, multiplier, amount)
 
 
-def _parse_version(raw: dict) -> PriceVersion:
+def parse_version(raw: dict, ref: str = "") -> PriceVersion:
+    """One `[[versions]]` table of the price book (from TOML, or from a published document
+    where `effective_from` is ISO text)."""
     name = raw["version"]
     effective = raw["effective_from"]
+    if isinstance(effective, str):
+        try:
+            effective = datetime.fromisoformat(effective)
+        except ValueError:
+            raise ValueError(f"version {name}: effective_from is not a date-time") from None
     if not isinstance(effective, datetime) or effective.tzinfo is None:
         raise ValueError(f"version {name}: effective_from must be a UTC offset date-time")
 
@@ -184,4 +199,5 @@ def _parse_version(raw: dict) -> PriceVersion:
             k: parse_money(v, f"{name}.on_demand.{k}") for k, v in raw.get("on_demand", {}).items()
         },
         image=models("image"),
+        ref=ref,
     )

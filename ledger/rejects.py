@@ -6,6 +6,8 @@ to `schemas/history/`), a bound in the policy was too tight, a bug raised a proc
 as the live consumer (its own transaction, no Kafka offsets, no second dead-letter copy). One
 that is now accepted is journaled, and the projections pick it up like any entry; its reject
 row is marked resolved. One still refused stays open, with the reason it gets now.
+`dismiss` resolves one by hand, with a note. Resolved rejects are pruned after
+LEDGER_REJECTS_RETENTION_DAYS (`ledger prune`, `ledger.retention`).
 
 `show` gives one reject as data; `reject_lines` renders it for a terminal without ever writing
 a control character from the record (bytes as a hex dump, text with escapes).
@@ -20,7 +22,7 @@ from datetime import datetime
 
 import structlog
 
-from ledger import db, topics
+from ledger import chain_keys, db, topics
 from ledger.book import LedgerFold
 from ledger.codec import Codec
 from ledger.db import QUERIES
@@ -62,6 +64,7 @@ def replay_rejects(
         writer = LedgerWriter(
             conn,
             fold,
+            keys=chain_keys.load(settings),
             group_id=settings.consumer_group,
             deadletter_topic=settings.topic(topics.DEADLETTER),
             codec=codec,
@@ -83,6 +86,19 @@ def replay_rejects(
             conn.commit()
             log.info("reject_resolved", id=reject_id, was=old_reason, resolution=resolution)
     return outcome
+
+
+def dismiss(dsn: str, reject_id: int, note: str) -> bool:
+    """Mark an open reject resolved by an operator (it will never be journaled: garbage
+    bytes, a test record, ...), with `note` saying why; its bytes stay until retention
+    prunes it. False if there is no open reject with that id."""
+    with db.connect(dsn) as conn:
+        row = conn.execute(QUERIES["dismiss_reject"], (f"dismissed: {note}", reject_id))
+        done = row.fetchone() is not None
+        conn.commit()
+    if done:
+        log.info("reject_resolved", id=reject_id, resolution="dismissed")
+    return done
 
 
 DUMP_BYTES = 256  # raw bytes shown by `ledger rejects show` unless --bytes says otherwise

@@ -36,6 +36,24 @@ lock again, go on. Nothing of this crashes the worker. The `stop` event is looke
 every 0.5 s (a connection attempt waits at most 3 s), so the relay stops within 5 s; records
 not yet acked then stay unpublished.
 
+**Checkpoints.** The active relay also publishes every shard's hash-chain head to the
+checkpoint topic every `LEDGER_CHECKPOINT_INTERVAL_S` (`ledger.checkpoints`), with the same
+producer. A round Kafka does not take is logged (`checkpoints_unpublished`) and tried again at
+the next interval; it never holds up the outbox.
+
+**The status snapshot.** An `AccountSuspended` or `AccountReinstated` row on the status
+topic is also written, same key, value and headers, to the compacted snapshot topic
+(`billing.account-status-snapshot.v1`), and its copy goes first: the relay sends the batch's
+snapshot copies, waits until Kafka acked every one, and only then sends the batch's rows. So a
+status change is never on the status topic before it is in the snapshot, which is what lets a
+gateway bootstrap from the snapshot without a gap (`ledger.status`). Crash-safe without a Kafka
+transaction: the row is marked published only after both were acked, and anything not marked
+is sent again (both copies; at-least-once, in id order, so the last record of a key in the
+snapshot is its highest version). A copy Kafka refuses for good parks its row (the status event
+is not published without its snapshot); a transient failure of any copy sends nothing of the
+batch and is retried like any other. Cost: one more round trip to Kafka for a batch with
+status changes.
+
 **At-least-once.** A row is marked published only after Kafka acked it, but a row acked and
 not yet marked (a crash, PostgreSQL gone, a stop, a transient failure of an earlier row in
 its batch) is sent again. Status events carry `status_version` and a deterministic event_id
@@ -47,14 +65,18 @@ from __future__ import annotations
 
 import re
 import threading
+import time
+from collections import Counter
 
 import psycopg
 import structlog
 from kafka import KafkaProducer
 from kafka import errors as kafka_errors
 
-from ledger import db
+from ledger import chain_keys, db, metrics, topics
+from ledger.checkpoints import Publisher
 from ledger.db import QUERIES, DatabaseError
+from ledger.kafka_auth import client_options
 from ledger.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -64,6 +86,10 @@ BACKOFF_MAX_S = 5.0
 STOP_CHECK_S = 0.5
 CONNECT_TIMEOUT_S = 3
 WAITING_NOTE_EVERY_S = 5.0
+# How long one checkpoint round waits for Kafka's acks (short: stop is looked at in between).
+CHECKPOINT_TIMEOUT_S = 3.0
+# After a round Kafka did not take, the next one waits at least this long.
+CHECKPOINT_RETRY_S = 10.0
 
 # Kafka's rule for topic names.
 _TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
@@ -81,6 +107,9 @@ _REFUSALS: tuple[tuple[type[BaseException], str], ...] = (
 )
 
 _DATABASE_TROUBLE = (psycopg.OperationalError, psycopg.InterfaceError, DatabaseError)
+
+# Status events that change whether an account may be served: these go to the snapshot too.
+STATUS_CHANGES = (b"AccountSuspended", b"AccountReinstated")
 
 
 def refusal_reason(exc: BaseException) -> str | None:
@@ -154,6 +183,10 @@ class OutboxRelay:
         self.database_outages = 0  # times the database went away under the relay
         self.kafka_outages = 0  # times Kafka failed transiently
         self.awaiting_acks = 0  # records sent and not yet answered by Kafka
+        self.checkpoints = Publisher(settings, chain_keys.load(settings))
+        self._next_checkpoint = 0.0  # monotonic time of the next checkpoint round
+        self.status_topic = settings.topic(topics.STATUS)
+        self.snapshot_topic = settings.topic(topics.STATUS_SNAPSHOT)
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -207,6 +240,7 @@ class OutboxRelay:
         while not stop.is_set():
             try:
                 producer = self._ensure_producer()
+                self._checkpoint_if_due(conn, producer)
                 published = self.publish_once(conn, producer, stop)
                 self.kafka_backoff.reset()
             except KafkaTrouble as trouble:
@@ -227,6 +261,25 @@ class OutboxRelay:
             for _ in conn.notifies(timeout=wait, stop_after=1):
                 pass
 
+    def _checkpoint_if_due(self, conn: psycopg.Connection, producer: KafkaProducer) -> None:
+        """Publish the shards' chain heads that moved, once per checkpoint interval. A round
+        Kafka does not take (down, or no checkpoint topic yet) is logged and tried again at
+        the next interval; it never holds up the outbox."""
+        if time.monotonic() < self._next_checkpoint:
+            return
+        self._next_checkpoint = time.monotonic() + self.settings.checkpoint_interval_s
+        try:
+            self.checkpoints.publish(conn, producer, timeout_s=CHECKPOINT_TIMEOUT_S)
+        except kafka_errors.KafkaError as exc:
+            retry = max(self.settings.checkpoint_interval_s, CHECKPOINT_RETRY_S)
+            self._next_checkpoint = time.monotonic() + retry
+            log.warning(
+                "checkpoints_unpublished",
+                error=brief(exc),
+                topic=self.checkpoints.topic,
+                retry_in_s=retry,
+            )
+
     def _ensure_producer(self) -> KafkaProducer:
         if self.producer is None:
             options = {
@@ -243,6 +296,7 @@ class OutboxRelay:
                 "delivery_timeout_ms": 30_000,
                 "reconnect_backoff_ms": int(BACKOFF_FIRST_S * 1000),
                 "reconnect_backoff_max_ms": int(BACKOFF_MAX_S * 1000),
+                **client_options(self.settings),
                 **self.producer_options,
             }
             try:
@@ -273,6 +327,10 @@ class OutboxRelay:
         rows = conn.execute(QUERIES["unpublished"], (self.batch_size,)).fetchall()
         if not rows:
             return 0
+        started = time.perf_counter()
+        refused = self._publish_snapshots(producer, rows, stop)
+        if refused is None:
+            return 0  # stopping before the snapshot copies were acked: nothing was sent
         sent: list[tuple[int, object]] = []
         parked: list[tuple[int, str, str, str]] = []  # id, topic, reason, detail
         held: set[tuple[str, bytes]] = set()  # (topic, key) of rows parked in this batch
@@ -281,6 +339,10 @@ class OutboxRelay:
             order_key = (topic, bytes(key)) if key is not None else None
             if order_key in held:
                 continue  # waits behind a row of its key parked in this batch
+            if row_id in refused:  # its snapshot copy was refused for good
+                parked.append((row_id, topic, *refused[row_id]))
+                held.add(order_key)
+                continue
             try:
                 if not _TOPIC_NAME.fullmatch(topic) or topic in (".", ".."):
                     raise kafka_errors.InvalidTopicError(f"{topic!r} is not a legal topic name")
@@ -306,6 +368,8 @@ class OutboxRelay:
 
         acked: list[int] = []
         self._await_acks(producer, [f for _, f in sent], stop)
+        if sent:
+            metrics.RELAY_PUBLISH_SECONDS.observe(time.perf_counter() - started)
         by_id = {row[0]: row[1] for row in rows}
         in_order = True  # acked rows are marked only up to the first one that is not
         for row_id, future in sent:
@@ -327,11 +391,68 @@ class OutboxRelay:
                 conn.execute(QUERIES["park_outbox"], (reason, detail, row_id))
         for row_id, topic, reason, detail in parked:
             log.error("outbox_parked", id=row_id, topic=topic, reason=reason, detail=detail)
+            metrics.OUTBOX_PARKED.labels(reason).inc()
         if acked:
             log.info("outbox_published", messages=len(acked))
+            for topic, count in Counter(by_id[row_id] for row_id in acked).items():
+                metrics.OUTBOX_PUBLISHED.labels(topic).inc(count)
         if trouble is not None:
             raise KafkaTrouble(trouble)
         return len(acked) + len(parked)
+
+    def _publish_snapshots(
+        self, producer: KafkaProducer, rows: list, stop: threading.Event | None
+    ) -> dict[int, tuple[str, str]] | None:
+        """Send the snapshot copy of every status change among `rows` and wait for Kafka's
+        answers. Returns the rows whose copy Kafka refused for good ({id: (reason, detail)}:
+        they are parked, not sent), or None when `stop` came first. A transient failure raises
+        KafkaTrouble before any row of the batch is sent. Rows behind a refused copy's key are
+        skipped (they wait behind the parked row, as in the main loop)."""
+        refused: dict[int, tuple[str, str]] = {}
+        held: set[bytes] = set()
+        copies: list[tuple[int, object]] = []
+        for row_id, topic, key, value, headers in rows:
+            if topic != self.status_topic or key is None or bytes(key) in held:
+                continue
+            try:
+                types = [bytes.fromhex(v) for k, v in headers if k == "event_type"]
+            except (TypeError, ValueError):
+                continue  # headers that cannot form a record: the row is parked below
+            if not any(t in STATUS_CHANGES for t in types):
+                continue
+            try:
+                if not _TOPIC_NAME.fullmatch(self.snapshot_topic):
+                    raise kafka_errors.InvalidTopicError(
+                        f"{self.snapshot_topic!r} is not a legal topic name"
+                    )
+                future = producer.send(
+                    self.snapshot_topic,
+                    key=bytes(key),
+                    value=bytes(value),
+                    headers=[(k, bytes.fromhex(v)) for k, v in headers],
+                )
+                if future.is_done and future.failed():
+                    raise future.exception
+            except Exception as exc:
+                reason = refusal_reason(exc)
+                if reason is None:
+                    raise KafkaTrouble(exc) from exc
+                refused[row_id] = (reason, f"snapshot copy: {brief(exc)}")
+                held.add(bytes(key))
+                continue
+            copies.append((row_id, future))
+        if not copies:
+            return refused
+        self._await_acks(producer, [f for _, f in copies], stop)
+        for row_id, future in copies:
+            if not future.is_done:
+                return None
+            if future.failed():
+                reason = refusal_reason(future.exception)
+                if reason is None:
+                    raise KafkaTrouble(future.exception)
+                refused[row_id] = (reason, f"snapshot copy: {brief(future.exception)}")
+        return refused
 
     def _await_acks(
         self, producer: KafkaProducer, futures: list, stop: threading.Event | None

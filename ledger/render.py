@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from decimal import Decimal
 from typing import Any
 
 from rich.console import Console
@@ -102,6 +103,22 @@ def _console() -> Console:
     return Console() if sys.stdout.isatty() else Console(width=200)
 
 
+def money(amount: str | Decimal) -> str:
+    """Money as an accountant reads it: cents always shown, further decimals only where the
+    amount has them (5.000000000 → 5.00, 0.006220800 → 0.0062208); never rounded."""
+    value = Decimal(amount)
+    exact = value.normalize()
+    if exact.as_tuple().exponent >= -2:
+        return f"{value:,.2f}"
+    return f"{exact:,f}"
+
+
+def quantity(amount: str | Decimal) -> str:
+    """A quantity at the precision it has: 1,200 tokens, 3,600.123456789 GPU-seconds."""
+    value = Decimal(amount).normalize()
+    return f"{value:,f}" if value.as_tuple().exponent < 0 else f"{value:,.0f}"
+
+
 def print_bill(bill: dict[str, Any], console: Console | None = None) -> None:
     console = console or _console()
     as_of = f" as of {bill['as_of']}" if bill["as_of"] else ""
@@ -130,33 +147,35 @@ def print_bill(bill: dict[str, Any], console: Console | None = None) -> None:
             u["model"].rsplit("/", 1)[-1],
             u["service_tier"],
             u["meter"],
-            u["quantity"],
-            u["unit_price"],
+            quantity(u["quantity"]),
+            money(u["unit_price"]),
             u["unit"],
-            u["multiplier"],
+            quantity(u["multiplier"]),
             u["price_version"],
-            u["amount"],
+            money(u["amount"]),
         )
-    usage.add_row("", "", "", "", "", "", "", "", "total", bill["usage_total"])
+    usage.add_row("", "", "", "", "", "", "", "", "total", money(bill["usage_total"]))
     console.print(usage)
     if bill["unpriced_usage"]:
         held = Table(title="unpriced usage (held, not charged)")
         for col in ("product", "model", "meter", "quantity", "requests"):
             held.add_column(col)
         for h in bill["unpriced_usage"]:
-            held.add_row(h["product"], h["model"], h["meter"], h["quantity"], str(h["requests"]))
+            held.add_row(
+                h["product"], h["model"], h["meter"], quantity(h["quantity"]), str(h["requests"])
+            )
         console.print(held)
-    money = Table(title="credits and payments")
+    credits = Table(title="credits and payments")
     for col in ("what", "when", "reference", "amount"):
-        money.add_column(col, justify="right" if col == "amount" else "left")
+        credits.add_column(col, justify="right" if col == "amount" else "left")
     for c in bill["credits_applied"]:
-        money.add_row("credit applied", "", c["grant_id"], "-" + c["amount"])
-    money.add_row("usage to receivable", "", "", bill["usage_to_receivable"])
+        credits.add_row("credit applied", "", c["grant_id"], money(-Decimal(c["amount"])))
+    credits.add_row("usage to receivable", "", "", money(bill["usage_to_receivable"]))
     for g in bill["credit_grants"]:
-        money.add_row(g["event"], g["occurred_at"], g["grant_id"], g["amount"])
+        credits.add_row(g["event"], g["occurred_at"], g["grant_id"], money(g["amount"]))
     for p in bill["payments"]:
-        money.add_row(p["event"], p["occurred_at"], p["reference"], p["amount"])
-    console.print(money)
+        credits.add_row(p["event"], p["occurred_at"], p["reference"], money(p["amount"]))
+    console.print(credits)
     if bill["invoice"]:
         invoice = Table(
             title=f"invoice {bill['invoice']['invoice_id']} issued {bill['invoice']['issued_at']}"
@@ -164,10 +183,11 @@ def print_bill(bill: dict[str, Any], console: Console | None = None) -> None:
         for col in ("line", "month", "amount"):
             invoice.add_column(col, justify="right" if col == "amount" else "left")
         for line in bill["invoice"]["lines"]:
-            invoice.add_row(line["kind"], line["month"], line["amount"])
-        invoice.add_row("exact total", "", bill["invoice"]["exact_total"])
+            invoice.add_row(line["kind"], line["month"], money(line["amount"]))
+        invoice.add_row("exact total", "", money(bill["invoice"]["exact_total"]))
         console.print(invoice)
     console.print(
-        f"amount due: [bold]{bill['amount_due']}[/bold] {bill['currency']} ({bill['status']})"
+        f"amount due: [bold]{money(bill['amount_due'])}[/bold] {bill['currency']} "
+        f"({bill['status']})"
     )
     console.print(f"events: {len(bill['events'])}   checksum: {bill['checksum']}")

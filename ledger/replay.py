@@ -15,7 +15,7 @@ from datetime import datetime
 
 import structlog
 
-from ledger import db, topics
+from ledger import chain_keys, db, topics
 from ledger.book import LedgerFold
 from ledger.db import QUERIES
 from ledger.errors import LedgerError
@@ -49,9 +49,11 @@ def replay(
     batch_size: int = 2000,
     progress: Callable[[int, int], None] | None = None,
 ) -> int:
-    """Replay every event journaled in `source_dsn` into the empty `target_dsn`, then bring
-    its projections up to date. Returns the number of events replayed."""
-    db.migrate(target_dsn)
+    """Replay every event journaled in `source_dsn` into the empty, migrated `target_dsn`
+    (the writer's: `ledger replay` migrates it as the owner first), then bring its
+    projections up to date. Returns the number of events replayed. `source_dsn` is only
+    read: a reader's URL is enough."""
+    db.require_current_schema(target_dsn)
     fold = LedgerFold(PriceBook.load(settings.price_book), Policy.load(settings.policy))
     with db.connect(source_dsn) as source, db.connect(target_dsn) as target:
         if not target.execute(QUERIES["journal_is_empty"]).fetchone()[0]:
@@ -59,7 +61,11 @@ def replay(
         target.commit()
         total = source.execute(QUERIES["replay_count"]).fetchone()[0]
         writer = LedgerWriter(
-            target, fold, group_id="replay", deadletter_topic=settings.topic(topics.DEADLETTER)
+            target,
+            fold,
+            keys=chain_keys.load(settings),
+            group_id="replay",
+            deadletter_topic=settings.topic(topics.DEADLETTER),
         )
         done = 0
         with source.cursor(name="replay_source") as cur:

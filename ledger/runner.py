@@ -25,9 +25,15 @@ def worker_env(settings: Settings, bootstrap: str, dsn: str) -> dict[str, str]:
     """The environment of a `ledger worker` child: every setting as a LEDGER_* variable (none
     inherited), on these services, logging JSON lines to its log file."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LEDGER_")}
+    # The worker is the writer: it gets neither the owner's URL nor the reader's.
+    own = {
+        k: v
+        for k, v in settings.to_env().items()
+        if k not in ("LEDGER_OWNER_DATABASE_URL", "LEDGER_READER_DATABASE_URL")
+    }
     return (
         env
-        | settings.to_env()
+        | own
         | {
             "LEDGER_KAFKA_BOOTSTRAP": bootstrap,
             "LEDGER_DATABASE_URL": dsn,

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 import structlog
 from kafka.errors import KafkaError
 
+from ledger import metrics
 from ledger.backoff import Outage
 from ledger.log import describe_error
 from ledger.producer import EventProducer
@@ -101,6 +102,7 @@ def run_scheduler(
                 stop.wait(outage.failed(exc, tick_at=at.isoformat()))
                 continue
             outage.ok()
+            metrics.LAST_TICK.set(at.timestamp())
             pending = None
             log.info("period_tick_sent", tick_at=at.isoformat(), partitions=sent)
             stop.wait(settings.tick_interval_s)

@@ -7,11 +7,15 @@ variable. Nothing else in the project reads `os.environ`.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 from ledger.errors import ConfigError
+from ledger.redact import redact
 
 PREFIX = "LEDGER_"
 
@@ -20,14 +24,34 @@ PREFIX = "LEDGER_"
 # (message.max.bytes, and the producer's max_request_size).
 DEADLETTER_MAX_BYTES = 900 * 1024
 
+# A PostgreSQL role name the migrations can quote safely: lower case, at most 63 bytes.
+_ROLE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+
+class DbRoles(NamedTuple):
+    """The ledger's PostgreSQL roles: `owner` owns the schema (DDL, `ledger db migrate`),
+    `writer` is every worker role's, `reader` may only read."""
+
+    owner: str = "ledger_owner"
+    writer: str = "ledger_writer"
+    reader: str = "ledger_reader"
+
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
     # Existing services; when set, the local stack starts nothing.
     kafka_bootstrap: str | None = None
+    # The writer role's database (the workers'); the owner's (`ledger db migrate`) and the
+    # reader's (audit, verify, reports) default to it when not given.
     database_url: str | None = None
+    owner_database_url: str | None = None
+    reader_database_url: str | None = None
+    # PostgreSQL role names: the migrations grant to them, the local stack creates them.
+    db_owner_role: str = DbRoles().owner
+    db_writer_role: str = DbRoles().writer
+    db_reader_role: str = DbRoles().reader
     # Local stack.
-    home: Path = Path(".ledger")
+    home: Path = dataclasses.field(default_factory=lambda: default_home())
     cache_dir: Path = Path.home() / ".cache" / "billing-ledger"
     broker: str = "auto"  # auto | kafka | tansu
     # Topics.
@@ -52,18 +76,48 @@ class Settings:
     # Business configuration files (None: the defaults shipped with the package).
     price_book: Path | None = None
     policy: Path | None = None
+    # Retention (`ledger prune`): published outbox rows and resolved rejects older than this
+    # many days are deleted; the journal keeps everything.
+    outbox_retention_days: int = 7
+    rejects_retention_days: int = 90
+    # Prometheus metrics, /healthz and /readyz of `ledger worker` on this port (0: off).
+    metrics_port: int = 0
+    # /readyz answers 503 while a ledger consumer's lag (records) or the projection's lag
+    # (journal entries) exceeds this.
+    ready_max_lag: int = 100_000
     # Logging.
     log_level: str = "INFO"
     log_format: str = "auto"  # auto | json | console
+    # Tamper evidence: the keys of the journal's hash chain (a file held outside the database;
+    # None: `<home>/chain.keys`, made by the local stack), and how often the relay publishes
+    # every shard's chain head to the checkpoint topic.
+    chain_key_file: Path | None = None
+    checkpoint_interval_s: int = 10
+    # Kafka security, for every client the ledger makes (`ledger.kafka_auth`).
+    kafka_security_protocol: str = "PLAINTEXT"  # PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL
+    kafka_sasl_mechanism: str | None = None  # PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512
+    kafka_username: str | None = None
+    kafka_password: str | None = dataclasses.field(default=None, repr=False)  # never printed
+    kafka_password_file: Path | None = None
+    kafka_ssl_cafile: Path | None = None
+    kafka_ssl_certfile: Path | None = None
+    kafka_ssl_keyfile: Path | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
         values: dict[str, object] = {}
         known = {f.name for f in dataclasses.fields(cls)}
+        names = sorted(PREFIX + n.upper() for n in known)
         for key in env:
             if key.startswith(PREFIX) and key[len(PREFIX) :].lower() not in known:
-                raise ConfigError(f"{key}: unknown setting (known: {_names(known)})")
+                # A near miss is a typo; anything else (hledger's LEDGER_FILE) is not ours.
+                close = difflib.get_close_matches(key, names, n=1, cutoff=0.8)
+                if close:
+                    raise ConfigError(
+                        f"{key}: unknown setting; did you mean {close[0]}? "
+                        f"(known: {', '.join(names)})"
+                    )
         for field in dataclasses.fields(cls):
             var = PREFIX + field.name.upper()
             raw = env.get(var)
@@ -86,15 +140,38 @@ class Settings:
             ("tick_interval_s", 1, 86_400),
             ("lease_timeout_s", 3, 600),
             ("deadletter_max_bytes", 1024, 1_000_000),
+            ("outbox_retention_days", 1, 36_500),
+            ("rejects_retention_days", 1, 36_500),
+            ("checkpoint_interval_s", 1, 86_400),
+            ("metrics_port", 0, 65_535),
+            ("ready_max_lag", 0, 10**12),
         ):
             value = getattr(self, name)
             if not low <= value <= high:
                 raise ConfigError(f"LEDGER_{name.upper()}={value}: must be in [{low}, {high}]")
-        if self.database_url is not None and not self.database_url.startswith(
-            ("postgresql://", "postgres://")
-        ):
+        for name in ("database_url", "owner_database_url", "reader_database_url"):
+            url = getattr(self, name)
+            if url is not None and not url.startswith(("postgresql://", "postgres://")):
+                raise ConfigError(
+                    f"LEDGER_{name.upper()}={redact(url)!r}: must be a postgresql:// URL"
+                )
+        for name in ("owner_database_url", "reader_database_url"):
+            if getattr(self, name) is not None and self.database_url is None:
+                raise ConfigError(
+                    f"LEDGER_{name.upper()} needs LEDGER_DATABASE_URL too (the writer's); "
+                    "without it the local stack's roles are used"
+                )
+        for name in ("db_owner_role", "db_writer_role", "db_reader_role"):
+            role = getattr(self, name)
+            if not _ROLE_NAME.fullmatch(role):
+                raise ConfigError(
+                    f"LEDGER_{name.upper()}={role!r}: a role name is lower-case letters, "
+                    "digits and _, at most 63, not starting with a digit"
+                )
+        if len(set(self.db_roles)) != 3:
             raise ConfigError(
-                f"LEDGER_DATABASE_URL={self.database_url!r}: must be a postgresql:// URL"
+                "LEDGER_DB_OWNER_ROLE, LEDGER_DB_WRITER_ROLE and LEDGER_DB_READER_ROLE must be "
+                f"three different roles, got {', '.join(self.db_roles)}"
             )
         if self.kafka_bootstrap is not None:
             for hostport in self.kafka_bootstrap.split(","):
@@ -104,6 +181,8 @@ class Settings:
                         f"LEDGER_KAFKA_BOOTSTRAP={self.kafka_bootstrap!r}: "
                         "expected host:port[,host:port...]"
                     )
+
+        _check_kafka_security(self)
 
     def to_env(self) -> dict[str, str]:
         """These settings as the LEDGER_* variables `from_env` reads back, for a child
@@ -119,6 +198,16 @@ class Settings:
                 value = ",".join(str(v) for v in value)
             env[PREFIX + field.name.upper()] = str(value)
         return env
+
+    def __repr__(self) -> str:  # no password (in a DSN or a field) reaches a log or traceback
+        fields = ", ".join(
+            f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if f.repr
+        )
+        return redact(f"Settings({fields})")
+
+    @property
+    def db_roles(self) -> DbRoles:
+        return DbRoles(self.db_owner_role, self.db_writer_role, self.db_reader_role)
 
     @property
     def uses_existing_services(self) -> bool:
@@ -140,10 +229,76 @@ def _parse(var: str, name: str, raw: str) -> object:
             raise ConfigError(f"{var}={raw!r}: not an integer") from None
     if "Path" in str(kind):
         path = Path(raw).expanduser()
-        if name in ("price_book", "policy") and not path.is_file():
+        if name in _MUST_EXIST and not path.is_file():
             raise ConfigError(f"{var}={raw!r}: no such file")
         return path
     return raw
+
+
+# Files that must exist when the setting is read (the chain key file may be made later, by
+# `ledger keys new`; it is checked when the keys are loaded).
+_MUST_EXIST = (
+    "price_book",
+    "policy",
+    "kafka_password_file",
+    "kafka_ssl_cafile",
+    "kafka_ssl_certfile",
+    "kafka_ssl_keyfile",
+)
+
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+def _check_kafka_security(s: Settings) -> None:
+    """The LEDGER_KAFKA_* security settings agree with each other: SASL needs a mechanism, a
+    user name and one password (inline or from a file); TLS files only with SSL protocols."""
+    protocol = s.kafka_security_protocol
+    _check_choice("LEDGER_KAFKA_SECURITY_PROTOCOL", protocol, SECURITY_PROTOCOLS)
+    sasl = protocol.startswith("SASL_")
+    given = {
+        "LEDGER_KAFKA_SASL_MECHANISM": s.kafka_sasl_mechanism,
+        "LEDGER_KAFKA_USERNAME": s.kafka_username,
+        "LEDGER_KAFKA_PASSWORD": s.kafka_password,
+        "LEDGER_KAFKA_PASSWORD_FILE": s.kafka_password_file,
+    }
+    if not sasl:
+        for var, value in given.items():
+            if value is not None:
+                raise ConfigError(
+                    f"{var} is set but LEDGER_KAFKA_SECURITY_PROTOCOL={protocol}: SASL settings "
+                    "need SASL_PLAINTEXT or SASL_SSL"
+                )
+    else:
+        if s.kafka_sasl_mechanism is None:
+            raise ConfigError(
+                f"LEDGER_KAFKA_SECURITY_PROTOCOL={protocol} needs LEDGER_KAFKA_SASL_MECHANISM "
+                f"({', '.join(SASL_MECHANISMS)})"
+            )
+        _check_choice("LEDGER_KAFKA_SASL_MECHANISM", s.kafka_sasl_mechanism, SASL_MECHANISMS)
+        if not s.kafka_username:
+            raise ConfigError(
+                f"LEDGER_KAFKA_SECURITY_PROTOCOL={protocol} needs LEDGER_KAFKA_USERNAME"
+            )
+        if (s.kafka_password is None) == (s.kafka_password_file is None):
+            raise ConfigError(
+                f"LEDGER_KAFKA_SECURITY_PROTOCOL={protocol} needs exactly one of "
+                "LEDGER_KAFKA_PASSWORD and LEDGER_KAFKA_PASSWORD_FILE"
+            )
+    tls = protocol in ("SSL", "SASL_SSL")
+    files = {
+        "LEDGER_KAFKA_SSL_CAFILE": s.kafka_ssl_cafile,
+        "LEDGER_KAFKA_SSL_CERTFILE": s.kafka_ssl_certfile,
+        "LEDGER_KAFKA_SSL_KEYFILE": s.kafka_ssl_keyfile,
+    }
+    for var, value in files.items():
+        if value is not None and not tls:
+            raise ConfigError(
+                f"{var} is set but LEDGER_KAFKA_SECURITY_PROTOCOL={protocol}: TLS files need SSL "
+                "or SASL_SSL"
+            )
+    if s.kafka_ssl_keyfile is not None and s.kafka_ssl_certfile is None:
+        raise ConfigError("LEDGER_KAFKA_SSL_KEYFILE needs LEDGER_KAFKA_SSL_CERTFILE")
 
 
 def parse_shards(var: str, raw: str) -> list[int]:
@@ -166,5 +321,10 @@ def _check_choice(var: str, value: str, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{var}={value!r}: must be one of {', '.join(choices)}")
 
 
-def _names(known: set[str]) -> str:
-    return ", ".join(sorted(PREFIX + n.upper() for n in known))
+def default_home(environ: Mapping[str, str] | None = None) -> Path:
+    """Where the local stack lives unless LEDGER_HOME says otherwise: one place per user
+    (`$XDG_STATE_HOME/billing-ledger`, else `~/.local/state/billing-ledger`), so every command
+    finds the same stack from any directory."""
+    env = os.environ if environ is None else environ
+    state = env.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "billing-ledger"

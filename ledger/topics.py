@@ -16,10 +16,24 @@ CREDITS = "billing.credits.v1"
 PAYMENTS = "billing.payment-methods.v1"
 CONTROL = "billing.control.v1"
 STATUS = "billing.account-status.v1"
+# The latest AccountSuspended/AccountReinstated of each account (keyed by account, compacted),
+# written by the relay before the event itself goes to STATUS: a new gateway reads it to its
+# end instead of the whole status history (`ledger.status`).
+STATUS_SNAPSHOT = "billing.account-status-snapshot.v1"
 DEADLETTER = "billing.deadletter.v1"
+# Every shard's hash-chain head, published by the relay (`ledger.checkpoints`); kept forever.
+CHECKPOINTS = "billing.checkpoints.v1"
 
 INPUTS = (USAGE, ACCOUNTS, CREDITS, PAYMENTS, CONTROL)
-ALL = (*INPUTS, STATUS, DEADLETTER)
+ALL = (*INPUTS, STATUS, STATUS_SNAPSHOT, DEADLETTER, CHECKPOINTS)
+
+# Topic configs beyond the partition count and the caller's `configs`: checkpoints are kept
+# forever; the snapshot keeps the latest record per key, and rolls a segment every hour so that
+# the cleaner compacts it within hours rather than days (it never compacts the active segment).
+TOPIC_CONFIGS = {
+    CHECKPOINTS: {"retention.ms": "-1", "cleanup.policy": "delete"},
+    STATUS_SNAPSHOT: {"cleanup.policy": "compact", "segment.ms": "3600000"},
+}
 
 _EVENT_TOPICS = {
     USAGE: ("UsageRecorded",),
@@ -69,15 +83,18 @@ def create_topics(
 ) -> list[str]:
     """Create whichever of the ledger's topics are missing; return the names created.
     `replication_factor` copies of each partition (a multi-broker cluster), with the topic
-    `configs` given (e.g. `{"min.insync.replicas": "2"}`)."""
+    `configs` given (e.g. `{"min.insync.replicas": "2"}`) and those of TOPIC_CONFIGS."""
     from kafka import KafkaAdminClient
     from kafka.errors import KafkaError
+
+    from ledger.kafka_auth import client_options
 
     try:
         admin = KafkaAdminClient(
             bootstrap_servers=bootstrap,
             client_id="ledger-topics",
             request_timeout_ms=timeout_ms,
+            **client_options(settings),
         )
     except KafkaError as exc:
         raise StackError(f"cannot reach Kafka at {bootstrap}: {exc}") from exc
@@ -86,14 +103,15 @@ def create_topics(
         missing = [name for name in all_topics(settings) if name not in existing]
         if not missing:
             return []
-        spec = {
-            name: {
+        own = {settings.topic(base): extra for base, extra in TOPIC_CONFIGS.items()}
+        spec = {}
+        for name in missing:
+            topic_configs = {**(configs or {}), **own.get(name, {})}
+            spec[name] = {
                 "num_partitions": settings.partitions,
                 "replication_factor": replication_factor,
-                **({"configs": dict(configs)} if configs else {}),
+                **({"configs": topic_configs} if topic_configs else {}),
             }
-            for name in missing
-        }
         result = admin.create_topics(spec, timeout_ms=timeout_ms, raise_errors=False)
         created = []
         for topic in result.get("topics", []):

@@ -1,31 +1,59 @@
-"""`ledger verify`: prove the live state is what the journal says it is.
+"""`ledger verify`: prove the live state is what the journal says it is, and that the journal is
+what was journaled.
 
 In one REPEATABLE READ snapshot (so the live projection's rows and positions agree with each
 other while workers keep running):
   1. the trial balance is zero in every currency;
-  2. every account's hash chain is intact: each entry links to the previous entry of the same
-     account, and its hash recomputes from what is stored (event payload, status, postings,
-     rating detail, raw event bytes); the first broken link of each account is reported;
-  3. the account-status projection recomputed from scratch up to the live positions equals the
+  2. every shard's hash chain is intact, walked in shard_seq order: each entry links to the
+     previous entry of its shard, its keyed link (HMAC-SHA256 under the chain key its
+     `chain_key_id` names, `ledger.book.chain_link`) recomputes from what is stored (event
+     payload, status, postings, rating detail, raw event bytes, position and the columns the
+     readers use), its postings belong to its account in USD, no shard_seq is missing, and
+     `shard_heads` ends where the journal ends. Entries journaled before the chain was keyed
+     (`chain_key_id` NULL) must come first in their shard and are checked with their old
+     per-account unkeyed links. The FIRST entry of each shard that does not verify is
+     reported (shard, seq, event id): whoever changed it without the key could not make it,
+     or anything after it, verify;
+  3. with checkpoints (from the checkpoint topic, or a digest an auditor kept;
+     `ledger.checkpoints`): the entry at each checkpoint's seq has the checkpoint's link, and
+     no shard ends before a checkpoint of it (a cut tail names the first missing entry);
+  4. every account book (`account_books`, the writer's own state: grants, what is left of
+     each, receivable, home shard, next expiry) equals the book folded from the journal's
+     entries as recorded (`ledger.book.apply_recorded`);
+  5. the account-status projection recomputed from scratch up to the live positions equals the
      live one, column by column and state document by state document, its clock included;
-  4. the invoices recomputed equal the issued ones;
-  5. every account's receivable is what its issued invoices still owe plus what is not yet
+  6. the invoices recomputed equal the issued ones;
+  7. every account's receivable is what its issued invoices still owe plus what is not yet
      invoiced (charges waiting + rounding carry − payments waiting to be applied).
 Each difference is reported with what it concerns; any difference means a non-zero exit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from collections.abc import Callable
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 import psycopg
 
-from ledger import db
-from ledger.book import Entry, Posting, canonical_json, chain_hash
+from ledger import chain_keys, db
+from ledger.book import (
+    AccountBook,
+    Entry,
+    Posting,
+    apply_recorded,
+    canonical_json,
+    chain_hash,
+    chain_link,
+    link_header,
+)
+from ledger.chain_keys import ChainKeys
+from ledger.checkpoints import Checkpoint
+from ledger.config_versions import CONFIG_PUBLISHED, POLICY, ConfigVersion
 from ledger.db import QUERIES
 from ledger.journal import GENESIS
 from ledger.policy import Policy
@@ -48,7 +76,9 @@ INVOICE_COLUMNS = (
 
 @dataclasses.dataclass(frozen=True)
 class Difference:
-    check: str  # trial_balance | hash_chain | projection | invoice | position | receivable
+    # trial_balance | hash_chain | checkpoint | account_book | projection | invoice | position
+    # | receivable
+    check: str
     subject: str  # what it concerns: an account, an entry, a shard, an invoice
     detail: str
 
@@ -57,13 +87,24 @@ class Difference:
 
 
 def verify(
-    settings: Settings, dsn: str, *, progress: Callable[[int, int], None] | None = None
+    settings: Settings,
+    dsn: str,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    keys: ChainKeys | None = None,
+    checkpoints: list[Checkpoint] | None = None,
+    notes: list[str] | None = None,
 ) -> list[Difference]:
-    projection = AccountStatusProjection(Policy.load(settings.policy))
+    """Every difference found (none: verified). `keys` default to the settings' chain key
+    file. With `checkpoints`, the journal is checked against them too, and `notes` (when
+    given) receives what they do not cover."""
+    policy = Policy.load(settings.policy)
+    projection = AccountStatusProjection(policy)
+    keys = keys if keys is not None else chain_keys.load(settings)
     with db.connect(dsn) as conn:
         conn.execute(QUERIES["set_repeatable_read"])
         differences = _trial_balance(conn)
-        differences += check_hash_chains(conn)
+        differences += check_journal(conn, keys, policy, checkpoints, notes)
         positions = {
             shard: (position, clock)
             for shard, position, clock in conn.execute(
@@ -121,32 +162,251 @@ def _trial_balance(conn: psycopg.Connection) -> list[Difference]:
     ]
 
 
-def check_hash_chains(conn: psycopg.Connection) -> list[Difference]:
-    """The first broken link of every account whose chain does not verify."""
-    broken: dict[str, Difference] = {}
-    previous: dict[str, bytes] = {}
+@dataclasses.dataclass
+class _ShardWalk:
+    last_seq: int = 0
+    head: bytes = GENESIS
+    keyed: bool = False  # a keyed entry was seen: no unkeyed one may follow
+    broken: bool = False  # its first broken entry is reported; the rest is not checked
+
+
+def check_journal(
+    conn: psycopg.Connection,
+    keys: ChainKeys,
+    policy: Policy,
+    checkpoints: list[Checkpoint] | None = None,
+    notes: list[str] | None = None,
+) -> list[Difference]:
+    """The hash chains, the checkpoints and the account books (checks 2-4 of the module
+    docstring), in one pass over the journal."""
+    out: list[Difference] = []
+    walks: dict[int, _ShardWalk] = {}
+    legacy_heads: dict[str, bytes] = {}  # account → its last unkeyed link
+    books: dict[str, tuple[AccountBook, int]] = {}
+    unfoldable: set[str] = set()
+    policies: dict[int, Policy] = {}  # shard → the policy journaled there (default: `policy`)
+    at_seq: dict[tuple[int, int], list[Checkpoint]] = {}
+    for cp in checkpoints or ():
+        at_seq.setdefault((cp.shard, cp.seq), []).append(cp)
+
     for row in conn.execute(QUERIES["chain_entries"]):
         (account_id, shard, seq, event_id, event_type, status, payload, detail, prev_hash,
-         entry_hash, raw, accounts, amounts) = row  # fmt: skip
-        key = account_id or f"(ticks of shard {shard})"
-        if key in broken:
-            continue
+         entry_hash, raw, accounts, amounts, key_id, occurred_at, price_version, cause,
+         postings_owned) = row  # fmt: skip
+        prev_hash, entry_hash = bytes(prev_hash), bytes(entry_hash)
+        postings = [(a, Decimal(v)) for a, v in zip(accounts, amounts, strict=True)]
+        walk = walks.setdefault(shard, _ShardWalk())
         where = f"account {account_id!r} entry ({shard}, {seq}) {event_type} {event_id}"
-        expected_prev = GENESIS if not account_id else previous.get(account_id, GENESIS)
-        entry = Entry(
-            status,
-            tuple(Posting(a, Decimal(v)) for a, v in zip(accounts, amounts, strict=True)),
-            detail=detail,
-        )
-        recomputed = chain_hash(bytes(prev_hash), canonical_json(payload), entry, bytes(raw or b""))
-        if bytes(prev_hash) != expected_prev:
-            broken[key] = Difference("hash_chain", where, "does not link to the previous entry")
-        elif recomputed != bytes(entry_hash):
-            broken[key] = Difference(
-                "hash_chain", where, "content changed since it was journaled (hash mismatch)"
+        if not walk.broken:
+            problem = None
+            if seq != walk.last_seq + 1:
+                problem = (
+                    f"entries ({shard}, {walk.last_seq + 1}..{seq - 1}) are missing: the "
+                    "shard's sequence has a gap"
+                )
+            else:
+                entry = Entry(status, tuple(Posting(a, v) for a, v in postings), detail=detail)
+                problem = _link_problem(
+                    keys, walk, legacy_heads, entry, account_id, key_id, prev_hash, entry_hash,
+                    link_header(key_id or "", shard, seq, event_type, account_id, occurred_at,
+                                price_version, cause),
+                    canonical_json(payload), bytes(raw or b""), postings_owned,
+                )  # fmt: skip
+            if problem is None:
+                for cp in at_seq.get((shard, seq), ()):
+                    if cp.head != entry_hash:
+                        problem = (
+                            f"differs from the {cp.describe()} ({cp.where}): the journal up to "
+                            "this entry was changed, or linked anew, after it was checkpointed"
+                        )
+                        break
+            if problem is not None:
+                walk.broken = True
+                out.append(Difference("hash_chain", where, problem))
+            walk.keyed = walk.keyed or key_id is not None
+        walk.last_seq, walk.head = seq, entry_hash
+        if event_type == CONFIG_PUBLISHED:  # a policy applies from its entry on, as written
+            version = _config_version(payload)
+            if version is not None and version.kind == POLICY:
+                with contextlib.suppress(ValueError):
+                    policies[shard] = version.parsed()
+        if account_id and account_id not in unfoldable:
+            book, home = books.setdefault(account_id, (AccountBook(account_id), shard))
+            try:
+                if home != shard:
+                    raise ValueError(f"it has entries in shard {home} and in shard {shard}")
+                apply_recorded(
+                    book, event_type, payload, detail, postings, policies.get(shard, policy)
+                )
+            except (ValueError, KeyError, ArithmeticError) as exc:
+                unfoldable.add(account_id)
+                out.append(
+                    Difference("account_book", account_id, f"the journal does not fold: {exc}")
+                )
+
+    for shard, last_seq, head in conn.execute(QUERIES["shard_chain_heads"]):
+        walk = walks.get(shard, _ShardWalk())
+        if (last_seq, bytes(head)) != (walk.last_seq, walk.head) and not walk.broken:
+            out.append(
+                Difference(
+                    "hash_chain",
+                    f"shard {shard}",
+                    f"shard_heads says the chain ends at seq {last_seq}, the journal ends at "
+                    f"seq {walk.last_seq} (or with another link)",
+                )
             )
-        previous[account_id] = bytes(entry_hash)
-    return sorted(broken.values(), key=lambda d: d.subject)
+    out += _checkpoint_coverage(walks, checkpoints, notes)
+    out += _compare_books(conn, books, unfoldable)
+    return out
+
+
+def _config_version(payload: dict) -> ConfigVersion | None:
+    try:
+        return ConfigVersion.from_event(payload)
+    except (ValueError, KeyError, TypeError):
+        return None  # its link says whether it was changed; the writer refused no such entry
+
+
+def _link_problem(
+    keys: ChainKeys,
+    walk: _ShardWalk,
+    legacy_heads: dict[str, bytes],
+    entry: Entry,
+    account_id: str,
+    key_id: str | None,
+    prev_hash: bytes,
+    entry_hash: bytes,
+    header: str,
+    payload_json: str,
+    raw: bytes,
+    postings_owned: bool,
+) -> str | None:
+    """Why this entry's link does not verify, or None."""
+    if not postings_owned:
+        return "a posting names another account or currency than the entry"
+    if key_id is None:  # journaled before the chain was keyed: its old per-account link
+        if walk.keyed:
+            return "an unkeyed entry after keyed ones (unkeyed links are only older entries)"
+        expected_prev = legacy_heads.get(account_id, GENESIS) if account_id else GENESIS
+        if prev_hash != expected_prev:
+            return "does not link to the previous entry of its account (unkeyed link)"
+        if chain_hash(prev_hash, payload_json, entry, raw) != entry_hash:
+            return "content changed since it was journaled (unkeyed hash mismatch)"
+        if account_id:
+            legacy_heads[account_id] = entry_hash
+        return None
+    if prev_hash != walk.head:
+        return "does not link to the previous entry of its shard"
+    mac = keys.mac(key_id)
+    if mac is None:
+        return (
+            f"linked with chain key {key_id!r}, which the key file does not hold: it cannot "
+            "be verified"
+        )
+    if chain_link(mac, prev_hash, header, payload_json, entry, raw) != entry_hash:
+        return (
+            "content changed since it was journaled (hash mismatch: its keyed link does not "
+            "verify; changed, or linked anew without the chain key)"
+        )
+    return None
+
+
+def _checkpoint_coverage(
+    walks: dict[int, _ShardWalk],
+    checkpoints: list[Checkpoint] | None,
+    notes: list[str] | None,
+) -> list[Difference]:
+    """Shards that end before a checkpoint of them (a cut tail); notes on what no
+    checkpoint covers yet."""
+    if checkpoints is None:
+        return []
+    out = []
+    highest: dict[int, Checkpoint] = {}
+    for cp in checkpoints:
+        if cp.shard not in highest or cp.seq > highest[cp.shard].seq:
+            highest[cp.shard] = cp
+    for shard, cp in sorted(highest.items()):
+        walk = walks.get(shard, _ShardWalk())
+        if cp.seq > walk.last_seq:
+            named = f" (its last was event {cp.event_id})" if cp.event_id else ""
+            out.append(
+                Difference(
+                    "checkpoint",
+                    f"entry ({shard}, {walk.last_seq + 1})",
+                    f"missing: shard {shard} ends at seq {walk.last_seq}, but a {cp.describe()} "
+                    f"({cp.where}) covers entries up to seq {cp.seq}{named}: entries were "
+                    "removed",
+                )
+            )
+    if notes is not None:
+        for shard, walk in sorted(walks.items()):
+            cp = highest.get(shard)
+            if cp is None:
+                notes.append(f"shard {shard}: no checkpoint yet (seq 1..{walk.last_seq} uncovered)")
+            elif walk.last_seq > cp.seq:
+                notes.append(
+                    f"shard {shard}: seq {cp.seq + 1}..{walk.last_seq} journaled after the "
+                    f"latest checkpoint ({cp.at.isoformat()}); not covered yet"
+                )
+    return out
+
+
+def _compare_books(
+    conn: psycopg.Connection, folded: dict[str, tuple[AccountBook, int]], unfoldable: set[str]
+) -> list[Difference]:
+    """Each account_books row against the book folded from the journal."""
+    out = []
+    live = {
+        account_id: (AccountBook.from_json(account_id, book), shard, next_expiry)
+        for account_id, book, shard, next_expiry in conn.execute(QUERIES["all_account_books"])
+    }
+    for account_id in sorted(set(live) | set(folded)):
+        if account_id in unfoldable:
+            continue
+        if account_id not in folded:
+            out.append(Difference("account_book", account_id, "a book without journal entries"))
+            continue
+        if account_id not in live:
+            out.append(Difference("account_book", account_id, "journal entries without a book"))
+            continue
+        want, home = folded[account_id]
+        have, shard, next_expiry = live[account_id]
+        found = _book_fields(have, shard, next_expiry)
+        expected = _book_fields(want, home, want.next_expiry())
+        for field in sorted(set(found) | set(expected)):
+            if found.get(field) != expected.get(field):
+                out.append(
+                    Difference(
+                        "account_book",
+                        account_id,
+                        f"{field}: book={_shown(found.get(field))} "
+                        f"journal={_shown(expected.get(field))}",
+                    )
+                )
+    return out
+
+
+def _book_fields(book: AccountBook, shard: int, next_expiry: datetime | None) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "opened": book.opened,
+        "receivable": book.receivable,
+        "next_order": book.next_order,
+        "shard": shard,
+        "next_expiry": next_expiry,
+    }
+    for grant in book.grants.values():
+        for name in ("kind", "granted", "remaining", "expires_at", "order", "expired", "applied",
+                     "revoked"):  # fmt: skip
+            fields[f"grant {grant.grant_id!r} {name}"] = getattr(grant, name)
+    return fields
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, Decimal):
+        return format(value.normalize(), "f") if value else "0"
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return "absent" if value is None else str(value)
 
 
 def _compare(

@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 
 import structlog
 
-from ledger import db
+from ledger import db, health
 from ledger.backoff import Backoff, Outage
 from ledger.consumer import run_ledger_consumer
 from ledger.db import DatabaseError
@@ -175,6 +175,7 @@ def run_worker(settings: Settings, bootstrap: str, dsn: str, roles: tuple[str, .
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    server = health.serve(settings, bootstrap, dsn, roles)  # LEDGER_METRICS_PORT (0: none)
     threads = start_roles(settings, bootstrap, dsn, roles, stop)
     log.info("worker_started", roles=list(roles))
     while not stop.wait(0.5):
@@ -185,5 +186,7 @@ def run_worker(settings: Settings, bootstrap: str, dsn: str, roles: tuple[str, .
     stuck = [t.name for t in threads if t.is_alive()]
     if stuck:
         log.warning("roles_not_stopped", roles=stuck, grace_s=SHUTDOWN_GRACE_S)
+    if server is not None:
+        server.close()
     log.info("worker_stopped")
     return 0

@@ -34,6 +34,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+from ledger.config_versions import POLICY, ConfigVersion
 from ledger.policy import Policy
 from projections import billing
 
@@ -49,6 +50,7 @@ REASON_ORDER = (CREDITS_EXHAUSTED, SPEND_LIMIT_REACHED, PAYMENT_FAILED, MANUAL_H
 # ticks every LEDGER_TICK_INTERVAL_S, 60 s by default; producers' clocks drift a little).
 CLOCK_SKEW = timedelta(minutes=15)
 PAYMENT_EVENTS = ("CreditPurchased", "InvoicePaid")
+USAGE_EVENTS = ("UsageRecorded", "UsageRerated")  # charges that are usage (re-rated or not)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,7 +231,20 @@ class AccountStatusProjection:
     name = "account_status"
 
     def __init__(self, policy: Policy):
-        self.policy = policy
+        self.default_policy = policy  # for shards with no policy journaled (yet)
+        self.policies: dict[int, Policy] = {}  # shard -> the latest policy journaled there
+        self.policy = policy  # the one in force for the shard being folded (`use`)
+
+    def use(self, shard: int) -> None:
+        """Fold `shard` next: apply the policy journaled there."""
+        self.policy = self.policies.get(shard, self.default_policy)
+
+    def configure(self, shard: int, payload: dict) -> None:
+        """A ConfigPublished entry of `shard`: a policy version applies from here on."""
+        version = ConfigVersion.from_event(payload)
+        if version.kind == POLICY:
+            self.policies[shard] = version.parsed()
+            self.use(shard)
 
     # --- the fold ---------------------------------------------------------------------------
 
@@ -335,7 +350,7 @@ class AccountStatusProjection:
             elif ledger_account == receivable:
                 state.receivable += amount
                 if amount > 0:
-                    kind = "usage" if entry.event_type == "UsageRecorded" else "credit_revoked"
+                    kind = "usage" if entry.event_type in USAGE_EVENTS else "credit_revoked"
                     kinds = state.pending.setdefault(month, {})
                     kinds[kind] = kinds.get(kind, ZERO) + amount
                 else:
@@ -513,6 +528,7 @@ HANDLERS: dict[str, Handler | None] = {
     "AccountHoldPlaced": P._on_AccountHoldPlaced,
     "AccountHoldReleased": P._on_AccountHoldReleased,
     "UsageRecorded": None,
+    "UsageRerated": None,
     "CreditPurchased": P._on_CreditPurchased,
     "CreditGranted": P._on_CreditGranted,
     "CreditRevoked": P._on_CreditRevoked,

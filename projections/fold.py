@@ -76,16 +76,21 @@ def fold_entries(
     visited: set[str] | None = None,
 ) -> tuple[list[Effect], datetime | None]:
     """Apply one shard's entries, in order, to `states` (mutated; accounts are added as they
-    appear). The one loop shared by the live worker, rebuild, verify and audit.
+    appear). The one loop shared by the live worker, rebuild, verify and audit. A
+    ConfigPublished entry of a policy version makes it the shard's policy from there on.
 
     `clock` is the shard's last PeriodTick. Only a tick that turns the month or makes a close
     due revisits accounts, and only those that need it (a limit suspension, amounts waiting
     for an invoice): `tick_sensitive` supplies those not in `states` (the live worker reads
     them from the database; a fold from scratch has them all already)."""
-    grace = projection.policy.grace_hours
     effects: list[Effect] = []
     for entry in entries:
+        projection.use(entry.shard)
+        if entry.event_type == "ConfigPublished":
+            projection.configure(entry.shard, entry.payload)
+            continue
         if entry.event_type == "PeriodTick":
+            grace = projection.policy.grace_hours
             tick_at = datetime.fromisoformat(entry.payload["tick_at"])
             if clock is not None and tick_at <= clock:
                 continue

@@ -63,9 +63,9 @@ class ShardState:
             touched |= {e.account_id for e in effects}
             if keep_effects:
                 self.effects += effects
+            done, self.position = end - self.position, end
             if progress is not None:
-                progress(end - self.position)
-            self.position = end
+                progress(done)
         return touched
 
 
@@ -126,6 +126,7 @@ def rebuild(settings: Settings, dsn: str, *, progress: Progress | None = None) -
             total = sum(live.values())
             for shard, upto in sorted(behind.items()):
                 shards[shard].advance(conn, projection, shard, upto, progress=report)
+        report(0)  # caught up: the bar ends at its total
         with conn.cursor().copy(QUERIES["copy_status_rebuild"]) as copy:
             for shard, state in sorted(shards.items()):
                 for account in state.states.values():

@@ -18,7 +18,7 @@ import psycopg
 import structlog
 from psycopg.types.json import Jsonb
 
-from ledger import db, topics
+from ledger import db, metrics, topics
 from ledger.backoff import Outage
 from ledger.codec import Codec
 from ledger.db import QUERIES
@@ -82,6 +82,7 @@ class ProjectionWorker:
             if row is None or row[0] >= head:
                 return 0  # another worker holds this shard, or nothing new
             position, clock = row
+            self._use_policy_at(shard, position)
             upto = min(head, position + self.batch_size)
             entries = list(read_entries(self.conn, shard, position, upto))
             effects, clock = self._apply(shard, entries, clock)
@@ -90,6 +91,15 @@ class ProjectionWorker:
                 self.conn.execute(QUERIES["notify_outbox"])
         log.debug("projection_step", shard=shard, entries=len(entries), effects=len(effects))
         return len(entries)
+
+    def _use_policy_at(self, shard: int, position: int) -> None:
+        """The policy journaled on `shard` at or before `position` (another worker may have
+        folded the entries since this one last did): the shard's policy from here."""
+        row = self.conn.execute(QUERIES["shard_policy_at"], (shard, position)).fetchone()
+        if row is None:
+            self.projection.policies.pop(shard, None)
+        else:
+            self.projection.configure(shard, row[0])
 
     def _apply(
         self, shard: int, entries: list[JournalEntry], clock: datetime | None
@@ -144,6 +154,7 @@ class ProjectionWorker:
                     if self.conn.closed or self.conn.broken:
                         self.conn = db.connect(self.dsn)
                     applied = self.run_once()
+                    metrics.PROJECTION_ENTRIES.inc(applied)
                     outage.ok()
                     if applied:
                         continue

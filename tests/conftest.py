@@ -4,10 +4,15 @@ Session-scoped, in dependency order:
 
     base_settings  Settings for the whole session: LEDGER_* from the environment, but with a
                    private `home` in a fresh temp dir, so tests never touch (or stop) a
-                   developer's own `.ledger/` stack.
+                   developer's own stack.
     stack          the running Kafka + PostgreSQL (a `ledger.stack.StackInfo`): started once
                    per session, stopped at the end. With LEDGER_KAFKA_BOOTSTRAP and/or
                    LEDGER_DATABASE_URL set, those services are used and nothing is started.
+
+Databases are made and migrated by the owner role; `dsn` (what the workers, the harness and
+most tests use) is the least-privileged writer's, so the suite proves the workers need no more.
+`owner_dsn`, `reader_dsn` and `admin_dsn` (the local cluster's superuser, for tests that play
+an attacker with full access) reach the same database as the other roles.
 
 Add further fixtures (database connections, topics, ...) below, building on `stack`.
 """
@@ -26,7 +31,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from ledger import db, topics
+from ledger import chain_keys, db, topics
 from ledger import stack as local_stack
 from ledger.book import LedgerFold
 from ledger.journal import LedgerWriter
@@ -64,26 +69,52 @@ def template_dsn(stack: local_stack.StackInfo) -> str:
 
 
 def new_database(stack: local_stack.StackInfo) -> str:
-    """A fresh, migrated database on the stack's server (dropped with the cluster)."""
+    """A fresh database on the stack's server, made and migrated by the owner role (dropped
+    with the cluster); returns the writer's URL of it."""
     name = f"ledger_test_{uuid.uuid4().hex[:12]}"
-    on_server(stack.dsn, "create_database", name)
-    dsn = with_database(stack.dsn, name)
-    db.migrate(dsn)
-    return dsn
+    on_server(stack.owner_dsn, "create_database", name)
+    db.migrate(with_database(stack.owner_dsn, name))
+    return with_database(stack.dsn, name)
+
+
+def database_name(dsn: str) -> str:
+    return urllib.parse.urlsplit(dsn).path.lstrip("/")
+
+
+def as_role(stack: local_stack.StackInfo, dsn: str, role: str) -> str:
+    """The URL of `dsn`'s database for "owner", "writer", "reader" or "admin" (superuser)."""
+    base = stack.admin_dsn if role == "admin" else stack.role_dsn(role)
+    assert base is not None, "no superuser: the tests' PostgreSQL is external"
+    return with_database(base, database_name(dsn))
 
 
 @pytest.fixture
 def dsn(stack: local_stack.StackInfo, template_dsn: str) -> Iterator[str]:
+    """A fresh migrated database (a clone of the template), as the writer role."""
     name = f"ledger_test_{uuid.uuid4().hex[:12]}"
-    template = urllib.parse.urlsplit(template_dsn).path.lstrip("/")
-    with psycopg.connect(stack.dsn, autocommit=True) as admin:
-        admin.execute(
+    with psycopg.connect(stack.owner_dsn, autocommit=True) as owner:
+        owner.execute(
             sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-                sql.Identifier(name), sql.Identifier(template)
+                sql.Identifier(name), sql.Identifier(database_name(template_dsn))
             )
         )
     yield with_database(stack.dsn, name)
-    on_server(stack.dsn, "drop_database", name)
+    on_server(stack.owner_dsn, "drop_database", name)
+
+
+@pytest.fixture
+def owner_dsn(stack: local_stack.StackInfo, dsn: str) -> str:
+    return as_role(stack, dsn, "owner")
+
+
+@pytest.fixture
+def reader_dsn(stack: local_stack.StackInfo, dsn: str) -> str:
+    return as_role(stack, dsn, "reader")
+
+
+@pytest.fixture
+def admin_dsn(stack: local_stack.StackInfo, dsn: str) -> str:
+    return as_role(stack, dsn, "admin")
 
 
 @pytest.fixture
@@ -116,10 +147,11 @@ def ledger(settings: Settings, stack: local_stack.StackInfo, dsn: str) -> Iterat
 
 
 @pytest.fixture
-def writer(dsn: str) -> Iterator[LedgerWriter]:
-    """A LedgerWriter on this test's database, with the shipped price book and policy (no
-    Kafka: tests hand it records)."""
+def writer(dsn: str, base_settings: Settings) -> Iterator[LedgerWriter]:
+    """A LedgerWriter on this test's database, with the shipped price book and policy and the
+    session's chain key (no Kafka: tests hand it records)."""
     conn = psycopg.connect(dsn)
     fold = LedgerFold(PriceBook.load(), Policy.load())
-    yield LedgerWriter(conn, fold, group_id="ledger", deadletter_topic="dlq")
+    keys = chain_keys.load(base_settings)
+    yield LedgerWriter(conn, fold, keys=keys, group_id="ledger", deadletter_topic="dlq")
     conn.close()

@@ -16,6 +16,7 @@ from kafka import KafkaConsumer
 
 from ledger import topics
 from ledger.codec import Codec
+from ledger.kafka_auth import client_options
 from ledger.producer import EventProducer
 from ledger.reports import trial_balance
 from ledger.scheduler import send_ticks
@@ -130,7 +131,11 @@ class Ledger:
     # --- reading --------------------------------------------------------------------------
 
     def journaled(self) -> int:
-        return self.db.execute("SELECT count(*) FROM journal_entries").fetchone()[0]
+        """Journal entries, not counting the price and policy versions a `ledger worker`
+        journals at start."""
+        return self.db.execute(
+            "SELECT count(*) FROM journal_entries WHERE event_type <> 'ConfigPublished'"
+        ).fetchone()[0]
 
     def rejected(self) -> list[tuple]:
         return self.db.execute(
@@ -192,6 +197,7 @@ class Ledger:
                 auto_offset_reset="earliest",
                 enable_auto_commit=False,
                 group_id=None,
+                **client_options(self.settings),
             )
         deadline = time.monotonic() + (timeout if expect is not None else 0.5)
         while True:

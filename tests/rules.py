@@ -32,8 +32,16 @@ from ledger.book import (
     canonical_json,
     content_hash,
     expiry_events,
+    rerate_event,
 )
 from ledger.codec import Codec
+from ledger.config_versions import (
+    PRICE_BOOK,
+    ConfigVersion,
+    ShardConfig,
+    policy_version,
+    price_versions,
+)
 from ledger.money import quantize
 from ledger.policy import Policy
 from ledger.rating import PriceBook
@@ -57,6 +65,18 @@ _PRICEBOOK = PriceBook.load()
 _POLICY = Policy.load()
 
 
+def price_version_with(
+    model: str, price: str, version: str, effective_from: datetime
+) -> ConfigVersion:
+    """A new price-book version: the packaged 2026-01 one plus `model` at `price` per 1M
+    input and output tokens."""
+    content = json.loads(price_versions()[0].document)
+    content["serverless"][model] = {"input": price, "output": price}
+    content["version"] = version
+    content["effective_from"] = effective_from.isoformat()
+    return ConfigVersion.of(PRICE_BOOK, version, effective_from, content)
+
+
 def close_of(month: str, grace_hours: int = 72) -> datetime:
     """The first moment month `month` (YYYY-MM) is due to close."""
     year, mon = map(int, month.split("-"))
@@ -70,6 +90,8 @@ class Rules:
     def __init__(self, policy: Policy | None = None, pricebook: PriceBook | None = None):
         self.policy = policy or _POLICY
         self.fold = LedgerFold(pricebook or _PRICEBOOK, self.policy)
+        self.configured = self.fold  # the files': used until versions are journaled
+        self.config = ShardConfig()
         self.projection = AccountStatusProjection(self.policy)
         self.books: dict[str, AccountBook] = {}
         self.digests: dict[str, bytes] = {}
@@ -133,6 +155,9 @@ class Rules:
                     for derived, entry in expiry_events(self.fold, event, account_id, book):
                         new.append(self._entry("GrantExpired", derived, entry.status, entry))
                 continue
+            if event_type == "ConfigPublished":
+                new += self._publish(event, new)
+                continue
             account_id = event["account_id"]
             book = self.books.get(account_id) or AccountBook(account_id)
             try:
@@ -145,6 +170,45 @@ class Rules:
         self.journal += new
         effects, self.clock = fold_entries(self.projection, self.states, new, self.clock)
         self.effects += effects
+        return effects
+
+    def _publish(self, event: dict, batch: list[JournalEntry]) -> list[JournalEntry]:
+        """A ConfigPublished, as the journal writer handles it: the shard's fold changes; a
+        price version re-rates the held usage it now prices (`ledger.book.rerate_event`)."""
+        version = ConfigVersion.from_event(event)
+        self.config.add(version)
+        self.fold = self.config.fold(self.configured)
+        out = [self._entry("ConfigPublished", event, "noop", None)]
+        if version.kind != PRICE_BOOK:
+            return out
+        journal = self.journal + batch
+        done = {e.payload["usage_event_id"] for e in journal if e.event_type == "UsageRerated"}
+        for held in journal:
+            if held.event_type != "UsageRecorded" or held.status != "unpriced":
+                continue
+            if held.payload["event_id"] in done:
+                continue
+            book = self.books[held.account_id]
+            derived = rerate_event(self.fold, event["event_id"], held.payload, book)
+            if derived is not None:
+                rerated, entry = derived
+                out.append(self._entry("UsageRerated", rerated, entry.status, entry))
+        return out
+
+    def publish(self, v: ConfigVersion, at=None):
+        """Publish a price-book or policy version (`ledger config publish`): journaled on the
+        shard as the ledger writer journals it."""
+        if at is None:
+            self.now += timedelta(seconds=1)
+            at = self.now
+        event = _CODEC.decode(_CODEC.encode("ConfigPublished", v.event(0, at))).event
+        return self.deliver(("ConfigPublished", event))
+
+    def publish_configured(self):
+        """What the worker does at start: publish the packaged price book and policy."""
+        effects = []
+        for v in [*price_versions(), policy_version()]:
+            effects += self.publish(v)
         return effects
 
     def _entry(self, event_type: str, event: dict, status: str, entry: Any) -> JournalEntry:
@@ -272,7 +336,8 @@ class Rules:
     def refold(self) -> tuple[dict[str, AccountStatus], list[Effect]]:
         """The projection folded from scratch over the whole journal (a rebuild, a replay)."""
         states: dict[str, AccountStatus] = {}
-        effects, _ = fold_entries(self.projection, states, self.journal, None)
+        projection = AccountStatusProjection(self.policy)  # nothing journaled known yet
+        effects, _ = fold_entries(projection, states, self.journal, None)
         return states, effects
 
     # --- the invariants ------------------------------------------------------------------------

@@ -170,7 +170,7 @@ def test_an_as_of_audit_before_a_late_event_differs_by_exactly_that_event(ledger
 
 
 def test_a_journal_row_changed_by_hand_is_reported_with_its_account_and_entry(
-    ledger, base_settings
+    ledger, base_settings, admin_dsn
 ):
     ledger.open_account("t-1")
     ledger.open_account("t-2")
@@ -178,7 +178,7 @@ def test_a_journal_row_changed_by_hand_is_reported_with_its_account_and_entry(
     ledger.use("t-2", output_tokens=200_000)
     ledger.settle(4)
     assert verify(base_settings, ledger.dsn) == []
-    with psycopg.connect(ledger.dsn) as conn:
+    with psycopg.connect(admin_dsn) as conn:
         (shard, seq, event_id) = conn.execute(
             "SELECT shard, shard_seq, event_id FROM journal_entries WHERE account_id = 't-2' "
             "AND event_type = 'UsageRecorded' ORDER BY shard_seq LIMIT 1"
@@ -194,7 +194,7 @@ def test_a_journal_row_changed_by_hand_is_reported_with_its_account_and_entry(
     assert len(chain) == 1
     assert chain[0].subject == f"account 't-2' entry ({shard}, {seq}) UsageRecorded {event_id}"
     assert "hash mismatch" in chain[0].detail
-    with psycopg.connect(ledger.dsn) as conn:  # undo, so the fixture's checks hold
+    with psycopg.connect(admin_dsn) as conn:  # undo, so the fixture's checks hold
         conn.execute("SET session_replication_role = replica")
         conn.execute(
             "UPDATE journal_entries SET payload = jsonb_set(payload, "

@@ -10,6 +10,7 @@ def test_the_benchmark_runs_and_reports_every_phase(stack, base_settings):
     env = os.environ | {
         "LEDGER_KAFKA_BOOTSTRAP": stack.bootstrap,
         "LEDGER_DATABASE_URL": stack.dsn,
+        "LEDGER_OWNER_DATABASE_URL": stack.owner_dsn,  # it makes and migrates its database
         "LEDGER_HOME": str(base_settings.home),
     }
     result = subprocess.run(

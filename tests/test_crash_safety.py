@@ -111,6 +111,7 @@ class Run:
         env = os.environ | {
             "LEDGER_KAFKA_BOOTSTRAP": self.stack.bootstrap,
             "LEDGER_DATABASE_URL": self.dsn,
+            "LEDGER_HOME": str(self.settings.home),  # the session's chain key
             "LEDGER_TOPIC_PREFIX": self.settings.topic_prefix,
             "LEDGER_CONSUMER_GROUP": self.settings.consumer_group,
             "LEDGER_PARTITIONS": "4",
@@ -156,14 +157,16 @@ class Run:
     def journaled(self) -> int:
         with psycopg.connect(self.dsn) as conn:
             return conn.execute(
-                "SELECT (SELECT count(*) FROM journal_entries) + "
+                "SELECT (SELECT count(*) FROM journal_entries"
+                "        WHERE event_type <> 'ConfigPublished') + "
                 "(SELECT count(*) FROM rejected_events)"
             ).fetchone()[0]
 
     def settled(self, expected: int) -> bool:
         with psycopg.connect(self.dsn) as conn:
             return conn.execute(
-                "SELECT (SELECT count(*) FROM journal_entries) = %s"
+                "SELECT (SELECT count(*) FROM journal_entries"
+                "        WHERE event_type <> 'ConfigPublished') = %s"
                 " AND NOT EXISTS (SELECT 1 FROM shard_heads h LEFT JOIN projection_positions p"
                 "   ON p.shard = h.shard WHERE coalesce(p.position, 0) < h.last_seq)"
                 " AND NOT EXISTS (SELECT 1 FROM outbox WHERE published_at IS NULL)",
@@ -176,7 +179,7 @@ class Run:
             return {
                 "entries": q(
                     "SELECT event_type, status, count(*) FROM journal_entries "
-                    "GROUP BY 1, 2 ORDER BY 1, 2"
+                    "WHERE event_type <> 'ConfigPublished' GROUP BY 1, 2 ORDER BY 1, 2"
                 ).fetchall(),
                 "rejected": q("SELECT count(*) FROM rejected_events").fetchone()[0],
                 "ledger_accounts": q(

@@ -7,8 +7,8 @@ import psycopg
 from ledger import db
 
 
-def test_connections_pin_the_session_time_zone_to_utc(dsn):
-    with psycopg.connect(dsn, autocommit=True) as admin:
+def test_connections_pin_the_session_time_zone_to_utc(dsn, owner_dsn):
+    with psycopg.connect(owner_dsn, autocommit=True) as admin:  # the database's owner
         database = admin.execute("SELECT current_database()").fetchone()[0]
         admin.execute(f"ALTER DATABASE \"{database}\" SET TimeZone = 'America/Los_Angeles'")
     with psycopg.connect(dsn) as plain:  # an unpinned session gets the database's zone

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import urllib.parse
 from collections import Counter
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -106,6 +107,7 @@ def test_summary_checks_fail_on_an_unbalanced_trial_balance():
     assert not dataclasses.replace(summary, revenue=Decimal("0.49")).ok
     assert not dataclasses.replace(summary, rejected=1).ok
     assert not dataclasses.replace(summary, derived=0).ok  # 4 journaled for 3 produced
+    assert not dataclasses.replace(summary, configured=1).ok  # a ConfigPublished unaccounted
     assert not dataclasses.replace(summary, breakage=Decimal("2.01")).ok
     assert not dataclasses.replace(summary, expired_left=Decimal("0.01")).ok
     assert not dataclasses.replace(summary, invoice_mismatches=1).ok
@@ -128,7 +130,7 @@ def test_demo_runs_end_to_end_and_reconciles(base_settings: Settings, stack):
         assert result.worker_exit == 0
         s = result.summary
         assert s is not None
-        assert s.journaled + s.rejected == s.produced + s.derived > 1000
+        assert s.journaled + s.rejected == s.produced + s.derived + s.configured > 1000
         assert s.ticks_sent == s.ticks_journaled == (31 + 2) * 4  # the demo's clock, 4 partitions
         assert s.balanced and s.trial_balance
         assert s.revenue == s.expected.revenue > 0
@@ -157,11 +159,21 @@ def test_demo_runs_end_to_end_and_reconciles(base_settings: Settings, stack):
         assert f"invoices list --month {demo.MONTH}" in text
         assert f"account show {result.limit_account}" in text
         assert "worker --role ledger --role projections --role relay" in text
-        assert result.dsn.endswith(f"/demo_{result.run_id}")
+        assert urllib.parse.urlsplit(result.dsn).path == f"/demo_{result.run_id}"
+        # Least privilege: the worker ran as the writer, the printed commands read as the
+        # reader; neither owns the database nor is a superuser.
+        for url, role in ((result.dsn, "writer"), (result.settings.reader_database_url, "reader")):
+            with psycopg.connect(url) as conn:
+                user, superuser = conn.execute(
+                    "SELECT current_user, rolsuper FROM pg_roles WHERE rolname = current_user"
+                ).fetchone()
+            assert (user, superuser) == (getattr(settings.db_roles, role), False)
+        worker_log = (settings.home / "demo-worker.log").read_text()
+        assert "worker_started" in worker_log
         assert (settings.home / "demo-worker.log").stat().st_size > 0
     finally:
         if result.run_id:
-            with psycopg.connect(stack.dsn, autocommit=True) as admin:
+            with psycopg.connect(stack.owner_dsn, autocommit=True) as admin:
                 admin.execute(
                     sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
                         sql.Identifier(f"demo_{result.run_id}")

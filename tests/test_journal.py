@@ -9,8 +9,11 @@ from decimal import Decimal
 import psycopg
 import pytest
 
+from ledger import chain_keys
 from ledger.codec import Codec
 from ledger.journal import OffsetGapError, split_fetched
+from ledger.policy import Policy
+from ledger.verify import check_journal
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 TOPIC = "billing.accounts.v1"
@@ -48,14 +51,16 @@ def count(dsn, table):
 @pytest.mark.parametrize(
     "statement", ["UPDATE {} SET account_id = 'x'", "DELETE FROM {}", "TRUNCATE {} CASCADE"]
 )
-def test_journal_tables_refuse_update_delete_and_truncate(writer, dsn, table, statement):
+def test_journal_tables_refuse_update_delete_and_truncate(writer, owner_dsn, table, statement):
+    """Even the owner (who may not be refused by privileges) is refused by the triggers; the
+    writer has no such privilege at all (tests/test_roles.py)."""
     writer.write_batch([opened("a", 0)])
     with (
-        psycopg.connect(dsn) as conn,
+        psycopg.connect(owner_dsn) as conn,
         pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"),
     ):
         conn.execute(statement.format(table))
-    assert count(dsn, table) >= 1
+    assert count(owner_dsn, table) >= 1
 
 
 def test_an_unbalanced_entry_cannot_commit(writer, dsn):
@@ -111,8 +116,10 @@ def test_shard_sequences_are_gapless_per_shard(writer, dsn):
     assert rows == [(0, list(range(1, 9))), (1, list(range(1, 9)))]
 
 
-def test_each_account_entry_links_to_the_previous_by_hash(writer, dsn):
-    writer.write_batch([opened("a", 0)])
+def test_each_entry_links_to_the_previous_entry_of_its_shard_with_the_chain_key(
+    writer, dsn, base_settings
+):
+    writer.write_batch([opened("a", 0), opened("b", 1), opened("c", 0, partition=1)])
     event = {
         "event_id": str(uuid.uuid4()),
         "account_id": "a",
@@ -123,12 +130,26 @@ def test_each_account_entry_links_to_the_previous_by_hash(writer, dsn):
     }
     value = Codec.default().encode("CreditPurchased", event)
     writer.write_batch([FakeRecord("billing.credits.v1", 0, 0, value)])
+    keys = chain_keys.load(base_settings)
     with psycopg.connect(dsn) as conn:
         chain = conn.execute(
-            "SELECT prev_hash, entry_hash FROM journal_entries ORDER BY shard_seq"
+            "SELECT account_id, prev_hash, entry_hash, chain_key_id FROM journal_entries "
+            "WHERE shard = 0 ORDER BY shard_seq"
         ).fetchall()
-    assert chain[0][0] == b"\x00" * 32
-    assert chain[1][0] == chain[0][1]
+        heads = dict(conn.execute("SELECT shard, head_hash FROM shard_heads"))
+        differences = check_journal(conn, keys, Policy.load())
+    # One chain per shard, across accounts: a, b, then a again.
+    assert [a for a, *_ in chain] == ["a", "b", "a"]
+    assert chain[0][1] == b"\x00" * 32
+    assert chain[1][1] == chain[0][2] and chain[2][1] == chain[1][2]
+    assert heads[0] == chain[-1][2] and heads[1] != chain[-1][2]
+    assert {k for *_, k in chain} == {keys.current}
+    assert differences == []
+    # Linked with another key, the same journal does not verify.
+    other = chain_keys.parse(f"{keys.current} {'ab' * 32}\n", source="another key file")
+    with psycopg.connect(dsn) as conn:
+        [first] = [d for d in check_journal(conn, other, Policy.load()) if "(0, 1)" in d.subject]
+    assert first.check == "hash_chain" and "keyed link does not verify" in first.detail
 
 
 def test_each_batch_logs_one_canonical_line_with_its_counts(writer):

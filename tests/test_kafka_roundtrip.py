@@ -15,16 +15,19 @@ from ledger.producer import EventProducer
 from tests.harness import read_records
 from tests.test_codec import SAMPLES, with_defaults
 
+# Every event type that travels on Kafka (ConfigPublished is journaled from the database).
+ON_KAFKA = {t: e for t, e in SAMPLES.items() if t != "ConfigPublished"}
+
 
 def test_every_event_type_round_trips_through_kafka(settings, stack):
     codec = Codec.default()
     with EventProducer(stack.bootstrap, settings) as producer:
-        for event_type, event in sorted(SAMPLES.items()):
+        for event_type, event in sorted(ON_KAFKA.items()):
             producer.send(event_type, event)
-        topic_names = sorted({producer.topic(t) for t in SAMPLES})
+        topic_names = sorted({producer.topic(t) for t in ON_KAFKA})
 
-    records = read_records(stack.bootstrap, topic_names, len(SAMPLES))
-    assert len(records) == len(SAMPLES)
+    records = read_records(stack.bootstrap, topic_names, len(ON_KAFKA))
+    assert len(records) == len(ON_KAFKA)
 
     for record in records:
         headers = dict(record.headers)

@@ -11,9 +11,10 @@ from importlib import resources
 import psycopg
 from kafka import KafkaProducer
 
-from ledger import topics
+from ledger import chain_keys, topics
 from ledger.book import LedgerFold
 from ledger.codec import Codec
+from ledger.db import QUERIES
 from ledger.journal import LedgerWriter
 from ledger.policy import Policy
 from ledger.rating import PriceBook
@@ -95,23 +96,37 @@ def test_fixed_rejects_are_journaled_and_the_rest_stay_open(ledger, tmp_path):
     assert (again.journaled, dict(again.still_rejected)) == ([], {"bad_magic": 1})
 
 
-def test_a_dead_letter_copy_over_the_bound_carries_a_reference_to_the_reject(dsn):
+def test_a_dead_letter_copy_over_the_bound_carries_a_reference_to_the_reject(dsn, base_settings):
     """The writer alone (no Kafka): a copy over `deadletter_max_bytes` is a reference; one
-    under it is the record byte for byte with its headers."""
+    under it is the record byte for byte with its headers. The bytes are stored once: the
+    copy's outbox row names its reject, and what the relay publishes is the reject's bytes."""
     fold = LedgerFold(PriceBook.load(), Policy.load())
     with psycopg.connect(dsn) as conn:
-        writer = LedgerWriter(conn, fold, group_id="ledger", deadletter_topic="dlq")
+        writer = LedgerWriter(
+            conn,
+            fold,
+            keys=chain_keys.load(base_settings),
+            group_id="ledger",
+            deadletter_topic="dlq",
+        )
         writer.deadletter_max_bytes = 4096
         small = StoredRecord("in", 0, 0, b"acct-1", b"not avro", (("h", b"v"),))
         big = StoredRecord("in", 0, 1, b"acct-1", b"\x00" * 5000, (("h", b"v"),))
         assert writer.write_batch([small, big]).rejected == 2
         rejects = dict(conn.execute("SELECT kafka_offset, id FROM rejected_events"))
-        copies = conn.execute("SELECT message_key, value, headers FROM outbox ORDER BY id")
-        (key_0, value_0, headers_0), (key_1, value_1, headers_1) = copies.fetchall()
+        copies = conn.execute(
+            "SELECT message_key, value, headers, value_of_reject FROM outbox ORDER BY id"
+        )
+        (key_0, stored_0, headers_0, of_0), (key_1, value_1, headers_1, of_1) = copies.fetchall()
+        relayed = conn.execute(QUERIES["unpublished"], (10,)).fetchall()
+        value_0 = relayed[0][3]
         stored = conn.execute("SELECT raw FROM rejected_events WHERE kafka_offset = 1")
         assert bytes(stored.fetchone()[0]) == big.value  # the reject keeps every byte
     as_dict = lambda headers: {k: bytes.fromhex(v) for k, v in headers}  # noqa: E731
+    assert (bytes(stored_0), of_0) == (b"", rejects[0])  # not a second copy of the bytes
+    assert [bytes(r[3]) for r in relayed] == [b"not avro", b""]
     assert (bytes(key_0), bytes(value_0)) == (b"acct-1", b"not avro")
+    assert of_1 is None  # a reference needs no bytes
     assert as_dict(headers_0)["h"] == b"v" and "dlq_reject_id" not in as_dict(headers_0)
     assert (bytes(key_1), bytes(value_1)) == (b"acct-1", b"")
     assert as_dict(headers_1) == {

@@ -82,6 +82,7 @@ def test_the_worker_applies_the_dead_letter_bound_setting(settings, stack, dsn, 
     reference, a small one byte for byte; SIGTERM then stops the worker cleanly."""
     env = os.environ | {
         **services_env(stack, dsn),
+        "LEDGER_HOME": str(settings.home),  # the session's chain key
         "LEDGER_TOPIC_PREFIX": settings.topic_prefix,
         "LEDGER_CONSUMER_GROUP": settings.consumer_group,
         "LEDGER_DEADLETTER_MAX_BYTES": "2048",
@@ -185,8 +186,8 @@ def test_the_relay_rides_out_a_postgresql_immediate_restart(settings, stack):
     stop = threading.Event()
     thread = None
     try:
-        dsn = postgres.dsn(state["port"])
-        db.migrate(dsn)
+        db.migrate(postgres.dsn(private, state["port"], "owner"))
+        dsn = postgres.dsn(private, state["port"])  # the relay is the writer
         relay = OutboxRelay(settings, stack.bootstrap, dsn)
         thread = threading.Thread(target=relay.run, args=(stop,), name="relay")
         thread.start()
@@ -203,7 +204,7 @@ def test_the_relay_rides_out_a_postgresql_immediate_restart(settings, stack):
         wait_until(lambda: relay.database_outages >= 1, 30, "the relay to notice the outage")
         assert thread.is_alive()
         state = postgres.start(private, state)  # same port, same data: crash recovery
-        assert postgres.dsn(state["port"]) == dsn
+        assert postgres.dsn(private, state["port"]) == dsn
 
         with psycopg.connect(dsn, autocommit=True) as conn:
             after = [insert_outbox(conn, dlq, b"acct", f"after {i}".encode()) for i in range(5)]

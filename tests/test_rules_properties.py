@@ -18,6 +18,7 @@ test_rules_regressions.py.
 
 from __future__ import annotations
 
+import json
 import os
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -26,7 +27,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from tests.rules import UNPRICED, Rules
+from ledger.config_versions import POLICY, ConfigVersion, policy_version
+from tests.rules import UNPRICED, Rules, price_version_with
 
 settings.register_profile(
     "default",
@@ -60,6 +62,7 @@ class Billing(RuleBasedStateMachine):
     @initialize()
     def start(self):
         self.rules = Rules()
+        self.rules.publish_configured()
         self.t = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
         self.sent: list[tuple[str, dict]] = []
         self.held: list[tuple[str, dict]] = []  # events delayed on their way (other topics)
@@ -207,6 +210,24 @@ class Billing(RuleBasedStateMachine):
         third = self.rules.event("CreditPurchased", account, self.at(), grant_id=gid, amount=amount)
         self.sent += [first, second, third]
         self.rules.deliver(third, first, second)
+
+    # --- configuration -----------------------------------------------------------------------
+
+    @rule(price=st.sampled_from(["0.5", "8"]), days=st.sampled_from([-40, -1, 30]))
+    def publish_price(self, price, days):
+        """A price for the held model, effective before or after the usage it may re-rate."""
+        name = f"v{len(self.rules.journal)}"
+        version = price_version_with(UNPRICED, price, name, self.t + timedelta(days=days))
+        self.rules.publish(version, at=self.at())
+
+    @rule(limit=st.sampled_from(["5", "50", "500"]), credit=st.sampled_from(["0", "1.00", "3"]))
+    def publish_policy(self, limit, credit):
+        """A new policy: tier-1 limit and sign-up credit change from its entry on."""
+        content = json.loads(policy_version().document)
+        content["tiers"][0]["monthly_limit"] = limit
+        content["signup"]["credit"] = credit
+        name = f"p{len(self.rules.journal)}"
+        self.rules.publish(ConfigVersion.of(POLICY, name, self.t, content), at=self.at())
 
     # --- the invariants --------------------------------------------------------------------
 

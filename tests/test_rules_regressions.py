@@ -1,9 +1,12 @@
 """One regression test per sequence that lost money, invented it or published contradictions
-(the project's issue 9, cases 1-8), in the rule harness. Each names the case it pins."""
+(the project's issue 9, cases 1-9), in the rule harness. Each names the case it pins."""
 
+import dataclasses
+import json
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
+from ledger.config_versions import POLICY, ConfigVersion, policy_version
 from ledger.policy import Policy
 from projections.account_status import (
     CREDITS_EXHAUSTED,
@@ -14,7 +17,7 @@ from projections.account_status import (
     StatusChanged,
 )
 from projections.fold import fold_entries, output_event
-from tests.rules import Rules, close_of
+from tests.rules import UNPRICED, Rules, close_of, price_version_with
 
 OCT = datetime(2026, 10, 10, tzinfo=UTC)
 
@@ -274,4 +277,93 @@ def test_8d_expired_credit_counts_for_nothing_before_the_tick_that_expires_it():
     rules.tick(expires + timedelta(hours=2))
     assert rules.state("a").credit_balance == 0
     assert [c.reasons for c in rules.changes("a")] == [(CREDITS_EXHAUSTED,)]
+    rules.check()
+
+
+# --- 9. prices and policy are journaled; held usage is re-rated -------------------------------
+
+MAR = datetime(2026, 3, 2, tzinfo=UTC)
+
+
+def test_9a_usage_of_an_unpriced_model_is_held_then_rerated_when_its_price_is_published():
+    rules = Rules()
+    rules.publish_configured()
+    rules.open("a", card=True, at=MAR)
+    rules.use("a", 3, at=MAR + timedelta(days=1), model=UNPRICED)  # 375,000 output tokens
+    held = rules.journal[-1]
+    assert (held.event_type, held.status, held.postings) == ("UsageRecorded", "unpriced", ())
+    assert rules.state("a").month_to_date_spend == 0
+    rules.publish(
+        price_version_with(UNPRICED, "8", "2026-03-acme", datetime(2026, 3, 1, tzinfo=UTC))
+    )
+    [rerated] = [e for e in rules.journal if e.event_type == "UsageRerated"]
+    assert rerated.payload["usage_event_id"] == held.payload["event_id"]
+    assert rerated.occurred_at == held.occurred_at  # it counts in the usage's month
+    assert dict(rerated.postings) == {
+        "customer:a:credit:signup": Decimal(1),
+        "customer:a:receivable": Decimal(2),
+        "revenue:usage": Decimal(-3),
+    }
+    assert rules.state("a").month_to_date_spend == 3
+    # Another publication does not charge it again.
+    rules.publish(
+        price_version_with(UNPRICED, "9", "2026-03-acme-2", datetime(2026, 3, 1, tzinfo=UTC))
+    )
+    assert len([e for e in rules.journal if e.event_type == "UsageRerated"]) == 1
+    rules.check()
+
+
+def test_9b_held_usage_of_a_closed_month_is_billed_as_an_adjustment_once_priced():
+    rules = Rules()
+    rules.publish_configured()
+    rules.open("a", card=True, at=datetime(2026, 2, 1, tzinfo=UTC))
+    rules.use("a", 5, at=datetime(2026, 2, 10, tzinfo=UTC), model=UNPRICED)
+    rules.close("2026-02")
+    assert rules.invoices("a") == []  # held usage is not billed
+    rules.publish(
+        price_version_with(UNPRICED, "8", "2026-02-acme", datetime(2026, 2, 1, tzinfo=UTC))
+    )
+    rules.close("2026-03")
+    [invoice] = rules.invoices("a")
+    assert invoice["invoice_id"] == "INV-2026-03-a"
+    assert kinds(invoice) == [("adjustment", "2026-02", Decimal(4))]  # $5 less the $1 credit
+    rules.check()
+
+
+def test_9c_a_price_effective_after_the_usage_does_not_price_it():
+    rules = Rules()
+    rules.publish_configured()
+    rules.open("a", card=True, at=MAR)
+    rules.use("a", 2, at=MAR + timedelta(days=1), model=UNPRICED)
+    rules.publish(
+        price_version_with(UNPRICED, "8", "2026-04-acme", datetime(2026, 4, 1, tzinfo=UTC))
+    )
+    assert [e for e in rules.journal if e.event_type == "UsageRerated"] == []
+    assert rules.state("a").month_to_date_spend == 0
+    rules.check()
+
+
+def test_9d_a_journaled_policy_applies_from_its_entry_on_whatever_the_files_say():
+    """The policy comes from the journal: accounts opened after a published policy get its
+    sign-up credit, earlier ones keep theirs, and a fold from scratch under a different
+    configured policy (an edited file) reproduces the live state exactly."""
+    rules = Rules()
+    rules.publish_configured()
+    rules.open("early", at=MAR)
+    generous = json.loads(policy_version().document)
+    generous["signup"]["credit"] = "5.00"
+    generous["tiers"][0]["monthly_limit"] = "20"
+    rules.publish(ConfigVersion.of(POLICY, "2026-03-generous", MAR, generous))
+    rules.open("late", card=True)
+    assert rules.book("early").credit_balance() == 1
+    assert rules.book("late").credit_balance() == 5
+    assert rules.journal[-2].payload["event_id"]  # AccountOpened under the new policy
+    rules.use("late", 25)  # the published tier-1 limit is $20
+    assert rules.state("late").reasons == (SPEND_LIMIT_REACHED,)
+    edited = dataclasses.replace(Policy.load(), signup_credit=Decimal("100"))
+    states: dict = {}
+    fold_entries(AccountStatusProjection(edited), states, rules.journal, None)
+    assert {a: s.to_json() for a, s in states.items()} == {
+        a: s.to_json() for a, s in rules.states.items()
+    }
     rules.check()

@@ -97,6 +97,7 @@ def worker_process(ledger, log_path, *, lease_timeout_s: int) -> subprocess.Pope
     env = os.environ | {
         "LEDGER_KAFKA_BOOTSTRAP": ledger.bootstrap,
         "LEDGER_DATABASE_URL": ledger.dsn,
+        "LEDGER_HOME": str(ledger.settings.home),  # the session's chain key
         "LEDGER_TOPIC_PREFIX": ledger.settings.topic_prefix,
         "LEDGER_CONSUMER_GROUP": ledger.settings.consumer_group,
         "LEDGER_LEASE_TIMEOUT_S": str(lease_timeout_s),

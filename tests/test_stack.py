@@ -88,7 +88,17 @@ def test_status_and_connect_describe_the_running_stack(
     assert report["kafka"]["alive"] and report["postgres"]["alive"]
     assert report["kafka"]["broker"] == info.broker in ("kafka", "tansu")
     assert info.bootstrap == f"127.0.0.1:{report['kafka']['port']}"
-    assert info.dsn == f"postgresql://ledger@127.0.0.1:{report['postgres']['port']}/ledger"
+    port = report["postgres"]["port"]
+    passfile = settings.home.resolve() / "postgres" / "pgpass"
+    for url, user in (
+        (info.dsn, "ledger_writer"),
+        (info.owner_dsn, "ledger_owner"),
+        (info.reader_dsn, "ledger_reader"),
+        (info.admin_dsn, "postgres"),
+    ):
+        assert url == f"postgresql://{user}@127.0.0.1:{port}/ledger?passfile={passfile}"
+    # The passwords live only in the password file, readable by its owner alone.
+    assert passfile.stat().st_mode & 0o777 == 0o600
     assert stack.connect(settings) == info
     # State lives under home.
     assert (settings.home / "stack.json").is_file()

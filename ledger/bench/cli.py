@@ -25,6 +25,7 @@ from ledger.bench.phases import (
 from ledger.bench.proc_readings import CpuMeter
 from ledger.bench.report import print_in_process, print_table, say
 from ledger.log import configure_logging
+from ledger.redact import redact
 from ledger.settings import Settings
 
 
@@ -116,5 +117,5 @@ def main(argv: list[str] | None = None) -> int:
     print_table(results)
     say(f"results: {path}")
     if args.keep:
-        say(f"kept: database {run.db_name} ({run.dsn}), topics {settings.topic_prefix}*")
+        say(f"kept: database {run.db_name} ({redact(run.dsn)}), topics {settings.topic_prefix}*")
     return 0

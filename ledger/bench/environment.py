@@ -17,6 +17,7 @@ import psycopg
 from ledger import stack, topics
 from ledger.bench.report import say
 from ledger.errors import LedgerError
+from ledger.kafka_auth import client_options
 from ledger.runner import on_server
 from ledger.settings import Settings
 
@@ -85,11 +86,13 @@ def cleanup(info: stack.StackInfo, settings: Settings, databases: list[str]) -> 
 
     for name in databases:
         try:
-            on_server(info.dsn, "drop_database", name)
+            on_server(info.owner_dsn, "drop_database", name)
         except (psycopg.Error, LedgerError) as exc:
             say(f"warning: could not drop database {name}: {exc}", file=sys.stderr)
     try:
-        admin = KafkaAdminClient(bootstrap_servers=info.bootstrap, client_id="ledger-bench")
+        admin = KafkaAdminClient(
+            bootstrap_servers=info.bootstrap, client_id="ledger-bench", **client_options(settings)
+        )
     except Exception as exc:
         say(f"warning: could not reach Kafka to delete topics: {exc}", file=sys.stderr)
         return

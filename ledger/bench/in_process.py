@@ -10,7 +10,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 
-from ledger import db, topics
+from ledger import chain_keys, db, topics
 from ledger.bench import BenchError
 from ledger.bench.raw_consume import input_consumer
 from ledger.codec import Codec
@@ -78,6 +78,7 @@ def write_in_process(
         writer = journal.LedgerWriter(
             conn,
             fold,
+            keys=chain_keys.load(settings),
             group_id=settings.consumer_group,
             deadletter_topic=settings.topic(topics.DEADLETTER),
             codec=codec,
@@ -87,7 +88,7 @@ def write_in_process(
             fold.post = timer.wrap("post", fold.post)  # type: ignore[method-assign]
             for name in ("_write", "_fresh_records", "_load_books", "_copy_journal"):
                 setattr(writer, name, timer.wrap(name, getattr(writer, name)))
-            for name in ("content_hash", "chain_hash", "canonical_json"):
+            for name in ("content_hash", "chain_link", "canonical_json"):
                 wrapped = timer.wrap(name, getattr(journal, name))
                 patches.enter_context(mock.patch.object(journal, name, wrapped))
         spent = 0.0
@@ -113,7 +114,6 @@ def timed_sections(timer: SectionTimer, total: float) -> list[tuple[str, float]]
             "content_hash",
             "_load_books",
             "post",
-            "chain_hash",
             "_copy_journal",
         )
     )
@@ -124,10 +124,10 @@ def timed_sections(timer: SectionTimer, total: float) -> list[tuple[str, float]]
         ("  content_hash (canonical JSON + sha256)", t["content_hash"]),
         ("  lock + load account books", t["_load_books"]),
         ("  fold.post (rating, burn, entry)", t["post"]),
-        ("  chain_hash", t["chain_hash"]),
-        ("  COPY raw_events/entries/postings", t["_copy_journal"]),
-        ("    canonical_json of payload + detail", t["canonical_json"]),
-        ("    rows + PostgreSQL", t["_copy_journal"] - t["canonical_json"]),
+        ("  link + COPY raw_events/entries/postings", t["_copy_journal"]),
+        ("    chain_link (HMAC-SHA256 keyed chain)", t["chain_link"]),
+        ("    rows + PostgreSQL", t["_copy_journal"] - t["chain_link"]),
+        ("  canonical_json (payload + detail, inside the steps above)", t["canonical_json"]),
         ("  rest: known_events, sort, save books/offsets", t["_write"] - inside_write),
         ("  COMMIT (deferred balance trigger)", total - t["_write"]),
     ]

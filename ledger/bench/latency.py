@@ -23,6 +23,7 @@ from ledger import topics
 from ledger.bench import BenchError
 from ledger.codec import Codec
 from ledger.db import QUERIES
+from ledger.kafka_auth import client_options
 from ledger.producer import EventProducer
 from ledger.runner import start_worker, stop_worker
 
@@ -49,6 +50,7 @@ def measure_suspension_latency(
         auto_offset_reset="latest",
         enable_incremental_fetch_sessions=False,
         fetch_max_wait_ms=50,
+        **client_options(settings),
     )
 
     def read() -> None:

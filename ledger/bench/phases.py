@@ -69,8 +69,8 @@ def set_up(run: BenchRun) -> None:
     """(1) The topics and the migrated database of this run."""
     info, settings, results = run.info, run.settings, run.results
     topics.create_topics(info.bootstrap, settings)
-    on_server(info.dsn, "create_database", run.db_name)
-    db.migrate(run.dsn)
+    on_server(info.owner_dsn, "create_database", run.db_name)
+    db.migrate(with_database(info.owner_dsn, run.db_name), run.settings.db_roles)
     with psycopg.connect(run.dsn, autocommit=True) as conn:
         row = conn.execute(QUERIES["bench_server_version"]).fetchone()
         results["postgres_version"] = row[0] if row else "?"
@@ -107,7 +107,7 @@ def produce_input(run: BenchRun) -> int:
         flush=True,
     )
     meter.start()
-    seconds, api = produce(info.bootstrap, messages)
+    seconds, api = produce(info.bootstrap, messages, run.settings)
     results["produce"] = {
         "seconds": round(seconds, 3),
         "rate": total / seconds,
@@ -262,8 +262,8 @@ def write_batch_in_process(run: BenchRun, total: int) -> pstats.Stats:
     names = [f"{run.db_name}_timed", f"{run.db_name}_prof"]
     for name in names:
         run.databases.append(name)
-        on_server(info.dsn, "create_database", name)
-        db.migrate(with_database(info.dsn, name))
+        on_server(info.owner_dsn, "create_database", name)
+        db.migrate(with_database(info.owner_dsn, name), settings.db_roles)
     timer = SectionTimer()
     spent = write_in_process(settings, with_database(info.dsn, names[0]), batches, timer=timer)
     profiler = cProfile.Profile()

@@ -10,6 +10,7 @@ from typing import Any
 
 from ledger import topics
 from ledger.bench import BenchError
+from ledger.kafka_auth import client_options
 from ledger.settings import Settings
 
 MIB = 1024 * 1024
@@ -48,6 +49,7 @@ def input_consumer(bootstrap: str, settings: Settings, client_id: str):
         # As ledger.consumer.kafka_consumer_options: kafka-python 3.0 can stop fetching an
         # assigned partition with incremental fetch sessions.
         enable_incremental_fetch_sessions=False,
+        **client_options(settings),
     )
     parts = [
         TopicPartition(t, p)

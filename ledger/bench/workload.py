@@ -14,6 +14,7 @@ from typing import Any
 from ledger import topics
 from ledger.bench import BenchError
 from ledger.codec import Codec
+from ledger.kafka_auth import client_options
 from ledger.rating import PriceBook
 from ledger.settings import Settings
 
@@ -133,7 +134,7 @@ def encode_events(
     ]
 
 
-def produce(bootstrap: str, messages: list[Message]) -> tuple[float, str]:
+def produce(bootstrap: str, messages: list[Message], settings: Settings) -> tuple[float, str]:
     """Send everything and wait for the acks; returns (seconds, broker API version)."""
     from kafka import KafkaProducer
 
@@ -145,6 +146,7 @@ def produce(bootstrap: str, messages: list[Message]) -> tuple[float, str]:
         batch_size=512 * 1024,
         max_request_size=1024 * 1024,
         compression_type=None,
+        **client_options(settings),
     )
     try:
         api = ".".join(str(v) for v in producer.config.get("api_version") or ())

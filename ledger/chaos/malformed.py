@@ -40,6 +40,7 @@ from ledger import topics
 from ledger.chaos.model import ACCEPT, EITHER, QUARANTINE, Model, SentRecord, digest
 from ledger.chaos.traffic import TOKEN_MODELS, Progress, account_ids, det_id
 from ledger.codec import MAGIC, Codec
+from ledger.kafka_auth import client_options
 from ledger.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -251,6 +252,7 @@ def run_malformed(
         enable_idempotence=True,
         max_request_size=2 * 1024 * 1024,
         linger_ms=0,
+        **client_options(settings),
     )
     try:
         for i, kind in enumerate(order):

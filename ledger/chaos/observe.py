@@ -12,12 +12,14 @@ from decimal import Decimal
 import structlog
 from kafka import KafkaConsumer, TopicPartition
 
-from ledger import db, topics
+from ledger import chain_keys, db, topics
 from ledger.chaos.checker import Observed, Reject, StatusEvent
 from ledger.chaos.model import Totals
+from ledger.checkpoints import read_topic as read_checkpoints
 from ledger.codec import Codec
 from ledger.db import QUERIES
 from ledger.errors import DecodeError
+from ledger.kafka_auth import client_options
 from ledger.settings import Settings
 from ledger.verify import verify
 from projections.rebuild import rebuild
@@ -54,7 +56,14 @@ def observe(settings: Settings, bootstrap: str, dsn: str) -> Observed:
                 (settings.topic(topics.STATUS),),
             )
         )
-    differences = [(d.check, d.subject, d.detail) for d in verify(settings, dsn)]
+    # The chains checked against every checkpoint the relays published through the faults.
+    keys = chain_keys.load(settings)
+    checkpoints, forged = read_checkpoints(settings, bootstrap, keys)
+    differences = [("checkpoint", "unreadable", problem) for problem in forged]
+    differences += [
+        (d.check, d.subject, d.detail)
+        for d in verify(settings, dsn, keys=keys, checkpoints=checkpoints)
+    ]
     differences += rebuild_differences(settings, dsn)
     return Observed(
         journaled=journaled,
@@ -118,7 +127,7 @@ def max_stalls(
 
 def shards_with_traffic(settings: Settings, bootstrap: str) -> set[int]:
     """The partitions of the input topics that hold any record."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, **client_options(settings))
     try:
         partitions = [
             TopicPartition(topic, p)
@@ -145,7 +154,7 @@ def recovery(times: dict[int, list[float]], at: float) -> tuple[float | None, li
     return worst, never
 
 
-def read_topic(bootstrap: str, topic: str, timeout_s: float = 120.0):
+def read_topic(settings: Settings, bootstrap: str, topic: str, timeout_s: float = 120.0):
     """Every record of `topic`, partition by partition in offset order."""
     consumer = KafkaConsumer(
         bootstrap_servers=bootstrap,
@@ -153,6 +162,7 @@ def read_topic(bootstrap: str, topic: str, timeout_s: float = 120.0):
         enable_auto_commit=False,
         enable_incremental_fetch_sessions=False,
         max_partition_fetch_bytes=4 * 1024 * 1024,
+        **client_options(settings),
     )
     try:
         partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
@@ -173,7 +183,7 @@ def read_topic(bootstrap: str, topic: str, timeout_s: float = 120.0):
 
 def deadletter_refs(settings: Settings, bootstrap: str) -> set[tuple[str, int, int]]:
     out = set()
-    for record in read_topic(bootstrap, settings.topic(topics.DEADLETTER)):
+    for record in read_topic(settings, bootstrap, settings.topic(topics.DEADLETTER)):
         headers = {k: v for k, v in record.headers or ()}
         try:
             out.add(
@@ -190,7 +200,7 @@ def deadletter_refs(settings: Settings, bootstrap: str) -> set[tuple[str, int, i
 
 def status_events(settings: Settings, bootstrap: str) -> dict[str, list[StatusEvent]]:
     """What a gateway sees: the status topic read from the start."""
-    records = read_topic(bootstrap, settings.topic(topics.STATUS))
+    records = read_topic(settings, bootstrap, settings.topic(topics.STATUS))
     return status_by_account(record.value for record in records)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import structlog
 
-from ledger import db, topics
+from ledger import chain_keys, db, topics
 from ledger.chaos import faults as fault_plan
 from ledger.chaos.checker import Difference, Result, check
 from ledger.chaos.malformed import KINDS, run_malformed
@@ -132,7 +132,18 @@ def run(options: Options) -> Outcome:
         shards=None,
         price_book=None,  # the packaged price book and policy: the model's table follows them
         policy=None,
+        chain_key_file=None,  # a key of its own, in its home
+        # Its own cluster listens in plain text (LEDGER_KAFKA_* security is for a real one).
+        kafka_security_protocol="PLAINTEXT",
+        kafka_sasl_mechanism=None,
+        kafka_username=None,
+        kafka_password=None,
+        kafka_password_file=None,
+        kafka_ssl_cafile=None,
+        kafka_ssl_certfile=None,
+        kafka_ssl_keyfile=None,
     )
+    chain_keys.ensure_local(settings)
     log.info("chaos.start", seed=options.seed, events=options.events, home=str(home))
     timings: dict[str, float] = {}
     started = time.monotonic()
@@ -144,8 +155,10 @@ def run(options: Options) -> Outcome:
     outcome: Outcome | None = None
     try:
         pg_state = postgres.start(settings, {})
-        dsn = postgres.dsn(pg_state["port"])
-        db.migrate(dsn)
+        # Least privilege here too: the owner migrates, the workers and the checker are the
+        # writer.
+        db.migrate(postgres.dsn(settings, pg_state["port"], "owner"), settings.db_roles)
+        dsn = postgres.dsn(settings, pg_state["port"], "writer")
         cluster.start()
         bootstrap = cluster.bootstrap
         topics.create_topics(

@@ -27,6 +27,7 @@ from kafka import KafkaProducer
 from ledger import topics
 from ledger.chaos.model import STEP_PRICES, TOKEN_PRICES, Model
 from ledger.codec import Codec
+from ledger.kafka_auth import client_options
 from ledger.producer import EventProducer, new_event
 from ledger.settings import Settings
 
@@ -285,7 +286,7 @@ def run_transactional(
     rng = random.Random(f"{seed}:{name}:transactions")
     codec = Codec.default()
     txn_id = f"{settings.topic_prefix}chaos-{name}"
-    producer = _transactional_producer(bootstrap, txn_id)
+    producer = _transactional_producer(bootstrap, txn_id, settings)
     try:
         events = iter(events)
         while not stop.is_set():
@@ -316,7 +317,7 @@ def run_transactional(
                     if stop.is_set():
                         return
                     time.sleep(min(2**attempt * 0.2, 5))
-                    producer = _transactional_producer(bootstrap, txn_id)
+                    producer = _transactional_producer(bootstrap, txn_id, settings)
             else:
                 raise RuntimeError(f"{name}: a transaction failed {SEND_ATTEMPTS} times")
             if abort:
@@ -364,7 +365,7 @@ def finish(end_transaction, timeout_s: float = TRANSACTION_END_TIMEOUT_S) -> Non
         raise errors[0]
 
 
-def _transactional_producer(bootstrap: str, txn_id: str) -> KafkaProducer:
+def _transactional_producer(bootstrap: str, txn_id: str, settings: Settings) -> KafkaProducer:
     deadline = time.monotonic() + 120
     while True:
         try:
@@ -375,6 +376,7 @@ def _transactional_producer(bootstrap: str, txn_id: str) -> KafkaProducer:
                 acks="all",
                 enable_idempotence=True,
                 linger_ms=10,
+                **client_options(settings),
             )
             producer.init_transactions()
             return producer

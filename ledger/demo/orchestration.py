@@ -34,6 +34,7 @@ from ledger.demo.worker_process import (
 from ledger.errors import LedgerError
 from ledger.policy import Policy
 from ledger.rating import PriceBook
+from ledger.redact import redact
 from ledger.runner import on_server, stop_worker, with_database
 from ledger.settings import Settings
 
@@ -121,17 +122,26 @@ def _run(
         topic_prefix=prefix,
         consumer_group=f"{prefix}ledger",
     )
-    dsn = _create_database(info.dsn, f"demo_{run_id}")
-    demo_settings = dataclasses.replace(demo_settings, database_url=dsn)
+    # The owner creates and migrates the database; the worker and the demo's monitor are the
+    # writer; the commands printed at the end read as the reader.
+    name = f"demo_{run_id}"
+    on_server(info.owner_dsn, "create_database", name)
+    db.migrate(with_database(info.owner_dsn, name), settings.db_roles)
+    dsn = with_database(info.dsn, name)
+    demo_settings = dataclasses.replace(
+        demo_settings,
+        database_url=dsn,
+        owner_database_url=with_database(info.owner_dsn, name),
+        reader_database_url=with_database(info.reader_dsn, name),
+    )
     result.run_id, result.dsn, result.settings = run_id, dsn, demo_settings
     result.external_services = settings.uses_existing_services
     created = topics.create_topics(info.bootstrap, demo_settings)
-    db.migrate(dsn)
     console.print(
         f"[bold]ledger demo[/] run {run_id}: {accounts:,} accounts, seed {seed}, "
         f"broker {info.broker} at {info.bootstrap}"
     )
-    console.print(f"  database  {dsn}")
+    console.print(f"  database  {redact(dsn)}")
     console.print(
         f"  topics    {prefix}* ({len(created)} created, {settings.partitions} partitions)"
     )
@@ -192,7 +202,7 @@ def _run(
         t_relay = progress.add_task("status events out", total=None, note="")
         started_wall = datetime.now(UTC)
         last_poll = 0.0
-        derived = 0  # GrantExpired entries known so far (they only grow)
+        derived = 0  # GrantExpired and ConfigPublished entries known so far (they only grow)
 
         def poll() -> tuple[int, int, int, int, int, int]:
             """Progress (cheap): journal entries (derived ones included), rejected, ..."""
@@ -327,11 +337,6 @@ def _run(
         console.print(f"[bold red]worker exited {result.worker_exit}[/]; see {log_path}")
     console.print("[bold green]demo OK[/]" if ok else "[bold red]demo FAILED[/]")
     return 0 if ok else 1
-
-
-def _create_database(admin_dsn: str, name: str) -> str:
-    on_server(admin_dsn, "create_database", name)
-    return with_database(admin_dsn, name)
 
 
 def _sigterm_as_interrupt():

@@ -15,6 +15,7 @@ from ledger.demo.expected import ZERO
 from ledger.demo.month import MONTH
 from ledger.demo.summary import DemoResult, DemoSummary, usd
 from ledger.demo.worker_process import WORKER_ROLES
+from ledger.redact import redact
 
 
 def print_summary(console: Console, s: DemoSummary, worker_exit: int | None) -> None:
@@ -69,7 +70,7 @@ def print_summary(console: Console, s: DemoSummary, worker_exit: int | None) -> 
         "journaled",
         f"{s.journaled:,}  ("
         + ", ".join(f"{k} {v:,}" for k, v in sorted(s.entries_by_status.items()))
-        + f"; GrantExpired {s.derived:,})",
+        + f"; GrantExpired {s.derived:,}, ConfigPublished {s.configured:,})",
     )
     flow.add_row(
         "rejected",
@@ -106,8 +107,11 @@ def print_next_steps(console: Console, result: DemoResult, conn_dsn: str) -> Non
     s, settings = result.summary, result.settings
     assert s is not None and settings is not None
     ledger = _ledger_command()
-    env = f"LEDGER_DATABASE_URL={conn_dsn}"
-    with db.connect(conn_dsn) as conn:
+    # The commands below only read: the reader's URL (settings want the writer's beside it).
+    env = redact(
+        f"LEDGER_DATABASE_URL={conn_dsn} LEDGER_READER_DATABASE_URL={settings.reader_database_url}"
+    )
+    with db.connect(settings.reader_database_url or conn_dsn) as conn:
         suspended = conn.execute(QUERIES["demo_sample_account"], (True, True)).fetchone()
         reinstated = conn.execute(QUERIES["demo_sample_account"], (False, False)).fetchone()
         invoiced = conn.execute(QUERIES["demo_sample_invoiced"], (MONTH,)).fetchone()

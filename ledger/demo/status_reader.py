@@ -11,6 +11,7 @@ from rich.console import Console
 
 from ledger import topics
 from ledger.codec import Codec
+from ledger.kafka_auth import client_options
 from ledger.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -59,6 +60,7 @@ class StatusReader(threading.Thread):
                 auto_offset_reset="earliest",
                 enable_auto_commit=False,
                 client_id="ledger-demo-status-reader",
+                **client_options(self.settings),
             )
         except Exception as exc:
             self.error = exc

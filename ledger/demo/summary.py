@@ -39,6 +39,7 @@ class DemoSummary:
     expected: Expected
     # Billing periods.
     derived: int = 0  # journal entries derived from a tick (GrantExpired)
+    configured: int = 0  # ConfigPublished entries (price and policy versions, per shard)
     ticks_sent: int = 0  # PeriodTicks sent (one per partition per tick time)
     ticks_journaled: int = 0
     breakage: Decimal = ZERO  # revenue:breakage
@@ -71,8 +72,9 @@ class DemoSummary:
             (
                 "journaled + rejected = produced + derived",
                 f"{self.journaled + self.rejected:,}",
-                f"{self.produced:,} + {self.derived:,} GrantExpired",
-                self.journaled + self.rejected == self.produced + self.derived,
+                f"{self.produced:,} + {self.derived:,} GrantExpired"
+                f" + {self.configured:,} ConfigPublished",
+                self.journaled + self.rejected == self.produced + self.derived + self.configured,
             ),
             (
                 "period ticks journaled",
@@ -180,7 +182,7 @@ def summarise(
     revenue, credits, receivable, promotional, cash = conn.execute(
         QUERIES["demo_balances"]
     ).fetchone()
-    derived, ticks = conn.execute(QUERIES["demo_journal_kinds"]).fetchone()
+    derived, ticks, configured = conn.execute(QUERIES["demo_journal_kinds"]).fetchone()
     breakage, expired_left = conn.execute(
         QUERIES["demo_breakage"], (max(sim.ticks, default=MONTH_END),)
     ).fetchone()
@@ -209,6 +211,7 @@ def summarise(
         reinstated_ever=len(downstream.reinstated_accounts) if downstream else 0,
         expected=sim.expected,
         derived=derived,
+        configured=configured,
         ticks_sent=ticks_sent,
         ticks_journaled=ticks,
         breakage=Decimal(breakage),

@@ -7,6 +7,17 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
     applied_at timestamptz NOT NULL DEFAULT now()
 );
 
+-- name: current_role
+SELECT current_user;
+
+-- name: set_role
+SET LOCAL ROLE {};
+
+-- name: set_migration_roles
+-- Read by the migrations that grant to the roles (0007).
+SELECT set_config('ledger.owner_role', %s, true), set_config('ledger.writer_role', %s, true),
+       set_config('ledger.reader_role', %s, true);
+
 -- name: lock_migrations
 SELECT pg_advisory_xact_lock(4242001);
 
@@ -110,24 +121,27 @@ ON CONFLICT (group_id, topic, kafka_partition) DO UPDATE SET next_offset = EXCLU
 SELECT event_id, content_hash FROM raw_events WHERE event_id = ANY(%s);
 
 -- name: lock_books
-SELECT account_id, book, last_hash, shard FROM account_books
+SELECT account_id, book, shard FROM account_books
  WHERE account_id = ANY(%s) ORDER BY account_id FOR UPDATE;
 
 -- name: lock_expiring_books
-SELECT account_id, book, last_hash, shard FROM account_books
+SELECT account_id, book, shard FROM account_books
  WHERE shard = %s AND next_expiry <= %s ORDER BY account_id FOR UPDATE;
 
 -- name: save_book
-INSERT INTO account_books (account_id, book, last_hash, shard, next_expiry)
-VALUES (%s, %s, %s, %s, %s)
+INSERT INTO account_books (account_id, book, shard, next_expiry)
+VALUES (%s, %s, %s, %s)
 ON CONFLICT (account_id) DO UPDATE
-   SET book = EXCLUDED.book, last_hash = EXCLUDED.last_hash, shard = EXCLUDED.shard,
-       next_expiry = EXCLUDED.next_expiry;
+   SET book = EXCLUDED.book, shard = EXCLUDED.shard, next_expiry = EXCLUDED.next_expiry;
 
 -- name: advance_shard
+-- The new last sequence number, and the shard's chain head before this batch.
 INSERT INTO shard_heads (shard, last_seq) VALUES (%s, %s)
 ON CONFLICT (shard) DO UPDATE SET last_seq = shard_heads.last_seq + EXCLUDED.last_seq
-RETURNING last_seq;
+RETURNING last_seq, head_hash;
+
+-- name: save_shard_head
+UPDATE shard_heads SET head_hash = %s WHERE shard = %s;
 
 -- name: copy_raw_events
 COPY raw_events (event_id, event_type, account_id, topic, kafka_partition, kafka_offset,
@@ -135,7 +149,8 @@ COPY raw_events (event_id, event_type, account_id, topic, kafka_partition, kafka
 
 -- name: copy_journal_entries
 COPY journal_entries (shard, shard_seq, event_id, account_id, event_type, status, occurred_at,
-                      price_version, payload, detail, prev_hash, entry_hash, cause_event_id)
+                      price_version, payload, detail, prev_hash, entry_hash, cause_event_id,
+                      chain_key_id)
 FROM STDIN;
 
 -- name: copy_postings
@@ -149,6 +164,11 @@ ON CONFLICT (topic, kafka_partition, kafka_offset) DO NOTHING;
 
 -- name: insert_outbox
 INSERT INTO outbox (topic, message_key, value, headers) VALUES (%s, %s, %s, %s);
+
+-- name: insert_deadletter_copy
+-- The value is the reject's raw bytes, stored once (in rejected_events); the relay reads them.
+INSERT INTO outbox (topic, message_key, value, headers, value_of_reject)
+VALUES (%s, %s, ''::bytea, %s, %s);
 
 -- name: notify_journal
 SELECT pg_notify('ledger_journal', '');
@@ -223,7 +243,8 @@ LISTEN ledger_outbox;
 -- name: unpublished
 -- Neither published nor parked, in id order; a row whose topic and key match an earlier
 -- parked row waits behind it (per-key order). Rows without a key are never held.
-SELECT o.id, o.topic, o.message_key, o.value, o.headers FROM outbox o
+SELECT o.id, o.topic, o.message_key, coalesce(r.raw, o.value), o.headers FROM outbox o
+  LEFT JOIN rejected_events r ON r.id = o.value_of_reject
  WHERE o.published_at IS NULL AND o.parked_at IS NULL
    AND NOT EXISTS (SELECT 1 FROM outbox p
                     WHERE p.parked_at IS NOT NULL AND p.published_at IS NULL
@@ -241,7 +262,7 @@ UPDATE outbox SET parked_at = clock_timestamp(), park_reason = %s, park_detail =
 -- name: parked_outbox
 -- size: key + value + header names and values (headers are stored hex-encoded).
 SELECT o.id, o.topic, o.message_key,
-       octet_length(o.value) + coalesce(octet_length(o.message_key), 0)
+       octet_length(coalesce(r.raw, o.value)) + coalesce(octet_length(o.message_key), 0)
          + (SELECT coalesce(sum(octet_length(h ->> 0) + length(h ->> 1) / 2), 0)
               FROM jsonb_array_elements(o.headers) h)::bigint,
        o.park_reason, o.park_detail, o.parked_at, o.attempts,
@@ -249,6 +270,7 @@ SELECT o.id, o.topic, o.message_key,
          WHERE w.published_at IS NULL AND w.parked_at IS NULL AND w.topic = o.topic
            AND w.message_key = o.message_key AND w.id > o.id)
   FROM outbox o
+  LEFT JOIN rejected_events r ON r.id = o.value_of_reject
  WHERE o.parked_at IS NOT NULL AND o.published_at IS NULL
  ORDER BY o.id;
 
@@ -311,12 +333,15 @@ DROP DATABASE IF EXISTS {} WITH (FORCE);
 SHOW server_version;
 
 -- name: bench_ledger_progress
-SELECT (SELECT coalesce(sum(last_seq), 0) FROM shard_heads)::bigint,
+-- Entries of the events sent (the ConfigPublished entries the worker journals at start left
+-- out), and rejects.
+SELECT ((SELECT coalesce(sum(last_seq), 0) FROM shard_heads)
+        - (SELECT count(*) FROM journal_entries WHERE event_type = 'ConfigPublished'))::bigint,
        (SELECT count(*) FROM rejected_events);
 
 -- name: bench_journal_counts
-SELECT (SELECT count(*) FROM journal_entries), (SELECT count(*) FROM rejected_events),
-       (SELECT count(*) FROM postings);
+SELECT (SELECT count(*) FROM journal_entries WHERE event_type <> 'ConfigPublished'),
+       (SELECT count(*) FROM rejected_events), (SELECT count(*) FROM postings);
 
 -- name: bench_rejects_by_reason
 SELECT reason, count(*) FROM rejected_events GROUP BY reason ORDER BY 2 DESC, 1;
@@ -401,13 +426,14 @@ UPDATE outbox SET published_at = clock_timestamp() WHERE published_at IS NULL;
 -- The demo's billing periods (ledger/demo.py): ticks, grant expiry, invoices.
 
 -- name: demo_journal_sources
-SELECT count(*) FILTER (WHERE cause_event_id IS NULL),
-       count(*) FILTER (WHERE cause_event_id IS NOT NULL)
+SELECT count(*) FILTER (WHERE cause_event_id IS NULL AND event_type <> 'ConfigPublished'),
+       count(*) FILTER (WHERE cause_event_id IS NOT NULL OR event_type = 'ConfigPublished')
   FROM journal_entries;
 
 -- name: demo_journal_kinds
 SELECT count(*) FILTER (WHERE cause_event_id IS NOT NULL),
-       count(*) FILTER (WHERE event_type = 'PeriodTick')
+       count(*) FILTER (WHERE event_type = 'PeriodTick'),
+       count(*) FILTER (WHERE event_type = 'ConfigPublished')
   FROM journal_entries;
 
 -- name: demo_breakage
@@ -462,10 +488,11 @@ SELECT shard, position, last_tick_at FROM projection_positions
 SET TRANSACTION ISOLATION LEVEL REPEATABLE READ;
 
 -- name: create_status_rebuild
-CREATE TABLE account_status_rebuild (LIKE account_status INCLUDING DEFAULTS);
+-- Temporary (this session's own): the writer role that rebuilds creates no tables.
+CREATE TEMPORARY TABLE account_status_rebuild (LIKE account_status INCLUDING DEFAULTS);
 
 -- name: drop_status_rebuild
-DROP TABLE IF EXISTS account_status_rebuild;
+DROP TABLE IF EXISTS pg_temp.account_status_rebuild;
 
 -- name: copy_status_rebuild
 COPY account_status_rebuild (account_id, opened, suspended, reasons, status_version,
@@ -478,7 +505,7 @@ DELETE FROM account_status_rebuild WHERE account_id = ANY(%s);
 -- name: swap_status_rebuild
 DELETE FROM account_status;
 INSERT INTO account_status SELECT * FROM account_status_rebuild;
-DROP TABLE account_status_rebuild;
+DROP TABLE pg_temp.account_status_rebuild;
 
 -- name: all_account_status
 SELECT account_id, opened, suspended, reasons, status_version, credit_balance, receivable,
@@ -490,17 +517,35 @@ SELECT invoice_id, account_id, month, issued_at, currency, exact_total, amount_d
   FROM invoices ORDER BY invoice_id;
 
 -- name: chain_entries
+-- Every entry in chain order (shard, shard_seq), with what its link covers: the raw bytes
+-- (a derived entry's are its cause's), postings in line order, and whether every posting
+-- belongs to the entry's account in USD (the link does not cover those two columns).
 SELECT e.account_id, e.shard, e.shard_seq, e.event_id, e.event_type, e.status, e.payload,
        e.detail, e.prev_hash, e.entry_hash, coalesce(r.raw, c.raw),
        coalesce(array_agg(p.ledger_account ORDER BY p.line) FILTER (WHERE p.line IS NOT NULL),
                 '{}'),
-       coalesce(array_agg(p.amount ORDER BY p.line) FILTER (WHERE p.line IS NOT NULL), '{}')
+       coalesce(array_agg(p.amount ORDER BY p.line) FILTER (WHERE p.line IS NOT NULL), '{}'),
+       e.chain_key_id, e.occurred_at, e.price_version, e.cause_event_id,
+       bool_and(p.account_id = e.account_id AND p.currency = 'USD') IS NOT FALSE
   FROM journal_entries e
   LEFT JOIN raw_events r ON r.event_id = e.event_id
   LEFT JOIN raw_events c ON c.event_id = e.cause_event_id
   LEFT JOIN postings p ON p.shard = e.shard AND p.shard_seq = e.shard_seq
  GROUP BY e.shard, e.shard_seq, r.raw, c.raw
- ORDER BY e.account_id, e.shard, e.shard_seq;
+ ORDER BY e.shard, e.shard_seq;
+
+-- name: shard_chain_heads
+SELECT shard, last_seq, head_hash FROM shard_heads ORDER BY shard;
+
+-- name: all_account_books
+SELECT account_id, book, shard, next_expiry FROM account_books ORDER BY account_id;
+
+-- name: checkpoint_heads
+-- Each shard's last entry: what a checkpoint publishes.
+SELECT h.shard, h.last_seq, e.entry_hash, e.chain_key_id, e.event_id
+  FROM shard_heads h
+  JOIN journal_entries e ON e.shard = h.shard AND e.shard_seq = h.last_seq
+ ORDER BY h.shard;
 
 -- ---------------------------------------------------------------------------------------------
 -- Audit: one account's journal (and its shard's ticks), as it stood at a time.
@@ -539,6 +584,11 @@ SELECT id, topic, kafka_partition, kafka_offset, message_key, raw, reason
 -- name: resolve_reject
 UPDATE rejected_events SET resolved_at = clock_timestamp(), resolution = %s WHERE id = %s;
 
+-- name: dismiss_reject
+UPDATE rejected_events SET resolved_at = clock_timestamp(), resolution = %s
+ WHERE id = %s AND resolved_at IS NULL
+RETURNING id;
+
 -- name: reject_id_at
 SELECT id FROM rejected_events WHERE topic = %s AND kafka_partition = %s AND kafka_offset = %s;
 
@@ -551,7 +601,7 @@ SELECT id, reason, detail, topic, kafka_partition, kafka_offset, message_key, ev
 -- The fault-injection run (ledger/chaos/): what its checker reads of the ledger.
 
 -- name: chaos_journaled
-SELECT event_id, event_type FROM raw_events;
+SELECT event_id, event_type FROM raw_events WHERE event_type <> 'ConfigPublished';
 
 -- name: chaos_journaled_twice
 SELECT event_id, count(*) FROM journal_entries WHERE cause_event_id IS NULL
@@ -576,7 +626,7 @@ SELECT account_id, to_jsonb(s) FROM account_status s ORDER BY account_id;
 
 -- name: chaos_commit_times
 SELECT kafka_partition, extract(epoch FROM recorded_at)::float8 FROM raw_events
- WHERE event_type <> 'PeriodTick'
+ WHERE event_type NOT IN ('PeriodTick', 'ConfigPublished')
 UNION ALL
 SELECT kafka_partition, extract(epoch FROM rejected_at)::float8 FROM rejected_events;
 
@@ -593,3 +643,95 @@ SELECT (SELECT count(*) FROM raw_events WHERE event_type <> 'PeriodTick'),
        (SELECT count(*) FROM outbox WHERE published_at IS NULL AND parked_at IS NULL),
        (SELECT coalesce(sum(h.last_seq - coalesce(p.position, 0)), 0)
           FROM shard_heads h LEFT JOIN projection_positions p ON p.shard = h.shard);
+
+-- ---------------------------------------------------------------------------------------------
+-- Published configuration (price-book and policy versions).
+
+-- name: publish_config
+INSERT INTO config_publications (kind, version, effective_from, document, sha256)
+VALUES (%(kind)s, %(version)s, %(effective_from)s, %(document)s, %(sha256)s)
+ON CONFLICT (kind, version) DO NOTHING
+RETURNING id;
+
+-- name: published_config
+SELECT id, kind, version, effective_from, sha256, published_at
+  FROM config_publications WHERE kind = %(kind)s AND version = %(version)s;
+
+-- name: list_config
+SELECT p.id, p.kind, p.version, p.effective_from, p.sha256, p.published_at,
+       (SELECT count(*) FROM journal_entries e
+         WHERE e.event_type = 'ConfigPublished'
+           AND e.event_id LIKE 'config:' || p.kind || ':' || p.version || ':%%')
+  FROM config_publications p ORDER BY p.id;
+
+-- name: pending_config
+SELECT s.shard, p.id, p.kind, p.version, p.effective_from, p.document, p.sha256, p.published_at
+  FROM config_publications p
+ CROSS JOIN unnest(%(shards)s::integer[]) AS s(shard)
+ WHERE (p.kind = 'price_book' OR p.effective_from <= %(now)s)
+   AND NOT EXISTS (SELECT 1 FROM journal_entries e
+                    WHERE e.event_id = 'config:' || p.kind || ':' || p.version || ':' || s.shard)
+ ORDER BY s.shard, p.id;
+
+-- name: shard_config_seqs
+SELECT shard, config_seq FROM shard_heads WHERE shard = ANY(%s);
+
+-- name: shard_config_entries
+SELECT payload FROM journal_entries
+ WHERE shard = %s AND event_type = 'ConfigPublished' ORDER BY shard_seq;
+
+-- name: save_config_seq
+UPDATE shard_heads SET config_seq = %s WHERE shard = %s;
+
+-- name: held_usage
+SELECT e.event_id, e.account_id, e.payload FROM journal_entries e
+ WHERE e.shard = %s AND e.status = 'unpriced' AND e.event_type = 'UsageRecorded'
+   AND NOT EXISTS (SELECT 1 FROM journal_entries r WHERE r.event_id = e.event_id || ':rerated')
+ ORDER BY e.shard_seq;
+
+-- name: shard_policy_at
+SELECT payload FROM journal_entries
+ WHERE shard = %s AND shard_seq <= %s AND event_type = 'ConfigPublished'
+   AND payload->>'kind' = 'policy'
+ ORDER BY shard_seq DESC LIMIT 1;
+
+-- ---------------------------------------------------------------------------------------------
+-- Retention (`ledger prune`): published outbox rows and resolved rejects, never the journal.
+
+-- name: prune
+SELECT outbox_rows, rejects FROM ledger_prune(make_interval(days => %s), make_interval(days => %s));
+
+-- --- metrics, readiness and `ledger status` (ledger/metrics.py, ledger/health.py, ----------
+-- --- ledger/overview.py) -------------------------------------------------------------------
+
+-- name: ping
+SELECT 1;
+
+-- name: outbox_backlog
+-- Unpublished rows not parked (rows waiting behind a parked row of their key included), the
+-- age of the oldest of them in seconds, and the parked rows.
+SELECT count(*) FILTER (WHERE parked_at IS NULL),
+       coalesce(extract(epoch FROM clock_timestamp()
+                - min(created_at) FILTER (WHERE parked_at IS NULL)), 0)::float8,
+       count(*) FILTER (WHERE parked_at IS NOT NULL)
+  FROM outbox WHERE published_at IS NULL;
+
+-- name: suspended_by_reason
+SELECT reason, count(*) FROM account_status, unnest(reasons) AS reason
+ WHERE suspended GROUP BY reason ORDER BY reason;
+
+-- name: shard_progress
+-- Per shard: journal entries the projection has not applied yet, and the last PeriodTick
+-- journaled there.
+SELECT h.shard, h.last_seq - coalesce(p.position, 0), h.last_tick_at
+  FROM shard_heads h
+  LEFT JOIN projection_positions p ON p.projection = %s AND p.shard = h.shard
+ ORDER BY h.shard;
+
+-- name: open_rejects_by_reason
+SELECT reason, count(*) FROM rejected_events WHERE resolved_at IS NULL
+ GROUP BY reason ORDER BY reason;
+
+-- name: shard_lease_holders
+SELECT shard, holder, expires_at, expires_at > clock_timestamp() FROM shard_leases
+ WHERE group_id = %s ORDER BY shard;

@@ -271,3 +271,147 @@ ALTER TABLE outbox ADD COLUMN attempts integer NOT NULL DEFAULT 0;
 -- Rows still parked, by (topic, key): later rows with the same topic and key wait behind them.
 CREATE INDEX outbox_parked ON outbox (topic, message_key, id)
     WHERE parked_at IS NOT NULL AND published_at IS NULL;
+
+-- 0006 ----------------------------------------------------------------------------------------
+-- Price-book and policy versions published to the ledger (`ledger config publish`; the worker
+-- publishes its configured files at start). A name is published once, with one content. The
+-- ledger writer journals each one on every shard as a ConfigPublished entry; replays follow
+-- the journal, never these rows or the files.
+CREATE TABLE config_publications (
+    id             bigserial   PRIMARY KEY,
+    kind           text        NOT NULL CHECK (kind IN ('price_book', 'policy')),
+    version        text        NOT NULL,
+    effective_from timestamptz NOT NULL,
+    document       text        NOT NULL,
+    sha256         text        NOT NULL,
+    published_at   timestamptz NOT NULL DEFAULT clock_timestamp(),
+    UNIQUE (kind, version)
+);
+-- The position of the latest ConfigPublished entry of each shard (0: none), so a writer knows
+-- when its cached versions are stale.
+ALTER TABLE shard_heads ADD COLUMN config_seq bigint NOT NULL DEFAULT 0;
+-- The configuration entries of a shard, and its held (unpriced) usage, without a scan.
+CREATE INDEX journal_entries_config ON journal_entries (shard, shard_seq)
+    WHERE event_type = 'ConfigPublished';
+CREATE INDEX journal_entries_unpriced ON journal_entries (shard, shard_seq)
+    WHERE status = 'unpriced';
+
+-- 0007 ----------------------------------------------------------------------------------------
+-- Least privilege, and retention without loss.
+--
+-- Three roles. The owner (`ledger db migrate`, which connects as it or SETs ROLE to it) owns
+-- every table, function and trigger. The writer (every worker role, and the commands that
+-- write) reads everything, appends to the journal and changes only its own working state: it
+-- cannot change or remove a journal row, own, alter or drop a table or trigger, or set
+-- session_replication_role. The reader only reads. The names come from
+-- LEDGER_DB_{OWNER,WRITER,READER}_ROLE through the session settings ledger.owner_role,
+-- ledger.writer_role and ledger.reader_role (`ledger db migrate` sets them; unset: the
+-- defaults). A writer or reader role that does not exist yet is created NOLOGIN (which needs
+-- CREATEROLE; login roles can then be granted membership in it).
+
+-- Reject bytes are stored once: a dead-letter copy in the outbox names its reject, and the
+-- relay publishes that reject's raw bytes (the row's own value stays empty).
+ALTER TABLE outbox ADD COLUMN value_of_reject bigint REFERENCES rejected_events (id);
+CREATE INDEX outbox_value_of_reject ON outbox (value_of_reject)
+    WHERE value_of_reject IS NOT NULL;
+
+-- `ledger projections rebuild` builds into a temporary table now (the writer creates no
+-- tables); drop the permanent one an interrupted rebuild of an older version may have left.
+DROP TABLE IF EXISTS account_status_rebuild;
+
+-- Retention (`ledger prune`, run by the writer): published outbox rows older than
+-- `outbox_age`, and rejects resolved longer than `rejects_age` ago whose dead-letter copies
+-- are all published (those copies go with them). Nothing else: the journal keeps everything.
+-- SECURITY DEFINER, so the writer needs no DELETE on either table.
+CREATE FUNCTION ledger_prune(outbox_age interval, rejects_age interval,
+                             OUT outbox_rows bigint, OUT rejects bigint)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp AS $$
+DECLARE
+    done bigint[];
+    copies bigint;
+BEGIN
+    IF outbox_age < interval '1 day' OR rejects_age < interval '1 day' THEN
+        RAISE EXCEPTION 'retention must be at least 1 day (outbox %, rejects %)',
+            outbox_age, rejects_age USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    DELETE FROM outbox WHERE published_at < clock_timestamp() - outbox_age;
+    GET DIAGNOSTICS outbox_rows = ROW_COUNT;
+    SELECT coalesce(array_agg(r.id), '{}') INTO done
+      FROM (SELECT r.id FROM rejected_events r
+             WHERE r.resolved_at < clock_timestamp() - rejects_age
+               AND NOT EXISTS (SELECT 1 FROM outbox o
+                                WHERE o.value_of_reject = r.id AND o.published_at IS NULL)
+             FOR UPDATE OF r) r;
+    DELETE FROM outbox WHERE value_of_reject = ANY (done);
+    GET DIAGNOSTICS copies = ROW_COUNT;
+    outbox_rows := outbox_rows + copies;
+    DELETE FROM rejected_events WHERE id = ANY (done);
+    GET DIAGNOSTICS rejects = ROW_COUNT;
+END;
+$$;
+
+DO $$
+DECLARE
+    owner_role text := coalesce(nullif(current_setting('ledger.owner_role', true), ''),
+                                'ledger_owner');
+    writer text := coalesce(nullif(current_setting('ledger.writer_role', true), ''),
+                            'ledger_writer');
+    reader text := coalesce(nullif(current_setting('ledger.reader_role', true), ''),
+                            'ledger_reader');
+    name text;
+BEGIN
+    IF current_user <> owner_role THEN
+        RAISE EXCEPTION 'the ledger''s migrations run as its owner role %, not as %',
+            owner_role, current_user USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    FOREACH name IN ARRAY ARRAY[writer, reader] LOOP
+        IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = name) THEN
+            EXECUTE format('CREATE ROLE %I NOLOGIN', name);
+        END IF;
+        IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = name
+                      AND (rolsuper OR rolbypassrls OR rolcreaterole)) THEN
+            RAISE EXCEPTION 'role % must not be a superuser or create roles', name
+                USING ERRCODE = 'insufficient_privilege';
+        END IF;
+        IF pg_has_role(name, owner_role, 'MEMBER') THEN
+            RAISE EXCEPTION 'role % must not be a member of the owner role %', name, owner_role
+                USING ERRCODE = 'insufficient_privilege';
+        END IF;
+    END LOOP;
+
+    EXECUTE format('GRANT SELECT ON ALL TABLES IN SCHEMA public TO %I, %I', writer, reader);
+    EXECUTE format('ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT ON TABLES TO %I',
+                   reader);
+    -- The journal and the records of what happened: append only.
+    EXECUTE format('GRANT INSERT ON raw_events, journal_entries, postings, invoices, '
+                   'rejected_events, accepted_offset_losses, config_publications TO %I',
+                   writer);
+    EXECUTE format('GRANT USAGE ON SEQUENCE config_publications_id_seq TO %I', writer);
+    -- A reject is resolved (replayed, or dismissed by an operator), never rewritten.
+    EXECUTE format('GRANT UPDATE (resolved_at, resolution) ON rejected_events TO %I', writer);
+    -- The writer's own working state.
+    EXECUTE format('GRANT INSERT, UPDATE ON consumer_offsets, shard_heads, account_books, '
+                   'shard_leases, projection_positions, account_status, outbox TO %I', writer);
+    EXECUTE format('GRANT DELETE ON shard_leases, account_status TO %I', writer);
+    REVOKE ALL ON FUNCTION ledger_prune(interval, interval) FROM PUBLIC;
+    EXECUTE format('GRANT EXECUTE ON FUNCTION ledger_prune(interval, interval) TO %I', writer);
+END;
+$$;
+
+-- 0008 ----------------------------------------------------------------------------------------
+-- Tamper evidence that survives a database compromise. Each entry is linked into its SHARD's
+-- hash chain (shard_seq order, ticks and grant expiries included) by an HMAC-SHA256 under a key
+-- held outside the database; the entry records the id of the key (rotation). Entries journaled
+-- before this migration keep their unkeyed per-account links (chain_key_id NULL): verify checks
+-- them as before, and each shard's keyed chain starts from its last such entry.
+ALTER TABLE journal_entries ADD COLUMN chain_key_id text;
+
+-- The shard's chain head (the last entry's link), read and moved under the shard's row lock.
+ALTER TABLE shard_heads ADD COLUMN head_hash bytea NOT NULL
+    DEFAULT '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea;
+UPDATE shard_heads h SET head_hash = e.entry_hash
+  FROM journal_entries e
+ WHERE e.shard = h.shard AND e.shard_seq = h.last_seq;
+
+-- The per-account chain heads are gone with the per-account chains.
+ALTER TABLE account_books DROP COLUMN last_hash;

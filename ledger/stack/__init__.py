@@ -1,17 +1,26 @@
 """A throwaway local Kafka and PostgreSQL for development and tests.
 
     info = up(settings)       # start what is not running yet; idempotent
-    info.bootstrap, info.dsn  # "127.0.0.1:PORT", "postgresql://ledger@127.0.0.1:PORT/ledger"
+    info.bootstrap, info.dsn  # "127.0.0.1:PORT", the writer role's PostgreSQL URL
+    info.owner_dsn, info.reader_dsn, info.admin_dsn   # the other roles' URLs (see below)
     connect(settings)         # the same addresses, starting nothing (StackError if down)
     status(settings)          # a JSON-able report
     down(settings)            # stop everything started under settings.home
 
 If `settings.kafka_bootstrap` / `settings.database_url` is set, that service is not
-started and the given address is used instead (each independently).
+started and the given address is used instead (each independently); then the owner's and
+reader's URLs are LEDGER_OWNER_DATABASE_URL / LEDGER_READER_DATABASE_URL, or the writer's.
 
-Everything lives under `settings.home` (default `.ledger/`):
+The local PostgreSQL has one login role per job (`postgres.py`): the owner
+(`ledger db migrate`), the writer (the workers), the reader (audit, verify, reports), and the
+bootstrap superuser (`admin_dsn`, the local stack only: it made the cluster and the roles).
+Their URLs carry no password: they name the stack's libpq password file.
+
+Everything lives under `settings.home` (default `~/.local/state/billing-ledger/`):
 
     stack.json              broker kind and ports (reused on the next start if still free)
+    chain.keys              the hash chain's key (mode 0600), made on the first `up` unless
+                            LEDGER_CHAIN_KEY_FILE names another file (`ledger.chain_keys`)
     kafka/ tansu/ postgres/ per-service state, logs and pid files (see those modules)
 
 The broker is Apache Kafka (`kafka.py`, needs Java + Maven once) or, as a fallback,
@@ -27,11 +36,12 @@ from typing import Any
 
 import structlog
 
+from ledger import chain_keys
 from ledger.errors import StackError
 from ledger.settings import Settings
 from ledger.stack import kafka, postgres, procs, tansu
 
-__all__ = ["StackInfo", "connect", "down", "status", "up"]
+__all__ = ["StackInfo", "connect", "down", "kafka_configured", "status", "up"]
 
 log = structlog.get_logger()
 
@@ -39,8 +49,19 @@ log = structlog.get_logger()
 @dataclass(frozen=True)
 class StackInfo:
     bootstrap: str  # "127.0.0.1:PORT"
-    dsn: str  # "postgresql://ledger@127.0.0.1:PORT/ledger"
+    dsn: str  # the writer's: "postgresql://ledger_writer@127.0.0.1:PORT/ledger?passfile=..."
     broker: str  # "kafka" | "tansu" | "external"
+    owner_dsn: str = ""  # the schema owner's (`ledger db migrate`); "" = `dsn`
+    reader_dsn: str = ""  # the read-only role's; "" = `dsn`
+    admin_dsn: str | None = None  # the local cluster's bootstrap superuser; None if external
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "owner_dsn", self.owner_dsn or self.dsn)
+        object.__setattr__(self, "reader_dsn", self.reader_dsn or self.dsn)
+
+    def role_dsn(self, role: str) -> str:
+        """The URL of "owner", "writer" or "reader"."""
+        return {"owner": self.owner_dsn, "writer": self.dsn, "reader": self.reader_dsn}[role]
 
 
 def _home(settings: Settings) -> Path:
@@ -65,10 +86,30 @@ def up(settings: Settings) -> StackInfo:
     """
     _home(settings).mkdir(parents=True, exist_ok=True)
     with _lock(settings):
+        chain_keys.ensure_local(settings)
         state = procs.load_json(_state_file(settings))
         bootstrap, broker = _broker_up(settings, state)
-        dsn = _postgres_up(settings, state)
-    return StackInfo(bootstrap=bootstrap, dsn=dsn, broker=broker)
+        port = _postgres_up(settings, state)
+    return StackInfo(bootstrap, broker=broker, **_database_urls(settings, port))
+
+
+def _database_urls(settings: Settings, port: int | None) -> dict[str, Any]:
+    """StackInfo's dsn, owner_dsn, reader_dsn and admin_dsn: the external ones from the
+    settings, or the local cluster's on `port`."""
+    if settings.database_url:
+        return {
+            "dsn": settings.database_url,
+            "owner_dsn": settings.owner_database_url or settings.database_url,
+            "reader_dsn": settings.reader_database_url or settings.database_url,
+            "admin_dsn": None,
+        }
+    assert port is not None
+    return {
+        "dsn": postgres.dsn(settings, port, "writer"),
+        "owner_dsn": postgres.dsn(settings, port, "owner"),
+        "reader_dsn": postgres.dsn(settings, port, "reader"),
+        "admin_dsn": postgres.dsn(settings, port, "admin"),
+    }
 
 
 def _save(settings: Settings, state: dict) -> None:
@@ -97,17 +138,36 @@ def _broker_up(settings: Settings, state: dict) -> tuple[str, str]:
                 f"a {kind} broker (pid {pid}) is running under {_home(settings)}, but "
                 f"LEDGER_BROKER={settings.broker}; run `ledger stack down` first"
             )
+        _check_security(settings, kind, state.get(kind, {}))
         bootstrap = f"{procs.HOST}:{port}"
         logfile = kafka.log_path(settings) if kind == "kafka" else tansu.log_path(settings)
-        kafka.wait_ready(bootstrap, pid=pid, logfile=logfile, name=kind)
+        kafka.wait_ready(
+            bootstrap, pid=pid, logfile=logfile, name=kind, options=kafka.options(settings)
+        )
         log.info("stack.already_running", service=kind, pid=pid, bootstrap=bootstrap)
         return bootstrap, kind
     kind = _choose_broker(settings)
+    if kind == "tansu" and kafka.sasl_enabled(settings):
+        raise StackError(
+            "LEDGER_KAFKA_SECURITY_PROTOCOL=SASL_PLAINTEXT: the local SASL broker is Apache "
+            "Kafka (Java + Maven); the Tansu fallback has no SASL"
+        )
     module = kafka if kind == "kafka" else tansu
     state[kind] = module.start(settings, state.get(kind, {}))
     state["broker"] = kind
     _save(settings, state)
     return f"{procs.HOST}:{state[kind]['port']}", kind
+
+
+def _check_security(settings: Settings, kind: str, state: dict) -> None:
+    """The running local broker listens as the settings say (SASL or not)."""
+    wanted = "SASL_PLAINTEXT" if kafka.sasl_enabled(settings) else "PLAINTEXT"
+    running = state.get("security", "PLAINTEXT")
+    if running != wanted:
+        raise StackError(
+            f"the local {kind} broker under {_home(settings)} listens in {running}, but "
+            f"LEDGER_KAFKA_SECURITY_PROTOCOL asks for {wanted}: `ledger stack down` first"
+        )
 
 
 def _choose_broker(settings: Settings) -> str:
@@ -125,21 +185,26 @@ def _choose_broker(settings: Settings) -> str:
     return "kafka"
 
 
-def _postgres_up(settings: Settings, state: dict) -> str:
+def _postgres_up(settings: Settings, state: dict) -> int | None:
+    """The local PostgreSQL's port (started if need be), or None for an external one."""
     if settings.database_url:
         log.info("stack.postgres_external")
-        return settings.database_url
+        return None
     pid = postgres.running_pid(settings)
     port = postgres.running_port(settings)
     if pid is not None and port is not None:
-        postgres.wait_ready(port, pid=pid, logfile=postgres.log_path(settings))
+        postgres.wait_ready(
+            postgres.dsn(settings, port, "admin", "postgres"),
+            pid=pid,
+            logfile=postgres.log_path(settings),
+        )
         log.info("stack.already_running", service="postgres", pid=pid, port=port)
-        return postgres.dsn(port)
+        return port
     if pid is not None:  # running, but its postmaster.pid is unreadable: restart it cleanly
         postgres.stop(settings)
     state["postgres"] = postgres.start(settings, state.get("postgres", {}))
     _save(settings, state)
-    return postgres.dsn(state["postgres"]["port"])
+    return state["postgres"]["port"]
 
 
 # --- down ----------------------------------------------------------------------------------
@@ -218,9 +283,38 @@ def _postgres_status(settings: Settings, state: dict) -> dict[str, Any]:
         "pid": pid,
         "port": port,
         "alive": alive,
-        "dsn": postgres.dsn(port) if port else None,
+        "dsn": postgres.dsn(settings, port) if port else None,
         "log": str(postgres.log_path(settings)),
     }
+
+
+def kafka_bootstrap(settings: Settings) -> str:
+    """The brokers alone (LEDGER_KAFKA_BOOTSTRAP, else the local stack's Kafka)."""
+    if settings.kafka_bootstrap:
+        return settings.kafka_bootstrap
+    kafka_report = status(settings)["kafka"]
+    if kafka_report["alive"]:
+        return kafka_report["bootstrap"]
+    raise StackError(f"Kafka is not running under {_home(settings)}: run `ledger stack up`")
+
+
+def kafka_configured(settings: Settings) -> bool:
+    """Whether there is a Kafka to talk to: LEDGER_KAFKA_BOOTSTRAP, or a local broker running
+    under settings.home (a read-only command without one works from the database alone)."""
+    return bool(settings.kafka_bootstrap) or _running_broker(settings) is not None
+
+
+def database_url(settings: Settings, role: str = "writer") -> str:
+    """The database alone, as `role` ("owner", "writer" or "reader"): LEDGER_DATABASE_URL
+    (and LEDGER_OWNER_/READER_DATABASE_URL), else the local stack's PostgreSQL. Commands that
+    only use the journal need no Kafka."""
+    key = {"owner": "owner_dsn", "writer": "dsn", "reader": "reader_dsn"}[role]
+    if settings.database_url:
+        return _database_urls(settings, None)[key]
+    pg_report = status(settings)["postgres"]
+    if pg_report["alive"]:
+        return _database_urls(settings, pg_report["port"])[key]
+    raise StackError(f"PostgreSQL is not running under {_home(settings)}: run `ledger stack up`")
 
 
 def connect(settings: Settings) -> StackInfo:
@@ -233,12 +327,10 @@ def connect(settings: Settings) -> StackInfo:
         bootstrap = kafka_report["bootstrap"]
     else:
         raise StackError(f"Kafka is not running under {_home(settings)}: run `ledger stack up`")
-    if settings.database_url:
-        dsn = settings.database_url
-    elif pg_report["alive"]:
-        dsn = pg_report["dsn"]
-    else:
+    if not settings.database_url and not pg_report["alive"]:
         raise StackError(
             f"PostgreSQL is not running under {_home(settings)}: run `ledger stack up`"
         )
-    return StackInfo(bootstrap=bootstrap, dsn=dsn, broker=kafka_report["broker"])
+    return StackInfo(
+        bootstrap, broker=kafka_report["broker"], **_database_urls(settings, pg_report.get("port"))
+    )

@@ -9,6 +9,19 @@ starts skip Maven entirely. Per-stack state lives in `<home>/kafka/`:
     data/               the log dirs (formatted once with kafka.tools.StorageTool)
     broker.log          stdout+stderr of the JVM (previous run kept as broker.log.1)
     pid                 the JVM's pid; it leads its own process group
+    broker.secret       with SASL: the broker's own password (mode 0600)
+
+**SASL (optional).** With LEDGER_KAFKA_SECURITY_PROTOCOL=SASL_PLAINTEXT (and no
+LEDGER_KAFKA_BOOTSTRAP) the broker's client listener is SASL_PLAINTEXT with the mechanisms
+SCRAM-SHA-256, SCRAM-SHA-512 and PLAIN; the user LEDGER_KAFKA_USERNAME gets the password
+LEDGER_KAFKA_PASSWORD(_FILE) for all three (SCRAM credentials are written into the storage
+when it is formatted, `--add-scram`, as KRaft needs; PLAIN's are in the listener's JAAS
+line). The broker itself is the super user `ledger-broker` (random password in
+broker.secret), also on the controller listener (SASL PLAIN: KRaft controllers do not take
+SCRAM). ACLs are enforced (StandardAuthorizer) for topics that have any; a topic without
+ACLs is open to every authenticated user. server.properties holds passwords then: mode 0600.
+A stack formatted without SASL cannot switch to it (or back): `ledger stack down` and remove
+`<home>/kafka` first.
 """
 
 from __future__ import annotations
@@ -16,11 +29,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+import secrets
 import shutil
 import subprocess
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -77,6 +92,10 @@ def log_path(settings: Settings) -> Path:
 
 def pid_path(settings: Settings) -> Path:
     return state_dir(settings) / "pid"
+
+
+def secret_path(settings: Settings) -> Path:
+    return state_dir(settings) / "broker.secret"
 
 
 def marker(settings: Settings) -> str:
@@ -171,7 +190,7 @@ def running_port(settings: Settings) -> int | None:
         text = props_path(settings).read_text()
     except OSError:
         return None
-    found = re.search(r"^advertised\.listeners=PLAINTEXT://[^\s,]+:(\d+)", text, re.M)
+    found = re.search(r"^advertised\.listeners=(?:SASL_)?PLAINTEXT://[^\s,]+:(\d+)", text, re.M)
     return int(found.group(1)) if found else None
 
 
@@ -183,21 +202,101 @@ def new_cluster_id() -> str:
             return cid
 
 
-def write_properties(settings: Settings, port: int, controller_port: int) -> None:
+BROKER_USER = "ledger-broker"
+_SCRAM = ("SCRAM-SHA-256", "SCRAM-SHA-512")
+# What may appear inside a JAAS or `--add-scram` value without quoting trouble.
+_SAFE_SECRET = re.compile(r"[^\s\"\\,\[\]=;]{1,200}")
+
+
+def sasl_enabled(settings: Settings) -> bool:
+    """Whether the local broker is to listen with SASL (LEDGER_KAFKA_SECURITY_PROTOCOL)."""
+    protocol = settings.kafka_security_protocol
+    if protocol in ("SSL", "SASL_SSL"):
+        raise StackError(
+            f"LEDGER_KAFKA_SECURITY_PROTOCOL={protocol}: the local broker listens in PLAINTEXT "
+            "or SASL_PLAINTEXT; for TLS use your own Kafka (LEDGER_KAFKA_BOOTSTRAP)"
+        )
+    return protocol == "SASL_PLAINTEXT"
+
+
+def _sasl_users(settings: Settings) -> dict[str, str]:
+    """user → password for the local SASL broker: its own super user and the ledger's."""
+    from ledger.kafka_auth import password
+
+    path = secret_path(settings)
+    if not path.is_file():
+        procs.write_text_atomic(path, secrets.token_hex(24) + "\n", mode=0o600)
+    users = {BROKER_USER: path.read_text().strip()}
+    user, secret = settings.kafka_username or "", password(settings)
+    for what, value in (("LEDGER_KAFKA_USERNAME", user), ("the SASL password", secret)):
+        if not _SAFE_SECRET.fullmatch(value):
+            raise StackError(
+                f"{what}: the local broker takes 1-200 characters without spaces, quotes, "
+                "backslashes, commas, brackets, '=' or ';'"
+            )
+    if user == BROKER_USER:
+        raise StackError(f"LEDGER_KAFKA_USERNAME: {BROKER_USER!r} is the local broker's own user")
+    users[user] = secret
+    return users
+
+
+def _sasl_properties(users: dict[str, str]) -> str:
+    broker_password = users[BROKER_USER]
+    plain_users = " ".join(f'user_{u}="{p}"' for u, p in users.items())
+    plain = (
+        "org.apache.kafka.common.security.plain.PlainLoginModule required "
+        f'username="{BROKER_USER}" password="{broker_password}" {plain_users};'
+    )
+    scram = (
+        "org.apache.kafka.common.security.scram.ScramLoginModule required "
+        f'username="{BROKER_USER}" password="{broker_password}";'
+    )
+    return (
+        "sasl.enabled.mechanisms=SCRAM-SHA-256,SCRAM-SHA-512,PLAIN\n"
+        "sasl.mechanism.inter.broker.protocol=SCRAM-SHA-512\n"
+        "sasl.mechanism.controller.protocol=PLAIN\n"
+        f"listener.name.sasl_plaintext.scram-sha-256.sasl.jaas.config={scram}\n"
+        f"listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config={scram}\n"
+        f"listener.name.sasl_plaintext.plain.sasl.jaas.config={plain}\n"
+        f"listener.name.controller.sasl.enabled.mechanisms=PLAIN\n"
+        f"listener.name.controller.plain.sasl.jaas.config={plain}\n"
+        "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer\n"
+        f"super.users=User:{BROKER_USER}\n"
+        # A topic without ACLs stays open to every authenticated user; one with ACLs is not.
+        "allow.everyone.if.no.acl.found=true\n"
+    )
+
+
+def write_properties(
+    settings: Settings, port: int, controller_port: int, users: dict[str, str] | None = None
+) -> None:
+    """server.properties; with `users` (user → password), a SASL_PLAINTEXT broker."""
     data = state_dir(settings) / "data"
+    client = "SASL_PLAINTEXT" if users else "PLAINTEXT"
+    controller = "SASL_PLAINTEXT" if users else "PLAINTEXT"
     text = (
         "# Written by `ledger stack up` on every start; edits are overwritten.\n"
         "process.roles=broker,controller\n"
         "node.id=1\n"
         f"controller.quorum.voters=1@{procs.HOST}:{controller_port}\n"
-        f"listeners=PLAINTEXT://{procs.HOST}:{port},CONTROLLER://{procs.HOST}:{controller_port}\n"
-        f"advertised.listeners=PLAINTEXT://{procs.HOST}:{port}\n"
+        f"listeners={client}://{procs.HOST}:{port},CONTROLLER://{procs.HOST}:{controller_port}\n"
+        f"advertised.listeners={client}://{procs.HOST}:{port}\n"
         "controller.listener.names=CONTROLLER\n"
-        "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT\n"
-        "inter.broker.listener.name=PLAINTEXT\n"
-        f"log.dirs={data}\n" + _TUNING
+        f"listener.security.protocol.map={client}:{client},CONTROLLER:{controller}\n"
+        f"inter.broker.listener.name={client}\n"
+        f"log.dirs={data}\n" + _TUNING + (_sasl_properties(users) if users else "")
     )
-    procs.write_text_atomic(props_path(settings), text)
+    procs.write_text_atomic(props_path(settings), text, mode=0o600 if users else None)
+
+
+def _scram_arguments(users: dict[str, str]) -> list[str]:
+    """`--add-scram` arguments for the storage format: every user, both SCRAM mechanisms."""
+    return [
+        arg
+        for user, secret in users.items()
+        for mechanism in _SCRAM
+        for arg in ("--add-scram", f'{mechanism}=[name={user},password="{secret}"]')
+    ]
 
 
 def start(settings: Settings, state: dict) -> dict:
@@ -209,17 +308,27 @@ def start(settings: Settings, state: dict) -> dict:
     libs = resolve(settings)
     directory = state_dir(settings)
     directory.mkdir(parents=True, exist_ok=True)
+    security = "SASL_PLAINTEXT" if sasl_enabled(settings) else "PLAINTEXT"
+    formatted = (directory / "data" / "meta.properties").is_file()
+    if formatted and state.get("security", "PLAINTEXT") != security:
+        raise StackError(
+            f"the local Kafka under {directory} was formatted for "
+            f"{state.get('security', 'PLAINTEXT')}, not {security}: `ledger stack down` and "
+            f"remove {directory} to start it afresh"
+        )
+    users = _sasl_users(settings) if security == "SASL_PLAINTEXT" else None
     port = procs.pick_port(state.get("port"))
     controller_port = procs.pick_port(state.get("controller_port"), taken={port})
-    write_properties(settings, port, controller_port)
+    write_properties(settings, port, controller_port, users)
     classpath = str(libs / "*")
     logfile = log_path(settings)
 
     cluster_id = state.get("cluster_id") or new_cluster_id()
-    if not (directory / "data" / "meta.properties").is_file():
+    if not formatted:
         fmt_log = directory / "format.log"
         cmd = ["java", "-cp", classpath, "kafka.tools.StorageTool", "format"]
         cmd += ["-t", cluster_id, "-c", str(props_path(settings))]
+        cmd += _scram_arguments(users or {})
         log.info("kafka.format", cluster_id=cluster_id, data=str(directory / "data"))
         with fmt_log.open("w") as out:
             try:
@@ -249,15 +358,31 @@ def start(settings: Settings, state: dict) -> dict:
         )
     procs.write_text_atomic(pid_path(settings), f"{proc.pid}\n")
     bootstrap = f"{procs.HOST}:{port}"
-    log.info("kafka.starting", pid=proc.pid, bootstrap=bootstrap, log=str(logfile))
+    log.info(
+        "kafka.starting", pid=proc.pid, bootstrap=bootstrap, log=str(logfile), security=security
+    )
     started = time.monotonic()
     try:
-        wait_ready(bootstrap, pid=proc.pid, logfile=logfile, name="Kafka")
+        wait_ready(
+            bootstrap, pid=proc.pid, logfile=logfile, name="Kafka", options=options(settings)
+        )
     except StackError:
         stop(settings)
         raise
     log.info("kafka.ready", bootstrap=bootstrap, seconds=round(time.monotonic() - started, 1))
-    return {"port": port, "controller_port": controller_port, "cluster_id": cluster_id}
+    return {
+        "port": port,
+        "controller_port": controller_port,
+        "cluster_id": cluster_id,
+        "security": security,
+    }
+
+
+def options(settings: Settings) -> dict[str, Any]:
+    """Client options for talking to the local broker (the ledger's SASL user, if any)."""
+    from ledger.kafka_auth import client_options
+
+    return client_options(settings)
 
 
 def stop(settings: Settings) -> None:
@@ -274,8 +399,9 @@ def stop(settings: Settings) -> None:
 # --- readiness (shared with the Tansu broker and external brokers) ---------------------------
 
 
-def answers(bootstrap: str, timeout_ms: int = 3000) -> bool:
-    """True if the broker at `bootstrap` answers a metadata (list topics) request."""
+def answers(bootstrap: str, timeout_ms: int = 3000, options: dict | None = None) -> bool:
+    """True if the broker at `bootstrap` answers a metadata (list topics) request (made with
+    the client `options`, e.g. SASL credentials)."""
     from kafka import KafkaAdminClient
 
     try:
@@ -284,6 +410,7 @@ def answers(bootstrap: str, timeout_ms: int = 3000) -> bool:
             client_id="ledger-stack-probe",
             bootstrap_timeout_ms=timeout_ms,
             request_timeout_ms=timeout_ms,
+            **(options or {}),
         )
     except Exception:  # kafka-python raises several types (NoBrokersAvailable, timeouts...)
         return False
@@ -303,13 +430,14 @@ def wait_ready(
     logfile: Path,
     name: str,
     timeout: float = READY_TIMEOUT_S,
+    options: dict | None = None,
 ) -> None:
     host, port = procs.split_hostport(bootstrap)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not procs.is_alive(pid):
             raise procs.failure(f"{name} (pid {pid}) exited during start-up", logfile)
-        if procs.tcp_reachable(host, port, timeout=0.5) and answers(bootstrap):
+        if procs.tcp_reachable(host, port, timeout=0.5) and answers(bootstrap, options=options):
             return
         time.sleep(0.2)
     raise procs.failure(

@@ -2,20 +2,30 @@
 
 State lives in `<home>/postgres/`:
 
-    data/           the cluster (initdb -A trust -U ledger, UTF8, C locale)
+    data/           the cluster (initdb -A scram-sha-256 -U postgres, UTF8, C locale)
     run/            the Unix socket directory
+    pgpass          the roles' generated passwords, a libpq password file (mode 0600); the
+                    DSNs name it (`?passfile=`), so no password is ever part of a DSN
     postgres.log    the server log (pg_ctl -l; previous run kept as postgres.log.1)
     pid             the postmaster's pid (a copy of the first line of data/postmaster.pid)
 
 PostgreSQL refuses to run as root. When we are root, initdb, pg_ctl and the server run as
 the `postgres` OS user: the directory is chowned to it and every ancestor directory gets
 the o+x (search) bit so that user can reach it.
+
+Authentication is SCRAM-SHA-256 for every connection, never `trust`. The bootstrap superuser
+(`postgres`) only creates the cluster, the ledger's three roles (owner, writer, reader; names
+from the settings) and the `ledger` database, owned by the owner role (which may create
+databases: the tests, the demo and the benchmark make their own, and end the sessions in them
+when it drops them: pg_signal_backend). Passwords are generated at
+init, kept only in `pgpass`, and sent to the server as SCRAM verifiers, never in clear.
 """
 
 from __future__ import annotations
 
 import os
 import pwd
+import secrets
 import shlex
 import shutil
 import signal
@@ -23,6 +33,7 @@ import subprocess
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import structlog
 
@@ -32,7 +43,7 @@ from ledger.stack import procs
 
 log = structlog.get_logger()
 
-USER = "ledger"
+ADMIN = "postgres"  # the bootstrap superuser: cluster, roles and the database only
 DATABASE = "ledger"
 OS_USER = "postgres"  # who runs the server when we are root
 SERVER_OPTIONS = {"max_connections": "200", "shared_buffers": "256MB"}
@@ -61,8 +72,51 @@ def marker(settings: Settings) -> str:
     return str(data_dir(settings))
 
 
-def dsn(port: int, database: str = DATABASE) -> str:
-    return f"postgresql://{USER}@{procs.HOST}:{port}/{database}"
+def passfile(settings: Settings) -> Path:
+    return state_dir(settings) / "pgpass"
+
+
+def user(settings: Settings, role: str) -> str:
+    """The login name of `role`: "admin" (the bootstrap superuser), "owner", "writer" or
+    "reader" (the names from the settings)."""
+    if role == "admin":
+        return ADMIN
+    return getattr(settings.db_roles, role)
+
+
+def dsn(settings: Settings, port: int, role: str = "writer", database: str = DATABASE) -> str:
+    """The URL `role` connects with; its password is in the stack's password file."""
+    return (
+        f"postgresql://{user(settings, role)}@{procs.HOST}:{port}/{database}"
+        f"?passfile={quote(str(passfile(settings)))}"
+    )
+
+
+def _passwords(settings: Settings) -> dict[str, str]:
+    """user → password, from the password file (lines `*:*:*:user:password`)."""
+    try:
+        text = passfile(settings).read_text()
+    except FileNotFoundError:
+        return {}
+    entries = (line.split(":") for line in text.splitlines() if line.strip())
+    return {fields[3]: fields[4] for fields in entries if len(fields) == 5}
+
+
+def _ensure_passwords(settings: Settings) -> dict[str, str]:
+    """Generate a password for every role that has none yet; the file stays mode 0600."""
+    known = _passwords(settings)
+    users = [user(settings, role) for role in ("admin", "owner", "writer", "reader")]
+    missing = [name for name in users if name not in known]
+    if missing:
+        known |= {name: secrets.token_urlsafe(24) for name in missing}
+        path = passfile(settings)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.writelines(f"*:*:*:{name}:{password}\n" for name, password in known.items())
+        os.replace(tmp, path)
+    os.chmod(passfile(settings), 0o600)
+    return known
 
 
 def bindir() -> Path:
@@ -156,30 +210,17 @@ def start(settings: Settings, state: dict) -> dict:
     bins = bindir()
     sockdir = _prepare_dirs(settings)
     data = data_dir(settings)
+    if (data / "PG_VERSION").is_file() and ADMIN not in _passwords(settings):
+        raise StackError(
+            f"the PostgreSQL cluster in {data} was made without passwords (trust "
+            "authentication) by an older ledger; stop it (`ledger stack down`) and delete "
+            "that directory to make a new one"
+        )
     if not (data / "PG_VERSION").is_file():
         if data.exists():
             log.warning("postgres.reinit", data=str(data), reason="incomplete data directory")
             shutil.rmtree(data)
-        log.info("postgres.initdb", data=str(data))
-        out = _run(
-            [
-                str(bins / "initdb"),
-                "-D",
-                str(data),
-                "-A",
-                "trust",
-                "-U",
-                USER,
-                "--encoding=UTF8",
-                "--locale=C",
-                "--no-instructions",
-            ],
-            settings,
-            timeout=120,
-        )
-        if out.returncode != 0:
-            output = (out.stdout + out.stderr).strip()
-            raise StackError(f"initdb failed (exit code {out.returncode}):\n{output}")
+        _initdb(settings, bins, data)
 
     port = procs.pick_port(state.get("port"))
     # Unix socket paths are limited to ~107 bytes; past that, TCP only.
@@ -219,20 +260,90 @@ def start(settings: Settings, state: dict) -> dict:
     if pid is None:
         raise procs.failure("PostgreSQL reported started but its postmaster is gone", logfile)
     procs.write_text_atomic(pid_path(settings), f"{pid}\n")
-    wait_ready(port, pid=pid, logfile=logfile)
-    _create_database(port)
-    log.info("postgres.ready", dsn=dsn(port), seconds=round(time.monotonic() - started, 1))
+    wait_ready(dsn(settings, port, "admin", "postgres"), pid=pid, logfile=logfile)
+    _create_roles_and_database(settings, port)
+    log.info(
+        "postgres.ready", dsn=dsn(settings, port), seconds=round(time.monotonic() - started, 1)
+    )
     return {"port": port}
 
 
-def _create_database(port: int) -> None:
-    import psycopg
+def _initdb(settings: Settings, bins: Path, data: Path) -> None:
+    """A new cluster with SCRAM authentication; the bootstrap superuser's password comes from
+    a file readable only by the server's user, deleted right after."""
+    password = _ensure_passwords(settings)[ADMIN]
+    pwfile = state_dir(settings) / ".initdb-pw"
+    fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(password + "\n")
+    as_user = _as_server_user()
+    if as_user:
+        os.chown(pwfile, as_user["user"], as_user["group"])
+    log.info("postgres.initdb", data=str(data), auth="scram-sha-256")
+    try:
+        out = _run(
+            [
+                str(bins / "initdb"),
+                "-D",
+                str(data),
+                "-A",
+                "scram-sha-256",
+                "-U",
+                ADMIN,
+                f"--pwfile={pwfile}",
+                "--encoding=UTF8",
+                "--locale=C",
+                "--no-instructions",
+            ],
+            settings,
+            timeout=120,
+        )
+    finally:
+        pwfile.unlink(missing_ok=True)
+    if out.returncode != 0:
+        output = (out.stdout + out.stderr).strip()
+        raise StackError(f"initdb failed (exit code {out.returncode}):\n{output}")
 
-    with psycopg.connect(dsn(port, "postgres"), autocommit=True, connect_timeout=5) as conn:
+
+def _create_roles_and_database(settings: Settings, port: int) -> None:
+    """As the bootstrap superuser: the owner, writer and reader login roles with their
+    passwords (as SCRAM verifiers), and the `ledger` database owned by the owner. Idempotent:
+    run at every start, so renamed roles (LEDGER_DB_*_ROLE) are made too."""
+    import psycopg
+    from psycopg import sql
+
+    passwords = _ensure_passwords(settings)
+    attributes = {
+        "owner": "LOGIN CREATEDB NOSUPERUSER NOCREATEROLE NOREPLICATION NOBYPASSRLS",
+        "writer": "LOGIN NOCREATEDB NOSUPERUSER NOCREATEROLE NOREPLICATION NOBYPASSRLS",
+        "reader": "LOGIN NOCREATEDB NOSUPERUSER NOCREATEROLE NOREPLICATION NOBYPASSRLS",
+    }
+    admin = dsn(settings, port, "admin", "postgres")
+    with psycopg.connect(admin, autocommit=True, connect_timeout=5) as conn:
+        for role, attrs in attributes.items():
+            name = user(settings, role)
+            verifier = conn.pgconn.encrypt_password(
+                passwords[name].encode(), name.encode(), b"scram-sha-256"
+            ).decode()
+            exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,))
+            verb = "ALTER" if exists.fetchone() else "CREATE"
+            conn.execute(
+                sql.SQL(f"{verb} ROLE {{}} {attrs} PASSWORD {{}}").format(
+                    sql.Identifier(name), sql.Literal(verifier)
+                )
+            )
+        owner = user(settings, "owner")
+        # The owner drops the databases it made (tests, demo, benchmark) WITH (FORCE), which
+        # ends the writer's and reader's sessions in them.
+        conn.execute(sql.SQL("GRANT pg_signal_backend TO {}").format(sql.Identifier(owner)))
         exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,))
         if exists.fetchone() is None:
-            conn.execute(f'CREATE DATABASE "{DATABASE}"')
-            log.info("postgres.created_database", database=DATABASE)
+            conn.execute(
+                sql.SQL("CREATE DATABASE {} OWNER {}").format(
+                    sql.Identifier(DATABASE), sql.Identifier(owner)
+                )
+            )
+            log.info("postgres.created_database", database=DATABASE, owner=owner)
 
 
 def answers(url: str, timeout_s: int = 3) -> bool:
@@ -246,12 +357,12 @@ def answers(url: str, timeout_s: int = 3) -> bool:
         return False
 
 
-def wait_ready(port: int, *, pid: int, logfile: Path, timeout: float = READY_TIMEOUT_S) -> None:
+def wait_ready(url: str, *, pid: int, logfile: Path, timeout: float = READY_TIMEOUT_S) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not procs.is_alive(pid):
             raise procs.failure(f"PostgreSQL (pid {pid}) exited during start-up", logfile)
-        if answers(dsn(port, "postgres")):
+        if answers(url):
             return
         time.sleep(0.2)
     raise procs.failure(f"PostgreSQL did not accept connections within {timeout:.0f}s", logfile)

@@ -262,9 +262,17 @@ def read_pid(path: Path) -> int | None:
         return None
 
 
-def write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str, *, mode: int | None = None) -> None:
+    """Replace `path` with `text` at once; with `mode` (e.g. 0o600 for a file holding a
+    secret) the file never exists with looser permissions."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
+    if mode is None:
+        tmp.write_text(text)
+    else:
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
     os.replace(tmp, path)
 
 

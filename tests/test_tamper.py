@@ -1,0 +1,370 @@
+"""Tamper evidence against someone with database superuser access (but not the chain key):
+a rewritten entry with its chain recomputed, a changed account book, a rotated key, a cut
+tail. Real Kafka and PostgreSQL; the relay publishes checkpoints every second."""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import itertools
+import os
+import stat
+from datetime import timedelta
+from decimal import Decimal
+
+import psycopg
+import pytest
+from kafka import KafkaAdminClient, KafkaProducer
+from structlog.testing import capture_logs
+
+from ledger import chain_keys, topics
+from ledger.book import Entry, Posting, canonical_json, chain_hash, chain_link, link_header
+from ledger.checkpoints import digest, latest, parse_digest, read_topic
+from ledger.db import QUERIES
+from ledger.verify import verify
+from projections.rebuild import rebuild
+from tests.harness import T0, wait_until
+from tests.test_cli import ledger_cli
+
+
+@pytest.fixture
+def settings(settings, tmp_path):
+    """Checkpoints every second, and a chain key file of this test's own (k1)."""
+    key_file = tmp_path / "chain.keys"
+    chain_keys.add_key(key_file, "k1")
+    return dataclasses.replace(settings, checkpoint_interval_s=1, chain_key_file=key_file)
+
+
+def traffic(ledger, prefix: str = "tp", days: int = 2, accounts: int = 8) -> int:
+    """Accounts with sign-up credit, usage past it, a purchase, a promotion that expires at a
+    tick `days` after T0; waits until all of it is journaled, projected and published, and
+    returns the number of journal entries."""
+    already = ledger.journaled()
+    sent = 0
+    for n in range(accounts):
+        a = f"{prefix}-{n}"
+        ledger.open_account(a)
+        ledger.use(a, output_tokens=400_000 * (n + 1))  # the later ones exhaust the $1
+        sent += 2
+    ledger.send("CreditPurchased", f"{prefix}-0", grant_id="buy", amount=Decimal("10"),
+                payment_reference="ch")  # fmt: skip
+    ledger.send("CreditGranted", f"{prefix}-1", grant_id="promo", amount=Decimal("5"),
+                kind="promotional", expires_at=T0 + timedelta(days=1), reason="")  # fmt: skip
+    sent += 2 + ledger.period_tick(T0 + timedelta(days=days))
+    ledger.settle(already + sent + 1, timeout=60)  # + the promotion's expiry
+    return already + sent + 1
+
+
+def wait_journaled(ledger, *events: dict) -> None:
+    ids = [e["event_id"] for e in events]
+    wait_until(
+        lambda: (
+            ledger.db.execute(
+                "SELECT count(*) FROM journal_entries WHERE event_id = ANY(%s)", (ids,)
+            ).fetchone()[0]
+            == len(ids)
+        ),
+        30,
+        f"events {ids} journaled",
+    )
+
+
+def current_checkpoints(ledger, keys):
+    """The checkpoints on the topic, once they cover every shard's head."""
+
+    def covering():
+        found, problems = read_topic(ledger.settings, ledger.bootstrap, keys)
+        assert problems == []
+        heads = dict(ledger.db.execute("SELECT shard, last_seq FROM shard_heads"))
+        have = {shard: cp.seq for shard, cp in latest(found).items()}
+        return found if heads and have == heads else None
+
+    return wait_until(covering, 60, "checkpoints covering every shard's head")
+
+
+def superuser(dsn):
+    """A session that bypasses the append-only triggers, as a database superuser can."""
+    conn = psycopg.connect(dsn, autocommit=True)
+    conn.execute("SET session_replication_role = replica")
+    return conn
+
+
+def relink(conn, shard: int, from_seq: int, link) -> None:
+    """What an attacker does after changing entry (shard, from_seq): recompute every link from
+    there to the shard's end with `link(prev, row)` and move the shard's head."""
+    rows = [r for r in conn.execute(QUERIES["chain_entries"]) if r[1] == shard]
+    prev = next(bytes(r[9]) for r in rows if r[2] == from_seq - 1) if from_seq > 1 else None
+    prev = prev if prev is not None else b"\x00" * 32
+    for row in rows:
+        if row[2] < from_seq:
+            continue
+        new = link(prev, row)
+        conn.execute(
+            "UPDATE journal_entries SET prev_hash = %s, entry_hash = %s "
+            "WHERE shard = %s AND shard_seq = %s",
+            (prev, new, shard, row[2]),
+        )
+        prev = new
+    conn.execute("UPDATE shard_heads SET head_hash = %s WHERE shard = %s", (prev, shard))
+
+
+def _entry(row) -> tuple[str, Entry, bytes]:
+    postings = tuple(Posting(a, Decimal(v)) for a, v in zip(row[11], row[12], strict=True))
+    return canonical_json(row[6]), Entry(row[5], postings, detail=row[7]), bytes(row[10] or b"")
+
+
+def unkeyed(prev: bytes, row) -> bytes:
+    """The public, unkeyed hash function (what the chain was before it was keyed)."""
+    payload, entry, raw = _entry(row)
+    return chain_hash(prev, payload, entry, raw)
+
+
+def wrong_key(prev: bytes, row) -> bytes:
+    """The keyed link, exactly as the writer makes it, but under a key the attacker made up
+    (with the entry's own key id)."""
+    payload, entry, raw = _entry(row)
+    account_id, shard, seq, _, event_type = row[:5]
+    header = link_header(row[13], shard, seq, event_type, account_id, row[14], row[15], row[16])
+    mac = hmac.new(os.urandom(32), digestmod="sha256")
+    return chain_link(mac, prev, header, payload, entry, raw)
+
+
+@pytest.mark.parametrize("recompute", [unkeyed, wrong_key], ids=["unkeyed", "wrong-key"])
+def test_an_amount_moved_by_five_with_the_chain_recomputed_is_reported_at_its_entry(
+    ledger, settings, recompute
+):
+    traffic(ledger)
+    ledger.stop()  # the attacker works on a quiet database
+    assert verify(settings, ledger.dsn) == []
+    conn = superuser(ledger.dsn)
+    # A usage entry that charged both credit and receivable, with entries after it.
+    shard, seq, event_id, account_id = conn.execute(
+        "SELECT e.shard, e.shard_seq, e.event_id, e.account_id FROM journal_entries e "
+        "WHERE e.event_type = 'UsageRecorded' AND (SELECT count(*) FROM postings p "
+        "  WHERE (p.shard, p.shard_seq) = (e.shard, e.shard_seq)) = 3 "
+        "  AND EXISTS (SELECT 1 FROM journal_entries l "
+        "              WHERE l.shard = e.shard AND l.shard_seq > e.shard_seq) "
+        "ORDER BY e.shard, e.shard_seq LIMIT 1"
+    ).fetchone()
+    # +5 owed, +5 revenue: still balanced, the trial balance stays zero.
+    conn.execute(
+        "UPDATE postings SET amount = amount + 5 WHERE shard = %s AND shard_seq = %s "
+        "AND ledger_account LIKE 'customer:%%:receivable'",
+        (shard, seq),
+    )
+    conn.execute(
+        "UPDATE postings SET amount = amount - 5 WHERE shard = %s AND shard_seq = %s "
+        "AND ledger_account = 'revenue:usage'",
+        (shard, seq),
+    )
+    # The writer's book is made to agree, the chain recomputed, the projections rebuilt.
+    conn.execute(
+        "UPDATE account_books SET book = jsonb_set(book, '{receivable}', "
+        "to_jsonb(((book->>'receivable')::numeric + 5)::text)) WHERE account_id = %s",
+        (account_id,),
+    )
+    relink(conn, shard, seq, recompute)
+    conn.close()
+    rebuild(settings, ledger.dsn)
+
+    differences = verify(settings, ledger.dsn)
+    chain = [d for d in differences if d.check == "hash_chain"]
+    assert [d.subject for d in chain] == [
+        f"account {account_id!r} entry ({shard}, {seq}) UsageRecorded {event_id}"
+    ]
+    assert "hash mismatch" in chain[0].detail
+    assert [d for d in differences if d.check in ("account_book", "projection")] == []
+
+
+def test_a_grant_remaining_changed_in_the_account_book_is_reported(ledger, settings):
+    traffic(ledger)
+    ledger.stop()
+    with superuser(ledger.dsn) as conn:
+        conn.execute(
+            "UPDATE account_books SET book = jsonb_set(book, '{grants,signup,remaining}', "
+            "'\"1000\"') WHERE account_id = 'tp-7'"
+        )
+    differences = verify(settings, ledger.dsn)
+    assert [(d.check, d.subject) for d in differences] == [("account_book", "tp-7")]
+    assert "grant 'signup' remaining: book=1000 journal=0" in differences[0].detail
+
+
+def test_entries_before_and_after_a_key_rotation_verify(ledger, settings, tmp_path):
+    traffic(ledger, "before")
+    before = current_checkpoints(ledger, chain_keys.load(settings))
+    ledger.stop()
+    assert chain_keys.add_key(settings.chain_key_file, "k2") == "k2"
+    assert chain_keys.load(settings).current == "k2"
+    ledger.start()  # the roles load the key file again: k2 links from now on
+    traffic(ledger, "after", days=3)
+    keys = chain_keys.load(settings)
+    found = current_checkpoints(ledger, keys)
+    ledger.stop()
+
+    assert verify(settings, ledger.dsn, checkpoints=found) == []
+    rows = ledger.db.execute(
+        "SELECT shard, shard_seq, chain_key_id, prev_hash, entry_hash FROM journal_entries "
+        "ORDER BY shard, shard_seq"
+    ).fetchall()
+    assert {r[2] for r in rows} == {"k1", "k2"}
+    shards_rotated = 0
+    for previous, row in itertools.pairwise(rows):
+        if previous[0] == row[0] and (previous[2], row[2]) == ("k1", "k2"):
+            assert row[3] == previous[4]  # the first k2 link chains on from the last k1 one
+            shards_rotated += 1
+    assert shards_rotated >= 2
+    assert len(found) > len(before)  # checkpoints under k1 and under k2, all verified
+
+    # Without k1, what it linked (and the checkpoints it signed) can no longer be verified.
+    k2_only = tmp_path / "k2-only.keys"
+    k2_only.write_text(
+        "".join(
+            line
+            for line in settings.chain_key_file.read_text().splitlines(True)
+            if line.startswith("k2 ")
+        )
+    )
+    without_k1 = chain_keys.load(dataclasses.replace(settings, chain_key_file=k2_only))
+    differences = verify(settings, ledger.dsn, keys=without_k1)
+    assert differences and all(d.check == "hash_chain" for d in differences)
+    assert all(", 1) " in d.subject for d in differences)  # each shard's first entry
+    assert all("chain key 'k1', which the key file does not hold" in d.detail for d in differences)
+    _, problems = read_topic(settings, ledger.bootstrap, without_k1)
+    assert len(problems) >= len(before)
+    assert all("signed with chain key 'k1'" in p for p in problems)
+
+
+def test_a_cut_tail_is_caught_by_the_checkpoints_that_covered_it(ledger, settings, tmp_path):
+    traffic(ledger)
+    # The last two entries of tp-3's shard: payment method changes (the book does not move).
+    first = ledger.send("PaymentMethodAdded", "tp-3", payment_method_id="pm-1", kind="card")
+    last = ledger.send("PaymentMethodRemoved", "tp-3", payment_method_id="pm-1")
+    wait_journaled(ledger, first, last)
+    ledger.wait_projected()
+    keys = chain_keys.load(settings)
+    found = current_checkpoints(ledger, keys)
+    env = {
+        "LEDGER_KAFKA_BOOTSTRAP": ledger.bootstrap,
+        "LEDGER_DATABASE_URL": ledger.dsn,
+        "LEDGER_TOPIC_PREFIX": settings.topic_prefix,
+        "LEDGER_CHAIN_KEY_FILE": str(settings.chain_key_file),
+    }
+    printed = ledger_cli("checkpoints", "digest", env=env)
+    assert printed.returncode == 0, printed.stderr
+    expected = digest(found, settings.topic(topics.CHECKPOINTS)).splitlines()
+    assert printed.stdout.splitlines()[1:-1] == expected[1:-1]  # the shards' lines
+    kept = tmp_path / "auditor-digest.txt"
+    kept.write_text(printed.stdout)
+    ledger.stop()
+
+    shard, seq = ledger.db.execute(
+        "SELECT shard, max(shard_seq) FROM journal_entries WHERE shard = "
+        "(SELECT shard FROM account_books WHERE account_id = 'tp-3') GROUP BY shard"
+    ).fetchone()
+    (event_id,) = ledger.db.execute(
+        "SELECT event_id FROM journal_entries WHERE shard = %s AND shard_seq = %s", (shard, seq)
+    ).fetchone()
+    assert event_id == last["event_id"]
+    with superuser(ledger.dsn) as conn:  # cut the last two entries, cover the tracks
+        cut = (shard, seq - 1)
+        conn.execute("DELETE FROM postings WHERE shard = %s AND shard_seq >= %s", cut)
+        gone = conn.execute(
+            "DELETE FROM journal_entries WHERE shard = %s AND shard_seq >= %s RETURNING event_id",
+            cut,
+        ).fetchall()
+        conn.execute("DELETE FROM raw_events WHERE event_id = ANY(%s)", ([e for (e,) in gone],))
+        conn.execute(
+            "UPDATE shard_heads SET last_seq = %s, head_hash = (SELECT entry_hash FROM "
+            "journal_entries WHERE shard = %s AND shard_seq = %s) WHERE shard = %s",
+            (seq - 2, shard, seq - 2, shard),
+        )
+        conn.execute(
+            "UPDATE projection_positions SET position = least(position, %s) WHERE shard = %s",
+            (seq - 2, shard),
+        )
+    rebuild(settings, ledger.dsn)
+
+    # Without checkpoints nothing shows: what is left is a consistent journal.
+    assert verify(settings, ledger.dsn) == []
+    want = f"entry ({shard}, {seq - 1})"
+    [from_topic] = verify(settings, ledger.dsn, checkpoints=found)
+    assert (from_topic.check, from_topic.subject) == ("checkpoint", want)
+    assert f"ends at seq {seq - 2}" in from_topic.detail
+    assert f"covers entries up to seq {seq}" in from_topic.detail
+    assert event_id in from_topic.detail
+    [from_digest] = verify(settings, ledger.dsn, checkpoints=parse_digest(kept.read_text(), "k"))
+    assert (from_digest.check, from_digest.subject) == ("checkpoint", want)
+
+    for args, code in (((), 1), (("--checkpoints", str(kept)), 1), (("--no-checkpoints",), 0)):
+        result = ledger_cli("verify", *args, env=env)
+        assert result.returncode == code, result.stdout + result.stderr
+        if code:
+            assert f"checkpoint: {want}: missing" in result.stdout
+    # An edited digest is refused, not trusted.
+    kept.write_text(kept.read_text().replace(f"seq {seq} ", f"seq {seq - 2} "))
+    edited = ledger_cli("verify", "--checkpoints", str(kept), env=env)
+    assert edited.returncode == 1 and "the digest was altered" in edited.stderr
+
+
+def test_a_checkpoint_forged_without_the_key_is_reported_not_trusted(ledger, settings):
+    ledger.open_account("f-1")
+    ledger.settle(1)
+    keys = chain_keys.load(settings)
+    genuine = current_checkpoints(ledger, keys)
+    forged = canonical_json(
+        {
+            "v": 1,
+            "shard": genuine[0].shard,
+            "seq": 10**6,
+            "head": "00" * 32,
+            "chain_key_id": "k1",
+            "event_id": "x",
+            "at": T0.isoformat(),
+            "mac_key_id": "k1",
+            "mac": "00" * 32,
+        }
+    ).encode()
+    producer = KafkaProducer(bootstrap_servers=ledger.bootstrap, acks="all")
+    producer.send(settings.topic(topics.CHECKPOINTS), key=b"0", value=forged).get(timeout=30)
+    producer.close()
+    found, problems = read_topic(settings, ledger.bootstrap, keys)
+    assert [cp.seq for cp in found if cp.seq == 10**6] == []
+    assert len(problems) == 1 and "MAC does not verify (forged or altered)" in problems[0]
+    assert verify(settings, ledger.dsn, checkpoints=found) == []
+
+
+def test_the_key_file_is_private_and_its_secret_never_printed(settings):
+    path = settings.chain_key_file
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    secret = chain_keys.load(settings).secret("k1")
+    assert secret is not None and len(secret) == 32
+    shown = repr(chain_keys.load(settings))
+    assert secret.hex() not in shown and "k1" in shown
+    listed = ledger_cli("keys", "list", env={"LEDGER_CHAIN_KEY_FILE": str(path)})
+    added = ledger_cli("keys", "new", "--id", "k9", env={"LEDGER_CHAIN_KEY_FILE": str(path)})
+    assert listed.returncode == 0 and added.returncode == 0, listed.stderr + added.stderr
+    assert "k1  (current)" in listed.stdout
+    assert "added chain key k9" in added.stdout
+    for out in (listed.stdout + listed.stderr, added.stdout + added.stderr):
+        for key_id in ("k1", "k9"):
+            hexed = chain_keys.load(settings).secret(key_id).hex()
+            assert hexed not in out
+    assert chain_keys.load(settings).current == "k9"
+
+
+def test_status_events_are_published_even_when_checkpoints_cannot_be(ledger, settings):
+    """No checkpoint topic (an upgrade that did not run `ledger topics create`): the relay
+    logs it and goes on publishing the outbox."""
+    admin = KafkaAdminClient(bootstrap_servers=ledger.bootstrap)
+    admin.delete_topics([settings.topic(topics.CHECKPOINTS)])
+    admin.close()
+    with capture_logs() as logs:
+        ledger.open_account("nc-1")
+        ledger.use("nc-1", model="accounts/fireworks/models/deepseek-r1", output_tokens=1_000_000)
+        ledger.settle(2, timeout=60)
+        wait_until(
+            lambda: any(line["event"] == "checkpoints_unpublished" for line in logs),
+            30,
+            "the relay to say it could not publish checkpoints",
+        )
+    assert [t for t, *_ in ledger.status_of("nc-1")] == ["AccountSuspended"]
