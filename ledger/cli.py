@@ -306,7 +306,7 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
     from ledger.errors import StackError
     from ledger.overview import overview, overview_lines
 
-    dsn = _database(settings)
+    dsn = _database(settings, "reader")
     try:
         report = overview(settings, stack.kafka_bootstrap(settings), dsn)
     except StackError as exc:  # no Kafka known: the rest is still worth printing

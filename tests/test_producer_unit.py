@@ -118,7 +118,7 @@ def test_topics():
         "x-billing.payment-methods.v1",
         "x-billing.control.v1",
     ]
-    assert topics.all_topics(settings)[-3:] == [
+    assert topics.all_topics(settings)[-4:] == [
         "x-billing.account-status.v1",
         "x-billing.account-status-snapshot.v1",
         "x-billing.deadletter.v1",

@@ -83,7 +83,8 @@ def current_checkpoints(ledger, keys):
 
 
 def superuser(dsn):
-    """A session that bypasses the append-only triggers, as a database superuser can."""
+    """A session that bypasses the append-only triggers, as a database superuser can (`dsn`:
+    the cluster's superuser on the test's database; the workers' role cannot)."""
     conn = psycopg.connect(dsn, autocommit=True)
     conn.execute("SET session_replication_role = replica")
     return conn
@@ -131,12 +132,12 @@ def wrong_key(prev: bytes, row) -> bytes:
 
 @pytest.mark.parametrize("recompute", [unkeyed, wrong_key], ids=["unkeyed", "wrong-key"])
 def test_an_amount_moved_by_five_with_the_chain_recomputed_is_reported_at_its_entry(
-    ledger, settings, recompute
+    ledger, settings, recompute, admin_dsn
 ):
     traffic(ledger)
     ledger.stop()  # the attacker works on a quiet database
     assert verify(settings, ledger.dsn) == []
-    conn = superuser(ledger.dsn)
+    conn = superuser(admin_dsn)
     # A usage entry that charged both credit and receivable, with entries after it.
     shard, seq, event_id, account_id = conn.execute(
         "SELECT e.shard, e.shard_seq, e.event_id, e.account_id FROM journal_entries e "
@@ -176,10 +177,10 @@ def test_an_amount_moved_by_five_with_the_chain_recomputed_is_reported_at_its_en
     assert [d for d in differences if d.check in ("account_book", "projection")] == []
 
 
-def test_a_grant_remaining_changed_in_the_account_book_is_reported(ledger, settings):
+def test_a_grant_remaining_changed_in_the_account_book_is_reported(ledger, settings, admin_dsn):
     traffic(ledger)
     ledger.stop()
-    with superuser(ledger.dsn) as conn:
+    with superuser(admin_dsn) as conn:
         conn.execute(
             "UPDATE account_books SET book = jsonb_set(book, '{grants,signup,remaining}', "
             "'\"1000\"') WHERE account_id = 'tp-7'"
@@ -234,7 +235,9 @@ def test_entries_before_and_after_a_key_rotation_verify(ledger, settings, tmp_pa
     assert all("signed with chain key 'k1'" in p for p in problems)
 
 
-def test_a_cut_tail_is_caught_by_the_checkpoints_that_covered_it(ledger, settings, tmp_path):
+def test_a_cut_tail_is_caught_by_the_checkpoints_that_covered_it(
+    ledger, settings, tmp_path, admin_dsn
+):
     traffic(ledger)
     # The last two entries of tp-3's shard: payment method changes (the book does not move).
     first = ledger.send("PaymentMethodAdded", "tp-3", payment_method_id="pm-1", kind="card")
@@ -265,7 +268,7 @@ def test_a_cut_tail_is_caught_by_the_checkpoints_that_covered_it(ledger, setting
         "SELECT event_id FROM journal_entries WHERE shard = %s AND shard_seq = %s", (shard, seq)
     ).fetchone()
     assert event_id == last["event_id"]
-    with superuser(ledger.dsn) as conn:  # cut the last two entries, cover the tracks
+    with superuser(admin_dsn) as conn:  # cut the last two entries, cover the tracks
         cut = (shard, seq - 1)
         conn.execute("DELETE FROM postings WHERE shard = %s AND shard_seq >= %s", cut)
         gone = conn.execute(
