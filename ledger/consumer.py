@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 import psycopg
@@ -56,19 +57,29 @@ def kafka_consumer_options(settings: Settings) -> dict[str, object]:
 RETRY_FIRST_S = 0.5
 RETRY_MAX_S = 5.0
 LOSS_REPORT_S = 30.0
+# Records one poll may hand over (into ShardConsumer.buffered): all that has arrived.
+POLL_MAX_RECORDS = 100_000
 
 
 class ShardConsumer:
     """The owned shards' partitions of every input topic, consumed by manual assignment from
     the offsets stored with the journal. Keeps, per partition, where the current fetch
     started, so that each batch tells the writer exactly which offsets it covers (offsets are
-    not contiguous: transaction markers, aborted records and compaction leave holes)."""
+    not contiguous: transaction markers, aborted records and compaction leave holes).
+
+    Fair shares: kafka-python hands a poll the buffered records of one partition before the
+    next, so a batch filled straight from `poll` serves a backlog (after a takeover or an
+    outage) a partition or two at a time while every other shard waits. Instead, what Kafka
+    returns is kept per partition (`buffered`) and each batch takes an equal share from every
+    partition that has records, so each shard is served in every batch. A partition that has a
+    batch's worth buffered is paused (no more fetches for it) until the batches drained it."""
 
     def __init__(self, consumer: KafkaConsumer, writer: LedgerWriter, input_topics: list[str]):
         self.consumer = consumer
         self.writer = writer
         self.input_topics = input_topics
         self.starts: dict[TopicPartition, int] = {}
+        self.buffered: dict[TopicPartition, deque] = {}
         self.lost: dict[TopicPartition, tuple[int, int]] = {}  # stored offset, log start
         self._reported = 0.0
 
@@ -89,8 +100,10 @@ class ShardConsumer:
         partitions = [tp for tp in partitions if tp.partition not in blocked]
         if set(partitions) == set(self.consumer.assignment()):
             return
+        if self.consumer.paused():
+            self.consumer.resume(*self.consumer.paused())
         self.consumer.assign(partitions)
-        self.starts = {}
+        self.starts, self.buffered = {}, {}
         for tp in partitions:
             offset = stored.get((tp.topic, tp.partition), 0)
             self.consumer.seek(tp, offset)
@@ -119,15 +132,47 @@ class ShardConsumer:
             )
 
     def poll(self, settings: Settings, stop: threading.Event) -> tuple[list, Fetched]:
-        """A batch of records and the offsets fetched per partition to get it."""
+        """A batch of records (an equal share of each partition's buffered records) and the
+        offsets fetched per partition to get it."""
         self._report_lost()
-        batch = _poll_batch(self.consumer, settings, stop)
+        limit = settings.batch_max_events
+        deadline = time.monotonic() + settings.batch_max_ms / 1000
+        # Always one poll, even with a batch's worth buffered: the client does its network
+        # work (fetches, metadata after a leader moved, reconnects) only inside poll. Then
+        # wait for more, up to the deadline, while less than a batch is buffered.
+        timeout_ms = 0
+        while not stop.is_set():
+            polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=POLL_MAX_RECORDS)
+            for tp, records in polled.items():
+                self.buffered.setdefault(tp, deque()).extend(records)
+            timeout_ms = int((deadline - time.monotonic()) * 1000)
+            if timeout_ms <= 0 or self._buffered_count() >= limit:
+                break
+        batch, taken = fair_shares(self.buffered, limit)
         fetched: dict[tuple[str, int], tuple[int, int]] = {}
         for tp, start in self.starts.items():
-            end = self.consumer.position(tp)
+            if self.buffered.get(tp):
+                # Records of this partition are still buffered: the fetch (for this batch)
+                # ends just after the last one taken.
+                end = taken[tp] + 1 if tp in taken else start
+            else:
+                end = self.consumer.position(tp)
             if end is not None and end != start:
                 fetched[(tp.topic, tp.partition)] = (start, end)
+        self._throttle(limit)
         return batch, fetched
+
+    def _buffered_count(self) -> int:
+        return sum(len(records) for records in self.buffered.values())
+
+    def _throttle(self, limit: int) -> None:
+        """Pause the partitions with a batch's worth buffered, resume the others."""
+        full = {tp for tp, records in self.buffered.items() if len(records) >= limit}
+        paused = self.consumer.paused()
+        if full - paused:
+            self.consumer.pause(*(full - paused))
+        if paused - full:
+            self.consumer.resume(*(paused - full))
 
     def lag(self) -> dict[int, int]:
         """Per shard consumed: records in Kafka after the stored offset (the log end as of the
@@ -151,10 +196,37 @@ class ShardConsumer:
     def rewind(self) -> None:
         """Back to the stored offsets (after a failed batch or a refused fetch)."""
         stored = self.writer.stored_offsets(self.input_topics)
+        self.buffered = {}
+        paused = self.consumer.paused()
+        if paused:
+            self.consumer.resume(*paused)
         for tp in list(self.starts):
             offset = stored.get((tp.topic, tp.partition), 0)
             self.consumer.seek(tp, offset)
             self.starts[tp] = offset
+
+
+def fair_shares(
+    buffered: dict[TopicPartition, deque], limit: int
+) -> tuple[list, dict[TopicPartition, int]]:
+    """Up to `limit` records taken from the front of each partition's queue in equal shares
+    (a partition with fewer leaves its share to the others); the records, and the offset of
+    the last record taken per partition."""
+    batch: list = []
+    taken: dict[TopicPartition, int] = {}
+    while len(batch) < limit:
+        ready = [tp for tp, records in buffered.items() if records]
+        if not ready:
+            break
+        share = max(1, (limit - len(batch)) // len(ready))
+        for tp in ready:
+            records = buffered[tp]
+            n = min(share, len(records), limit - len(batch))
+            batch.extend(records.popleft() for _ in range(n))
+            taken[tp] = batch[-1].offset
+            if len(batch) >= limit:
+                break
+    return batch, taken
 
 
 def run_ledger_consumer(
@@ -191,9 +263,8 @@ def run_ledger_consumer(
         isolation_level="read_committed",
         max_poll_records=settings.batch_max_events,
         fetch_max_wait_ms=min(settings.batch_max_ms, 500),
-        # A poll hands out one partition's buffered records before the next: small fetches
-        # per partition keep a backlog (after a takeover) from starving the other shards.
-        # 256 KiB vs 4 MiB, 100k events with 4 kills: max stall per shard 15-22 s vs 21-42 s.
+        # Small fetches per partition: what one partition's backlog puts in memory at a time
+        # (ShardConsumer takes each batch in fair shares from every partition anyway).
         max_partition_fetch_bytes=256 * 1024,
         **kafka_consumer_options(settings),
         **client_options(settings),
@@ -207,7 +278,8 @@ def run_ledger_consumer(
     writer.fence = leases.fence
     shards = ShardConsumer(consumer, writer, input_topics)
     owned: set[int] = set()
-    next_refresh = 0.0
+    next_refresh = 0.0  # when the leases are next refreshed and the assignment checked
+    renewed = 0.0  # when the leases were last renewed
     failures = 0
 
     def report_shards() -> None:  # for the lag gauge and /readyz
@@ -225,6 +297,7 @@ def run_ledger_consumer(
                     shards.rewind()
                 if time.monotonic() >= next_refresh:
                     held = leases.refresh()
+                    renewed = time.monotonic()
                     if held != owned or shards.lost:
                         shards.assign(held)  # may fail (database down): then retried
                         owned = held
@@ -235,6 +308,12 @@ def run_ledger_consumer(
                     stop.wait(LEASE_REFRESH_S)
                     continue
                 batch, fetched = shards.poll(settings, stop)
+                if time.monotonic() - renewed >= LEASE_REFRESH_S:
+                    # A slow poll (a backlog to fetch, a busy machine): renew before the write
+                    # too, so that the lease does not run out while the batch is written.
+                    renewed = time.monotonic()
+                    if leases.refresh() != owned:
+                        next_refresh = 0.0  # reassigned at the top of the loop
                 if batch or fetched:
                     started = time.perf_counter()
                     result = writer.write_batch(batch, fetched=fetched)
@@ -303,19 +382,3 @@ def _shard_count(
             )
         stop.wait(0.2)
     return 0
-
-
-def _poll_batch(consumer: KafkaConsumer, settings: Settings, stop: threading.Event) -> list:
-    """Records until the batch holds `batch_max_events` or `batch_max_ms` has passed."""
-    batch: list = []
-    deadline = time.monotonic() + settings.batch_max_ms / 1000
-    while len(batch) < settings.batch_max_events and not stop.is_set():
-        left_ms = int((deadline - time.monotonic()) * 1000)
-        if left_ms <= 0:
-            break
-        polled = consumer.poll(
-            timeout_ms=left_ms, max_records=settings.batch_max_events - len(batch)
-        )
-        for records in polled.values():
-            batch.extend(records)
-    return batch

@@ -7,9 +7,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 
 import psycopg
+from kafka import KafkaConsumer, KafkaProducer
 
+from ledger import topics
+from ledger.consumer import ShardConsumer, kafka_consumer_options
 from ledger.worker import start_roles
 from tests.harness import wait_until
 
@@ -169,3 +173,52 @@ def test_a_frozen_holder_loses_its_shards_and_stops_writing_when_it_thaws(ledger
                 proc.terminate()
                 proc.wait(timeout=30)
     ledger.start()
+
+
+def test_a_backlog_on_one_partition_does_not_starve_the_others(settings, stack, writer):
+    """kafka-python hands out one partition's buffered records before the next; the shard
+    consumer takes an equal share of every partition with records into each batch, and the
+    fetched ranges it reports still cover every record exactly once, in order."""
+    usage = settings.topic(topics.USAGE)
+    backlog = {0: 3000, 1: 300, 2: 3000}
+    producer = KafkaProducer(bootstrap_servers=stack.bootstrap, linger_ms=20)
+    for partition, count in backlog.items():
+        for n in range(count):
+            producer.send(usage, value=f"{partition}:{n}".encode(), partition=partition)
+    producer.flush()
+    producer.close()
+    consumer = KafkaConsumer(
+        bootstrap_servers=stack.bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        max_partition_fetch_bytes=1024 * 1024,  # so one fetch buffers a partition's backlog
+        **kafka_consumer_options(settings),
+    )
+    small = dataclasses.replace(settings, batch_max_events=300)
+    shards = ShardConsumer(consumer, writer, [usage])
+    stop = threading.Event()
+    try:
+        shards.assign({0, 1, 2, 3})
+        seen: dict[int, list[int]] = {p: [] for p in backlog}
+        batches = []
+        while sum(map(len, seen.values())) < sum(backlog.values()):
+            assert len(batches) < 200, "the backlog was not consumed"
+            batch, fetched = shards.poll(small, stop)
+            for (_, partition), (start, end) in fetched.items():
+                offsets = [r.offset for r in batch if r.partition == partition]
+                # each range starts where the last one ended and covers exactly its records
+                assert start == len(seen[partition]) and offsets == list(range(start, end))
+                seen[partition] += offsets
+            shards.committed(fetched)
+            if batch:
+                batches.append(Counter(r.partition for r in batch))
+    finally:
+        consumer.close()
+    assert seen == {p: list(range(n)) for p, n in backlog.items()}
+    assert all(sum(b.values()) <= 300 for b in batches)
+    # Partition 1's 300 records come in the first batches that see it, beside the backlogs,
+    # a third of each batch: not after 3,000 records of partition 0 or 2.
+    first = next((i for i, b in enumerate(batches) if len(b) == 3), None)
+    assert first is not None, f"no batch holds records of every partition: {batches[:12]}"
+    assert sum(b[1] for b in batches[: first + 3]) == 300, batches[: first + 3]
+    assert all(b[1] == 100 for b in batches[first : first + 3]), batches[: first + 3]

@@ -81,6 +81,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--abort-ratio", type=float, default=d.abort_ratio)
     p.add_argument("--rate", type=float, default=d.rate, help="events/s to keep to (0: unpaced)")
     p.add_argument(
+        "--max-behind",
+        type=int,
+        default=d.max_behind,
+        help="events the producers may be ahead of the ledger (0: no limit)",
+    )
+    p.add_argument(
         "--max-stall",
         type=float,
         default=d.max_stall_s,
@@ -112,6 +118,7 @@ def options_from(args: argparse.Namespace) -> Options:
         transactional=args.transactional,
         abort_ratio=args.abort_ratio,
         rate=args.rate or None,
+        max_behind=args.max_behind or None,
         max_stall_s=args.max_stall or None,
         settle_s=args.settle,
         drain_timeout_s=args.drain_timeout,

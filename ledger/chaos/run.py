@@ -37,6 +37,11 @@ from ledger.stack.cluster import KafkaCluster
 log = structlog.get_logger(__name__)
 
 
+# The default offered rate: what the ledger drained on the 2-core development machine with the
+# three brokers, the producers and the other workers beside it (README, "Latest full run").
+RATE = 750.0
+
+
 @dataclasses.dataclass(frozen=True)
 class Options:
     events: int = 1_000_000
@@ -55,7 +60,11 @@ class Options:
     producers: int = 4
     transactional: int = 2  # how many of the producers use Kafka transactions
     abort_ratio: float = 0.1
-    rate: float | None = 4000.0  # events/s the producers keep to (None: as fast as they can)
+    # events/s the producers keep to (None: as fast as they can); see the README for how it
+    # was measured
+    rate: float | None = RATE
+    # events the producers may be ahead of the ledger (None: no limit)
+    max_behind: int | None = 20_000
     accounts: int | None = None  # default: one per 500 events, at least 20
     tick_interval_s: int = 5
     max_stall_s: float | None = 20.0
@@ -186,7 +195,7 @@ def run(options: Options) -> Outcome:
 def _traffic_and_faults(options, settings, cluster, supervisor, pg_state, dsn, timings) -> Outcome:
     model = Model()
     stop = threading.Event()
-    progress = Progress(options.rate)
+    progress = Progress(options.rate, options.max_behind)
     planned = options.events + options.n_malformed
     producing: list[threading.Thread] = []
     per_producer = options.events // options.producers
@@ -238,6 +247,12 @@ def _traffic_and_faults(options, settings, cluster, supervisor, pg_state, dsn, t
         except Exception:
             return None
 
+    def consumed() -> float | None:
+        done = journal_progress()
+        return None if done is None else done * planned
+
+    progress.consumed = consumed
+
     def start_postgres() -> None:
         port = pg_state["port"]
         if not procs.wait_for(lambda: procs.port_is_free(port), 60, 0.5):
@@ -285,6 +300,7 @@ def _traffic_and_faults(options, settings, cluster, supervisor, pg_state, dsn, t
         raise
     traffic_end = time.time()
     timings["traffic"] = time.monotonic() - t0
+    timings["producers held back (summed)"] = progress.held_s
     log.info("chaos.traffic_sent", seconds=round(timings["traffic"], 1), errors=errors)
     injecting.join()  # the rest of the schedule (it does not wait long once traffic is done)
     supervisor.stop("scheduler-1")

@@ -16,7 +16,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -40,6 +40,12 @@ TIERS = ("standard", "standard", "standard", "batch", "priority")
 PURCHASES = (Decimal("10"), Decimal("25"), Decimal("50"), Decimal("100"))
 GRANTS = (Decimal("5"), Decimal("20"))
 SEND_ATTEMPTS = 20
+BEHIND_WAIT_MAX_S = 120.0
+# A broker is down for at most 15 s in a fault run and the transaction coordinator moves to
+# another node within the 6 s broker session timeout: a commit still waiting after 20 s is hung
+# (and a producer that hangs longer leaves its accounts' shards without traffic, which would
+# count as a ledger stall).
+TRANSACTION_END_TIMEOUT_S = 20.0
 
 Planned = tuple[str, dict]  # (event type, event)
 
@@ -141,13 +147,26 @@ def usage(event, rng: random.Random, account: str, n: int) -> Planned:
 
 
 class Progress:
-    """Events acknowledged so far (all producers), and a pace to keep."""
+    """Events acknowledged so far (all producers), and a pace to keep: at most `rate` events
+    per second, and at most `max_behind` events ahead of what the ledger has consumed
+    (`consumed`, the stored offsets summed over the input partitions), so that a machine that
+    cannot drain `rate` is offered what it can drain plus a bounded backlog, never a backlog
+    that grows through the whole run."""
 
-    def __init__(self, rate: float | None):
+    def __init__(
+        self,
+        rate: float | None,
+        max_behind: int | None = None,
+        consumed: Callable[[], float | None] | None = None,
+    ):
         self.rate = rate
+        self.max_behind = max_behind
+        self.consumed = consumed
         self.sent = 0
         self.started = time.monotonic()
+        self.held_s = 0.0  # time the producers waited for the ledger (all threads, overlapping)
         self._lock = threading.Lock()
+        self._consumed: tuple[float, float | None] = (0.0, None)  # (when read, value)
         self.samples: collections.deque[tuple[str, dict, bytes]] = collections.deque(maxlen=500)
 
     def add(self, n: int) -> None:
@@ -155,14 +174,37 @@ class Progress:
             self.sent += n
 
     def pace(self, stop: threading.Event) -> None:
-        """Sleep while the producers are ahead of `rate` events per second."""
-        if not self.rate:
+        """Sleep while the producers are ahead of `rate` events per second, or more than
+        `max_behind` events ahead of the ledger (but no longer than BEHIND_WAIT_MAX_S in one
+        go: a ledger that does not move at all is the checker's to report, not a reason to
+        hang the run)."""
+        if self.rate:
+            while not stop.is_set():
+                ahead = self.sent / self.rate - (time.monotonic() - self.started)
+                if ahead <= 0:
+                    break
+                stop.wait(min(ahead, 0.5))
+        if not self.max_behind or self.consumed is None:
             return
-        while not stop.is_set():
-            ahead = self.sent / self.rate - (time.monotonic() - self.started)
-            if ahead <= 0:
-                return
-            stop.wait(min(ahead, 0.5))
+        since = time.monotonic()
+        while not stop.is_set() and time.monotonic() - since < BEHIND_WAIT_MAX_S:
+            consumed = self._read_consumed()
+            if consumed is None or self.sent - consumed <= self.max_behind:
+                break
+            stop.wait(0.5)
+        with self._lock:
+            self.held_s += time.monotonic() - since
+
+    def _read_consumed(self) -> float | None:
+        """`consumed()`, read at most every half second for all the producer threads."""
+        with self._lock:
+            at, value = self._consumed
+            if time.monotonic() - at < 0.5:
+                return value
+        value = self.consumed() if self.consumed is not None else None
+        with self._lock:
+            self._consumed = (time.monotonic(), value)
+        return value
 
 
 def run_plain(
@@ -266,10 +308,7 @@ def run_transactional(
                                 headers=codec.headers(event_type),
                             )
                         )
-                    if abort:
-                        producer.abort_transaction()
-                    else:
-                        producer.commit_transaction()
+                    finish(producer.abort_transaction if abort else producer.commit_transaction)
                     break
                 except Exception as exc:
                     log.warning("chaos.transaction_failed", producer=name, error=str(exc))
@@ -299,6 +338,31 @@ def run_transactional(
     finally:
         with contextlib.suppress(Exception):
             producer.close(timeout=10)
+
+
+def finish(end_transaction, timeout_s: float = TRANSACTION_END_TIMEOUT_S) -> None:
+    """Commit or abort, but give up after `timeout_s`: kafka-python 3.0.12 can wait forever
+    for the end of a transaction whose coordinator was killed at the wrong moment (seen in a
+    fault run: a broker kill, then commit_transaction never returned). Giving up counts as a
+    failed transaction: it is retried whole with a new producer of the same transactional id,
+    which fences the old one (what the old one had committed is not journaled twice: the
+    ledger drops a Kafka-level duplicate by event_id)."""
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            end_transaction()
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=body, name="end-transaction", daemon=True).start()
+    if not done.wait(timeout_s):
+        raise TimeoutError(f"the transaction did not end within {timeout_s:.0f}s")
+    if errors:
+        raise errors[0]
 
 
 def _transactional_producer(bootstrap: str, txn_id: str, settings: Settings) -> KafkaProducer:
