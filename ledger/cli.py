@@ -43,6 +43,7 @@ COMMAND_ROLES = {
     "invoices list": "reader",
     "audit": "reader",
     "verify": "reader",
+    "console": "reader",
 }
 
 
@@ -548,6 +549,20 @@ def _kafka_acls(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _console(args: argparse.Namespace, settings: Settings) -> int:
+    import dataclasses
+
+    from ledger.console.app import serve
+
+    if args.host is not None or args.port is not None:  # validated like the settings
+        settings = dataclasses.replace(
+            settings,
+            console_host=settings.console_host if args.host is None else args.host,
+            console_port=settings.console_port if args.port is None else args.port,
+        )
+    return serve(settings, _database(settings, "reader"))
+
+
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
     from ledger.demo import run_demo
 
@@ -710,6 +725,15 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p.add_argument(f"--{role}-user", default=default, help=f"SASL user of the {role}")
     p.set_defaults(func=_kafka_acls)
+
+    p = sub.add_parser(
+        "console", help="the read-only web console: accounts, bills, rejects, operations"
+    )
+    p.add_argument("--host", help="listen on this address (default LEDGER_CONSOLE_HOST)")
+    p.add_argument(
+        "--port", type=_positive_int, help="listen on this port (default LEDGER_CONSOLE_PORT)"
+    )
+    p.set_defaults(func=_console)
 
     p = sub.add_parser("demo", help="local stack + worker + a simulated month of traffic")
     p.add_argument("--accounts", type=_positive_int, default=1000, help="accounts (default 1000)")

@@ -102,6 +102,9 @@ class Settings:
     kafka_ssl_cafile: Path | None = None
     kafka_ssl_certfile: Path | None = None
     kafka_ssl_keyfile: Path | None = None
+    # The read-only web console (`ledger console`): where it listens.
+    console_host: str = "127.0.0.1"
+    console_port: int = 8780
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -145,6 +148,7 @@ class Settings:
             ("checkpoint_interval_s", 1, 86_400),
             ("metrics_port", 0, 65_535),
             ("ready_max_lag", 0, 10**12),
+            ("console_port", 1, 65_535),
         ):
             value = getattr(self, name)
             if not low <= value <= high:
@@ -183,6 +187,11 @@ class Settings:
                     )
 
         _check_kafka_security(self)
+        if not self.console_host or any(c.isspace() or c in "/?#" for c in self.console_host):
+            raise ConfigError(
+                f"LEDGER_CONSOLE_HOST={self.console_host!r}: expected a host name or an IP "
+                "address to listen on, e.g. 127.0.0.1 (0.0.0.0: every interface)"
+            )
 
     def to_env(self) -> dict[str, str]:
         """These settings as the LEDGER_* variables `from_env` reads back, for a child

@@ -735,3 +735,89 @@ SELECT reason, count(*) FROM rejected_events WHERE resolved_at IS NULL
 -- name: shard_lease_holders
 SELECT shard, holder, expires_at, expires_at > clock_timestamp() FROM shard_leases
  WHERE group_id = %s ORDER BY shard;
+
+-- ---------------------------------------------------------------------------------------------
+-- The web console (ledger/console/): read-only, as the reader role.
+
+-- name: console_accounts
+-- One page of the accounts list, keyset-paged: no OFFSET, each page starts from the index
+-- position after the last row shown, so page 20,000 costs what page 1 does. Filled in with
+-- psycopg.sql: the sort key is one of the console_sort_* expressions (each read in its own
+-- index order, migration 0009), with its type, the comparison (> or <) and the direction.
+-- The console_sort_* bodies are bare expressions (no comments: they are spliced in); a missing
+-- effective limit sorts as the most headroom there is (Infinity).
+SELECT account_id, suspended, reasons, tier, effective_limit, month, month_to_date_spend,
+       receivable, credit_balance, ({key})::text AS sort_key
+  FROM account_status
+ WHERE (%(suspended)s::boolean IS NULL OR suspended = %(suspended)s::boolean)
+   AND (%(reason)s::text IS NULL OR %(reason)s::text = ANY (reasons))
+   AND (%(prefix)s::text IS NULL OR account_id LIKE %(prefix)s::text)
+   AND (%(after_id)s::text IS NULL
+        OR (({key}), account_id) {cmp} (%(after_key)s::{keytype}, %(after_id)s::text))
+ ORDER BY ({key}) {dir}, account_id {dir}
+ LIMIT %(limit)s;
+
+-- name: console_sort_account
+account_id;
+
+-- name: console_sort_spend
+month_to_date_spend;
+
+-- name: console_sort_headroom
+coalesce(effective_limit, 'Infinity'::numeric) - month_to_date_spend;
+
+-- name: console_sort_receivable
+receivable;
+
+-- name: console_account_state
+SELECT state FROM account_status WHERE account_id = %s;
+
+-- name: console_account_entries
+-- An account's latest entries with their postings, and whether each keyed entry links to the
+-- entry before it in its shard (NULL for an entry journaled before the chain was keyed; the
+-- full check, keyed links recomputed, is `ledger verify`).
+SELECT e.shard, e.shard_seq, e.occurred_at, e.recorded_at, e.event_type, e.status,
+       e.price_version, e.event_id, e.chain_key_id, encode(e.entry_hash, 'hex'),
+       CASE WHEN e.chain_key_id IS NULL THEN NULL
+            WHEN prev.shard_seq IS NULL THEN e.prev_hash = decode(repeat('00', 32), 'hex')
+            ELSE e.prev_hash = prev.entry_hash END,
+       coalesce(array_agg(p.ledger_account ORDER BY p.line) FILTER (WHERE p.line IS NOT NULL),
+                ARRAY[]::text[]),
+       coalesce(array_agg(p.amount ORDER BY p.line) FILTER (WHERE p.line IS NOT NULL),
+                ARRAY[]::numeric[])
+  FROM journal_entries e
+  LEFT JOIN journal_entries prev ON prev.shard = e.shard AND prev.shard_seq = e.shard_seq - 1
+  LEFT JOIN postings p ON p.shard = e.shard AND p.shard_seq = e.shard_seq
+ WHERE e.account_id = %s
+ GROUP BY e.shard, e.shard_seq, prev.shard_seq, prev.entry_hash
+ ORDER BY e.occurred_at DESC, e.shard_seq DESC
+ LIMIT %s;
+
+-- name: console_daily_spend
+-- An account's usage charges per UTC day of one month (the revenue:usage postings).
+SELECT (e.occurred_at AT TIME ZONE 'UTC')::date, -sum(p.amount)
+  FROM journal_entries e
+  JOIN postings p ON p.shard = e.shard AND p.shard_seq = e.shard_seq
+ WHERE e.account_id = %(account_id)s
+   AND e.occurred_at >= %(start)s AND e.occurred_at < %(end)s
+   AND p.ledger_account = 'revenue:usage'
+ GROUP BY 1 ORDER BY 1;
+
+-- name: console_suspensions
+-- The latest AccountSuspended status events still in the outbox (published rows are pruned
+-- after LEDGER_OUTBOX_RETENTION_DAYS); the header is event_type = AccountSuspended, hex.
+SELECT value FROM outbox
+ WHERE headers @> '[["event_type", "4163636f756e7453757370656e646564"]]'::jsonb
+ ORDER BY created_at DESC
+ LIMIT %s;
+
+-- name: console_rejects
+-- One page of rejects (all, or one reason's), in id order after `after`.
+SELECT id, reason, topic, kafka_partition, kafka_offset, event_type, rejected_at, resolved_at,
+       octet_length(raw), left(detail, 300)
+  FROM rejected_events
+ WHERE (%(reason)s::text IS NULL OR reason = %(reason)s::text)
+   AND (%(after)s::bigint IS NULL OR id > %(after)s::bigint)
+ ORDER BY id
+ LIMIT %(limit)s;
+
