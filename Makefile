@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install up down status topics demo test lint bench chaos clean fuzz-rules
+.PHONY: install browser up down status topics demo test lint bench chaos clean fuzz-rules
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,22 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+# The console's browser tests drive Debian's chromium through chromium-driver. Installed here
+# when missing and we can (root with apt-get); otherwise the tests fail naming the packages.
+BROWSER_PACKAGES := chromium chromium-driver
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing $(BROWSER_PACKAGES) for the console's browser tests"; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(BROWSER_PACKAGES) \
+		|| { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y \
+		     --no-install-recommends $(BROWSER_PACKAGES); }; \
+	else \
+		echo "make: the console's browser tests need $(BROWSER_PACKAGES) (Debian packages):" \
+		     "sudo apt-get install $(BROWSER_PACKAGES)" >&2; \
+	fi
+
+test: lint browser
 	$(BIN)/pytest
 
 # The billing rules' property tests with many more examples than `make test` runs (no services).

@@ -176,7 +176,10 @@ def test_search_an_account_open_its_bill_and_find_every_number_of_the_audit(
         )
         marks = [m.text for m in d.find_elements(By.CSS_SELECTOR, ".meter .mark span")]
         assert marks == ["50 %", "80 %", "100 %"]
-        assert d.find_elements(By.CSS_SELECTOR, "figure.chart svg rect.bar")
+        # The month turned at the close: the chart shows March, the latest month with usage.
+        caption = d.find_element(By.CSS_SELECTOR, "figure.chart figcaption").text
+        assert caption.startswith(f"Usage charged per day, {MONTH} (total ")
+        assert len(d.find_elements(By.CSS_SELECTOR, "figure.chart svg rect.bar")) == 31
         page_has_no_script(d)
         shot(d, "2-account")
         d.find_element(By.CSS_SELECTOR, f'a[data-bill="{MONTH}"]').click()

@@ -20,6 +20,7 @@ from ledger.audit import audit_bill
 from ledger.codec import Codec
 from ledger.console import app as console_app
 from ledger.console import data
+from ledger.console.charts import bar_chart
 from ledger.policy import Policy
 from projections.worker import ProjectionWorker
 from tests.conftest import as_role
@@ -303,3 +304,16 @@ def test_operations_shows_the_status_overview_and_runs_verify(console, writer, b
     metrics = console.get("/metrics").text
     assert "ledger_console_verify_differences 0.0" in metrics
     assert "ledger_database_up 1.0" in metrics
+
+
+def test_a_chart_scales_its_bars_to_the_highest_day_and_keeps_the_values_exact():
+    days = [("2026-03-01", Decimal("0.0000001")), ("2026-03-02", Decimal("0")),
+            ("2026-03-03", Decimal("2.5")), ("2026-03-04", Decimal("5"))]  # fmt: skip
+    chart = bar_chart("spend", "USD", days)
+    heights = [b.height for b in chart.bars]
+    assert heights[3] == chart.base - chart.top and heights[2] == heights[3] / 2
+    assert heights[1] == 0 and heights[0] == 0  # a ten-millionth: too small to draw
+    assert [b.value for b in chart.bars] == [v for _, v in days]  # exact, not drawn values
+    assert chart.total == Decimal("7.5000001") and chart.peak == Decimal("5")
+    assert all(b.y + b.height == chart.base for b in chart.bars)
+    assert bar_chart("nothing", "USD", [("2026-03-01", Decimal(0))]).bars[0].height == 0

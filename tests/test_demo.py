@@ -156,6 +156,13 @@ def test_demo_runs_end_to_end_and_reconciles(base_settings: Settings, stack):
         assert text.count("  limit ") >= sum(s.warnings.values())
         assert text.count(f"  INV-{demo.MONTH}-acct-") >= s.invoices
         assert "demo OK" in text and "account show acct-" in text
+        # It ends with the web console's URL, and the command that serves it over this data.
+        assert (
+            text.rstrip()
+            .splitlines()[-1]
+            .startswith("web console over this demo's data: http://127.0.0.1:8780/")
+        )
+        assert "LEDGER_READER_DATABASE_URL=" in text and " console\n" in text
         assert f"invoices list --month {demo.MONTH}" in text
         assert f"account show {result.limit_account}" in text
         assert "worker --role ledger --role projections --role relay" in text

@@ -239,10 +239,20 @@ def create_app(settings: Settings, dsn: str, *, bootstrap: str | None = None) ->
                 raise BadRequest(f"account {account_id!r}: no events journaled", 404)
             extras = data.account_extras(conn, console.policy, account_id)
             month = view.get("month")
-            spend = data.daily_spend(conn, account_id, month) if month else []
+            months = sorted({i["month"] for i in view["invoices"]} | ({month} if month else set()))
+            chart_month = request.query_params.get("chart")
+            if chart_month is not None:
+                chart_month = month_param(chart_month, "chart")
+            spend: list = []
+            # The chart: the month asked for, else the latest month with usage (the current
+            # month may have none yet, e.g. just after the month turned).
+            for candidate in [chart_month] if chart_month else months[::-1][:3]:
+                spend = data.daily_spend(conn, account_id, candidate)
+                chart_month = candidate
+                if any(v for _, v in spend):
+                    break
         limit = Decimal(view["effective_limit"]) if view.get("effective_limit") else None
         mtd = Decimal(view.get("month_to_date_spend") or 0)
-        months = sorted({i["month"] for i in view["invoices"]} | ({month} if month else set()))
         used = percent(mtd, limit)
         scale = max(Decimal(120), used or Decimal(0))  # the 100 % mark, and what lies beyond
         marks = console.policy.warning_thresholds
@@ -261,7 +271,10 @@ def create_app(settings: Settings, dsn: str, *, bootstrap: str | None = None) ->
                     for m in marks
                 ],
             },
-            chart=bar_chart(f"Usage charged per day, {month}", "USD", spend) if spend else None,
+            chart=bar_chart(f"Usage charged per day, {chart_month}", "USD", spend)
+            if spend
+            else None,
+            chart_month=chart_month,
             months=months[::-1],
         )
 

@@ -46,8 +46,8 @@ class Chart:
     @property
     def ticks(self) -> list[Bar]:
         """Bars whose label is written under the axis: the first, every 7th, the last."""
-        n = len(self.bars)
-        return [b for i, b in enumerate(self.bars) if i % 7 == 0 or i == n - 1]
+        last = len(self.bars) - 1
+        return [b for i, b in enumerate(self.bars) if (i % 7 == 0 and last - i >= 4) or i == last]
 
 
 def _px(value: Decimal) -> Decimal:

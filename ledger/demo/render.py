@@ -140,8 +140,19 @@ def print_next_steps(console: Console, result: DemoResult, conn_dsn: str) -> Non
         f"{env} LEDGER_TOPIC_PREFIX={settings.topic_prefix} "
         f"LEDGER_CONSUMER_GROUP={settings.consumer_group} {ledger} worker {roles}",
     )
+    url = console_url(settings)
+    hint(
+        f"the web console over the demo's data (read-only; then open {url})",
+        f"{env} {ledger} console",
+    )
     if not result.external_services:
         hint("stop Kafka and PostgreSQL", f"{ledger} stack down")
+
+
+def console_url(settings) -> str:
+    """Where `ledger console` serves (LEDGER_CONSOLE_HOST, LEDGER_CONSOLE_PORT)."""
+    host = settings.console_host
+    return f"http://{f'[{host}]' if ':' in host else host}:{settings.console_port}/"
 
 
 def _ledger_command() -> str:
