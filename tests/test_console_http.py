@@ -149,6 +149,7 @@ def test_hostile_reject_payloads_are_escaped_and_huge_ones_cut(console, owner_ds
         ("/accounts/a-1/bill?month=2026-03&as_of=yesterday", 400, "as_of='yesterday': not a date"),
         ("/accounts/nobody/bill?month=2026-03", 404, "account 'nobody' has no journal entries"),
         ("/accounts/nobody", 404, "account 'nobody': no events journaled"),
+        ("/accounts/a-1", 200, "No status projected for this account yet"),  # journaled only
         ("/accounts?sort=evil", 400, "sort='evil': must be one of account, spend, headroom"),
         ("/accounts?dir=sideways", 400, "dir='sideways': must be one of asc, desc"),
         ("/accounts?status=asleep", 400, "status='asleep': must be one of active, suspended"),
