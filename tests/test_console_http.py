@@ -150,6 +150,8 @@ def test_hostile_reject_payloads_are_escaped_and_huge_ones_cut(console, owner_ds
         ("/accounts/nobody/bill?month=2026-03", 404, "account 'nobody' has no journal entries"),
         ("/accounts/nobody", 404, "account 'nobody': no events journaled"),
         ("/accounts/a-1", 200, "No status projected for this account yet"),  # journaled only
+        ("/accounts?q=a%00b", 400, "q: contains a NUL character"),
+        ("/accounts/a%00b/bill?month=2026-03", 400, "account id: contains a NUL character"),
         ("/accounts?sort=evil", 400, "sort='evil': must be one of account, spend, headroom"),
         ("/accounts?dir=sideways", 400, "dir='sideways': must be one of asc, desc"),
         ("/accounts?status=asleep", 400, "status='asleep': must be one of active, suspended"),

@@ -57,6 +57,13 @@ class BadRequest(Exception):
         self.status = status
 
 
+def text_param(value: str, name: str) -> str:
+    """Text for a query: PostgreSQL text cannot hold a NUL character."""
+    if "\x00" in value:
+        raise BadRequest(f"{name}: contains a NUL character (\\x00); no account id does")
+    return value
+
+
 def month_param(text: str | None, name: str = "month") -> str:
     if text is None or MONTH.fullmatch(text) is None:
         raise BadRequest(f"{name}={text!r}: not a month (YYYY-MM, e.g. 2026-03)")
@@ -204,7 +211,7 @@ def create_app(settings: Settings, dsn: str, *, bootstrap: str | None = None) ->
         sort = choice_param(request, "sort", tuple(data.SORTS), "account")
         direction = choice_param(request, "dir", ("asc", "desc"), "asc")
         after = request.query_params.get("after")
-        prefix = (request.query_params.get("q") or "").strip()
+        prefix = text_param((request.query_params.get("q") or "").strip(), "q")
         if len(prefix) > 200:
             raise BadRequest(
                 f"q: an account id prefix of at most 200 characters, not {len(prefix)}"
@@ -232,7 +239,7 @@ def create_app(settings: Settings, dsn: str, *, bootstrap: str | None = None) ->
         )
 
     def account(request: Request) -> Response:
-        account_id = request.path_params["account_id"]
+        account_id = text_param(request.path_params["account_id"], "account id")
         with console.connection() as conn:
             view = account_view(conn, account_id, last=0)
             if not view["known"]:
@@ -279,7 +286,7 @@ def create_app(settings: Settings, dsn: str, *, bootstrap: str | None = None) ->
         )
 
     def _bill(request: Request) -> tuple[dict[str, Any], str | None]:
-        account_id = request.path_params["account_id"]
+        account_id = text_param(request.path_params["account_id"], "account id")
         month = month_param(request.query_params.get("month"))
         as_of_text = request.query_params.get("as_of") or None
         as_of = as_of_param(as_of_text)
