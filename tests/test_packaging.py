@@ -26,7 +26,8 @@ def test_the_wheel_builds_cleanly_and_ships_every_module_and_data_file(tmp_path)
         str(p.relative_to(ROOT))
         for top in ("ledger", "projections", "schemas")
         for p in (ROOT / top).rglob("*")
-        if p.suffix in (".py", ".sql", ".toml", ".avsc") and "__pycache__" not in p.parts
+        if p.suffix in (".py", ".sql", ".toml", ".avsc", ".html", ".css")
+        and "__pycache__" not in p.parts
     }
     assert on_disk - shipped == set()
     assert any(name.endswith("licenses/LICENSE") for name in shipped)
