@@ -90,7 +90,13 @@ def _stack(args: argparse.Namespace, settings: Settings) -> int:
         stack.down(settings)
         print("stack stopped")
         return 0
-    report = stack.status(settings)
+    if args.action == "use-main":
+        run = stack.current_run(settings)
+        stack.set_current_run(settings, None)
+        left = f" (demo run {run['run_id']} is left in {run['database']})" if run else ""
+        print(f"commands use the stack's own database and topics{left}")
+        return 0
+    report = stack.status(settings) | {"current_run": stack.current_run(settings)}
     print(redact(json.dumps(report, indent=2, default=str)))
     return 0 if report.get("running") else 3
 
@@ -581,7 +587,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("stack", help="start/stop/inspect the local Kafka + PostgreSQL")
-    p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument(
+        "action",
+        choices=["up", "down", "status", "use-main"],
+        help="use-main: back to the stack's own database and topics after `make demo`",
+    )
     p.set_defaults(func=_stack)
 
     p = sub.add_parser("topics", help="manage the ledger's Kafka topics")
@@ -738,7 +748,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="local stack + worker + a simulated month of traffic")
     p.add_argument("--accounts", type=_positive_int, default=1000, help="accounts (default 1000)")
     p.add_argument("--seed", type=int, default=7, help="random seed (default 7)")
-    p.set_defaults(func=_demo)
+    p.set_defaults(func=_demo, current_run=False)
     return parser
 
 
@@ -816,6 +826,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"ledger: configuration error: {redact(str(exc))}\n")
     configure_logging(settings)
     try:
+        if getattr(args, "current_run", True):
+            from ledger import stack
+
+            settings = stack.with_current_run(settings)
         return args.func(args, settings)
     except ConfigError as exc:
         parser.exit(2, f"ledger: configuration error: {redact(str(exc))}\n")

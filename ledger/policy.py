@@ -15,7 +15,7 @@ EARLIEST_EVENT = datetime.fromisoformat("2020-01-01T00:00:00+00:00")
 
 @dataclasses.dataclass(frozen=True)
 class Tier:
-    name: str
+    name: str  # its number, "1" for the first: tiers are a numbered ladder
     paid_at_least: Decimal
     monthly_limit: Decimal
 
@@ -55,14 +55,21 @@ class Policy:
         return reached[-1]
 
 
+def _tier_number(value: object, position: int) -> str:
+    """A tier is named by its number on the ladder (1, 2, ...; an integer or a quoted one)."""
+    if str(value) != str(position):
+        raise ValueError(f"tiers.tier: tier {position} must be numbered {position}, not {value!r}")
+    return str(position)
+
+
 def _parse(data: dict) -> Policy:
     tiers = tuple(
         Tier(
-            str(t["tier"]),
+            _tier_number(t["tier"], position),
             parse_money(t["paid_at_least"], "tiers.paid_at_least"),
             parse_money(t["monthly_limit"], "tiers.monthly_limit"),
         )
-        for t in data["tiers"]
+        for position, t in enumerate(data["tiers"], start=1)
     )
     if not tiers or tiers[0].paid_at_least != 0:
         raise ValueError('tiers: the first tier must start at paid_at_least = "0"')

@@ -11,7 +11,9 @@ took it meanwhile, becomes the standby).
 rows. Refusals for good: larger than the producer's max_request_size or the broker's limit
 (`message_too_large`), a topic name Kafka does not allow or a topic the broker refuses
 (`invalid_topic`, `topic_refused`), a record the broker calls invalid (`invalid_record`), or one
-that cannot be turned into a Kafka record (`serialization`). `ledger outbox parked` lists them;
+that cannot be turned into a Kafka record (`serialization`). A broker-side refusal fails every
+record in flight alike, so rows that were in flight together are sent again one at a time and
+only the one refused alone is parked. `ledger outbox parked` lists them;
 `ledger outbox retry` un-parks them, and the relay tries them again.
 
 **Order rule.** Kafka keeps order per partition and the key picks the partition, so a later
@@ -183,6 +185,8 @@ class OutboxRelay:
         self.database_outages = 0  # times the database went away under the relay
         self.kafka_outages = 0  # times Kafka failed transiently
         self.awaiting_acks = 0  # records sent and not yet answered by Kafka
+        # Rows up to this id are sent one at a time (see publish_once).
+        self.isolate_through = 0
         self.checkpoints = Publisher(settings, chain_keys.load(settings))
         self._next_checkpoint = 0.0  # monotonic time of the next checkpoint round
         self.status_topic = settings.topic(topics.STATUS)
@@ -327,6 +331,8 @@ class OutboxRelay:
         rows = conn.execute(QUERIES["unpublished"], (self.batch_size,)).fetchall()
         if not rows:
             return 0
+        if rows[0][0] <= self.isolate_through:
+            rows = rows[:1]  # one at a time: a refusal is then this row's own
         started = time.perf_counter()
         refused = self._publish_snapshots(producer, rows, stop)
         if refused is None:
@@ -371,6 +377,13 @@ class OutboxRelay:
         if sent:
             metrics.RELAY_PUBLISH_SECONDS.observe(time.perf_counter() - started)
         by_id = {row[0]: row[1] for row in rows}
+        # A refusal from the broker (a record over the topic's `max.message.bytes`) is fatal to
+        # kafka-python's idempotent producer: it fails every batch in flight with the same
+        # error, so with several rows sent the refusal cannot be pinned on one. Then nothing is
+        # parked: the producer is replaced and the rows are sent again one at a time.
+        refused_late = [f for _, f in sent if f.is_done and f.failed()]
+        refused_late = [f for f in refused_late if refusal_reason(f.exception) is not None]
+        ambiguous = bool(refused_late) and len(sent) > 1
         in_order = True  # acked rows are marked only up to the first one that is not
         for row_id, future in sent:
             if not future.is_done:  # stopping: it and every later row are sent again
@@ -378,11 +391,21 @@ class OutboxRelay:
             elif future.succeeded():
                 if in_order:
                     acked.append(row_id)
-            elif (reason := refusal_reason(future.exception)) is not None:
+            elif not ambiguous and (reason := refusal_reason(future.exception)) is not None:
                 parked.append((row_id, by_id[row_id], reason, brief(future.exception)))
             else:
                 trouble = trouble or future.exception
                 in_order = False
+        if refused_late:
+            self._close_producer()  # its error is fatal: the next round makes a new one
+        if ambiguous:
+            self.isolate_through = max(row_id for row_id, _ in sent)
+            log.warning(
+                "relay_isolating_refusal",
+                rows=len(sent),
+                through_id=self.isolate_through,
+                error=brief(refused_late[0].exception),
+            )
 
         with conn.transaction():
             if acked:

@@ -37,6 +37,8 @@ def print_account(view: dict[str, Any], console: Console | None = None) -> None:
     ):
         if key in view:
             value = view[key]
+            if key == "tier" and value is None:
+                value = "none (a contract limit)"
             head.add_row(key, ", ".join(value) if isinstance(value, list) else str(value))
     console.print(head)
     if view.get("grants"):

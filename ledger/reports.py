@@ -51,7 +51,9 @@ def account_view(conn: psycopg.Connection, account_id: str, last: int = 10) -> d
             "payment_methods": state["payment_methods"],
             "payment_failed": state["payment_failed"],
             "manual_hold": state["manual_hold"],
-            "tier": tier,
+            # The tier's number (an integer); null when a contract limit replaces the tiers.
+            "tier": int(tier) if tier.isdigit() else None,
+            "limit_source": "tier" if tier.isdigit() else "contract",
             "effective_limit": plain(limit) if limit is not None else None,
             "month": month,
             "month_to_date_spend": plain(mtd),

@@ -127,3 +127,48 @@ def create_topics(
         raise StackError(f"creating topics on {bootstrap} failed: {exc}") from exc
     finally:
         admin.close()
+
+
+def delete_topics(bootstrap: str, settings: Settings, names: list[str]) -> list[str]:
+    """Delete the topics `names` (a demo's old runs); return those Kafka deleted."""
+    from kafka import KafkaAdminClient
+    from kafka.errors import KafkaError
+
+    from ledger.kafka_auth import client_options
+
+    if not names:
+        return []
+    try:
+        admin = KafkaAdminClient(
+            bootstrap_servers=bootstrap,
+            client_id="ledger-topics",
+            request_timeout_ms=30_000,
+            **client_options(settings),
+        )
+    except KafkaError as exc:
+        raise StackError(f"cannot reach Kafka at {bootstrap}: {exc}") from exc
+    try:
+        result = admin.delete_topics(names, timeout_ms=30_000, raise_errors=False)
+        return sorted(t["name"] for t in result.get("topics", []) if t.get("error_code") == 0)
+    except KafkaError as exc:
+        raise StackError(f"deleting topics on {bootstrap} failed: {exc}") from exc
+    finally:
+        admin.close()
+
+
+def list_topics(bootstrap: str, settings: Settings) -> list[str]:
+    """Every topic on the cluster."""
+    from kafka import KafkaAdminClient
+
+    from ledger.kafka_auth import client_options
+
+    admin = KafkaAdminClient(
+        bootstrap_servers=bootstrap,
+        client_id="ledger-topics",
+        request_timeout_ms=30_000,
+        **client_options(settings),
+    )
+    try:
+        return sorted(admin.list_topics())
+    finally:
+        admin.close()

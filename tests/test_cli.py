@@ -131,6 +131,7 @@ def test_account_show_prints_balances_status_and_entries(ledger, stack, dsn):
     assert Decimal(view["receivable"]) == Decimal("0.80")
     assert [e["event_type"] for e in view["last_entries"]] == ["UsageRecorded", "AccountOpened"]
     assert Decimal(view["last_entries"][0]["charge"]) == Decimal("1.80")
+    assert (view["tier"], view["limit_source"]) == (1, "tier")  # a number, not the string "1"
 
     table = ledger_cli("account", "show", "show-1", env=services_env(stack, dsn))
     assert table.returncode == 0

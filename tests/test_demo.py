@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
+import os
+import subprocess
+import sys
 import urllib.parse
 from collections import Counter
 from datetime import UTC, datetime
@@ -15,6 +19,7 @@ from psycopg import sql
 from rich.console import Console
 
 from ledger import demo
+from ledger import stack as local_stack
 from ledger.settings import Settings
 
 
@@ -116,8 +121,39 @@ def test_summary_checks_fail_on_an_unbalanced_trial_balance():
     assert not dataclasses.replace(summary, ticks_sent=4).ok
 
 
+OLD_RUN = "20200101_000000_0001"  # an earlier demo run's leftovers, which the next run drops
+
+
+def _leave_an_old_run(stack, settings: Settings) -> str:
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    with psycopg.connect(stack.owner_dsn, autocommit=True) as owner:
+        owner.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(f"demo_{OLD_RUN}")))
+    topic = f"{settings.topic_prefix}demo-{OLD_RUN.replace('_', '-')}.billing.usage.v1"
+    admin = KafkaAdminClient(bootstrap_servers=stack.bootstrap)
+    try:
+        admin.create_topics([NewTopic(topic, 1, 1)])
+    finally:
+        admin.close()
+    return topic
+
+
+def _plain_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess:
+    """`ledger ...` as a user types it after `make demo`: only LEDGER_HOME, nothing else."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LEDGER_")}
+    env["LEDGER_HOME"] = str(settings.home)
+    return subprocess.run(
+        [sys.executable, "-m", "ledger.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+
+
 def test_demo_runs_end_to_end_and_reconciles(base_settings: Settings, stack):
     settings = dataclasses.replace(base_settings, partitions=4, batch_max_ms=100)
+    old_topic = _leave_an_old_run(stack, settings)
     out = io.StringIO()
     # Seed 4: at 40 accounts, one account's March spend reaches its final limit (a suspension
     # for SPEND_LIMIT_REACHED whatever order the topics are journaled in) and a grant is revoked.
@@ -162,7 +198,7 @@ def test_demo_runs_end_to_end_and_reconciles(base_settings: Settings, stack):
             .splitlines()[-1]
             .startswith("web console over this demo's data: http://127.0.0.1:8780/")
         )
-        assert "LEDGER_READER_DATABASE_URL=" in text and " console\n" in text
+        assert "# the web console over the demo's data" in text and "ledger console\n" in text
         assert f"invoices list --month {demo.MONTH}" in text
         assert f"account show {result.limit_account}" in text
         assert "worker --role ledger --role projections --role relay" in text
@@ -175,10 +211,35 @@ def test_demo_runs_end_to_end_and_reconciles(base_settings: Settings, stack):
                     "SELECT current_user, rolsuper FROM pg_roles WHERE rolname = current_user"
                 ).fetchone()
             assert (user, superuser) == (getattr(settings.db_roles, role), False)
+        # The run is the local stack's current one: plain commands see it without settings;
+        # the older run's database and topics are gone.
+        if settings.database_url:  # the tests run against external services: no local stack
+            assert local_stack.current_run(settings) is None
+        else:
+            assert local_stack.current_run(settings)["database"] == f"demo_{result.run_id}"
+            shown = _plain_cli(settings, "account", "show", result.limit_account, "--json")
+            assert shown.returncode == 0, shown.stderr
+            assert json.loads(shown.stdout)["known"] is True
+            march = _plain_cli(settings, "invoices", "list", "--month", demo.MONTH)
+            assert march.returncode == 0 and f"INV-{demo.MONTH}-" in march.stdout, march.stderr
+            main = _plain_cli(settings, "stack", "use-main")
+            assert main.returncode == 0 and result.run_id in main.stdout
+            assert local_stack.current_run(settings) is None
+        with psycopg.connect(stack.owner_dsn) as owner:
+            names = {r[0] for r in owner.execute("SELECT datname FROM pg_database")}
+        assert f"demo_{OLD_RUN}" not in names and f"demo_{result.run_id}" in names
+        from kafka import KafkaAdminClient
+
+        admin = KafkaAdminClient(bootstrap_servers=stack.bootstrap)
+        try:
+            assert old_topic not in admin.list_topics()
+        finally:
+            admin.close()
         worker_log = (settings.home / "demo-worker.log").read_text()
         assert "worker_started" in worker_log
         assert (settings.home / "demo-worker.log").stat().st_size > 0
     finally:
+        local_stack.set_current_run(settings, None)  # the session's other tests use `ledger`
         if result.run_id:
             with psycopg.connect(stack.owner_dsn, autocommit=True) as admin:
                 admin.execute(

@@ -47,6 +47,7 @@ def test_shipped_policy_is_fireworks_rules():
             "time.earliest_event: needs a UTC offset",
         ),
         (("max_tick_step_hours = 744", "max_tick_step_hours = 0"), "max_tick_step_hours"),
+        (('tier = "2"', 'tier = "gold"'), "tiers.tier: tier 2 must be numbered 2, not 'gold'"),
     ],
 )
 def test_a_bad_policy_file_is_refused_naming_the_file_and_the_key(tmp_path, change, message):

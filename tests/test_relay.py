@@ -177,6 +177,33 @@ def test_an_outbox_row_kafka_refuses_is_parked_and_later_rows_are_published(ledg
     assert neither.returncode == 1 and "give either --id N or --all" in neither.stderr
 
 
+def test_a_row_the_broker_refuses_as_too_large_is_parked_not_fatal(ledger):
+    """The producer allows the record, the topic's `max.message.bytes` does not: the broker's
+    refusal parks the row like the producer's own would, and the relay goes on."""
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    small = ledger.settings.topic("small-records.v1")
+    admin = KafkaAdminClient(bootstrap_servers=ledger.bootstrap)
+    try:
+        admin.create_topics([NewTopic(small, 1, 1, topic_configs={"max.message.bytes": "2048"})])
+    finally:
+        admin.close()
+    dlq = ledger.settings.topic(topics.DEADLETTER)
+    with psycopg.connect(ledger.dsn) as conn:
+        refused = insert_outbox(conn, small, b"s1", b"y" * 16_384)
+        after = insert_outbox(conn, dlq, b"s2", b"after the refused one")
+        conn.execute("SELECT pg_notify('ledger_outbox', '')")
+    wait_until(
+        lambda: (
+            outbox_rows(ledger.db, refused, after)
+            == {refused: (False, True, "message_too_large", 1), after: (True, False, None, 0)}
+        ),
+        30,
+        "the refused row parked and the next one published",
+    )
+    assert all(t.is_alive() for t in ledger._threads), "a worker role died"
+
+
 def test_the_relay_rides_out_a_postgresql_immediate_restart(settings, stack):
     """A private PostgreSQL server (the shared one stays up for everyone else); not under
     pytest's temp dir, which another pytest run may clean up under a running server."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -111,9 +112,13 @@ def _run(
     from ledger.producer import EventProducer
     from ledger.scheduler import send_ticks
 
-    # 1. Services, and this run's own topics, consumer group and database.
+    # 1. Services, and this run's own topics, consumer group and database (older runs' go).
+    local = not settings.database_url
+    if local:  # the stack's own database while the old runs are dropped
+        stack.set_current_run(settings, None)
     with console.status("starting Kafka and PostgreSQL …"):
         info = stack.up(settings)
+    _drop_old_runs(info, settings, console)
     run_id = datetime.now(UTC).strftime("%Y%m%d_%H%M%S") + f"_{os.getpid() % 10000:04d}"
     prefix = f"{settings.topic_prefix}demo-{run_id.replace('_', '-')}."
     demo_settings = dataclasses.replace(
@@ -137,6 +142,17 @@ def _run(
     result.run_id, result.dsn, result.settings = run_id, dsn, demo_settings
     result.external_services = settings.uses_existing_services
     created = topics.create_topics(info.bootstrap, demo_settings)
+    if local:  # from now on the plain commands on the local stack see this run
+        result.current_run = True
+        stack.set_current_run(
+            settings,
+            {
+                "run_id": run_id,
+                "database": name,
+                "topic_prefix": prefix,
+                "consumer_group": demo_settings.consumer_group,
+            },
+        )
     console.print(
         f"[bold]ledger demo[/] run {run_id}: {accounts:,} accounts, seed {seed}, "
         f"broker {info.broker} at {info.bootstrap}"
@@ -343,6 +359,37 @@ def _run(
         soft_wrap=True,
     )
     return 0 if ok else 1
+
+
+# A demo run's database and topics: `demo_20260301_120000_0042`, `demo-20260301-120000-0042.`
+_RUN_DATABASE = re.compile(r"demo_\d{8}_\d{6}_\d{4}")
+_RUN_TOPIC = re.compile(r"demo-\d{8}-\d{6}-\d{4}\.")
+
+
+def _drop_old_runs(info: Any, settings: Settings, console: Console) -> None:
+    """Drop the databases and topics of earlier demo runs: a run is kept until the next one,
+    so the commands the demo prints keep working, and old runs do not pile up. One that cannot
+    be dropped (a worker of it still connected) is left, with a warning."""
+    with db.connect(info.owner_dsn, autocommit=True) as conn:
+        names = [r[0] for r in conn.execute(QUERIES["demo_databases"]).fetchall()]
+    dropped = 0
+    for name in names:
+        if not _RUN_DATABASE.fullmatch(name):
+            continue
+        try:
+            on_server(info.owner_dsn, "drop_database", name)
+            dropped += 1
+        except psycopg.Error as exc:
+            console.print(f"[yellow]could not drop the old demo database {name}:[/] {exc}")
+    base = settings.topic_prefix
+    old_topics = [
+        t
+        for t in topics.list_topics(info.bootstrap, settings)
+        if t.startswith(base) and _RUN_TOPIC.match(t[len(base) :])
+    ]
+    deleted = topics.delete_topics(info.bootstrap, settings, old_topics)
+    if dropped or deleted:
+        console.print(f"  cleaned   {dropped} old demo database(s), {len(deleted)} old topic(s)")
 
 
 def _sigterm_as_interrupt():

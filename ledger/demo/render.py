@@ -111,6 +111,11 @@ def print_next_steps(console: Console, result: DemoResult, conn_dsn: str) -> Non
     env = redact(
         f"LEDGER_DATABASE_URL={conn_dsn} LEDGER_READER_DATABASE_URL={settings.reader_database_url}"
     )
+    env += " "
+    worker_env = f"{env}LEDGER_TOPIC_PREFIX={settings.topic_prefix} "
+    worker_env += f"LEDGER_CONSUMER_GROUP={settings.consumer_group} "
+    if result.current_run:  # the local stack's commands see this run without any setting
+        env = worker_env = ""
     with db.connect(settings.reader_database_url or conn_dsn) as conn:
         suspended = conn.execute(QUERIES["demo_sample_account"], (True, True)).fetchone()
         reinstated = conn.execute(QUERIES["demo_sample_account"], (False, False)).fetchone()
@@ -120,7 +125,7 @@ def print_next_steps(console: Console, result: DemoResult, conn_dsn: str) -> Non
         console.print(f"  # {what}\n  {command}", highlight=False, soft_wrap=True)
 
     console.print("\n[bold]next[/]:")
-    hint(f"the invoices issued for {MONTH}", f"{env} {ledger} invoices list --month {MONTH}")
+    hint(f"the invoices issued for {MONTH}", f"{env}{ledger} invoices list --month {MONTH}")
     samples = (
         (invoiced, f"an invoiced account (the most invoice lines for {MONTH})"),
         ((result.limit_account,), "an account that reached its spend limit in March"),
@@ -131,20 +136,25 @@ def print_next_steps(console: Console, result: DemoResult, conn_dsn: str) -> Non
     for row, what in samples:
         if row and row[0] and row[0] not in shown:
             shown.add(row[0])
-            hint(what, f"{env} {ledger} account show {row[0]}")
-    hint("the trial balance", f"{env} {ledger} trial-balance")
+            hint(what, f"{env}{ledger} account show {row[0]}")
+    hint("the trial balance", f"{env}{ledger} trial-balance")
     roles = " ".join(f"--role {role}" for role in WORKER_ROLES)
     hint(
         "run the worker on the demo's topics again (it resumes from the stored offsets; "
         "without the scheduler, whose wall clock would close every month since March)",
-        f"{env} LEDGER_TOPIC_PREFIX={settings.topic_prefix} "
-        f"LEDGER_CONSUMER_GROUP={settings.consumer_group} {ledger} worker {roles}",
+        f"{worker_env}{ledger} worker {roles}".strip(),
     )
     url = console_url(settings)
     hint(
         f"the web console over the demo's data (read-only; then open {url})",
-        f"{env} {ledger} console",
+        f"{env}{ledger} console",
     )
+    if result.current_run:
+        hint(
+            "this run stays the local stack's current one until the next demo; to go back to "
+            "the stack's own database and topics",
+            f"{ledger} stack use-main",
+        )
     if not result.external_services:
         hint("stop Kafka and PostgreSQL", f"{ledger} stack down")
 

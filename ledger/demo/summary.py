@@ -241,4 +241,5 @@ class DemoResult:
     worker_exit: int | None = None
     error: str | None = None
     external_services: bool = False
+    current_run: bool = False  # the local stack's current run: plain commands see it
     limit_account: str | None = None  # an account suspended for SPEND_LIMIT_REACHED

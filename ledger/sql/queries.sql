@@ -326,6 +326,9 @@ CREATE DATABASE {};
 -- name: drop_database
 DROP DATABASE IF EXISTS {} WITH (FORCE);
 
+-- name: demo_databases
+SELECT datname FROM pg_database WHERE datname LIKE 'demo\_%' ORDER BY datname;
+
 -- ---------------------------------------------------------------------------------------------
 -- Benchmark (ledger/bench/).
 

