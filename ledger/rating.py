@@ -90,6 +90,7 @@ class PriceBook:
         if len(set(names)) != len(names):
             raise ConfigError(f"price book: duplicate version names in {names}")
         self._starts = [v.effective_from for v in self.versions]
+        self._refs = {v.version: v.ref or None for v in self.versions}
         # (version, product, model, tier) -> what rating it needs (see `_plan`): the price
         # lookups done once per combination instead of once per event.
         self._plans: dict[tuple[str, str, str, str], tuple[Decimal | None, tuple, str | None]]
@@ -107,10 +108,7 @@ class PriceBook:
 
     def ref_of(self, name: str | None) -> str | None:
         """The fingerprinted reference (`version@sha`) of version `name`."""
-        for version in self.versions:
-            if version.version == name:
-                return version.ref or None
-        return None
+        return self._refs.get(name)  # type: ignore[arg-type]
 
     def version_at(self, when: datetime) -> PriceVersion | None:
         """The last version whose effective_from is at or before `when` (None: before all)."""
