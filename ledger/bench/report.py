@@ -68,6 +68,13 @@ def print_table(results: dict[str, Any]) -> None:
         ("    worker peak RSS", f"{ledger['peak_rss_mib']:.0f} MiB (VmHWM)"),
         ("    cpu cores", _cores(ledger["cpu_cores"])),
         (
+            "    cpu per record",
+            # Less sensitive to a busy machine than the rates: what each record cost.
+            f"worker {_us(ledger, 'worker', ledger['items'])} + postgres "
+            f"{_us(ledger, 'postgres', ledger['items'])}  (raw consume: "
+            f"{_us(raw, 'bench', raw['records'])})",
+        ),
+        (
             "    journal",
             f"{journal['entries']:,} entries, {journal['postings']:,} postings, "
             f"{journal['rejected']:,} rejected; trial balance "
@@ -186,6 +193,12 @@ def print_in_process(ip: dict[str, Any], stats: pstats.Stats) -> None:
     stats.stream = out  # type: ignore[attr-defined]
     stats.sort_stats("tottime").print_stats(15)
     say(out.getvalue().rstrip())
+
+
+def _us(phase: dict[str, Any], group: str, items: int) -> str:
+    """Microseconds of CPU per item used by a process group during a phase."""
+    cores = phase["cpu_cores"].get(group, 0.0)
+    return f"{1e6 * cores * phase['seconds'] / max(items, 1):,.0f} µs"
 
 
 def _cores(cores: dict[str, float]) -> str:
