@@ -18,6 +18,7 @@ debit-normal (an account owing $5 has a posting sum of +5).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import hmac
 import json
@@ -183,10 +184,17 @@ class Entry:
 def burn_order(book: AccountBook, policy: Policy, when: datetime) -> list[Grant]:
     """Usable grants in the order they are spent: promotional kinds before purchased, then the
     earliest expiry (never-expiring last), then the oldest grant."""
-    rank = {kind: i for i, kind in enumerate(policy.burn_kinds)}
-    far = datetime.max.replace(tzinfo=when.tzinfo)
+    rank = _burn_rank(policy.burn_kinds)
     usable = [g for g in book.grants.values() if g.usable_at(when)]
+    if len(usable) < 2:
+        return usable
+    far = datetime.max.replace(tzinfo=when.tzinfo)
     return sorted(usable, key=lambda g: (rank[g.kind], g.expires_at or far, g.order))
+
+
+@functools.cache
+def _burn_rank(kinds: tuple[str, ...]) -> dict[str, int]:
+    return {kind: i for i, kind in enumerate(kinds)}
 
 
 def burn_credits(
@@ -349,16 +357,16 @@ class LedgerFold:
 
     def _check_quantities(self, event: dict) -> None:
         policy = self.policy
-        bounds = {
-            "input_tokens": policy.max_tokens_per_event,
-            "cached_input_tokens": policy.max_tokens_per_event,
-            "output_tokens": policy.max_tokens_per_event,
-            "training_tokens": policy.max_tokens_per_event,
-            "images": policy.max_images_per_event,
-            "steps": policy.max_steps_per_event,
-            "gpu_seconds": policy.max_gpu_seconds_per_event,
-        }
-        for meter, bound in bounds.items():
+        bounds = (
+            ("input_tokens", policy.max_tokens_per_event),
+            ("cached_input_tokens", policy.max_tokens_per_event),
+            ("output_tokens", policy.max_tokens_per_event),
+            ("training_tokens", policy.max_tokens_per_event),
+            ("images", policy.max_images_per_event),
+            ("steps", policy.max_steps_per_event),
+            ("gpu_seconds", policy.max_gpu_seconds_per_event),
+        )
+        for meter, bound in bounds:
             value = event.get(meter)
             if value is None:
                 continue
@@ -626,17 +634,33 @@ def _json_default(value: Any) -> str:
 
 
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=_json_default)
+# The same encoder as `_CANONICAL.encode` runs (the C one, ASCII output), made once instead
+# of once per call: canonical JSON is taken several times per event.
+_C_ENCODER = (
+    None
+    if json.encoder.c_make_encoder is None
+    else json.encoder.c_make_encoder(
+        {}, _json_default, json.encoder.encode_basestring_ascii, None, ":", ",", True, False, True
+    )
+)
 
 
 def canonical_json(value: Any) -> str:
     """Key-sorted, compact JSON with decimals as strings: the form every hash is taken over."""
-    return _CANONICAL.encode(value)
+    if _C_ENCODER is None or value.__class__ is str:
+        return _CANONICAL.encode(value)
+    return "".join(_C_ENCODER(value, 0))
+
+
+@functools.cache
+def _event_type_json(event_type: str) -> str:
+    return canonical_json(event_type)
 
 
 def content_hash(event_type: str, event_json: str) -> bytes:
     """Identifies an event's content (for telling redeliveries from conflicting duplicates):
     the hash of canonical_json([event_type, event]), given the event's canonical JSON."""
-    return hashlib.sha256(f"[{canonical_json(event_type)},{event_json}]".encode()).digest()
+    return hashlib.sha256(f"[{_event_type_json(event_type)},{event_json}]".encode()).digest()
 
 
 def _entry_body(event_json: str, entry: Entry, detail_json: str | None) -> str:

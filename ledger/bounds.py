@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from datetime import datetime
+from decimal import Decimal
 from typing import Any
+from uuid import UUID
 
 MAX_ID_BYTES = 256
 MAX_TEXT_BYTES = 4096
@@ -44,9 +47,21 @@ def is_identifier(field: str) -> bool:
     return name.endswith("_id") or name in IDENTIFIER_FIELDS
 
 
+# Values with no string inside: nothing to check (the common case skips _check_value).
+_NO_STRINGS = frozenset({int, bool, float, Decimal, datetime, type(None), bytes, UUID})
+
+
 def check_event(event: Mapping[str, Any]) -> None:
     """Raise BoundsViolation for the first field the journal could not store."""
     for name, value in event.items():
+        kind = value.__class__
+        if kind is str:
+            # Fast path, once per string of every event: printable ASCII is neither NUL nor a
+            # control character, and its UTF-8 size is its length, within every bound.
+            if len(value) <= MAX_ID_BYTES and value.isascii() and value.isprintable():
+                continue
+        elif kind in _NO_STRINGS:
+            continue
         _check_value(str(name), value)
 
 

@@ -26,6 +26,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
 
 import psycopg
 import structlog
@@ -37,7 +39,7 @@ from ledger.backoff import kafka_reconnect_options
 from ledger.book import LedgerFold
 from ledger.db import QUERIES
 from ledger.errors import StackError
-from ledger.journal import Fetched, LedgerWriter, OffsetGapError, one_line
+from ledger.journal import BatchResult, Fetched, LedgerWriter, OffsetGapError, one_line
 from ledger.kafka_auth import client_options
 from ledger.leases import LEASE_REFRESH_S, LeaseLostError, ShardLeases
 from ledger.policy import Policy
@@ -45,6 +47,8 @@ from ledger.rating import PriceBook
 from ledger.settings import Settings
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 
 def kafka_consumer_options(settings: Settings) -> dict[str, object]:
@@ -318,10 +322,36 @@ def run_ledger_consumer(
         lag = {shard: n for shard, n in shards.lag().items() if shard in owned}
         metrics.CONSUMERS.report(leases.holder, wanted, owned, stopped, lag)
 
+    # Overlap: one batch is written (in a thread of its own) while the next is polled and
+    # prepared here; psycopg releases the GIL while PostgreSQL works. Everything else that
+    # uses the writer's connection (assign, rewind) waits for the write first.
+    pending: tuple[Future[tuple[BatchResult, float]], int] | None = None
+
+    def finish_pending() -> None:
+        """Wait for the batch being written; raises what its write raised."""
+        nonlocal pending
+        if pending is None:
+            return
+        future, records = pending
+        pending = None
+        result, took = future.result()
+        metrics.batch_written(result, records, took)
+        sizer.written(records, took)
+        if on_batch is not None and records:
+            on_batch(records)
+
+    def timed_write(batch: list, **options: Any) -> tuple[BatchResult, float]:
+        """The batch written, and the seconds its write took (for the metrics and the sizer)."""
+        started = time.perf_counter()
+        result = writer.write_batch(batch, **options)
+        return result, time.perf_counter() - started
+
     log.info("ledger_consumer_started", group=settings.consumer_group, shards=wanted)
     try:
         while not stop.is_set():
             try:
+                if failures or time.monotonic() >= next_refresh or not owned:
+                    finish_pending()
                 if failures:
                     if writer.conn.closed or writer.conn.broken:
                         writer.conn = _writer_connection(dsn, settings)
@@ -345,15 +375,18 @@ def run_ledger_consumer(
                     renewed = time.monotonic()
                     if leases.refresh() != owned:
                         next_refresh = 0.0  # reassigned at the top of the loop
+                # Decoded while the previous batch is written; then that write must have
+                # succeeded before this batch goes (if it failed, this one is dropped and
+                # the loop rewinds to the stored offsets).
+                prepared = writer.prepare(batch) if pending is not None else None
+                finish_pending()
                 if batch or fetched:
-                    started = time.perf_counter()
-                    result = writer.write_batch(batch, fetched=fetched)
-                    took = time.perf_counter() - started
-                    metrics.batch_written(result, len(batch), took)
-                    sizer.written(len(batch), took)
+                    future = in_thread(timed_write, batch, fetched=fetched, prepared=prepared)
+                    pending = (future, len(batch))
+                    # The next poll's ranges start where this batch ends. Should its write
+                    # fail, the loop rewinds to the stored offsets first (and the writer
+                    # refuses any fetch that would skip or repeat records anyway).
                     shards.committed(fetched)
-                    if on_batch is not None and batch:
-                        on_batch(len(batch))
                 report_shards()
                 if failures:
                     log.info("ledger_consumer_recovered", after_attempts=failures)
@@ -378,11 +411,32 @@ def run_ledger_consumer(
                 )
                 stop.wait(delay)
     finally:
+        try:  # the batch in hand is committed before the consumer stops
+            finish_pending()
+        except Exception as exc:
+            log.warning("ledger_batch_not_written", error=f"{type(exc).__name__}: {one_line(exc)}")
         metrics.CONSUMERS.gone(leases.holder)
         consumer.close(autocommit=False)
         leases.close()
         writer.conn.close()
         log.info("ledger_consumer_stopped")
+
+
+def in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
+    """`fn(*args, **kwargs)` in a new daemon thread (a write stuck on a dead connection does
+    not hold the process up at exit, as an executor's thread would); its future."""
+    future: Future[T] = Future()
+
+    def run() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="ledger-writer", daemon=True).start()
+    return future
 
 
 def _writer_connection(dsn: str, settings: Settings) -> psycopg.Connection:

@@ -87,6 +87,9 @@ class OffsetGapError(LedgerError):
 # (topic, partition) -> (start, end): the consumer fetched every committed record of the
 # partition from offset `start` up to, not including, `end` (its position after the batch).
 Fetched = Mapping[tuple[str, int], tuple[int, int]]
+# (topic, partition, offset) -> (the value it was made from, its decoding or the DecodeError
+# it raised, canonical JSON of the event, content hash): `LedgerWriter.prepare`.
+Prepared = dict[tuple[str, int, int], tuple[bytes, Any, str, bytes]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,6 +223,7 @@ class LedgerWriter:
         # Per shard: (config_seq, the versions journaled there, the fold they make), as of
         # the last committed batch; a shard absent here uses `fold` (nothing journaled yet).
         self._configs: dict[int, tuple[int, ShardConfig, LedgerFold]] = {}
+        self._prepared: Prepared = {}  # of the batch being written (see `prepare`)
 
     def fold_for(self, shard: int) -> LedgerFold:
         """The fold of `shard`: its journaled price-book and policy versions."""
@@ -233,8 +237,38 @@ class LedgerWriter:
         self.conn.commit()
         return {(t, p): o for t, p, o in rows}
 
+    def prepare(self, records: Sequence[Record]) -> Prepared:
+        """What of `records` does not depend on the journal (Avro decode, bounds, canonical
+        JSON and content hash), done ahead: the consumer prepares the next batch while the
+        previous one is being written. Pure; safe to run beside `write_batch` in another
+        thread. `write_batch(..., prepared=)` uses it only for the very same bytes."""
+        out: Prepared = {}
+        decode = self.codec.decode
+        for record in records:
+            value = record.value
+            if value is None:
+                continue  # a tombstone: refused inside the batch
+            try:
+                d = decode(value)
+            except DecodeError as exc:
+                out[(record.topic, record.partition, record.offset)] = (value, exc, "", b"")
+                continue
+            event_json = canonical_json(d.event)
+            out[(record.topic, record.partition, record.offset)] = (
+                value,
+                d,
+                event_json,
+                content_hash(d.event_type, event_json),
+            )
+        return out
+
     def write_batch(
-        self, records: Sequence[Record], *, replay: bool = False, fetched: Fetched | None = None
+        self,
+        records: Sequence[Record],
+        *,
+        replay: bool = False,
+        fetched: Fetched | None = None,
+        prepared: Prepared | None = None,
     ) -> BatchResult:
         """Journal `records` in one transaction. `fetched` says which offsets the consumer
         fetched per partition (without it, the records' own first and last offsets). With
@@ -246,6 +280,7 @@ class LedgerWriter:
         items = [InputRecord.of(r) for r in records]
         if not replay:
             items.sort(key=lambda r: (r.topic, r.partition, r.offset))
+        self._prepared = prepared or {}
         try:
             result = self._transaction(items, replay, fetched, {})
         except Exception as exc:
@@ -253,6 +288,8 @@ class LedgerWriter:
                 raise
             log.warning("batch_split", error=one_line(exc), records=len(items))
             result = self._isolate(items, replay, fetched, exc)
+        finally:
+            self._prepared = {}
         log.info(
             "batch_committed",
             records=len(items),
@@ -347,6 +384,8 @@ class LedgerWriter:
         publications = [] if replay else self._pending_configs(cur, shards, now)
 
         decoded = []
+        hashed: dict[int, tuple[str, bytes]] = {}  # id(record) -> prepared (event_json, digest)
+        prepared = self._prepared
         for record in records:
             failure = poison.get((record.topic, record.partition, record.offset))
             if failure is not None:
@@ -355,7 +394,14 @@ class LedgerWriter:
             try:
                 if record.tombstone:
                     raise TombstoneError("no value (tombstone)")
-                d = self.codec.decode(record.value)
+                ahead = prepared.get((record.topic, record.partition, record.offset))
+                if ahead is not None and (ahead[0] is record.value or ahead[0] == record.value):
+                    if isinstance(ahead[1], DecodeError):
+                        raise ahead[1]
+                    d = ahead[1]
+                    hashed[id(record)] = (ahead[2], ahead[3])
+                else:
+                    d = self.codec.decode(record.value)
             except DecodeError as exc:
                 rejects.append((record, None, None, exc.reason, safe_text(str(exc))))
                 continue
@@ -370,8 +416,12 @@ class LedgerWriter:
         known = dict(cur.execute(QUERIES["known_events"], (ids,)).fetchall())
         for record, d in decoded:
             event_id = d.event["event_id"]
-            event_json = canonical_json(d.event)
-            digest = content_hash(d.event_type, event_json)
+            ahead = hashed.get(id(record))
+            if ahead is not None:
+                event_json, digest = ahead
+            else:
+                event_json = canonical_json(d.event)
+                digest = content_hash(d.event_type, event_json)
             previous = known.get(event_id, seen.get(event_id))
             if previous is not None:
                 if bytes(previous) == digest:
@@ -1001,6 +1051,7 @@ __all__ = [
     "InputRecord",
     "LedgerWriter",
     "OffsetGapError",
+    "Prepared",
     "Record",
     "splittable",
 ]

@@ -8,6 +8,7 @@ its lines. Rounding to cents happens only on invoices.
 from __future__ import annotations
 
 import dataclasses
+from bisect import bisect_right
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -27,6 +28,7 @@ _TOKEN_METERS = (
 )
 _FINE_TUNING_METERS = (("training_tokens", "training", MILLION),)
 _IMAGE_METERS = (("images", "image", Decimal(1)), ("steps", "step", Decimal(1)))
+_UNITS = {MILLION: "1M", HOUR: "hour"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +89,12 @@ class PriceBook:
         names = [v.version for v in self.versions]
         if len(set(names)) != len(names):
             raise ConfigError(f"price book: duplicate version names in {names}")
+        self._starts = [v.effective_from for v in self.versions]
+        self._refs = {v.version: v.ref or None for v in self.versions}
+        # (version, product, model, tier) -> what rating it needs (see `_plan`): the price
+        # lookups done once per combination instead of once per event.
+        self._plans: dict[tuple[str, str, str, str], tuple[Decimal | None, tuple, str | None]]
+        self._plans = {}
 
     @classmethod
     def load(cls, path: Path | None = None) -> PriceBook:
@@ -100,52 +108,78 @@ class PriceBook:
 
     def ref_of(self, name: str | None) -> str | None:
         """The fingerprinted reference (`version@sha`) of version `name`."""
-        for version in self.versions:
-            if version.version == name:
-                return version.ref or None
-        return None
+        return self._refs.get(name)  # type: ignore[arg-type]
 
     def version_at(self, when: datetime) -> PriceVersion | None:
-        current = None
-        for version in self.versions:
-            if version.effective_from <= when:
-                current = version
-        return current
+        """The last version whose effective_from is at or before `when` (None: before all)."""
+        index = bisect_right(self._starts, when)
+        return self.versions[index - 1] if index else None
 
     def rate(self, usage: dict) -> Rating:
         """Price one UsageRecorded event (fields as decoded by the codec)."""
         version = self.version_at(usage["occurred_at"])
         if version is None:
             return Rating(None, (), f"no price version in force at {usage['occurred_at']}")
-        multiplier = version.tier_multipliers.get(usage["service_tier"])
-        if multiplier is None:
-            return Rating(version.version, (), f"no multiplier for tier {usage['service_tier']}")
-        product, model = usage["product"], usage["model"]
+        product, model, tier = usage["product"], usage["model"], usage["service_tier"]
+        key = (version.version, product, model, tier)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = _plan(version, product, model, tier)
+        multiplier, meters, unpriced = plan
+        if unpriced is not None:
+            return Rating(version.version, (), unpriced)
+        assert multiplier is not None
         if product == "on_demand":
             return _rate_gpu(version, usage, multiplier)
-        table, meters = {
-            "serverless": (version.serverless, _TOKEN_METERS),
-            "fine_tuning": (version.fine_tuning, _FINE_TUNING_METERS),
-            "image": (version.image, _IMAGE_METERS),
-        }[product]
-        prices = table.get(model)
-        if prices is None:
-            return Rating(version.version, (), f"no {product} price for model {model}")
-        if product == "serverless" and "cached_input" not in prices and "input" in prices:
-            prices = {**prices, "cached_input": prices["input"] * version.cached_input_share}
         lines = []
-        for meter, key, unit_size in meters:
-            quantity = Decimal(usage.get(meter) or 0)
-            if quantity == 0:
+        for meter, price, unit_size, unit, missing in meters:
+            quantity = usage.get(meter)
+            if not quantity:
                 continue
-            if key not in prices:
+            if missing is not None:
                 if product == "image":
                     continue  # an image model is priced per image or per step, not both
-                return Rating(version.version, (), f"no {key} price for model {model}")
-            lines.append(_line(meter, quantity, prices[key], unit_size, multiplier))
-        if product == "image" and not lines and any(usage.get(m) for m, _, _ in meters):
+                return Rating(version.version, (), missing)
+            quantity = Decimal(quantity)
+            amount = quantize(quantity * price / unit_size * multiplier)
+            lines.append(ChargeLine(meter, quantity, price, unit, multiplier, amount))
+        if product == "image" and not lines and any(usage.get(m[0]) for m in meters):
             return Rating(version.version, (), f"no image or step price for model {model}")
         return Rating(version.version, tuple(lines))
+
+
+def _plan(
+    version: PriceVersion, product: str, model: str, tier: str
+) -> tuple[Decimal | None, tuple, str | None]:
+    """What rating usage of (product, model, tier) under `version` needs: the tier multiplier,
+    per meter (meter, unit price, unit size, unit label, why it is unpriced or None), and why
+    nothing of it can be priced (or None). Pure: depends only on the version's tables."""
+    multiplier = version.tier_multipliers.get(tier)
+    if multiplier is None:
+        return None, (), f"no multiplier for tier {tier}"
+    if product == "on_demand":
+        return multiplier, (), None
+    table, meters = {
+        "serverless": (version.serverless, _TOKEN_METERS),
+        "fine_tuning": (version.fine_tuning, _FINE_TUNING_METERS),
+        "image": (version.image, _IMAGE_METERS),
+    }[product]
+    prices = table.get(model)
+    if prices is None:
+        return multiplier, (), f"no {product} price for model {model}"
+    if product == "serverless" and "cached_input" not in prices and "input" in prices:
+        prices = {**prices, "cached_input": prices["input"] * version.cached_input_share}
+    planned = tuple(
+        (
+            meter,
+            prices.get(key),
+            unit_size,
+            _UNITS.get(unit_size, "1"),
+            None if key in prices else f"no {key} price for model {model}",
+        )
+        for meter, key, unit_size in meters
+    )
+    return multiplier, planned, None
 
 
 def _rate_gpu(version: PriceVersion, usage: dict, multiplier: Decimal) -> Rating:
@@ -161,7 +195,7 @@ def _rate_gpu(version: PriceVersion, usage: dict, multiplier: Decimal) -> Rating
 def _line(
     meter: str, quantity: Decimal, price: Decimal, unit_size: Decimal, multiplier: Decimal
 ) -> ChargeLine:
-    unit = {MILLION: "1M", HOUR: "hour"}.get(unit_size, "1")
+    unit = _UNITS.get(unit_size, "1")
     amount = quantize(quantity * price / unit_size * multiplier)
     return ChargeLine(meter, quantity, price, unit, multiplier, amount)
 

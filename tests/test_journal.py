@@ -76,9 +76,37 @@ def test_an_unbalanced_entry_cannot_commit(writer, dsn):
             "event_type, status, occurred_at, payload, prev_hash, entry_hash) "
             "VALUES (0, 99, 'e2', 'a', 'X', 'posted', now(), '{}', '', '')"
         )
-        conn.execute("INSERT INTO postings VALUES (0, 99, 0, 'cash', 'a', 5, 'USD')")
-        with pytest.raises(psycopg.errors.CheckViolation, match="unbalanced"):
-            conn.commit()
+        # Checked per statement (migration 0010): the insert itself is refused.
+        with pytest.raises(psycopg.errors.CheckViolation, match=r"\(0, 99\) is unbalanced"):
+            conn.execute("INSERT INTO postings VALUES (0, 99, 0, 'cash', 'a', 5, 'USD')")
+
+
+def test_a_batch_of_postings_with_one_unbalanced_entry_is_refused_whole(writer, dsn):
+    """The balance check runs once per statement over every posting it inserts (the writer's
+    one COPY per batch): one unbalanced entry among balanced ones fails the whole statement."""
+    writer.write_batch([opened("a", 0)])
+    with psycopg.connect(dsn) as conn:
+        for seq in (98, 99):
+            conn.execute(
+                "INSERT INTO raw_events SELECT %s, event_type, account_id, topic, "
+                "kafka_partition, %s, fingerprint, content_hash, raw, occurred_at, "
+                "recorded_at FROM raw_events LIMIT 1",
+                (f"e{seq}", seq),
+            )
+            conn.execute(
+                "INSERT INTO journal_entries (shard, shard_seq, event_id, account_id, "
+                "event_type, status, occurred_at, payload, prev_hash, entry_hash) "
+                "VALUES (0, %s, %s, 'a', 'X', 'posted', now(), '{}', '', '')",
+                (seq, f"e{seq}"),
+            )
+        balanced = "(0, 98, 0, 'cash', 'a', 5, 'USD'), (0, 98, 1, 'revenue:usage', 'a', -5, 'USD')"
+        with pytest.raises(psycopg.errors.CheckViolation, match=r"\(0, 99\) is unbalanced"):
+            conn.execute(
+                f"INSERT INTO postings VALUES {balanced}, (0, 99, 0, 'cash', 'a', 5, 'USD'), "
+                "(0, 99, 1, 'revenue:usage', 'a', -4, 'USD')"
+            )
+        conn.rollback()
+    assert count(dsn, "postings") == 2  # the sign-up's two postings only
 
 
 def test_postings_of_every_entry_sum_to_zero(writer, dsn):

@@ -12,12 +12,15 @@ from typing import Any
 
 import ledger.bench
 from ledger import stack
+from ledger.bench.chart import write_chart
 from ledger.bench.environment import cleanup, code_version, machine_info, stack_pids
 from ledger.bench.phases import (
     BenchRun,
     consume_input_raw,
     drain_with_workers,
     produce_input,
+    rebuild_and_replay,
+    scale_out,
     set_up,
     suspension_latency,
     write_batch_in_process,
@@ -36,6 +39,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 0.5:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 0.5: {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m ledger.bench", description=ledger.bench.__doc__.split("\n")[0]
@@ -44,7 +54,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partitions", type=_positive, default=8, help="partitions per topic (8)")
     p.add_argument("--accounts", type=_positive, default=2_000, help="accounts (2000)")
     p.add_argument("--seed", type=int, default=1, help="random seed (1)")
+    p.add_argument(
+        "--duplicates", type=_share, default=0.01, help="share of usage sent twice (0.01)"
+    )
+    p.add_argument(
+        "--malformed", type=_share, default=0.01, help="share of malformed records (0.01)"
+    )
     p.add_argument("--no-projections", action="store_true", help="skip phase (d)")
+    p.add_argument("--no-rebuild", action="store_true", help="skip phases (g) and (h)")
+    p.add_argument(
+        "--scale-out",
+        type=_positive,
+        nargs="*",
+        default=[1, 2, 4],
+        help="phase (i): ledger process counts splitting the shards (1 2 4; none: skip)",
+    )
     p.add_argument(
         "--latency-accounts",
         type=int,
@@ -102,20 +126,26 @@ def main(argv: list[str] | None = None) -> int:
         total = produce_input(run)
         consume_input_raw(run, total)
         drain_with_workers(run, total)
+        if not args.no_rebuild:
+            rebuild_and_replay(run)
+        if args.scale_out:
+            scale_out(run, total, tuple(args.scale_out))
+        if args.profile:  # before (f), which adds its own events to the topics
+            profile_stats = write_batch_in_process(run, total)
         if args.latency_accounts > 0:
             suspension_latency(run)
-        if args.profile:
-            profile_stats = write_batch_in_process(run, total)
     finally:
         if not args.keep:
             cleanup(info, settings, run.databases)
 
     path = home / f"bench-{stamp}.json"
     path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    chart = write_chart(results, home / f"bench-{stamp}.png")
     if profile_stats is not None:
         print_in_process(results["in_process"], profile_stats)
     print_table(results)
     say(f"results: {path}")
+    say(f"chart: {chart}" if chart else "chart: skipped (matplotlib is not installed)")
     if args.keep:
         say(f"kept: database {run.db_name} ({redact(run.dsn)}), topics {settings.topic_prefix}*")
     return 0

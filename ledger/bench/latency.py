@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 import psycopg
 from kafka import KafkaConsumer
@@ -39,7 +40,12 @@ def measure_suspension_latency(
     *,
     accounts: int,
     interval_s: float = 0.05,
-) -> dict[str, float]:
+    background: list | None = None,
+    background_rate: float = 0.0,
+) -> dict[str, Any]:
+    """Suspension latency of `accounts` accounts; with `background` (bench Messages) sent at
+    `background_rate` per second from the first timed send until the last arrival, so the
+    ledger is busy meanwhile."""
     codec = Codec.default()
     arrived: dict[str, float] = {}
     stop = threading.Event()
@@ -65,6 +71,8 @@ def measure_suspension_latency(
 
     proc = start_worker(("ledger", "projections", "relay"), env, log_path)
     thread = threading.Thread(target=read, daemon=True)
+    load: threading.Thread | None = None
+    sent_load: list[float] = []  # [records sent, seconds] of the background load
     try:
         names = [f"lat-{uuid.uuid4().hex[:8]}-{n}" for n in range(accounts)]
         with EventProducer(bootstrap, settings, linger_ms=0) as producer:
@@ -75,6 +83,13 @@ def measure_suspension_latency(
             _wait_settled(dsn, accounts, proc, log_path)  # and the relay's backlog published
             reader.poll(timeout_ms=500)  # join the topic's end before the first send
             thread.start()
+            if background:
+                load = threading.Thread(
+                    target=_paced_load,
+                    args=(bootstrap, settings, background, background_rate, stop, sent_load),
+                    daemon=True,
+                )
+                load.start()
             sent: dict[str, float] = {}
             for name in names:
                 event = _event(
@@ -98,6 +113,8 @@ def measure_suspension_latency(
         stop.set()
         if thread.is_alive():
             thread.join(timeout=5)
+        if load is not None:
+            load.join(timeout=30)
         reader.close()
         code = stop_worker(proc, timeout=60)
     if code != 0:
@@ -109,7 +126,45 @@ def measure_suspension_latency(
         "p95_ms": _percentile(millis, 95),
         "p99_ms": _percentile(millis, 99),
         "max_ms": millis[-1],
+        "samples_ms": [round(m, 2) for m in millis],
+        "background_rate_target": round(background_rate, 1),
+        "background_sent": int(sent_load[0]) if sent_load else 0,
+        "background_rate": sent_load[0] / sent_load[1] if sent_load and sent_load[1] else 0.0,
     }
+
+
+def _paced_load(
+    bootstrap: str,
+    settings,
+    messages: list,
+    rate: float,
+    stop: threading.Event,
+    out: list[float],
+) -> None:
+    """Send `messages` at `rate` per second (in 10 ms slices) until `stop` or the end."""
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(
+        bootstrap_servers=bootstrap,
+        client_id="ledger-bench-load",
+        acks="all",
+        linger_ms=5,
+        **client_options(settings),
+    )
+    started = time.monotonic()
+    sent = 0
+    try:
+        while sent < len(messages) and not stop.is_set():
+            due = min(len(messages), int((time.monotonic() - started) * rate) + 1)
+            while sent < due:
+                m = messages[sent]
+                producer.send(m.topic, value=m.value, key=m.key, headers=m.headers)
+                sent += 1
+            time.sleep(0.01)
+        producer.flush(timeout=30)
+    finally:
+        out[:] = [sent, time.monotonic() - started]
+        producer.close(timeout=10)
 
 
 def _event(account_id: str, at: datetime, **fields) -> dict:

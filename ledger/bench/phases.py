@@ -32,7 +32,7 @@ from ledger.bench.proc_readings import CpuMeter
 from ledger.bench.raw_consume import consume_raw
 from ledger.bench.report import say
 from ledger.bench.worker_roles import run_role
-from ledger.bench.workload import encode_events, make_events, produce
+from ledger.bench.workload import add_noise, encode_events, make_events, produce
 from ledger.codec import Codec
 from ledger.db import QUERIES
 from ledger.runner import on_server, with_database
@@ -52,6 +52,7 @@ class BenchRun:
     results: dict[str, Any]
     # To drop at the end (unless --keep): this run's database, and the in-process ones.
     databases: list[str] = dataclasses.field(init=False)
+    duplicates: int = 0  # records in the input the ledger must drop as redeliveries
 
     def __post_init__(self) -> None:
         self.databases = [self.db_name]
@@ -92,9 +93,15 @@ def produce_input(run: BenchRun) -> int:
     messages = encode_events(run.settings, codec, events)
     encoded = time.perf_counter() - started
     del events
+    messages, duplicates, malformed = add_noise(
+        messages, args.duplicates, args.malformed, args.seed
+    )
     total = len(messages)
+    run.duplicates = duplicates
     results.update(
         events_total=total,
+        duplicates=duplicates,
+        malformed=malformed,
         payment_methods=counts.get("PaymentMethodAdded", 0),
         generate_seconds=round(generated, 2),
         encode_rate=total / encoded,
@@ -161,17 +168,41 @@ def worker_env(run: BenchRun) -> dict[str, str]:
     }
 
 
+def consumed(conn: psycopg.Connection) -> int:
+    """Input records the ledger is done with: its stored next offsets, summed (the input
+    topics are new, without transactions: offsets count records from 0)."""
+    row = conn.execute(QUERIES["bench_ledger_consumed"]).fetchone()
+    return int(row[0]) if row else 0
+
+
 def suspension_latency(run: BenchRun) -> None:
     """(3f) A whole worker on the drained topics: time from a usage event that uses up an
     account's credit to its AccountSuspended arriving downstream."""
-    say(f"latency: {run.args.latency_accounts} suspensions ...", flush=True)
+    accounts = run.args.latency_accounts
+    interval_s = 0.05
+    # Under load: usage of the benchmark's accounts at half the ledger's measured capacity,
+    # for as long as the timed sends last and some more.
+    rate = run.results["ledger"]["steady_rate"] / 2 if "ledger" in run.results else 0.0
+    count = min(200_000, int(rate * (accounts * interval_s + 10)))
+    background: list = []
+    if count > 0:
+        events, _ = make_events(run.args.accounts, count, run.args.seed + 7)
+        usage = [e for e in events if e[0] == "UsageRecorded"]
+        background = encode_events(run.settings, Codec.default(), usage)
+    say(
+        f"latency: {accounts} suspensions, ingesting {rate:,.0f} usage/s meanwhile ...",
+        flush=True,
+    )
     run.results["latency"] = measure_suspension_latency(
         run.info.bootstrap,
         run.settings,
         run.dsn,
         worker_env(run),
         run.home / f"bench-{run.stamp}-latency-worker.log",
-        accounts=run.args.latency_accounts,
+        accounts=accounts,
+        interval_s=interval_s,
+        background=background,
+        background_rate=rate,
     )
 
 
@@ -183,10 +214,9 @@ def drain_with_workers(run: BenchRun, total: int) -> None:
     with psycopg.connect(run.dsn, autocommit=True) as watch:
 
         def journaled() -> int:
-            # shard_heads moves in the batch's transaction: a cheap, exact count of the
-            # committed entries (count(*) on the journal would scan it 20 times a second).
-            row = watch.execute(QUERIES["bench_ledger_progress"]).fetchone()
-            return row[0] + row[1] if row else 0
+            # The stored offsets move in the batch's transaction: a cheap, exact count of the
+            # records the ledger is done with (journaled, rejected or dropped as duplicates).
+            return consumed(watch)
 
         say("ledger: draining ...", flush=True)
         ledger_run = run_role(
@@ -204,9 +234,10 @@ def drain_with_workers(run: BenchRun, total: int) -> None:
             0,
             0,
         )
-        if entries + rejected != total:
+        if entries + rejected + run.duplicates != total:
             raise BenchError(
-                f"journal has {entries} entries + {rejected} rejected, expected {total}"
+                f"journal has {entries} entries + {rejected} rejected, expected "
+                f"{total - run.duplicates} ({total} records less {run.duplicates} duplicates)"
             )
         balance = watch.execute(QUERIES["trial_balance"]).fetchall()
         reasons = watch.execute(QUERIES["bench_rejects_by_reason"]).fetchall()
@@ -289,3 +320,114 @@ def write_batch_in_process(run: BenchRun, total: int) -> pstats.Stats:
     del batches
     gc.unfreeze()
     return profile_stats
+
+
+def rebuild_and_replay(run: BenchRun) -> None:
+    """(g) `ledger projections rebuild` of the drained journal, from scratch; (h) `ledger
+    replay` of it into a new database (every event through the writer again, in journal
+    order, then its projections). In this process, timed; entries per second."""
+    from ledger.replay import replay
+    from projections.rebuild import rebuild
+
+    settings, info, results = run.settings, run.info, run.results
+    entries = results["journal"]["entries"]
+    say("rebuild: projections from scratch ...", flush=True)
+    run.meter.start()
+    started = time.perf_counter()
+    accounts = rebuild(settings, run.dsn)
+    seconds = time.perf_counter() - started
+    results["rebuild"] = {
+        "entries": entries,
+        "accounts": accounts,
+        "seconds": round(seconds, 3),
+        "rate": entries / seconds,
+        "cpu_cores": run.meter.stop(),
+    }
+    say(f"rebuild: {entries:,} entries in {seconds:.1f}s", flush=True)
+
+    target = f"{run.db_name}_replay"
+    run.databases.append(target)
+    on_server(info.owner_dsn, "create_database", target)
+    db.migrate(with_database(info.owner_dsn, target), settings.db_roles)
+    say("replay: the journal into a new database ...", flush=True)
+    run.meter.start()
+    started = time.perf_counter()
+    events = replay(settings, run.dsn, with_database(info.dsn, target))
+    seconds = time.perf_counter() - started
+    results["replay"] = {
+        "entries": events,
+        "seconds": round(seconds, 3),
+        "rate": events / seconds,
+        "cpu_cores": run.meter.stop(),
+    }
+    say(f"replay: {events:,} events in {seconds:.1f}s", flush=True)
+
+
+def scale_out(run: BenchRun, total: int, counts: tuple[int, ...]) -> None:
+    """(i) The same input drained again by 1, 2, 4 ... `ledger worker --role ledger`
+    processes splitting the shards (`LEDGER_SHARDS`), each count on a fresh database: total
+    events/s, the summed peak RSS and the cores used by the workers and by PostgreSQL."""
+    from ledger.bench.proc_readings import proc_status_kib
+    from ledger.runner import start_worker, stop_worker
+
+    settings, info, args = run.settings, run.info, run.args
+    rows = []
+    for n in counts:
+        if n > settings.partitions:
+            continue
+        name = f"{run.db_name}_x{n}"
+        run.databases.append(name)
+        on_server(info.owner_dsn, "create_database", name)
+        db.migrate(with_database(info.owner_dsn, name), settings.db_roles)
+        dsn = with_database(info.dsn, name)
+        env = worker_env(run) | {
+            "LEDGER_DATABASE_URL": dsn,
+            "LEDGER_CONSUMER_GROUP": f"{settings.consumer_group}-x{n}",
+        }
+        shards = list(range(settings.partitions))
+        parts = [shards[i::n] for i in range(n)]
+        say(f"scale-out: {n} ledger process(es) ...", flush=True)
+        run.meter.start()
+        started = time.perf_counter()
+        procs = [
+            start_worker(
+                ("ledger",),
+                env | {"LEDGER_SHARDS": ",".join(map(str, part))},
+                run.home / f"bench-{run.stamp}-x{n}-{i}.log",
+            )
+            for i, part in enumerate(parts)
+        ]
+        try:
+            with psycopg.connect(dsn, autocommit=True) as watch:
+                last, last_at = -1, time.perf_counter()
+                while True:
+                    done = consumed(watch)
+                    now = time.perf_counter()
+                    if done >= total:
+                        break
+                    if done != last:
+                        last, last_at = done, now
+                    elif now - last_at > args.stall:
+                        raise BenchError(f"scale-out x{n}: no progress at {done} of {total}")
+                    if any(p.poll() is not None for p in procs):
+                        raise BenchError(f"scale-out x{n}: a worker exited; see its log")
+                    time.sleep(0.05)
+            seconds = time.perf_counter() - started
+            cores = run.meter.stop({f"worker{i}": p.pid for i, p in enumerate(procs)})
+            rss = sum(proc_status_kib(p.pid, "VmHWM") for p in procs) / 1024
+        finally:
+            for p in procs:
+                stop_worker(p, timeout=60)
+        workers = sum(v for k, v in cores.items() if k.startswith("worker"))
+        rows.append(
+            {
+                "processes": n,
+                "seconds": round(seconds, 3),
+                "rate": total / seconds,
+                "peak_rss_mib_sum": round(rss, 1),
+                "worker_cores": round(workers, 2),
+                "cpu_cores": cores,
+            }
+        )
+        say(f"scale-out: x{n} {total:,} in {seconds:.1f}s ({total / seconds:,.0f}/s)", flush=True)
+    run.results["scale_out"] = rows

@@ -30,9 +30,14 @@ def print_table(results: dict[str, Any]) -> None:
     journal = r["journal"]
     rows: list[tuple[str, str]] = [
         (
-            "events",
+            "records",
             f"{r['events_total']:,} ({r['usage_events']:,} UsageRecorded + {r['accounts']:,} "
             f"AccountOpened + {r['payment_methods']:,} PaymentMethodAdded)",
+        ),
+        (
+            "    of which noise",
+            f"{r.get('duplicates', 0):,} duplicates (sent twice) + {r.get('malformed', 0):,} "
+            "malformed (random bytes, truncated)",
         ),
         ("accounts / partitions", f"{r['accounts']:,} / {r['partitions']}"),
         ("encode (codec.encode)", _rate(r["encode_rate"])),
@@ -63,6 +68,13 @@ def print_table(results: dict[str, Any]) -> None:
         ("    worker peak RSS", f"{ledger['peak_rss_mib']:.0f} MiB (VmHWM)"),
         ("    cpu cores", _cores(ledger["cpu_cores"])),
         (
+            "    cpu per record",
+            # Less sensitive to a busy machine than the rates: what each record cost.
+            f"worker {_us(ledger, 'worker', ledger['items'])} + postgres "
+            f"{_us(ledger, 'postgres', ledger['items'])}  (raw consume: "
+            f"{_us(raw, 'bench', raw['records'])})",
+        ),
+        (
             "    journal",
             f"{journal['entries']:,} entries, {journal['postings']:,} postings, "
             f"{journal['rejected']:,} rejected; trial balance "
@@ -81,6 +93,29 @@ def print_table(results: dict[str, Any]) -> None:
         ]
     else:
         rows.append(("(d) projections", "skipped"))
+    for key, label, what in (
+        ("rebuild", "(g) projections rebuild", "entries"),
+        ("replay", "(h) ledger replay", "events"),
+    ):
+        if key in r:
+            rows += [
+                (
+                    label,
+                    f"{_rate(r[key]['rate'])} {what}  ({r[key]['entries']:,} in "
+                    f"{r[key]['seconds']:.1f}s, in the benchmark's process)",
+                ),
+                ("    cpu cores", _cores(r[key]["cpu_cores"])),
+            ]
+    for row in r.get("scale_out", []):
+        rows.append(
+            (
+                f"(i) ledger x{row['processes']} process(es)",
+                f"{_rate(row['rate'])}  ({row['seconds']:.1f}s from start; workers "
+                f"{row['worker_cores']:.2f} cores, postgres "
+                f"{row['cpu_cores'].get('postgres', 0):.2f}; RSS sum "
+                f"{row['peak_rss_mib_sum']:.0f} MiB)",
+            )
+        )
     if "in_process" in r:
         ip = r["in_process"]
         rows.append(
@@ -100,6 +135,15 @@ def print_table(results: dict[str, Any]) -> None:
                 f"({lat['accounts']} accounts: usage sent → AccountSuspended received)",
             )
         )
+        if lat.get("background_sent"):
+            rows.append(
+                (
+                    "    while ingesting",
+                    f"{_rate(lat['background_rate'])} usage in the background "
+                    f"({lat['background_sent']:,} sent; half of (c) after warm-up: "
+                    f"{_rate(lat['background_rate_target'])})",
+                )
+            )
     rows += [
         (
             "machine",
@@ -149,6 +193,12 @@ def print_in_process(ip: dict[str, Any], stats: pstats.Stats) -> None:
     stats.stream = out  # type: ignore[attr-defined]
     stats.sort_stats("tottime").print_stats(15)
     say(out.getvalue().rstrip())
+
+
+def _us(phase: dict[str, Any], group: str, items: int) -> str:
+    """Microseconds of CPU per item used by a process group during a phase."""
+    cores = phase["cpu_cores"].get(group, 0.0)
+    return f"{1e6 * cores * phase['seconds'] / max(items, 1):,.0f} µs"
 
 
 def _cores(cores: dict[str, float]) -> str:

@@ -162,3 +162,34 @@ def produce(bootstrap: str, messages: list[Message], settings: Settings) -> tupl
         return seconds, api
     finally:
         producer.close()
+
+
+def add_noise(
+    messages: list[Message], duplicates: float, malformed: float, seed: int
+) -> tuple[list[Message], int, int]:
+    """The input with a share of `duplicates` (a usage record sent again byte for byte, as a
+    producer retry would: the ledger drops it as a redelivery) and of `malformed` records
+    (random bytes, or a usage record cut short: the ledger quarantines them), each at a
+    random place in the input with its account's key (so on its partition). Returns
+    (messages, duplicates added, malformed added)."""
+    rng = random.Random(seed + 1)
+    usage = [i for i, m in enumerate(messages) if m.topic.endswith(topics.USAGE)]
+    extra: dict[int, list[Message]] = {}
+    n_dup = round(len(usage) * duplicates)
+    n_bad = round(len(usage) * malformed)
+    for _ in range(n_dup):
+        m = messages[rng.choice(usage)]
+        extra.setdefault(rng.randrange(len(messages)), []).append(
+            Message(m.topic, m.key, m.value, m.headers)
+        )
+    for k in range(n_bad):
+        m = messages[rng.choice(usage)]
+        value = rng.randbytes(rng.randint(1, 120)) if k % 2 else m.value[: len(m.value) // 2]
+        extra.setdefault(rng.randrange(len(messages)), []).append(
+            Message(m.topic, m.key, value, m.headers)
+        )
+    out: list[Message] = []
+    for i, m in enumerate(messages):
+        out.append(m)
+        out.extend(extra.get(i, ()))
+    return out, n_dup, n_bad

@@ -342,6 +342,10 @@ SELECT ((SELECT coalesce(sum(last_seq), 0) FROM shard_heads)
         - (SELECT count(*) FROM journal_entries WHERE event_type = 'ConfigPublished'))::bigint,
        (SELECT count(*) FROM rejected_events);
 
+-- name: bench_ledger_consumed
+-- Input records the ledger is done with (journaled, rejected or dropped as duplicates).
+SELECT coalesce(sum(next_offset), 0)::bigint FROM consumer_offsets;
+
 -- name: bench_journal_counts
 SELECT (SELECT count(*) FROM journal_entries WHERE event_type <> 'ConfigPublished'),
        (SELECT count(*) FROM rejected_events), (SELECT count(*) FROM postings);

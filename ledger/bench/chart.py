@@ -1,0 +1,66 @@
+"""The benchmark's chart (a PNG next to its JSON): throughput per phase (and per process
+count, when the scale-out phase ran) on the left, the suspension latency distribution on the
+right. Needs matplotlib (the `dev` extras); without it the chart is skipped, with a note."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+PHASES = (
+    ("raw", "raw consume", "steady_rate"),
+    ("decode", "raw + decode", "steady_rate"),
+    ("ledger", "ledger", "steady_rate"),
+    ("projections", "projections", "steady_rate"),
+    ("rebuild", "rebuild", "rate"),
+    ("replay", "replay", "rate"),
+)
+
+
+def throughputs(results: dict[str, Any]) -> list[tuple[str, float]]:
+    """(label, events or entries per second) of every phase that ran, in order."""
+    bars = [(label, results[k][field]) for k, label, field in PHASES if k in results]
+    for row in results.get("scale_out", []):
+        bars.append((f"ledger ×{row['processes']}", row["rate"]))
+    return bars
+
+
+def write_chart(results: dict[str, Any], path: Path) -> Path | None:
+    """Draw the chart into `path`; None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    bars = throughputs(results)
+    latency = results.get("latency", {}).get("samples_ms") or []
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), width_ratios=(3, 2))
+    labels = [label for label, _ in bars]
+    left.barh(labels, [rate for _, rate in bars], color="#4c72b0")
+    left.invert_yaxis()
+    left.set_xlabel("events (or journal entries) per second")
+    for i, (_, rate) in enumerate(bars):
+        left.text(rate, i, f" {rate:,.0f}", va="center", fontsize=8)
+    left.set_title("throughput per phase")
+    if latency:
+        right.hist(latency, bins=min(40, max(5, len(latency) // 5)), color="#dd8452")
+        for pct in ("p50", "p99"):
+            value = results["latency"][f"{pct}_ms"]
+            right.axvline(value, color="black", linestyle="--", linewidth=0.8)
+            right.text(value, right.get_ylim()[1] * 0.9, f" {pct} {value:.0f} ms", fontsize=8)
+        right.set_xlabel("usage sent → AccountSuspended received (ms)")
+        right.set_title(results["latency"].get("title", "suspension latency"))
+    else:
+        right.set_axis_off()
+    machine = results["machine"]
+    fig.suptitle(
+        f"ledger benchmark {results['started_at']} · code {results['code']} · "
+        f"{machine['cores']} cores, {machine['cpu']}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
