@@ -166,10 +166,13 @@ class ShardConsumer:
                 detail="Kafka deleted these offsets before the ledger journaled them",
             )
 
-    def poll(self, settings: Settings, stop: threading.Event, limit: int) -> tuple[list, Fetched]:
-        """A batch of at most `limit` records (an equal share of each partition's buffered
-        records) and the offsets fetched per partition to get it."""
+    def poll(
+        self, settings: Settings, stop: threading.Event, limit: int | None = None
+    ) -> tuple[list, Fetched]:
+        """A batch of at most `limit` records (default LEDGER_BATCH_MAX_EVENTS; an equal share
+        of each partition's buffered records) and the offsets fetched per partition to get it."""
         self._report_lost()
+        limit = settings.batch_max_events if limit is None else limit
         deadline = time.monotonic() + settings.batch_max_ms / 1000
         # Always one poll, even with a batch's worth buffered: the client does its network
         # work (fetches, metadata after a leader moved, reconnects) only inside poll. Then
