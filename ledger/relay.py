@@ -359,8 +359,9 @@ class OutboxRelay:
                     value=bytes(value),
                     headers=record_headers,
                 )
-                if future.is_done and future.failed():
-                    raise future.exception
+                # A future that failed at once (over max_request_size, or the producer already
+                # failed by the broker's refusal of an earlier row) is judged with the others
+                # below, so that an innocent row is never parked for another row's refusal.
             except Exception as exc:
                 reason = refusal_reason(exc)
                 if reason is None:
