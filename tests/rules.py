@@ -5,8 +5,8 @@ Avro codec, deduplicated by event_id like the journal writer, posted by `LedgerF
 its account book (ticks expire grants with `ledger.book.expiry_events`, the function the
 journal writer uses; a tick that closes a month journals the invoices with
 `ledger.invoicing.invoice_events`, the writer's month close), numbered in one shard, and folded
-by `projections.fold.fold_entries` into the account-status projection, which reads them. Nothing here re-implements a
-rule; a rule test takes milliseconds.
+by `projections.fold.fold_entries` into the account-status projection, which reads them.
+Nothing here re-implements a rule; a rule test takes milliseconds.
 
     rules = Rules()
     rules.open("a", card=True)                  # given
