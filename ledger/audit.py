@@ -89,7 +89,7 @@ def audit_bill(
     else:
         # Not closed yet (or nothing to bill): what the close would issue now, from what
         # waits in the account's book as the journal records it.
-        book = _recorded_book(account_id, entries, extra, policy)
+        book = recorded_book(account_id, entries, extra, policy)
         preview = billing.close_month(account_id, month, book.pending, book.prepaid, datetime.min)
         bill["invoice"] = None
         bill["status"] = "open"
@@ -100,7 +100,18 @@ def audit_bill(
     return bill
 
 
-def _recorded_book(
+def journal_book(conn: psycopg.Connection, policy: Policy, account_id: str) -> AccountBook:
+    """An account's book as its journal entries record it (what `ledger verify` folds)."""
+    row = conn.execute(QUERIES["account_shard"], (account_id,)).fetchone()
+    if row is None:
+        raise LedgerError(f"account {account_id!r} has no journal entries")
+    params = {"shard": row[0], "account_id": account_id, "as_of": None}
+    rows = conn.execute(QUERIES["audit_entries"], params).fetchall()
+    entries = [JournalEntry(*r[:7], tuple(zip(r[7], r[8], strict=True))) for r in rows]
+    return recorded_book(account_id, entries, {r[1]: (r[9], r[10], r[11]) for r in rows}, policy)
+
+
+def recorded_book(
     account_id: str, entries: list[JournalEntry], extra: dict, policy: Policy
 ) -> AccountBook:
     """The account's book folded from its entries as recorded (`ledger.book.apply_recorded`)."""

@@ -89,7 +89,7 @@ def test_a_journal_from_before_the_keyed_chain_still_verifies_and_the_keyed_chai
             (json.dumps(AccountBook("old-1").to_json()), old_hash),
         )
         conn.commit()
-    assert db.migrate(dsn) == [8]
+    assert db.migrate(dsn) == [v for v, _, _ in db.migrations() if v >= 8]
     keys = chain_keys.load(base_settings)
     with psycopg.connect(dsn) as conn:
         assert conn.execute("SELECT head_hash FROM shard_heads").fetchone()[0] == old_hash
