@@ -253,7 +253,10 @@ class AccountStatusProjection:
         handler = HANDLERS[entry.event_type]
         if handler is not None:
             handler(self, state, entry.payload, at)
-        if state.last_event_at is None or at > state.last_event_at:
+        # The month close is the shard clock's doing, not the account's: it dates nothing.
+        if entry.event_type != INVOICE_ISSUED and (
+            state.last_event_at is None or at > state.last_event_at
+        ):
             state.last_event_at = at
         effects: list[Effect] = self._decide(state, state.last_event_at, entry.shard_seq)
         if entry.event_type == INVOICE_ISSUED:
