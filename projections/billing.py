@@ -10,9 +10,10 @@ here and in the README):
   for usage of earlier, already closed months that arrived late; `credit_revoked` charges; and
   `payments_applied` (credit purchases and payments that reduced the receivable before it was
   invoiced, as a negative line).
-- Lines keep the ledger's 9 decimals. The amount due is their exact sum rounded half-up to the
-  cent; the difference (`rounding` = exact − due, under half a cent) is posted to
-  `revenue:rounding` by the invoice's entry, so nothing is carried to the next invoice.
+- Lines keep the ledger's 9 decimals (written with 9 places, as the journal holds them). The
+  amount due is their exact sum rounded half-up to the cent; the difference (`rounding` =
+  exact − due, under half a cent) is posted to `revenue:rounding` by the invoice's entry, so
+  nothing is carried to the next invoice.
 - An invoice whose amount due is not positive is not issued; its amounts wait, unchanged, for
   the next close.
 - An issued invoice never changes; an invoice id is issued once.
@@ -26,7 +27,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
-from ledger.money import plain
+from ledger.money import plain, quantize
 
 ZERO = Decimal(0)
 CENT = Decimal("0.01")
@@ -97,9 +98,11 @@ def close_month(
                 continue
             if kind == "usage" and m != month:
                 kind = "adjustment"
-            lines.append({"kind": kind, "month": m, "amount": plain(amount)})
+            lines.append({"kind": kind, "month": m, "amount": plain(quantize(amount))})
     if prepaid:
-        lines.append({"kind": "payments_applied", "month": month, "amount": plain(-prepaid)})
+        lines.append(
+            {"kind": "payments_applied", "month": month, "amount": plain(quantize(-prepaid))}
+        )
     exact = sum((Decimal(line["amount"]) for line in lines), ZERO)
     due = exact.quantize(CENT, rounding=ROUND_HALF_UP)
     if due <= 0:
