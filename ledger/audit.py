@@ -21,9 +21,10 @@ from typing import Any
 
 import psycopg
 
-from ledger.book import canonical_json
+from ledger.book import AccountBook, apply_recorded, canonical_json
 from ledger.db import QUERIES
 from ledger.errors import LedgerError
+from ledger.invoicing import INVOICE_ISSUED
 from ledger.money import plain
 from ledger.policy import Policy
 from projections import billing
@@ -62,12 +63,13 @@ def audit_bill(
     issued = [
         e.invoice for e in effects if isinstance(e, InvoiceIssued) and e.invoice["month"] == month
     ]
-    state = states[account_id]
 
     in_month = [
         e
         for e in entries
-        if e.account_id == account_id and billing.month_of(e.occurred_at) == month
+        if e.account_id == account_id
+        and billing.month_of(e.occurred_at) == month
+        and e.event_type != INVOICE_ISSUED  # the month close: the bill's `invoice` below
     ]
     bill: dict[str, Any] = {
         "account_id": account_id,
@@ -85,10 +87,10 @@ def audit_bill(
         bill["status"] = "issued"
         bill["amount_due"] = invoice["amount_due"]
     else:
-        # Not closed yet (or nothing to bill): what the close would issue now.
-        preview = billing.close_month(
-            account_id, month, state.pending, state.prepaid, state.rounding_carry, datetime.min
-        )
+        # Not closed yet (or nothing to bill): what the close would issue now, from what
+        # waits in the account's book as the journal records it.
+        book = recorded_book(account_id, entries, extra, policy)
+        preview = billing.close_month(account_id, month, book.pending, book.prepaid, datetime.min)
         bill["invoice"] = None
         bill["status"] = "open"
         bill["amount_due"] = preview.invoice["amount_due"] if preview.invoice else "0.00"
@@ -96,6 +98,30 @@ def audit_bill(
     bill["checksum"] = bill_checksum(bill)
     bill["as_of"] = as_of.isoformat() if as_of else None
     return bill
+
+
+def journal_book(conn: psycopg.Connection, policy: Policy, account_id: str) -> AccountBook:
+    """An account's book as its journal entries record it (what `ledger verify` folds)."""
+    row = conn.execute(QUERIES["account_shard"], (account_id,)).fetchone()
+    if row is None:
+        raise LedgerError(f"account {account_id!r} has no journal entries")
+    params = {"shard": row[0], "account_id": account_id, "as_of": None}
+    rows = conn.execute(QUERIES["audit_entries"], params).fetchall()
+    entries = [JournalEntry(*r[:7], tuple(zip(r[7], r[8], strict=True))) for r in rows]
+    return recorded_book(account_id, entries, {r[1]: (r[9], r[10], r[11]) for r in rows}, policy)
+
+
+def recorded_book(
+    account_id: str, entries: list[JournalEntry], extra: dict, policy: Policy
+) -> AccountBook:
+    """The account's book folded from its entries as recorded (`ledger.book.apply_recorded`)."""
+    book = AccountBook(account_id)
+    for e in entries:
+        if e.account_id == account_id:
+            apply_recorded(
+                book, e.event_type, e.payload, extra[e.shard_seq][2], list(e.postings), policy
+            )
+    return book
 
 
 def bill_checksum(bill: dict[str, Any]) -> str:

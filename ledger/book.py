@@ -9,10 +9,17 @@ credit negative):
     UsageRecorded ($0.30) customer:A:credit:signup +0.30 / revenue:usage −0.30
     ... past the credit   customer:A:receivable +x / revenue:usage −x
     CreditPurchased ($500 with $750 owed)  cash +500 / customer:A:receivable −500
-    InvoicePaid           cash +x / customer:A:receivable −x
+    InvoiceIssued ($9.996 → $10.00)  customer:A:invoiced +10.00 / customer:A:receivable −9.996
+                          / revenue:rounding −0.004
+    InvoicePaid           cash +x / customer:A:invoiced −x (then customer:A:receivable)
 
-Grant balances are credit-normal (a grant with $1 left has a posting sum of −1); receivable is
-debit-normal (an account owing $5 has a posting sum of +5).
+Grant balances are credit-normal (a grant with $1 left has a posting sum of −1); receivables are
+debit-normal (an account owing $5 has a posting sum of +5). What an account owes is in two
+accounts: `customer:A:receivable` holds what is NOT YET INVOICED (the book's `pending` charges
+by month and kind, minus `prepaid`: payments that reduced it before an invoice), and
+`customer:A:invoiced` what issued invoices still owe. The month close (`ledger.invoicing`)
+moves the exact invoiced amount from the first to the second at the amount due, the rounding
+difference to `revenue:rounding`. Anything that pays what is owed pays invoices first.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from typing import Any, TypeVar
 from ledger.money import plain, quantize
 from ledger.policy import Policy
 from ledger.rating import PriceBook, Rating
+from projections.billing import month_of
 
 ZERO = Decimal(0)
 
@@ -36,6 +44,8 @@ REVENUE_USAGE = "revenue:usage"
 EXPENSE_PROMOTIONAL = "expense:promotional"
 CASH = "cash"
 REVENUE_BREAKAGE = "revenue:breakage"
+REVENUE_ROUNDING = "revenue:rounding"
+USAGE_EVENTS = ("UsageRecorded", "UsageRerated")
 
 
 def credit_account(account_id: str, grant_id: str) -> str:
@@ -43,7 +53,13 @@ def credit_account(account_id: str, grant_id: str) -> str:
 
 
 def receivable_account(account_id: str) -> str:
+    """What the account owes that is not invoiced yet."""
     return f"customer:{account_id}:receivable"
+
+
+def invoiced_account(account_id: str) -> str:
+    """What the account's issued invoices still owe."""
+    return f"customer:{account_id}:invoiced"
 
 
 class Rejected(Exception):
@@ -91,6 +107,13 @@ class AccountBook:
     receivable: Decimal = ZERO
     grants: dict[str, Grant] = dataclasses.field(default_factory=dict)
     next_order: int = 0
+    # Billing (ledger.invoicing): receivable charges not yet invoiced, by month and kind;
+    # payments that reduced the receivable before it was invoiced; what issued invoices still
+    # owe (customer:A:invoiced); the month of the last invoice issued.
+    pending: dict[str, dict[str, Decimal]] = dataclasses.field(default_factory=dict)
+    prepaid: Decimal = ZERO
+    invoiced: Decimal = ZERO
+    last_invoice: str | None = None
 
     def copy(self) -> AccountBook:
         """An independent copy (the fold snapshots a book before each event). Copied field by
@@ -98,7 +121,12 @@ class AccountBook:
         ever had, and this runs once per event."""
         book = _shallow_copy(self)
         book.grants = {gid: _shallow_copy(g) for gid, g in self.grants.items()}
+        book.pending = {m: dict(kinds) for m, kinds in self.pending.items()}
         return book
+
+    def first_pending_month(self) -> str | None:
+        """The earliest month with a charge waiting for an invoice (None: nothing waits)."""
+        return min(self.pending, default=None)
 
     def next_expiry(self) -> datetime | None:
         """When the next grant with money left expires (None: nothing will)."""
@@ -139,6 +167,13 @@ class AccountBook:
                 }
                 for g in self.grants.values()
             },
+            "pending": {
+                m: {k: str(v) for k, v in sorted(kinds.items())}
+                for m, kinds in sorted(self.pending.items())
+            },
+            "prepaid": str(self.prepaid),
+            "invoiced": str(self.invoiced),
+            "last_invoice": self.last_invoice,
         }
 
     @classmethod
@@ -164,6 +199,13 @@ class AccountBook:
             Decimal(data["receivable"]),
             grants,
             data["next_order"],
+            {
+                m: {k: Decimal(v) for k, v in kinds.items()}
+                for m, kinds in data.get("pending", {}).items()
+            },
+            Decimal(data.get("prepaid", "0")),
+            Decimal(data.get("invoiced", "0")),
+            data.get("last_invoice"),
         )
 
 
@@ -215,6 +257,36 @@ def burn_credits(
     return burns, left
 
 
+def owe(book: AccountBook, month: str, kind: str, amount: Decimal) -> None:
+    """`amount` more is owed and waits for the close of `month` as a `kind` line (the
+    receivable itself is moved by the caller)."""
+    if amount <= 0:
+        return
+    kinds = book.pending.setdefault(month, {})
+    kinds[kind] = kinds.get(kind, ZERO) + amount
+
+
+def pay_owed(book: AccountBook, amount: Decimal) -> tuple[Decimal, Decimal]:
+    """Pay what the account owes with up to `amount`: issued invoices first, then what is not
+    invoiced yet (that part waits as `prepaid`, a payments_applied line on the next invoice).
+    Returns (to_invoiced, to_receivable)."""
+    to_invoiced = min(amount, max(book.invoiced, ZERO))
+    to_receivable = min(amount - to_invoiced, max(book.receivable, ZERO))
+    book.invoiced -= to_invoiced
+    book.receivable -= to_receivable
+    book.prepaid += to_receivable
+    settle_unbilled(book)
+    return to_invoiced, to_receivable
+
+
+def settle_unbilled(book: AccountBook) -> None:
+    """Once nothing is owed beyond issued invoices, the waiting charges and the payments
+    against them net to zero: nothing waits."""
+    if book.receivable == 0:
+        book.pending = {}
+        book.prepaid = ZERO
+
+
 class LedgerFold:
     """Posts events onto account books. Holds the price book and policy; no other state."""
 
@@ -253,19 +325,21 @@ class LedgerFold:
         credit = policy.signup_credit
         # Usage journaled before the account was opened (topics are not ordered with each
         # other) is paid from the sign-up credit first, as it would have been in order.
-        covers = min(credit, max(book.receivable, ZERO))
-        book.receivable -= covers
+        to_invoiced, to_receivable = pay_owed(book, credit)
+        covers = to_invoiced + to_receivable
         if credit - covers > 0:
             book.add_grant(gid, "promotional", credit - covers, expires)
         return _entry(
             (EXPENSE_PROMOTIONAL, credit),
-            (receivable_account(book.account_id), -covers),
+            (invoiced_account(book.account_id), -to_invoiced),
+            (receivable_account(book.account_id), -to_receivable),
             (credit_account(book.account_id, gid), -(credit - covers)),
             detail={
                 "grant_id": gid,
                 "kind": "promotional",
                 "amount": plain(credit),
                 "applied_to_receivable": plain(covers),
+                "applied_to_invoiced": plain(to_invoiced),
                 **self._policy_ref(),
             },
         )
@@ -337,6 +411,7 @@ class LedgerFold:
                 "noop", price_version=rating.price_version, detail={"lines": lines, **refs}
             )
         burns, owed = burn_credits(book, charge, self.policy, event["occurred_at"])
+        owe(book, month_of(event["occurred_at"]), "usage", owed)
         postings = [(credit_account(book.account_id, g.grant_id), take) for g, take in burns]
         postings += [(receivable_account(book.account_id), owed), (REVENUE_USAGE, -charge)]
         return _entry(
@@ -407,10 +482,14 @@ class LedgerFold:
         chargeback finds it and a retry under the same grant_id is refused."""
         amount = self._check_amount(event)
         gid = self._new_grant_id(book, event)
-        pays = min(amount, max(book.receivable, ZERO))
-        book.receivable -= pays
+        to_invoiced, to_receivable = pay_owed(book, amount)
+        pays = to_invoiced + to_receivable
         granted = amount - pays
-        postings = [(CASH, amount), (receivable_account(book.account_id), -pays)]
+        postings = [
+            (CASH, amount),
+            (invoiced_account(book.account_id), -to_invoiced),
+            (receivable_account(book.account_id), -to_receivable),
+        ]
         book.add_grant(gid, "purchased", granted, None, applied=pays)
         if granted > 0:
             postings.append((credit_account(book.account_id, gid), -granted))
@@ -421,6 +500,7 @@ class LedgerFold:
                 "kind": "purchased",
                 "paid": plain(amount),
                 "applied_to_receivable": plain(pays),
+                "applied_to_invoiced": plain(to_invoiced),
                 "granted": plain(granted),
             },
         )
@@ -452,6 +532,7 @@ class LedgerFold:
         grant.granted = ZERO
         grant.revoked = True
         book.receivable += owed
+        owe(book, month_of(event["occurred_at"]), "credit_revoked", owed)
         return _entry(
             (credit_account(book.account_id, gid), remaining),
             (receivable_account(book.account_id), owed),
@@ -466,16 +547,22 @@ class LedgerFold:
         )
 
     def _on_InvoicePaid(self, book: AccountBook, event: dict) -> Entry:
-        """Cash against receivable; an overpayment becomes a purchased credit grant."""
+        """Cash against what is owed (issued invoices first); an overpayment becomes a
+        purchased credit grant."""
         amount = self._check_amount(event)
-        pays = min(amount, max(book.receivable, ZERO))
-        book.receivable -= pays
+        to_invoiced, to_receivable = pay_owed(book, amount)
+        pays = to_invoiced + to_receivable
         extra = amount - pays
-        postings = [(CASH, amount), (receivable_account(book.account_id), -pays)]
+        postings = [
+            (CASH, amount),
+            (invoiced_account(book.account_id), -to_invoiced),
+            (receivable_account(book.account_id), -to_receivable),
+        ]
         detail = {
             "invoice_id": event["invoice_id"],
             "paid": plain(amount),
             "applied_to_receivable": plain(pays),
+            "applied_to_invoiced": plain(to_invoiced),
         }
         if extra > 0:
             gid = f"overpayment:{event['invoice_id']}"
@@ -551,7 +638,9 @@ def apply_recorded(
 ) -> None:
     """Move `book` by one journaled entry as it was recorded, without deciding anything again:
     grants appear, are revoked or expire as the entry's detail says, and every amount (grant
-    balances, receivable) moves by the entry's postings. Folding an account's entries in
+    balances, receivable, invoiced) moves by the entry's postings; charges to the receivable
+    wait by month and kind, payments of it wait as prepaid, an InvoiceIssued takes what it
+    invoiced off them. Folding an account's entries in
     journal order gives the book the writer must hold (`ledger verify` compares them). Raises
     ValueError for an entry the writer could not have made (a posting to an unknown grant)."""
     account_id = book.account_id
@@ -600,13 +689,29 @@ def apply_recorded(
         _recorded_grant(book, detail["grant_id"]).expired += Decimal(detail["expired"])
 
     receivable = receivable_account(account_id)
+    invoiced = invoiced_account(account_id)
     credit_prefix = f"customer:{account_id}:credit:"
+    if event_type == "InvoiceIssued":
+        month = detail["month"]
+        book.pending = {m: kinds for m, kinds in book.pending.items() if m > month}
+        book.prepaid = ZERO
+        book.last_invoice = month
     for ledger_account, amount in postings:
         if ledger_account == receivable:
             book.receivable += amount
+            if event_type == "InvoiceIssued":
+                continue
+            if amount > 0:
+                kind = "usage" if event_type in USAGE_EVENTS else "credit_revoked"
+                owe(book, month_of(datetime.fromisoformat(payload["occurred_at"])), kind, amount)
+            else:
+                book.prepaid -= amount
+        elif ledger_account == invoiced:
+            book.invoiced += amount
         elif ledger_account.startswith(credit_prefix):
             # Credit-normal: money granted is a negative posting, money spent a positive one.
             _recorded_grant(book, ledger_account[len(credit_prefix) :]).remaining -= amount
+    settle_unbilled(book)
 
 
 def _recorded_grant(book: AccountBook, grant_id: str) -> Grant:

@@ -471,7 +471,7 @@ def _verify(args: argparse.Namespace, settings: Settings) -> int:
     print(
         "verify OK: trial balance zero, keyed hash chains intact, checked against "
         f"{checked}; account books, projections and invoices equal their recomputation "
-        "from the journal"
+        "from the journal; receivables and revenue:rounding agree with the issued invoices"
     )
     return 0
 

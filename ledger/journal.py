@@ -62,6 +62,7 @@ from ledger.config_versions import (
 )
 from ledger.db import QUERIES
 from ledger.errors import DecodeError, LedgerError, TombstoneError
+from ledger.invoicing import INVOICE_ISSUED, invoice_events, months_to_close
 from ledger.settings import DEADLETTER_MAX_BYTES
 
 log = structlog.get_logger(__name__)
@@ -466,9 +467,10 @@ class LedgerWriter:
                 if problem is not None:
                     rejects.append((item.record, item.event["event_id"], item.event_type, *problem))
                     continue
-                clocks[shard] = tick_at
+                previous, clocks[shard] = clocks.get(shard), tick_at
                 moved.add(shard)
                 journaled += self._period_tick(cur, item, books)
+                journaled += self._close_months(cur, item, previous, books)
                 continue
             if item.event_type == CONFIG_PUBLISHED:
                 try:
@@ -537,7 +539,7 @@ class LedgerWriter:
         cur.executemany(
             QUERIES["save_book"],
             [
-                (acct, Jsonb(book.to_json()), shard, book.next_expiry())
+                (acct, Jsonb(book.to_json()), shard, book.next_expiry(), book.first_pending_month())
                 for acct in sorted({j.event["account_id"] for j in journaled} - {""})
                 for book, shard in [books[acct]]
             ],
@@ -685,6 +687,45 @@ class LedgerWriter:
                 )
                 out.append(item)
             books[account_id] = (book, shard)
+        return out
+
+    def _close_months(
+        self,
+        cur: psycopg.Cursor,
+        tick: _Accepted,
+        previous: datetime | None,
+        books: dict[str, tuple[AccountBook, int]],
+    ) -> list[_Accepted]:
+        """The month close (`ledger.invoicing`): if the tick closes a month in its shard, an
+        InvoiceIssued entry for each account with charges waiting that is due an invoice.
+        Only books with something waiting for a closed month are read (an indexed query)."""
+        shard, at = tick.record.partition, tick.event["tick_at"]
+        policy = self.fold_for(shard).policy
+        before, upto = months_to_close(policy, at, previous)
+        if upto is None or upto == before:
+            return []
+        for account_id, book, shard_ in cur.execute(QUERIES["lock_billable_books"], (shard, upto)):
+            books.setdefault(account_id, (AccountBook.from_json(account_id, book), shard_))
+        due = sorted(
+            a
+            for a, (book, s) in books.items()
+            if s == shard and (first := book.first_pending_month()) is not None and first <= upto
+        )
+        out = []
+        for account_id in due:
+            book, _ = books[account_id]
+            for event, entry in invoice_events(policy, tick.event, previous, account_id, book):
+                out.append(
+                    _Accepted(
+                        tick.record,
+                        INVOICE_ISSUED,
+                        tick.fingerprint,
+                        event,
+                        b"",
+                        entry=entry,
+                        cause_event_id=tick.event["event_id"],
+                    )
+                )
         return out
 
     # --- published configuration (ledger.config_versions) -----------------------------------

@@ -58,9 +58,7 @@ def account_view(conn: psycopg.Connection, account_id: str, last: int = 10) -> d
             "month": month,
             "month_to_date_spend": plain(mtd),
             "headroom": plain(limit - mtd) if limit is not None else None,
-            "open_charges": {
-                m: {k: v for k, v in kinds.items()} for m, kinds in state.get("pending", {}).items()
-            },
+            "open_charges": _open_charges(conn, account_id),
             "invoiced_outstanding": state.get("invoiced_outstanding", "0"),
         }
     view["invoices"] = [
@@ -82,6 +80,12 @@ def account_view(conn: psycopg.Connection, account_id: str, last: int = 10) -> d
         for seq, occurred, event_type, status, price_version, charge in entries
     ]
     return view
+
+
+def _open_charges(conn: psycopg.Connection, account_id: str) -> dict[str, dict[str, str]]:
+    """Charges waiting for an invoice, by month and kind (the ledger writer's book)."""
+    row = conn.execute(QUERIES["account_book_pending"], (account_id,)).fetchone()
+    return {m: dict(kinds) for m, kinds in (row[0] if row else {}).items()}
 
 
 def invoices_of_month(conn: psycopg.Connection, month: str) -> list[dict[str, Any]]:

@@ -22,9 +22,14 @@ other while workers keep running):
      entries as recorded (`ledger.book.apply_recorded`);
   5. the account-status projection recomputed from scratch up to the live positions equals the
      live one, column by column and state document by state document, its clock included;
-  6. the invoices recomputed equal the issued ones;
-  7. every account's receivable is what its issued invoices still owe plus what is not yet
-     invoiced (charges waiting + rounding carry − payments waiting to be applied).
+  6. the invoices recomputed (read from the journal's InvoiceIssued entries) equal the issued
+     ones (the `invoices` table);
+  7. the receivables, from the journal's accounts alone: each account's invoiced receivable
+     (customer:A:invoiced) is the sum of its issued invoices less what payments applied to
+     them; its receivable (customer:A:receivable) is exactly what waits for an invoice in its
+     book (charges by month and kind − payments made before the invoice); revenue:rounding is
+     the sum of (exact − due) of the issued invoices; the projection's receivable is the sum
+     of the two.
 Each difference is reported with what it concerns; any difference means a non-zero exit.
 """
 
@@ -42,6 +47,7 @@ import psycopg
 
 from ledger import chain_keys, db
 from ledger.book import (
+    REVENUE_ROUNDING,
     AccountBook,
     Entry,
     Posting,
@@ -138,19 +144,77 @@ def verify(
             if isinstance(effect, InvoiceIssued)
         }
         differences += _compare("invoice", INVOICE_COLUMNS, issued, invoices)
-        differences += [
-            Difference(
-                "receivable",
-                account_id,
-                f"receivable {state.receivable} != invoices owed {state.invoiced_outstanding} "
-                f"+ not yet invoiced {state.unbilled}",
-            )
+        owed = {
+            account_id: state.receivable
             for s in shards.values()
-            for account_id, state in sorted(s.states.items())
-            if state.receivable != state.invoiced_outstanding + state.unbilled
-        ]
+            for account_id, state in s.states.items()
+        }
+        differences += _receivables(conn, issued, owed)
         conn.rollback()
     return differences
+
+
+def _receivables(
+    conn: psycopg.Connection, issued: dict[str, tuple], owed: dict[str, Decimal]
+) -> list[Difference]:
+    """Check 7: the receivable accounts against the issued invoices and the books."""
+    out = []
+    invoiced_total: dict[str, Decimal] = {}
+    rounding = Decimal(0)
+    for _, account_id, _, _, _, exact, due, _ in issued.values():
+        invoiced_total[account_id] = invoiced_total.get(account_id, Decimal(0)) + due
+        rounding += exact - due
+    (posted,) = conn.execute(QUERIES["ledger_account_total"], (REVENUE_ROUNDING,)).fetchone()
+    if posted != rounding:
+        out.append(
+            Difference(
+                "receivable",
+                REVENUE_ROUNDING,
+                f"posted {_shown(posted)} != the issued invoices' exact − due {_shown(rounding)}",
+            )
+        )
+    paid = dict(conn.execute(QUERIES["applied_to_invoices"]).fetchall())
+    waiting = {
+        account_id: _waiting(AccountBook.from_json(account_id, book))
+        for account_id, book, *_ in conn.execute(QUERIES["all_account_books"])
+    }
+    balances = {a: (r, i) for a, r, i in conn.execute(QUERIES["receivable_balances"])}
+    for account_id in sorted(set(balances) | set(invoiced_total) | set(waiting)):
+        receivable, invoiced = balances.get(account_id, (Decimal(0), Decimal(0)))
+        unpaid = invoiced_total.get(account_id, Decimal(0)) - paid.get(account_id, Decimal(0))
+        if invoiced != unpaid:
+            out.append(
+                Difference(
+                    "receivable",
+                    account_id,
+                    f"invoiced receivable {_shown(invoiced)} != issued invoices less what was "
+                    f"paid on them {_shown(unpaid)}",
+                )
+            )
+        if receivable != waiting.get(account_id, Decimal(0)):
+            out.append(
+                Difference(
+                    "receivable",
+                    account_id,
+                    f"receivable {_shown(receivable)} != what waits for an invoice "
+                    f"{_shown(waiting.get(account_id, Decimal(0)))}",
+                )
+            )
+        if account_id in owed and owed[account_id] != receivable + invoiced:
+            out.append(
+                Difference(
+                    "receivable",
+                    account_id,
+                    f"the projection's receivable {_shown(owed[account_id])} != the journal's "
+                    f"{_shown(receivable + invoiced)}",
+                )
+            )
+    return out
+
+
+def _waiting(book: AccountBook) -> Decimal:
+    charges = sum((v for kinds in book.pending.values() for v in kinds.values()), Decimal(0))
+    return charges - book.prepaid
 
 
 def _trial_balance(conn: psycopg.Connection) -> list[Difference]:
@@ -357,8 +421,10 @@ def _compare_books(
     """Each account_books row against the book folded from the journal."""
     out = []
     live = {
-        account_id: (AccountBook.from_json(account_id, book), shard, next_expiry)
-        for account_id, book, shard, next_expiry in conn.execute(QUERIES["all_account_books"])
+        account_id: (AccountBook.from_json(account_id, book), shard, next_expiry, first_pending)
+        for account_id, book, shard, next_expiry, first_pending in conn.execute(
+            QUERIES["all_account_books"]
+        )
     }
     for account_id in sorted(set(live) | set(folded)):
         if account_id in unfoldable:
@@ -370,9 +436,11 @@ def _compare_books(
             out.append(Difference("account_book", account_id, "journal entries without a book"))
             continue
         want, home = folded[account_id]
-        have, shard, next_expiry = live[account_id]
-        found = _book_fields(have, shard, next_expiry)
-        expected = _book_fields(want, home, want.next_expiry())
+        have, shard, next_expiry, first_pending = live[account_id]
+        found = _book_fields(have, shard, next_expiry) | {"first_pending_month": first_pending}
+        expected = _book_fields(want, home, want.next_expiry()) | {
+            "first_pending_month": want.first_pending_month()
+        }
         for field in sorted(set(found) | set(expected)):
             if found.get(field) != expected.get(field):
                 out.append(
@@ -390,10 +458,16 @@ def _book_fields(book: AccountBook, shard: int, next_expiry: datetime | None) ->
     fields: dict[str, Any] = {
         "opened": book.opened,
         "receivable": book.receivable,
+        "invoiced": book.invoiced,
+        "prepaid": book.prepaid,
+        "last_invoice": book.last_invoice,
         "next_order": book.next_order,
         "shard": shard,
         "next_expiry": next_expiry,
     }
+    for month, kinds in book.pending.items():
+        for kind, amount in kinds.items():
+            fields[f"pending {month} {kind}"] = amount
     for grant in book.grants.values():
         for name in ("kind", "granted", "remaining", "expires_at", "order", "expired", "applied",
                      "revoked"):  # fmt: skip

@@ -1,5 +1,8 @@
 """Account status projection: balances, spend limits, suspension flag and reasons, invoices.
 
+Invoices are decided by the ledger writer at the month close (`ledger.invoicing`) and journaled
+as InvoiceIssued entries; the projection reads them (stores the invoice, publishes it).
+
 A pure fold over journal entries: `apply(state, entry, clock) -> effects`, one small handler per
 event type, no I/O. Balances are recomputed from the entry's postings (not from the ledger
 writer's book), so the projection is an independent reading of the journal. `clock` is the time
@@ -34,7 +37,9 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+from ledger.book import invoiced_account, receivable_account
 from ledger.config_versions import POLICY, ConfigVersion
+from ledger.invoicing import INVOICE_ISSUED, invoice_of
 from ledger.policy import Policy
 from projections import billing
 
@@ -49,8 +54,6 @@ REASON_ORDER = (CREDITS_EXHAUSTED, SPEND_LIMIT_REACHED, PAYMENT_FAILED, MANUAL_H
 # How far ahead of its shard's last PeriodTick an entry's occurred_at may count (the scheduler
 # ticks every LEDGER_TICK_INTERVAL_S, 60 s by default; producers' clocks drift a little).
 CLOCK_SKEW = timedelta(minutes=15)
-PAYMENT_EVENTS = ("CreditPurchased", "InvoicePaid")
-USAGE_EVENTS = ("UsageRecorded", "UsageRerated")  # charges that are usage (re-rated or not)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,14 +125,11 @@ class AccountStatus:
     month: str | None = None
     spend: dict[str, Decimal] = dataclasses.field(default_factory=dict)
     warned: dict[str, list[int]] = dataclasses.field(default_factory=dict)
-    # Billing: receivable charges not yet invoiced, by month and kind; payments beyond what
-    # issued invoices owed; what issued invoices still owe; the rounding carry.
-    pending: dict[str, dict[str, Decimal]] = dataclasses.field(default_factory=dict)
-    prepaid: Decimal = ZERO
+    # Billing, from the postings: `receivable` is all the account owes (its receivable and
+    # invoiced ledger accounts), `invoiced_outstanding` what its issued invoices still owe
+    # (customer:A:invoiced); the invoices journaled for it.
     invoiced_outstanding: Decimal = ZERO
-    rounding_carry: Decimal = ZERO
     invoices: list[str] = dataclasses.field(default_factory=list)
-    closed_through: str | None = None  # the last month closed for this account
 
     @property
     def credit_balance(self) -> Decimal:
@@ -149,9 +149,8 @@ class AccountStatus:
 
     @property
     def unbilled(self) -> Decimal:
-        """What the receivable holds beyond issued invoices: waiting charges + carry − prepaid."""
-        waiting = sum((v for kinds in self.pending.values() for v in kinds.values()), ZERO)
-        return waiting + self.rounding_carry - self.prepaid
+        """What the account owes beyond issued invoices (customer:A:receivable)."""
+        return self.receivable - self.invoiced_outstanding
 
     @property
     def month_to_date_spend(self) -> Decimal:
@@ -159,13 +158,9 @@ class AccountStatus:
 
     @property
     def tick_sensitive(self) -> bool:
-        """Whether a PeriodTick crossing a month or a close must revisit this account."""
-        return (
-            SPEND_LIMIT_REACHED in self.reasons
-            or any(v for kinds in self.pending.values() for v in kinds.values())
-            or bool(self.prepaid)
-            or bool(self.rounding_carry)
-        )
+        """Whether a PeriodTick crossing a month must revisit this account (the month close
+        is the ledger writer's: it journals the invoices)."""
+        return SPEND_LIMIT_REACHED in self.reasons
 
     def to_json(self) -> dict[str, Any]:
         return _to_json(dataclasses.asdict(self) | {"reasons": list(self.reasons)})
@@ -203,15 +198,8 @@ class AccountStatus:
             month=data.get("month"),
             spend={m: Decimal(v) for m, v in data.get("spend", {}).items()},
             warned={m: list(v) for m, v in data.get("warned", {}).items()},
-            pending={
-                m: {k: Decimal(v) for k, v in kinds.items()}
-                for m, kinds in data.get("pending", {}).items()
-            },
-            prepaid=Decimal(data.get("prepaid", "0")),
             invoiced_outstanding=Decimal(data.get("invoiced_outstanding", "0")),
-            rounding_carry=Decimal(data.get("rounding_carry", "0")),
             invoices=list(data.get("invoices", [])),
-            closed_through=data.get("closed_through"),
         )
 
 
@@ -265,22 +253,24 @@ class AccountStatusProjection:
         handler = HANDLERS[entry.event_type]
         if handler is not None:
             handler(self, state, entry.payload, at)
-        if state.last_event_at is None or at > state.last_event_at:
+        # The month close is the shard clock's doing, not the account's: it dates nothing.
+        if entry.event_type != INVOICE_ISSUED and (
+            state.last_event_at is None or at > state.last_event_at
+        ):
             state.last_event_at = at
         effects: list[Effect] = self._decide(state, state.last_event_at, entry.shard_seq)
+        if entry.event_type == INVOICE_ISSUED:
+            effects += self._invoice_issued(state, entry)
         # Warnings after the decision: they carry the version of the status they follow.
         return effects + self._warnings(state, at)
 
     def on_tick(
         self, state: AccountStatus, tick_at: datetime, previous: datetime | None, seq: int = 0
     ) -> list[Effect]:
-        """A PeriodTick (journal position `seq`) in the account's shard: the month may turn,
-        months may close."""
+        """A PeriodTick (journal position `seq`) in the account's shard: the month may turn."""
         self._advance_month(state, tick_at)
         at = max(tick_at, state.last_event_at or tick_at)
-        effects: list[Effect] = self._decide(state, at, seq)
-        effects += self._close_months(state, tick_at, previous)
-        return effects
+        return self._decide(state, at, seq)
 
     # --- time -------------------------------------------------------------------------------
 
@@ -294,90 +284,37 @@ class AccountStatusProjection:
         state.spend = {m: v for m, v in state.spend.items() if m >= current}
         state.warned = {k: v for k, v in state.warned.items() if k[:7] >= current}
 
-    def _close_months(
-        self, state: AccountStatus, tick_at: datetime, previous: datetime | None
-    ) -> list[Effect]:
-        """Close every month due at `tick_at` that is not closed yet, for this account, in
-        order. A month already closed (for the shard at the previous tick, or for this account)
-        is never closed again: late charges for it wait in `pending` and go on the next
-        invoice as dated adjustment lines. An invoice id is issued once."""
-        grace = self.policy.grace_hours
-        upto = billing.closed_through(tick_at, grace)
-        if upto is None:
+    @staticmethod
+    def _invoice_issued(state: AccountStatus, entry: JournalEntry) -> list[Effect]:
+        """An InvoiceIssued entry (the ledger writer's month close): publish the invoice, once
+        per invoice id."""
+        invoice = invoice_of(entry.payload)
+        if invoice["invoice_id"] in state.invoices:
             return []
-        done = [m for m in (billing.closed_through(previous, grace), state.closed_through) if m]
-        first = billing.next_month(max(done)) if done else min(state.pending, default=upto)
-        effects: list[Effect] = []
-        for month in billing.months_between(first, upto):
-            if not state.pending and not state.prepaid and not state.rounding_carry:
-                break
-            close = billing.close_month(
-                state.account_id,
-                month,
-                state.pending,
-                state.prepaid,
-                state.rounding_carry,
-                tick_at,
-            )
-            if close.invoice is not None and close.invoice["invoice_id"] in state.invoices:
-                continue  # never a second invoice under one id: the amounts wait for the next
-            state.pending, state.prepaid = close.pending, close.prepaid
-            state.rounding_carry = close.rounding_carry
-            if close.invoice is None:
-                continue
-            state.invoiced_outstanding += Decimal(close.invoice["amount_due"])
-            state.invoices.append(close.invoice["invoice_id"])
-            effects.append(
-                InvoiceIssued(state.account_id, close.invoice, state.status_version, tick_at)
-            )
-        if state.closed_through is None or upto > state.closed_through:
-            state.closed_through = upto
-        return effects
+        state.invoices.append(invoice["invoice_id"])
+        issued_at = _time(invoice["issued_at"])
+        return [InvoiceIssued(state.account_id, invoice, state.status_version, issued_at)]
 
     # --- money from postings ------------------------------------------------------------------
 
     def _apply_postings(self, state: AccountStatus, entry: JournalEntry, at: datetime) -> None:
         credit_prefix = f"customer:{state.account_id}:credit:"
-        receivable = f"customer:{state.account_id}:receivable"
+        receivable = receivable_account(state.account_id)
+        invoiced = invoiced_account(state.account_id)
         month = billing.month_of(at)
-        to_credit = ZERO
         for ledger_account, amount in entry.postings:
             if ledger_account.startswith(credit_prefix):
                 gid = ledger_account[len(credit_prefix) :]
                 # Credit-normal: a grant's balance is the negated sum of its postings.
                 state.grants[gid] = state.grants.get(gid, ZERO) - amount
-                to_credit -= amount
             elif ledger_account == receivable:
                 state.receivable += amount
-                if amount > 0:
-                    kind = "usage" if entry.event_type in USAGE_EVENTS else "credit_revoked"
-                    kinds = state.pending.setdefault(month, {})
-                    kinds[kind] = kinds.get(kind, ZERO) + amount
-                else:
-                    self._receivable_paid(state, -amount)
+            elif ledger_account == invoiced:
+                state.receivable += amount
+                state.invoiced_outstanding += amount
             elif ledger_account == "revenue:usage":
                 # Month-to-date spend counts usage whether credits or the invoice pay for it.
                 state.spend[month] = state.spend.get(month, ZERO) - amount
-        if entry.event_type in PAYMENT_EVENTS and to_credit > 0:
-            self._overpaid(state, to_credit)
-
-    @staticmethod
-    def _receivable_paid(state: AccountStatus, amount: Decimal) -> None:
-        """A payment (or credit) that reduced the receivable pays issued invoices first; the
-        rest is applied on the next invoice."""
-        to_invoices = min(amount, state.invoiced_outstanding)
-        state.invoiced_outstanding -= to_invoices
-        state.prepaid += amount - to_invoices
-
-    @staticmethod
-    def _overpaid(state: AccountStatus, amount: Decimal) -> None:
-        """A payment beyond the receivable became a credit grant in the ledger. If issued
-        invoices still owe something, it is their rounding up (invoices round the exact
-        receivable to the cent): the payment covered it and the grant gives it back, so the
-        negative carry that would give it back a second time on the next invoice is settled."""
-        settle = min(amount, state.invoiced_outstanding, max(-state.rounding_carry, ZERO))
-        state.invoiced_outstanding -= settle
-        state.rounding_carry += settle
 
     # --- one handler per event type (the table HANDLERS below) ------------------------------
 
@@ -537,5 +474,6 @@ HANDLERS: dict[str, Handler | None] = {
     "PaymentMethodRemoved": P._on_PaymentMethodRemoved,
     "PaymentFailed": P._on_PaymentFailed,
     "InvoicePaid": P._on_InvoicePaid,
+    "InvoiceIssued": None,  # the writer's month close: published by `apply`
 }
 del P

@@ -1,21 +1,22 @@
 """Billing periods and invoices, pure: UTC calendar months, the month close, invoice lines.
 
-Rules (written down here and in the README):
+The month close is decided by the LEDGER WRITER from journaled PeriodTicks (`ledger.invoicing`)
+and journaled as an `InvoiceIssued` entry; the projections only read it. Rules (written down
+here and in the README):
 - A month is the UTC calendar month of an event's `occurred_at`.
-- Month M is *closed* once a PeriodTick at or after (end of M + grace period) has been applied.
+- Month M is *closed* once a PeriodTick at or after (end of M + grace period) is journaled.
 - At the close of M, an account with amounts waiting gets ONE invoice for M whose lines are:
   the usage of M charged to the receivable (not covered by credits); `adjustment` lines, dated,
-  for usage of earlier, already closed months that arrived late; `credit_revoked` charges;
-  `payments_applied` (credit purchases and payments that reduced the receivable beyond what
-  issued invoices owed, as a negative line); and the `rounding_carry` left by the previous
-  invoice.
-- Lines keep the ledger's 9 decimals. The amount due is their exact sum rounded half-up to the
-  cent; the difference (under half a cent) is carried to the next invoice, so no fraction of a
-  cent is ever lost or billed twice.
-- An invoice whose amount due is not positive is not issued; its amounts wait for the next close.
-  A net credit waits as `prepaid`; the rounding carry stays a carry (a negative carry is never
-  turned into a payment).
-- An issued invoice never changes.
+  for usage of earlier, already closed months that arrived late; `credit_revoked` charges; and
+  `payments_applied` (credit purchases and payments that reduced the receivable before it was
+  invoiced, as a negative line).
+- Lines keep the ledger's 9 decimals (written with 9 places, as the journal holds them). The
+  amount due is their exact sum rounded half-up to the cent; the difference (`rounding` =
+  exact − due, under half a cent) is posted to `revenue:rounding` by the invoice's entry, so
+  nothing is carried to the next invoice.
+- An invoice whose amount due is not positive is not issued; its amounts wait, unchanged, for
+  the next close.
+- An issued invoice never changes; an invoice id is issued once.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
-from ledger.money import plain
+from ledger.money import plain, quantize
 
 ZERO = Decimal(0)
 CENT = Decimal("0.01")
@@ -74,7 +75,6 @@ class Close:
     invoice: dict[str, Any] | None
     pending: dict[str, dict[str, Decimal]]
     prepaid: Decimal
-    rounding_carry: Decimal
 
 
 def close_month(
@@ -82,13 +82,11 @@ def close_month(
     month: str,
     pending: dict[str, dict[str, Decimal]],
     prepaid: Decimal,
-    carry: Decimal,
     issued_at: datetime,
 ) -> Close:
     """Close `month` for one account: the invoice (or None) and what waits afterwards.
-    Amounts of later months stay pending. If the lines net to less than half a cent, nothing is
-    billed: a net credit of the charges and payments waits as `prepaid` (the carry unchanged);
-    a net charge under half a cent joins the carry."""
+    Amounts of later months stay pending. If the amount due is not positive, nothing is
+    issued and everything waits as it was."""
     later = {m: kinds for m, kinds in pending.items() if m > month}
     lines: list[dict[str, str]] = []
     for m in sorted(pending):
@@ -100,18 +98,15 @@ def close_month(
                 continue
             if kind == "usage" and m != month:
                 kind = "adjustment"
-            lines.append({"kind": kind, "month": m, "amount": plain(amount)})
+            lines.append({"kind": kind, "month": m, "amount": plain(quantize(amount))})
     if prepaid:
-        lines.append({"kind": "payments_applied", "month": month, "amount": plain(-prepaid)})
-    charges = sum((Decimal(line["amount"]) for line in lines), ZERO)
-    if carry:
-        lines.append({"kind": "rounding_carry", "month": month, "amount": plain(carry)})
-    exact = charges + carry
+        lines.append(
+            {"kind": "payments_applied", "month": month, "amount": plain(quantize(-prepaid))}
+        )
+    exact = sum((Decimal(line["amount"]) for line in lines), ZERO)
     due = exact.quantize(CENT, rounding=ROUND_HALF_UP)
     if due <= 0:
-        if charges <= 0:
-            return Close(None, later, -charges, carry)
-        return Close(None, later, ZERO, exact)
+        return Close(None, pending, prepaid)
     invoice = {
         "invoice_id": invoice_id(account_id, month),
         "account_id": account_id,
@@ -121,6 +116,6 @@ def close_month(
         "lines": lines,
         "exact_total": plain(exact),
         "amount_due": plain(due),
-        "rounding_carry": plain(exact - due),
+        "rounding": plain(exact - due),
     }
-    return Close(invoice, later, ZERO, exact - due)
+    return Close(invoice, later, ZERO)

@@ -79,10 +79,11 @@ def fold_entries(
     appear). The one loop shared by the live worker, rebuild, verify and audit. A
     ConfigPublished entry of a policy version makes it the shard's policy from there on.
 
-    `clock` is the shard's last PeriodTick. Only a tick that turns the month or makes a close
-    due revisits accounts, and only those that need it (a limit suspension, amounts waiting
-    for an invoice): `tick_sensitive` supplies those not in `states` (the live worker reads
-    them from the database; a fold from scratch has them all already)."""
+    `clock` is the shard's last PeriodTick. Only a tick that turns the month revisits
+    accounts, and only those that need it (a limit suspension): `tick_sensitive` supplies
+    those not in `states` (the live worker reads them from the database; a fold from scratch
+    has them all already). Invoices are journaled entries (InvoiceIssued, the ledger writer's
+    month close), read like any other."""
     effects: list[Effect] = []
     for entry in entries:
         projection.use(entry.shard)
@@ -90,13 +91,10 @@ def fold_entries(
             projection.configure(entry.shard, entry.payload)
             continue
         if entry.event_type == "PeriodTick":
-            grace = projection.policy.grace_hours
             tick_at = datetime.fromisoformat(entry.payload["tick_at"])
             if clock is not None and tick_at <= clock:
                 continue
-            turned = clock is None or billing.month_of(tick_at) > billing.month_of(clock)
-            closes = billing.closed_through(tick_at, grace) != billing.closed_through(clock, grace)
-            if turned or closes:
+            if clock is None or billing.month_of(tick_at) > billing.month_of(clock):
                 for account_id, state in tick_sensitive() if tick_sensitive else ():
                     states.setdefault(account_id, AccountStatus.from_json(account_id, state))
                 for account_id in sorted(states):

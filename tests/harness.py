@@ -132,9 +132,11 @@ class Ledger:
 
     def journaled(self) -> int:
         """Journal entries, not counting the price and policy versions a `ledger worker`
-        journals at start."""
+        journals at start, nor the month close's InvoiceIssued entries (journaled with the
+        tick that closes the month)."""
         return self.db.execute(
-            "SELECT count(*) FROM journal_entries WHERE event_type <> 'ConfigPublished'"
+            "SELECT count(*) FROM journal_entries"
+            " WHERE event_type NOT IN ('ConfigPublished', 'InvoiceIssued')"
         ).fetchone()[0]
 
     def rejected(self) -> list[tuple]:

@@ -3,9 +3,10 @@
 It runs the production code end to end: each event is validated and round-tripped through the
 Avro codec, deduplicated by event_id like the journal writer, posted by `LedgerFold.post` onto
 its account book (ticks expire grants with `ledger.book.expiry_events`, the function the
-journal writer uses), numbered in one shard, and folded by `projections.fold.fold_entries` into
-the account-status projection with month close and invoices. Nothing here re-implements a
-rule; a rule test takes milliseconds.
+journal writer uses; a tick that closes a month journals the invoices with
+`ledger.invoicing.invoice_events`, the writer's month close), numbered in one shard, and folded
+by `projections.fold.fold_entries` into the account-status projection, which reads them.
+Nothing here re-implements a rule; a rule test takes milliseconds.
 
     rules = Rules()
     rules.open("a", card=True)                  # given
@@ -26,12 +27,16 @@ from decimal import Decimal
 from typing import Any
 
 from ledger.book import (
+    REVENUE_ROUNDING,
     AccountBook,
     LedgerFold,
     Rejected,
+    apply_recorded,
     canonical_json,
     content_hash,
     expiry_events,
+    invoiced_account,
+    receivable_account,
     rerate_event,
 )
 from ledger.codec import Codec
@@ -42,6 +47,7 @@ from ledger.config_versions import (
     policy_version,
     price_versions,
 )
+from ledger.invoicing import INVOICE_ISSUED, invoice_events
 from ledger.money import quantize
 from ledger.policy import Policy
 from ledger.rating import PriceBook
@@ -99,7 +105,9 @@ class Rules:
         self.rejects: list[tuple[str, str, str]] = []  # (event_type, event_id, reason)
         self.duplicates = 0
         self.states: dict[str, AccountStatus] = {}
-        self.clock: datetime | None = None
+        self.clock: datetime | None = None  # the projection's (its shard's last tick)
+        self.ledger_clock: datetime | None = None  # the writer's: the last tick journaled
+        self.details: dict[int, dict] = {}  # shard_seq → the entry's detail
         self.effects: list[Effect] = []
         self.now = T0
         self.seq = 0  # the shard's journal sequence
@@ -154,6 +162,16 @@ class Rules:
                         continue
                     for derived, entry in expiry_events(self.fold, event, account_id, book):
                         new.append(self._entry("GrantExpired", derived, entry.status, entry))
+                previous, self.ledger_clock = self.ledger_clock, event["tick_at"]
+                if previous is not None and event["tick_at"] <= previous:
+                    self.ledger_clock = previous  # the writer refuses a tick going back
+                    continue
+                for account_id in sorted(a for a, b in self.books.items() if b.pending):
+                    book = self.books[account_id]
+                    for derived, entry in invoice_events(
+                        self.fold.policy, event, previous, account_id, book
+                    ):
+                        new.append(self._entry(INVOICE_ISSUED, derived, entry.status, entry))
                 continue
             if event_type == "ConfigPublished":
                 new += self._publish(event, new)
@@ -216,6 +234,7 @@ class Rules:
             (p.ledger_account, quantize(p.amount)) for p in getattr(entry, "postings", ())
         )
         self.seq += 1
+        self.details[self.seq] = json.loads(canonical_json(getattr(entry, "detail", {})))
         return JournalEntry(
             0,
             self.seq,
@@ -333,6 +352,17 @@ class Rules:
                 totals[account] += amount
         return dict(totals)
 
+    def recorded_book(self, account_id: str) -> AccountBook:
+        """The account's book folded from its journal entries as recorded."""
+        book = AccountBook(account_id)
+        for entry in self.journal:
+            if entry.account_id == account_id:
+                detail = self.details[entry.shard_seq]
+                apply_recorded(
+                    book, entry.event_type, entry.payload, detail, list(entry.postings), self.policy
+                )
+        return book
+
     def refold(self) -> tuple[dict[str, AccountStatus], list[Effect]]:
         """The projection folded from scratch over the whole journal (a rebuild, a replay)."""
         states: dict[str, AccountStatus] = {}
@@ -369,22 +399,42 @@ class Rules:
                     # Warnings and invoices carry the version of the status they follow.
                     assert effect.status_version == version, (account_id, effect, version)
 
+        rounding = sum(
+            (Decimal(i["exact_total"]) - Decimal(i["amount_due"]) for i in invoices), ZERO
+        )
+        assert balances.get(REVENUE_ROUNDING, ZERO) == rounding, "revenue:rounding != invoices"
+        paid_invoices: dict[str, Decimal] = defaultdict(lambda: ZERO)
+        for entry in self.journal:
+            paid_invoices[entry.account_id] += Decimal(
+                self.details[entry.shard_seq].get("applied_to_invoiced", "0")
+            )
         for account_id, book in self.books.items():
             state = self.states[account_id]
+            receivable = balances.get(receivable_account(account_id), ZERO)
+            invoiced = balances.get(invoiced_account(account_id), ZERO)
             # The projection's reading of the postings equals the ledger writer's book.
-            receivable = balances.get(f"customer:{account_id}:receivable", ZERO)
-            assert state.receivable == book.receivable == receivable, account_id
+            assert book.receivable == receivable and book.invoiced == invoiced, account_id
+            assert state.receivable == receivable + invoiced, account_id
+            assert state.invoiced_outstanding == invoiced, account_id
             assert {g: v for g, v in state.grants.items() if v} == {
                 g.grant_id: g.remaining for g in book.grants.values() if g.remaining
             }, account_id
             assert all(g.remaining >= 0 for g in book.grants.values()), account_id
-            # What is owed = what issued invoices still owe + what is not invoiced yet.
-            assert state.receivable == state.invoiced_outstanding + state.unbilled, (
-                account_id,
-                state,
+            # The journal's accounts: the invoiced receivable is exactly what issued invoices
+            # still owe; the receivable exactly what waits for an invoice.
+            unpaid = sum(
+                (Decimal(i["amount_due"]) for i in invoices if i["account_id"] == account_id),
+                ZERO,
             )
-            assert abs(state.rounding_carry) <= Decimal("0.005"), state
-            assert state.invoiced_outstanding >= 0 and state.prepaid >= 0, state
+            assert invoiced == unpaid - paid_invoices[account_id], (account_id, invoiced)
+            waiting = sum((v for kinds in book.pending.values() for v in kinds.values()), ZERO)
+            assert receivable == waiting - book.prepaid, (account_id, receivable, book)
+            assert receivable >= 0 and invoiced >= 0 and book.prepaid >= 0, book
+            assert all(v > 0 for kinds in book.pending.values() for v in kinds.values()), book
+            # The book folded from the journal as recorded (what `ledger verify` does).
+            recorded = self.recorded_book(account_id)
+            for field in ("receivable", "invoiced", "pending", "prepaid", "last_invoice"):
+                assert getattr(recorded, field) == getattr(book, field), (account_id, field)
 
         states, effects = self.refold()
         assert {a: s.to_json() for a, s in states.items()} == {

@@ -82,7 +82,7 @@ def test_simulate_is_reproducible_and_covers_the_lifecycle():
 def test_summary_checks_fail_on_an_unbalanced_trial_balance():
     summary = demo.DemoSummary(
         produced=3,
-        journaled=4,
+        journaled=5,
         rejected=0,
         entries_by_status={"posted": 3},
         rejected_by_reason={},
@@ -102,6 +102,7 @@ def test_summary_checks_fail_on_an_unbalanced_trial_balance():
             revenue=Decimal("0.5"), promotional=Decimal(1), expiring=Decimal(2), expiring_grants=1
         ),
         derived=1,  # one GrantExpired entry, derived from a tick
+        invoice_entries=1,  # and the month close's InvoiceIssued
         breakage=Decimal("0.5"),
         invoices=1,
         invoices_downstream=1,
@@ -111,7 +112,8 @@ def test_summary_checks_fail_on_an_unbalanced_trial_balance():
     assert not dataclasses.replace(summary, trial_balance={"USD": Decimal("0.01")}).ok
     assert not dataclasses.replace(summary, revenue=Decimal("0.49")).ok
     assert not dataclasses.replace(summary, rejected=1).ok
-    assert not dataclasses.replace(summary, derived=0).ok  # 4 journaled for 3 produced
+    assert not dataclasses.replace(summary, derived=0).ok  # 5 journaled for 3 produced + 1
+    assert not dataclasses.replace(summary, invoice_entries=0).ok  # an invoice not journaled
     assert not dataclasses.replace(summary, configured=1).ok  # a ConfigPublished unaccounted
     assert not dataclasses.replace(summary, breakage=Decimal("2.01")).ok
     assert not dataclasses.replace(summary, expired_left=Decimal("0.01")).ok
@@ -166,7 +168,12 @@ def test_demo_runs_end_to_end_and_reconciles(base_settings: Settings, stack):
         assert result.worker_exit == 0
         s = result.summary
         assert s is not None
-        assert s.journaled + s.rejected == s.produced + s.derived + s.configured > 1000
+        assert (
+            s.journaled + s.rejected
+            == s.produced + s.derived + s.invoice_entries + s.configured
+            > 1000
+        )
+        assert s.invoice_entries == s.invoices
         assert s.ticks_sent == s.ticks_journaled == (31 + 2) * 4  # the demo's clock, 4 partitions
         assert s.balanced and s.trial_balance
         assert s.revenue == s.expected.revenue > 0

@@ -54,6 +54,16 @@ def test_twenty_dollars_of_credits_and_83_of_usage_is_an_invoice_of_63(ledger):
     assert [(line["kind"], Decimal(line["amount"])) for line in lines] == [("usage", 63)]
     [issued] = ledger.outputs_of("fw", "InvoiceIssued")
     assert (issued["invoice_id"], issued["amount_due"]) == ("INV-2026-03-fw", Decimal("63"))
+    # The close is a journal entry, derived from the tick: the receivable moves to invoiced.
+    postings = ledger.db.execute(
+        "SELECT e.event_type, e.cause_event_id IS NOT NULL, p.ledger_account, p.amount "
+        "FROM journal_entries e JOIN postings p USING (shard, shard_seq) "
+        "WHERE e.event_id = 'INV-2026-03-fw' ORDER BY p.line"
+    ).fetchall()
+    assert postings == [
+        ("InvoiceIssued", True, "customer:fw:receivable", Decimal("-63")),
+        ("InvoiceIssued", True, "customer:fw:invoiced", Decimal("63")),
+    ]
 
     # Paying it clears the receivable and counts towards the tier (19 + 63 ≥ 50: tier 2).
     ledger.send(
@@ -64,6 +74,10 @@ def test_twenty_dollars_of_credits_and_83_of_usage_is_an_invoice_of_63(ledger):
         "SELECT receivable, state->>'paid_total' FROM account_status WHERE account_id = 'fw'"
     ).fetchone()
     assert row == (0, "82.000000000")
+    (invoiced,) = ledger.db.execute(
+        "SELECT sum(amount) FROM postings WHERE ledger_account = 'customer:fw:invoiced'"
+    ).fetchone()
+    assert invoiced == 0  # the payment paid the invoice
 
 
 def test_a_promotional_grant_expires_exactly_at_expires_at(ledger):
@@ -101,6 +115,7 @@ def test_replaying_a_month_into_an_empty_database_gives_byte_identical_invoices(
     import psycopg
 
     from ledger.replay import replay
+    from ledger.verify import verify
     from tests.conftest import new_database
 
     rng = random.Random(5)
@@ -165,7 +180,19 @@ def test_replaying_a_month_into_an_empty_database_gives_byte_identical_invoices(
     assert len(original["invoices"]) >= 10
     assert any("adjustment" in row[6] for row in original["invoices"]), original["invoices"]
     copy = new_database(stack)
+    # Derived entries (grant expiries, the month close's invoices) are made again, not replayed.
     assert replay(base_settings, ledger.dsn, copy) == sum(
-        1 for row in original["journal"] if ":expiry:" not in row[2]
+        1 for row in original["journal"] if ":expiry:" not in row[2] and row[2][:4] != "INV-"
     )
     assert snapshot(copy) == original
+    # Invoices and their rounding are posted: verify ties the invoiced receivables to the
+    # issued invoices and revenue:rounding to their exact − due, in both journals.
+    rounding = ledger.db.execute(
+        "SELECT coalesce(sum(exact_total - amount_due), 0) FROM invoices"
+    ).fetchone()[0]
+    posted = ledger.db.execute(
+        "SELECT coalesce(sum(amount), 0) FROM postings WHERE ledger_account = 'revenue:rounding'"
+    ).fetchone()[0]
+    assert posted == rounding
+    assert verify(base_settings, ledger.dsn) == []
+    assert verify(base_settings, copy) == []

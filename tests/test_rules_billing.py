@@ -60,12 +60,13 @@ def test_late_usage_for_a_closed_month_goes_on_the_next_invoice_as_an_adjustment
     rules.check()
 
 
-def test_sub_cent_remainders_are_carried_not_lost():
+def test_a_sub_cent_amount_waits_for_the_next_invoice_and_its_rounding_is_posted():
     rules = Rules()
     contract(rules, "c")
     rules.use("c", "1.004", at=MARCH)  # $1 of credit, $0.004 owed: nothing to bill
     rules.close("2026-03")
     assert rules.invoices() == []
+    assert rules.balances()["customer:c:receivable"] == Decimal("0.004")  # it waits
     rules.use("c", "0.01", at=datetime(2026, 4, 9, tzinfo=UTC))
     rules.close("2026-04")
     [invoice] = rules.invoices("c")
@@ -74,7 +75,14 @@ def test_sub_cent_remainders_are_carried_not_lost():
         Decimal("0.01"),
         Decimal("0.014"),
     )
-    assert [k for k, _, _ in lines(invoice)] == ["usage", "rounding_carry"]
+    assert lines(invoice) == [
+        ("adjustment", "2026-03", Decimal("0.004")),
+        ("usage", "2026-04", Decimal("0.01")),
+    ]
+    balances = rules.balances()
+    assert balances["revenue:rounding"] == Decimal("0.004")  # rounded down: a debit
+    assert balances["customer:c:invoiced"] == Decimal("0.01")
+    assert "customer:c:receivable" not in balances or balances["customer:c:receivable"] == 0
     rules.check()
 
 

@@ -5,7 +5,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PURE = ("ledger.book", "ledger.money", "ledger.config_versions", "projections.account_status",
+PURE = ("ledger.book", "ledger.invoicing", "ledger.money", "ledger.config_versions",
+        "projections.account_status",
         "projections.billing",
         "projections.fold")  # fmt: skip
 # What a pure module may import from outside the standard library.

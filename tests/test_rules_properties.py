@@ -3,8 +3,11 @@ redeliveries, late and out-of-order events across topics, batches and chargeback
 through the rule harness; after every step `Rules.check()` asserts the ledger's invariants:
 
 - the trial balance is zero and every entry balances;
-- every account's receivable = what issued invoices still owe + what is not invoiced yet
-  (charges waiting, rounding carry, minus payments waiting to be applied);
+- from the journal's accounts: every account's invoiced receivable (customer:A:invoiced) = its
+  issued invoices less what was paid on them, its receivable (customer:A:receivable) = what is
+  not invoiced yet (charges waiting − payments waiting, no carry), the projection's receivable =
+  the two; revenue:rounding = Σ (exact − due) of the issued invoices; the writer's book equals
+  the book folded from the journal as recorded;
 - no invoice id is issued twice, no output event id is published twice;
 - status_version strictly increases per account; warnings and invoices carry the version of
   the status they follow;

@@ -50,30 +50,93 @@ def test_1_late_usage_after_the_month_turn_goes_on_the_next_invoice_never_a_seco
     rules.check()
 
 
-# --- 2. a negative carry is not a payment -----------------------------------------------------
+def test_1b_late_usage_after_the_close_waits_in_the_receivable_until_the_next_invoice():
+    rules = Rules()
+    rules.open("a", card=True, limit="10000", at=OCT)
+    rules.use("a", 11, at=OCT)
+    rules.close("2026-10")
+    assert (balance(rules, "customer:a:receivable"), balance(rules, "customer:a:invoiced")) == (
+        0,
+        10,
+    )
+    rules.use("a", "2.5", at=OCT + timedelta(days=5))  # October usage, after October's close
+    # Not invoiced yet: it waits in the receivable, dated October; October's invoice is as
+    # issued, and the invoiced receivable still equals it.
+    assert balance(rules, "customer:a:receivable") == Decimal("2.5")
+    assert balance(rules, "customer:a:invoiced") == 10
+    assert rules.book("a").pending == {"2026-10": {"usage": Decimal("2.5")}}
+    rules.pay("a", 12, "INV-2026-10-a")  # pays the invoice first, then what waits
+    assert balance(rules, "customer:a:invoiced") == 0
+    assert balance(rules, "customer:a:receivable") == Decimal("0.5")
+    rules.close("2026-11")
+    assert ids(rules) == ["INV-2026-10-a", "INV-2026-11-a"]
+    november = rules.invoices()[1]
+    assert kinds(november) == [
+        ("adjustment", "2026-10", Decimal("2.5")),
+        ("payments_applied", "2026-11", Decimal(-2)),
+    ]
+    assert november["amount_due"] == "0.50"
+    assert balance(rules, "customer:a:receivable") == 0
+    assert balance(rules, "customer:a:invoiced") == Decimal("0.50")
+    rules.check()
 
 
-def test_2_a_negative_rounding_carry_never_becomes_a_payment_line():
+# --- 2. rounding is posted, never a payment -------------------------------------------------
+
+
+def balance(rules: Rules, ledger_account: str) -> Decimal:
+    return rules.balances().get(ledger_account, Decimal(0))
+
+
+def test_2_an_invoice_rounded_up_posts_the_difference_to_revenue_rounding_not_a_carry():
     rules = Rules()
     rules.open("a", card=True, limit="10000", at=datetime(2026, 3, 2, tzinfo=UTC))
     rules.use("a", "10.996", at=datetime(2026, 3, 5, tzinfo=UTC))  # $9.996 owed → $10.00
     rules.close("2026-03")
-    assert rules.state("a").rounding_carry == Decimal("-0.004")
+    [march] = rules.invoices()
+    assert (march["exact_total"], march["amount_due"], march["rounding"]) == (
+        "9.996000000",
+        "10.00",
+        "-0.004000000",
+    )
+    [entry] = [e for e in rules.journal if e.event_type == "InvoiceIssued"]
+    assert entry.payload["event_id"] == "INV-2026-03-a"
+    assert dict(entry.postings) == {
+        "customer:a:receivable": Decimal("-9.996"),
+        "customer:a:invoiced": Decimal("10.00"),
+        "revenue:rounding": Decimal("-0.004"),  # rounded up: revenue (a credit)
+    }
+    assert balance(rules, "customer:a:receivable") == 0  # nothing waits, no carry
+    assert balance(rules, "customer:a:invoiced") == Decimal("10.00") == rules.state("a").receivable
     rules.tick(datetime(2026, 4, 20, tzinfo=UTC))
-    rules.close("2026-04")  # nothing but the carry waits: no invoice, carry kept
+    rules.close("2026-04")  # nothing waits: no invoice
     rules.tick(datetime(2026, 5, 1, 0, 1, tzinfo=UTC))  # a month turn
     rules.use("a", 5, at=datetime(2026, 5, 5, tzinfo=UTC))
     rules.close("2026-05")
     may = rules.invoices()[-1]
-    assert kinds(may) == [
-        ("usage", "2026-05", 5),
-        ("rounding_carry", "2026-05", Decimal("-0.004")),
-    ]
+    assert kinds(may) == [("usage", "2026-05", 5)]  # never a carry, never a payment line
     assert Decimal(may["amount_due"]) == Decimal("5.00")
+    assert balance(rules, "customer:a:invoiced") == Decimal("15.00")
     rules.check()
 
 
-# --- 3. the carry is credited once ---------------------------------------------------------------
+def test_2b_an_invoice_rounded_down_posts_the_difference_to_revenue_rounding():
+    rules = Rules()
+    rules.open("a", card=True, limit="10000", at=datetime(2026, 3, 2, tzinfo=UTC))
+    rules.use("a", "8.004", at=datetime(2026, 3, 5, tzinfo=UTC))  # $7.004 owed → $7.00
+    rules.close("2026-03")
+    [march] = rules.invoices()
+    assert (march["amount_due"], march["rounding"]) == ("7.00", "0.004000000")
+    assert balance(rules, "revenue:rounding") == Decimal("0.004")  # rounded down: a debit
+    assert balance(rules, "customer:a:invoiced") == Decimal("7.00")
+    assert balance(rules, "customer:a:receivable") == 0
+    rules.pay("a", "7.00", march["invoice_id"])  # paid as invoiced: nothing owed, no credit
+    assert balance(rules, "customer:a:invoiced") == 0
+    assert rules.state("a").receivable == 0 and rules.book("a").grants.keys() == {"signup"}
+    rules.check()
+
+
+# --- 3. the rounding is credited once -------------------------------------------------------------
 
 
 def test_3_paying_a_rounded_up_invoice_credits_the_rounding_once_over_eleven_months():
@@ -91,10 +154,12 @@ def test_3_paying_a_rounded_up_invoice_credits_the_rounding_once_over_eleven_mon
     assert month == "2026-11"
     billed = sum(Decimal(i["amount_due"]) for i in rules.invoices())
     owed = 11 * Decimal("9.996") - 1  # the $1 sign-up credit paid the first dollar
-    # The invoices never drift from the ledger by more than the half cent in the carry.
+    # Every invoice rounded up by $0.004: posted as revenue:rounding, each once; paying the
+    # rounded amounts makes no overpayment credit and leaves nothing owed.
+    assert billed - owed == Decimal("0.044") == -balance(rules, "revenue:rounding")
     state = rules.state("a")
-    assert abs(billed - owed) <= Decimal("0.005"), (billed, owed)
-    assert billed - state.credit_balance + state.receivable == owed
+    assert (state.receivable, state.credit_balance) == (0, 0)
+    assert rules.book("a").grants.keys() == {"signup"}
     rules.check()
 
 
@@ -219,8 +284,9 @@ def test_8a_a_tick_that_goes_backwards_closes_nothing_again():
 
 def test_8b_a_month_turn_tick_marks_the_accounts_it_revisited_for_the_rebuild_swap():
     rules = Rules()
-    rules.open("a", card=True, limit="10000")
-    rules.use("a", 5)  # pending: the account is tick-sensitive, nothing will be published
+    rules.open("a", card=True, limit="5")
+    rules.use("a", 6)  # suspended at its limit: tick-sensitive (the month turn lifts it)
+    assert rules.state("a").reasons == (SPEND_LIMIT_REACHED,)
     tick = rules.event("PeriodTick", "", datetime(2026, 4, 1, tzinfo=UTC), tick_at=datetime(
         2026, 4, 1, tzinfo=UTC))  # fmt: skip
     before = len(rules.journal)
@@ -232,7 +298,7 @@ def test_8b_a_month_turn_tick_marks_the_accounts_it_revisited_for_the_rebuild_sw
     effects, _ = fold_entries(
         rules.projection, states_before, rules.journal[before:], clock, visited=visited
     )
-    assert effects == [] and visited == {"a"}
+    assert [type(e).__name__ for e in effects] == ["StatusChanged"] and visited == {"a"}
     assert states_before["a"].month == "2026-04" == states["a"].month
 
 

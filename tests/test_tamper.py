@@ -15,12 +15,15 @@ from decimal import Decimal
 import psycopg
 import pytest
 from kafka import KafkaAdminClient, KafkaProducer
+from psycopg.types.json import Jsonb
 from structlog.testing import capture_logs
 
 from ledger import chain_keys, topics
+from ledger.audit import journal_book
 from ledger.book import Entry, Posting, canonical_json, chain_hash, chain_link, link_header
 from ledger.checkpoints import digest, latest, parse_digest, read_topic
 from ledger.db import QUERIES
+from ledger.policy import Policy
 from ledger.verify import verify
 from projections.rebuild import rebuild
 from tests.harness import T0, wait_until
@@ -158,11 +161,22 @@ def test_an_amount_moved_by_five_with_the_chain_recomputed_is_reported_at_its_en
         "AND ledger_account = 'revenue:usage'",
         (shard, seq),
     )
-    # The writer's book is made to agree, the chain recomputed, the projections rebuilt.
+    # The writer's book is made to agree (folded from the changed journal, as verify folds
+    # it: receivable and the charges waiting for an invoice), the chain recomputed, the
+    # projections rebuilt.
+    book = journal_book(conn, Policy.load(settings.policy), account_id)
+    assert (
+        book.receivable
+        == Decimal(
+            conn.execute(
+                "SELECT book->>'receivable' FROM account_books WHERE account_id = %s", (account_id,)
+            ).fetchone()[0]
+        )
+        + 5
+    )
     conn.execute(
-        "UPDATE account_books SET book = jsonb_set(book, '{receivable}', "
-        "to_jsonb(((book->>'receivable')::numeric + 5)::text)) WHERE account_id = %s",
-        (account_id,),
+        "UPDATE account_books SET book = %s WHERE account_id = %s",
+        (Jsonb(book.to_json()), account_id),
     )
     relink(conn, shard, seq, recompute)
     conn.close()

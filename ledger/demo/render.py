@@ -70,7 +70,8 @@ def print_summary(console: Console, s: DemoSummary, worker_exit: int | None) -> 
         "journaled",
         f"{s.journaled:,}  ("
         + ", ".join(f"{k} {v:,}" for k, v in sorted(s.entries_by_status.items()))
-        + f"; GrantExpired {s.derived:,}, ConfigPublished {s.configured:,})",
+        + f"; GrantExpired {s.derived:,}, InvoiceIssued {s.invoice_entries:,}, "
+        + f"ConfigPublished {s.configured:,})",
     )
     flow.add_row(
         "rejected",

@@ -38,7 +38,8 @@ class DemoSummary:
     reinstated_ever: int  # accounts with at least one AccountReinstated downstream
     expected: Expected
     # Billing periods.
-    derived: int = 0  # journal entries derived from a tick (GrantExpired)
+    derived: int = 0  # journal entries derived from a tick: GrantExpired
+    invoice_entries: int = 0  # ... and InvoiceIssued (the month close)
     configured: int = 0  # ConfigPublished entries (price and policy versions, per shard)
     ticks_sent: int = 0  # PeriodTicks sent (one per partition per tick time)
     ticks_journaled: int = 0
@@ -73,8 +74,10 @@ class DemoSummary:
                 "journaled + rejected = produced + derived",
                 f"{self.journaled + self.rejected:,}",
                 f"{self.produced:,} + {self.derived:,} GrantExpired"
+                f" + {self.invoice_entries:,} InvoiceIssued"
                 f" + {self.configured:,} ConfigPublished",
-                self.journaled + self.rejected == self.produced + self.derived + self.configured,
+                self.journaled + self.rejected
+                == self.produced + self.derived + self.invoice_entries + self.configured,
             ),
             (
                 "period ticks journaled",
@@ -125,6 +128,12 @@ class DemoSummary:
                 f"{self.invoices:,}  ({self.invoice_mismatches:,} differ)",
                 f"{self.accounts_owing:,}",
                 self.invoices == self.accounts_owing and self.invoice_mismatches == 0,
+            ),
+            (
+                "InvoiceIssued entries journaled",
+                f"{self.invoice_entries:,}",
+                f"{self.invoices:,}",
+                self.invoice_entries == self.invoices,
             ),
             (
                 "InvoiceIssued seen downstream",
@@ -182,7 +191,9 @@ def summarise(
     revenue, credits, receivable, promotional, cash = conn.execute(
         QUERIES["demo_balances"]
     ).fetchone()
-    derived, ticks, configured = conn.execute(QUERIES["demo_journal_kinds"]).fetchone()
+    derived, ticks, configured, invoice_entries = conn.execute(
+        QUERIES["demo_journal_kinds"]
+    ).fetchone()
     breakage, expired_left = conn.execute(
         QUERIES["demo_breakage"], (max(sim.ticks, default=MONTH_END),)
     ).fetchone()
@@ -211,6 +222,7 @@ def summarise(
         reinstated_ever=len(downstream.reinstated_accounts) if downstream else 0,
         expected=sim.expected,
         derived=derived,
+        invoice_entries=invoice_entries,
         configured=configured,
         ticks_sent=ticks_sent,
         ticks_journaled=ticks,

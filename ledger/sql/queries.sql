@@ -129,10 +129,17 @@ SELECT account_id, book, shard FROM account_books
  WHERE shard = %s AND next_expiry <= %s ORDER BY account_id FOR UPDATE;
 
 -- name: save_book
-INSERT INTO account_books (account_id, book, shard, next_expiry)
-VALUES (%s, %s, %s, %s)
+INSERT INTO account_books (account_id, book, shard, next_expiry, first_pending_month)
+VALUES (%s, %s, %s, %s, %s)
 ON CONFLICT (account_id) DO UPDATE
-   SET book = EXCLUDED.book, shard = EXCLUDED.shard, next_expiry = EXCLUDED.next_expiry;
+   SET book = EXCLUDED.book, shard = EXCLUDED.shard, next_expiry = EXCLUDED.next_expiry,
+       first_pending_month = EXCLUDED.first_pending_month;
+
+-- name: lock_billable_books
+-- The books of a shard with charges waiting for a month that is closed now (at or before the
+-- given YYYY-MM): the accounts a closing PeriodTick may invoice (index account_books_billing).
+SELECT account_id, book, shard FROM account_books
+ WHERE shard = %s AND first_pending_month <= %s ORDER BY account_id FOR UPDATE;
 
 -- name: advance_shard
 -- The new last sequence number, and the shard's chain head before this batch.
@@ -302,6 +309,10 @@ SELECT invoice_id, month, issued_at, amount_due, exact_total, lines FROM invoice
 SELECT invoice_id, account_id, issued_at, amount_due, exact_total, jsonb_array_length(lines)
   FROM invoices WHERE month = %s ORDER BY account_id;
 
+-- name: account_book_pending
+-- What waits for an invoice in the account's book (the ledger writer's state).
+SELECT coalesce(book->'pending', '{}'::jsonb) FROM account_books WHERE account_id = %s;
+
 -- name: account_ledger_balances
 SELECT ledger_account, sum(amount) FROM postings WHERE account_id = %s
  GROUP BY ledger_account ORDER BY ledger_account;
@@ -401,7 +412,8 @@ SELECT suspended, reasons, count(*) FROM account_status
 -- name: demo_balances
 SELECT coalesce(-sum(amount) FILTER (WHERE ledger_account = 'revenue:usage'), 0),
        coalesce(-sum(amount) FILTER (WHERE ledger_account LIKE 'customer:%:credit:%'), 0),
-       coalesce(sum(amount) FILTER (WHERE ledger_account LIKE 'customer:%:receivable'), 0),
+       coalesce(sum(amount) FILTER (WHERE ledger_account LIKE 'customer:%:receivable'
+                                       OR ledger_account LIKE 'customer:%:invoiced'), 0),
        coalesce(sum(amount) FILTER (WHERE ledger_account = 'expense:promotional'), 0),
        coalesce(sum(amount) FILTER (WHERE ledger_account = 'cash'), 0)
   FROM postings;
@@ -438,9 +450,10 @@ SELECT count(*) FILTER (WHERE cause_event_id IS NULL AND event_type <> 'ConfigPu
   FROM journal_entries;
 
 -- name: demo_journal_kinds
-SELECT count(*) FILTER (WHERE cause_event_id IS NOT NULL),
+SELECT count(*) FILTER (WHERE event_type = 'GrantExpired'),
        count(*) FILTER (WHERE event_type = 'PeriodTick'),
-       count(*) FILTER (WHERE event_type = 'ConfigPublished')
+       count(*) FILTER (WHERE event_type = 'ConfigPublished'),
+       count(*) FILTER (WHERE event_type = 'InvoiceIssued')
   FROM journal_entries;
 
 -- name: demo_breakage
@@ -459,19 +472,34 @@ SELECT (SELECT coalesce(-sum(amount), 0) FROM postings
 SELECT count(*), coalesce(sum(amount_due), 0) FROM invoices WHERE month = %s;
 
 -- name: demo_invoice_check
+-- Per account: what it owed exactly before the close (what still waits + what the invoice took
+-- from the receivable) against its invoice; the invoiced receivable is the amount due and
+-- nothing invoiced still waits.
 WITH owed AS (
-    SELECT account_id, sum(amount) AS receivable FROM postings
-     WHERE ledger_account = 'customer:' || account_id || ':receivable'
+    SELECT account_id,
+           coalesce(sum(amount) FILTER (WHERE ledger_account = 'customer:' || account_id
+                                                             || ':receivable'), 0) AS waiting,
+           coalesce(sum(amount) FILTER (WHERE ledger_account = 'customer:' || account_id
+                                                             || ':invoiced'), 0) AS invoiced
+      FROM postings
+     WHERE ledger_account IN ('customer:' || account_id || ':receivable',
+                              'customer:' || account_id || ':invoiced')
      GROUP BY account_id
 ), issued AS (
     SELECT account_id, exact_total, amount_due FROM invoices WHERE month = %s
+), exact AS (
+    SELECT coalesce(o.account_id, i.account_id) AS account_id,
+           coalesce(o.waiting, 0) + coalesce(i.exact_total, 0) AS owed,
+           coalesce(o.waiting, 0) AS waiting, coalesce(o.invoiced, 0) AS invoiced,
+           i.account_id IS NOT NULL AS has_invoice, i.amount_due
+      FROM owed o FULL JOIN issued i USING (account_id)
 )
-SELECT count(*) FILTER (WHERE o.receivable >= 0.005),
-       count(*) FILTER (WHERE i.account_id IS NULL AND o.receivable >= 0.005
-                           OR i.account_id IS NOT NULL
-                              AND (o.receivable IS DISTINCT FROM i.exact_total
-                                   OR i.amount_due <> round(o.receivable, 2)))
-  FROM owed o FULL JOIN issued i USING (account_id);
+SELECT count(*) FILTER (WHERE owed >= 0.005),
+       count(*) FILTER (WHERE NOT has_invoice AND owed >= 0.005
+                           OR has_invoice
+                              AND (waiting <> 0 OR invoiced <> amount_due
+                                   OR amount_due <> round(owed, 2)))
+  FROM exact;
 
 -- name: demo_limit_suspended_now
 SELECT count(*) FROM account_status WHERE 'SPEND_LIMIT_REACHED' = ANY (reasons);
@@ -545,7 +573,26 @@ SELECT e.account_id, e.shard, e.shard_seq, e.event_id, e.event_type, e.status, e
 SELECT shard, last_seq, head_hash FROM shard_heads ORDER BY shard;
 
 -- name: all_account_books
-SELECT account_id, book, shard, next_expiry FROM account_books ORDER BY account_id;
+SELECT account_id, book, shard, next_expiry, first_pending_month FROM account_books
+ ORDER BY account_id;
+
+-- name: receivable_balances
+-- Per customer: its receivable (not yet invoiced) and invoiced ledger accounts' balances.
+SELECT account_id,
+       coalesce(sum(amount) FILTER (WHERE ledger_account = 'customer:' || account_id
+                                                         || ':receivable'), 0),
+       coalesce(sum(amount) FILTER (WHERE ledger_account = 'customer:' || account_id
+                                                         || ':invoiced'), 0)
+  FROM postings WHERE ledger_account LIKE 'customer:%%'
+ GROUP BY account_id ORDER BY account_id;
+
+-- name: ledger_account_total
+SELECT coalesce(sum(amount), 0) FROM postings WHERE ledger_account = %s;
+
+-- name: applied_to_invoices
+-- Per customer: what payments (and credit that paid what was owed) applied to issued invoices.
+SELECT account_id, sum((detail->>'applied_to_invoiced')::numeric) FROM journal_entries
+ WHERE detail ? 'applied_to_invoiced' GROUP BY account_id ORDER BY account_id;
 
 -- name: checkpoint_heads
 -- Each shard's last entry: what a checkpoint publishes.
