@@ -90,7 +90,7 @@ class BatchSizer:
 
 
 RETRY_FIRST_S = 0.5
-RETRY_MAX_S = 5.0
+RETRY_MAX_S = 2.0  # a database back from a restart is written to within ~2 s
 LOSS_REPORT_S = 30.0
 # Records one poll may hand over (into ShardConsumer.buffered): all that has arrived.
 POLL_MAX_RECORDS = 100_000

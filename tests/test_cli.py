@@ -161,7 +161,7 @@ def test_account_show_and_invoices_list_give_limits_and_invoices(ledger, stack, 
     assert (idle["month"], idle["month_to_date_spend"]) == ("2026-04", "0")
     view = json.loads(ledger_cli("account", "show", "inv-1", "--json", env=env).stdout)
     assert (view["tier"], view["effective_limit"], view["month"]) == (
-        "1",
+        1,
         "50.000000000",
         "2026-04",
     )
