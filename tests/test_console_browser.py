@@ -20,6 +20,7 @@ import pytest
 import uvicorn
 from kafka import KafkaProducer
 from selenium import webdriver
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
@@ -235,11 +236,16 @@ def test_search_an_account_open_its_bill_and_find_every_number_of_the_audit(
         shards = d.find_elements(By.CSS_SELECTOR, "table.shards tbody tr")
         assert len(shards) == ledger.settings.partitions
         d.find_element(By.XPATH, "//button[text()='Run verify now']").click()
-        wait_until(
-            lambda: "Last run" in d.find_element(By.CSS_SELECTOR, "[data-field=verify]").text,
-            300,
-            "verify",
-        )
+
+        def verify_text() -> str:
+            """The verify cell's text; "" while the page is being replaced (the form's POST
+            navigates, so an element found on the old page goes stale)."""
+            try:
+                return d.find_element(By.CSS_SELECTOR, "[data-field=verify]").text
+            except (StaleElementReferenceException, NoSuchElementException):
+                return ""
+
+        wait_until(lambda: "Last run" in verify_text(), 300, "verify")
         assert "OK" in d.find_element(By.CSS_SELECTOR, "[data-field=verify]").text
         assert d.find_elements(By.CSS_SELECTOR, "#suspensions-title") or "No suspension" in (
             d.page_source
