@@ -566,7 +566,9 @@ def _console(args: argparse.Namespace, settings: Settings) -> int:
             console_host=settings.console_host if args.host is None else args.host,
             console_port=settings.console_port if args.port is None else args.port,
         )
-    return serve(settings, _database(settings, "reader"))
+    dsn = _database(settings, "reader")
+    print(f"ledger console: {settings.console_url}  (read-only, as the reader role; Ctrl-C stops)")
+    return serve(settings, dsn)
 
 
 def _demo(args: argparse.Namespace, settings: Settings) -> int:

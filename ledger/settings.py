@@ -222,6 +222,12 @@ class Settings:
     def uses_existing_services(self) -> bool:
         return self.kafka_bootstrap is not None and self.database_url is not None
 
+    @property
+    def console_url(self) -> str:
+        """Where `ledger console` serves (LEDGER_CONSOLE_HOST, LEDGER_CONSOLE_PORT)."""
+        host = f"[{self.console_host}]" if ":" in self.console_host else self.console_host
+        return f"http://{host}:{self.console_port}/"
+
     def topic(self, name: str) -> str:
         """The full name of one of the ledger's topics, e.g. `billing.usage.v1`."""
         return self.topic_prefix + name

@@ -471,8 +471,6 @@ def serve(settings: Settings, dsn: str) -> int:
 
     app = create_app(settings, dsn)
     host, port = settings.console_host, settings.console_port
-    shown = f"[{host}]" if ":" in host else host
-    print(f"ledger console: http://{shown}:{port}/  (read-only, as the reader role; Ctrl-C stops)")
-    log.info("console_started", host=host, port=port)
+    log.info("console_started", host=host, port=port, url=settings.console_url)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
     return 0

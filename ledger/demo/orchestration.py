@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ledger import db, topics
 from ledger.db import QUERIES
-from ledger.demo.render import console_url, print_next_steps, print_summary
+from ledger.demo.render import print_next_steps, print_summary
 from ledger.demo.simulation import simulate
 from ledger.demo.status_reader import StatusReader
 from ledger.demo.summary import DemoResult, summarise
@@ -353,7 +353,7 @@ def _run(
         console.print(f"[bold red]worker exited {result.worker_exit}[/]; see {log_path}")
     console.print("[bold green]demo OK[/]" if ok else "[bold red]demo FAILED[/]")
     console.print(
-        f"web console over this demo's data: {console_url(demo_settings)} "
+        f"web console over this demo's data: {demo_settings.console_url} "
         "(run the `ledger console` line above; it serves until Ctrl-C)",
         highlight=False,
         soft_wrap=True,

@@ -145,7 +145,7 @@ def print_next_steps(console: Console, result: DemoResult, conn_dsn: str) -> Non
         "without the scheduler, whose wall clock would close every month since March)",
         f"{worker_env}{ledger} worker {roles}".strip(),
     )
-    url = console_url(settings)
+    url = settings.console_url
     hint(
         f"the web console over the demo's data (read-only; then open {url})",
         f"{env}{ledger} console",
@@ -158,12 +158,6 @@ def print_next_steps(console: Console, result: DemoResult, conn_dsn: str) -> Non
         )
     if not result.external_services:
         hint("stop Kafka and PostgreSQL", f"{ledger} stack down")
-
-
-def console_url(settings) -> str:
-    """Where `ledger console` serves (LEDGER_CONSOLE_HOST, LEDGER_CONSOLE_PORT)."""
-    host = settings.console_host
-    return f"http://{f'[{host}]' if ':' in host else host}:{settings.console_port}/"
 
 
 def _ledger_command() -> str:
