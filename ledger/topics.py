@@ -84,20 +84,9 @@ def create_topics(
     """Create whichever of the ledger's topics are missing; return the names created.
     `replication_factor` copies of each partition (a multi-broker cluster), with the topic
     `configs` given (e.g. `{"min.insync.replicas": "2"}`) and those of TOPIC_CONFIGS."""
-    from kafka import KafkaAdminClient
     from kafka.errors import KafkaError
 
-    from ledger.kafka_auth import client_options
-
-    try:
-        admin = KafkaAdminClient(
-            bootstrap_servers=bootstrap,
-            client_id="ledger-topics",
-            request_timeout_ms=timeout_ms,
-            **client_options(settings),
-        )
-    except KafkaError as exc:
-        raise StackError(f"cannot reach Kafka at {bootstrap}: {exc}") from exc
+    admin = _admin(bootstrap, settings, timeout_ms)
     try:
         existing = set(admin.list_topics())
         missing = [name for name in all_topics(settings) if name not in existing]
@@ -131,22 +120,11 @@ def create_topics(
 
 def delete_topics(bootstrap: str, settings: Settings, names: list[str]) -> list[str]:
     """Delete the topics `names` (a demo's old runs); return those Kafka deleted."""
-    from kafka import KafkaAdminClient
     from kafka.errors import KafkaError
-
-    from ledger.kafka_auth import client_options
 
     if not names:
         return []
-    try:
-        admin = KafkaAdminClient(
-            bootstrap_servers=bootstrap,
-            client_id="ledger-topics",
-            request_timeout_ms=30_000,
-            **client_options(settings),
-        )
-    except KafkaError as exc:
-        raise StackError(f"cannot reach Kafka at {bootstrap}: {exc}") from exc
+    admin = _admin(bootstrap, settings)
     try:
         result = admin.delete_topics(names, timeout_ms=30_000, raise_errors=False)
         return sorted(t["name"] for t in result.get("topics", []) if t.get("error_code") == 0)
@@ -158,17 +136,26 @@ def delete_topics(bootstrap: str, settings: Settings, names: list[str]) -> list[
 
 def list_topics(bootstrap: str, settings: Settings) -> list[str]:
     """Every topic on the cluster."""
-    from kafka import KafkaAdminClient
-
-    from ledger.kafka_auth import client_options
-
-    admin = KafkaAdminClient(
-        bootstrap_servers=bootstrap,
-        client_id="ledger-topics",
-        request_timeout_ms=30_000,
-        **client_options(settings),
-    )
+    admin = _admin(bootstrap, settings)
     try:
         return sorted(admin.list_topics())
     finally:
         admin.close()
+
+
+def _admin(bootstrap: str, settings: Settings, timeout_ms: int = 30_000):  # -> KafkaAdminClient
+    """An admin client for the topic commands, or StackError naming the brokers."""
+    from kafka import KafkaAdminClient
+    from kafka.errors import KafkaError
+
+    from ledger.kafka_auth import client_options
+
+    try:
+        return KafkaAdminClient(
+            bootstrap_servers=bootstrap,
+            client_id="ledger-topics",
+            request_timeout_ms=timeout_ms,
+            **client_options(settings),
+        )
+    except KafkaError as exc:
+        raise StackError(f"cannot reach Kafka at {bootstrap}: {exc}") from exc
