@@ -25,8 +25,8 @@ Everything lives under `settings.home` (default `~/.local/state/billing-ledger/`
     kafka/ tansu/ postgres/ per-service state, logs and pid files (see those modules)
 
 The current run: `make demo` plays its month in a database and topics of its own
-(`demo_<run>`, `demo-<run>.*`) and, when it ends, records them here as the stack's current run
-(`set_current_run`). Until the next demo or `ledger stack use main`, every command that uses
+(`demo_<run>`, `demo-<run>.*`) and, once they exist, records them here as the stack's current
+run (`set_current_run`). Until the next demo or `ledger stack use-main`, every command that uses
 the local stack sees that run: its URLs name the run's database, and `with_current_run` gives
 settings its topic prefix and consumer group (unless LEDGER_TOPIC_PREFIX or
 LEDGER_CONSUMER_GROUP is set to something else). Without a current run the local stack's own
