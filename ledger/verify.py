@@ -74,6 +74,7 @@ STATUS_COLUMNS = (
     "receivable", "state", "shard", "tier", "effective_limit", "month", "month_to_date_spend",
     "tick_sensitive",
 )  # fmt: skip
+STREAM_ROWS = 2000  # journal rows fetched at a time
 INVOICE_COLUMNS = (
     "invoice_id", "account_id", "month", "issued_at", "currency", "exact_total", "amount_due",
     "lines",
@@ -118,7 +119,11 @@ def verify(
             )
         }
         shards = recompute(
-            conn, projection, {s: p for s, (p, _) in positions.items()}, progress=progress
+            conn,
+            projection,
+            {s: p for s, (p, _) in positions.items()},
+            progress=progress,
+            keep=InvoiceIssued,
         )
         for shard, (_, clock) in sorted(positions.items()):
             if shards[shard].clock != clock:
@@ -141,7 +146,6 @@ def verify(
             effect.invoice["invoice_id"]: invoice_row(effect.invoice)
             for s in shards.values()
             for effect in s.effects
-            if isinstance(effect, InvoiceIssued)
         }
         differences += _compare("invoice", INVOICE_COLUMNS, issued, invoices)
         owed = {
@@ -253,7 +257,12 @@ def check_journal(
     for cp in checkpoints or ():
         at_seq.setdefault((cp.shard, cp.seq), []).append(cp)
 
-    for row in conn.execute(QUERIES["chain_entries"]):
+    # Streamed through a server-side cursor: memory grows with the accounts (their books), not
+    # with the journal's length.
+    rows = conn.cursor(name="verify_chain_entries")
+    rows.itersize = STREAM_ROWS
+    rows.execute(QUERIES["chain_entries"])
+    for row in rows:
         (account_id, shard, seq, event_id, event_type, status, payload, detail, prev_hash,
          entry_hash, raw, accounts, amounts, key_id, occurred_at, price_version, cause,
          postings_owned) = row  # fmt: skip

@@ -45,10 +45,11 @@ class ShardState:
         shard: int,
         upto: int,
         *,
-        keep_effects: bool = False,
+        keep: type[Effect] | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> set[str]:
-        """Fold this shard's entries (position, upto]; returns the accounts touched."""
+        """Fold this shard's entries (position, upto]; returns the accounts touched. Effects
+        of type `keep` are added to `effects`."""
         touched: set[str] = set()
         while self.position < upto:
             end = min(upto, self.position + CHUNK)
@@ -61,8 +62,8 @@ class ShardState:
             )
             touched |= set(self.states) - before
             touched |= {e.account_id for e in effects}
-            if keep_effects:
-                self.effects += effects
+            if keep is not None:
+                self.effects += [e for e in effects if isinstance(e, keep)]
             done, self.position = end - self.position, end
             if progress is not None:
                 progress(done)
@@ -75,8 +76,10 @@ def recompute(
     positions: dict[int, int],
     *,
     progress: Progress | None = None,
+    keep: type[Effect] | None = None,
 ) -> dict[int, ShardState]:
-    """Every shard folded from scratch up to `positions[shard]`, effects kept."""
+    """Every shard folded from scratch up to `positions[shard]`, with the effects of type
+    `keep` (only those: all of them would grow with the journal)."""
     total, done = sum(positions.values()), 0
     shards = {}
 
@@ -88,7 +91,7 @@ def recompute(
 
     for shard, upto in sorted(positions.items()):
         shards[shard] = ShardState()
-        shards[shard].advance(conn, projection, shard, upto, keep_effects=True, progress=tick)
+        shards[shard].advance(conn, projection, shard, upto, keep=keep, progress=tick)
     return shards
 
 

@@ -30,6 +30,7 @@ def test_the_benchmark_runs_and_reports_every_phase(stack, base_settings):
             "20",
             "--scale-out",
             "2",
+            "--py-spy",
         ],
         capture_output=True,
         text=True,
@@ -50,6 +51,9 @@ def test_the_benchmark_runs_and_reports_every_phase(stack, base_settings):
         "(g) projections rebuild",
         "(h) ledger replay",
         "(i) ledger x2 process(es)",
+        "(j) ledger verify",
+        "storage",
+        "py-spy samples of the worker",
         "machine",
     ):
         assert phase in out, phase
@@ -61,3 +65,32 @@ def test_the_benchmark_runs_and_reports_every_phase(stack, base_settings):
     report = json.loads(results.read_text())
     assert report["journal"]["rejected_by_reason"] and report["scale_out"][0]["processes"] == 2
     assert results.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The verify phase checked the whole drained journal, and the storage covers its tables.
+    assert report["verify"]["entries"] == report["journal"]["entries"]
+    assert {"journal_entries", "raw_events", "postings"} <= set(report["storage"]["tables"])
+    assert report["storage"]["bytes"] == sum(report["storage"]["tables"].values())
+    # py-spy sampled the ledger worker in the writer's code.
+    samples = results.with_name(results.stem + "-ledger.pyspy.txt").read_text()
+    assert "write_batch" in samples
+
+
+def test_the_sample_summary_splits_cpu_time_by_function(tmp_path):
+    from ledger.bench.samples import read_stacks, split_time, summary
+
+    path = tmp_path / "samples.txt"
+    path.write_text(
+        "main (cli.py:10);write_batch (journal.py:300);post (book.py:40) 6\n"
+        "main (cli.py:10);write_batch (journal.py:310);copy (journal.py:900) 3\n"
+        "main (cli.py:11);poll (consumer.py:200) 1\n"
+        "not a sample line\n"
+    )
+    stacks = read_stacks(path)
+    total, inclusive, own = split_time(stacks)
+    assert total == 10
+    # Lines of one function are one function; a frame is counted once per sample.
+    assert inclusive["write_batch (journal.py)"] == 9 and own["write_batch (journal.py)"] == 0
+    assert inclusive["main (cli.py)"] == 10 and own["post (book.py)"] == 6
+    # 2 s of CPU over 1,000 records is 2,000 µs per record, split in proportion.
+    lines = summary(path, cpu_seconds=2.0, records=1000)
+    row = next(line for line in lines if line.endswith("write_batch (journal.py)"))
+    assert row.split()[:2] == ["1800.0", "0.0"]

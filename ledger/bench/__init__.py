@@ -8,7 +8,10 @@
    UsageRecorded events (skewed over the accounts, several products and priced models).
 3. Times (a) raw kafka-python consumption of the input topics, (b) the same plus Avro decoding,
    (c) the ledger role as a real `ledger worker --role ledger` process draining everything into
-   the journal, (d) the projection role draining the journal into account_status.
+   the journal, (d) the projection role draining the journal into account_status; then the
+   storage the journal takes, (j) `ledger verify` as its own process, (g) rebuild, (h) replay,
+   (i) scale-out over 1, 2, 4 ledger processes and (f) suspension latency under load.
+   With --py-spy, py-spy samples the (c) and (d) workers (`ledger.bench.samples`).
    With --profile, also (e) LedgerWriter.write_batch in-process (no Kafka) on fresh databases:
    once with its steps wrapped in timers, once under cProfile (`<home>/bench-<ts>.prof`).
 4. Prints a table and writes it as JSON to `<home>/bench-<ts>.json`. Each phase also reports

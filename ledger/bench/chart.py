@@ -14,6 +14,7 @@ PHASES = (
     ("projections", "projections", "steady_rate"),
     ("rebuild", "rebuild", "rate"),
     ("replay", "replay", "rate"),
+    ("verify", "verify", "rate"),
 )
 
 

@@ -22,11 +22,14 @@ from ledger.bench.phases import (
     rebuild_and_replay,
     scale_out,
     set_up,
+    storage,
     suspension_latency,
+    verify_journal,
     write_batch_in_process,
 )
 from ledger.bench.proc_readings import CpuMeter
 from ledger.bench.report import print_in_process, print_table, say
+from ledger.bench.samples import summary as samples_summary
 from ledger.log import configure_logging
 from ledger.redact import redact
 from ledger.settings import Settings
@@ -80,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also run write_batch in-process: timed steps, and under cProfile",
     )
+    p.add_argument(
+        "--py-spy",
+        action="store_true",
+        help="sample the (c) and (d) workers with py-spy; print where their Python time goes",
+    )
     p.add_argument("--timeout", type=float, default=3600, help="seconds per phase (3600)")
     p.add_argument(
         "--stall", type=float, default=120, help="give up after this long without progress (120)"
@@ -126,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         total = produce_input(run)
         consume_input_raw(run, total)
         drain_with_workers(run, total)
+        storage(run)
+        if not args.no_projections:
+            verify_journal(run)
         if not args.no_rebuild:
             rebuild_and_replay(run)
         if args.scale_out:
@@ -143,6 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     chart = write_chart(results, home / f"bench-{stamp}.png")
     if profile_stats is not None:
         print_in_process(results["in_process"], profile_stats)
+    for role, items in (("ledger", total), ("projections", None)):
+        samples = run.samples_path(role)
+        if samples is not None and samples.exists() and role in results:
+            count = items if items is not None else results["journal"]["entries"]
+            for line in samples_summary(samples, results[role]["cpu_seconds"], count):
+                say(line)
     print_table(results)
     say(f"results: {path}")
     say(f"chart: {chart}" if chart else "chart: skipped (matplotlib is not installed)")

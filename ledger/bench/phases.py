@@ -10,6 +10,7 @@ import dataclasses
 import gc
 import os
 import pstats
+import subprocess
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -56,6 +57,12 @@ class BenchRun:
 
     def __post_init__(self) -> None:
         self.databases = [self.db_name]
+
+    def samples_path(self, role: str) -> Path | None:
+        """Where py-spy writes `role`'s samples (with --py-spy), else None."""
+        if not self.args.py_spy:
+            return None
+        return self.home / f"bench-{self.stamp}-{role}.pyspy.txt"
 
     @property
     def db_name(self) -> str:
@@ -228,6 +235,7 @@ def drain_with_workers(run: BenchRun, total: int) -> None:
             args.timeout,
             run.meter,
             args.stall,
+            samples_to=run.samples_path("ledger"),
         )
         entries, rejected, postings = watch.execute(QUERIES["bench_journal_counts"]).fetchone() or (
             0,
@@ -244,6 +252,7 @@ def drain_with_workers(run: BenchRun, total: int) -> None:
         results["ledger"] = dataclasses.asdict(ledger_run) | {
             "rate": ledger_run.rate,
             "steady_rate": ledger_run.steady_rate,
+            "steady_cpu_us": ledger_run.steady_cpu_us,
         }
         results["journal"] = {
             "entries": entries,
@@ -276,10 +285,12 @@ def drain_with_workers(run: BenchRun, total: int) -> None:
                 args.timeout,
                 run.meter,
                 args.stall,
+                samples_to=run.samples_path("projections"),
             )
             results["projections"] = dataclasses.asdict(proj_run) | {
                 "rate": proj_run.rate,
                 "steady_rate": proj_run.steady_rate,
+                "steady_cpu_us": proj_run.steady_cpu_us,
             }
             say(f"projections: {entries:,} in {proj_run.seconds:.1f}s", flush=True)
 
@@ -361,6 +372,52 @@ def rebuild_and_replay(run: BenchRun) -> None:
         "cpu_cores": run.meter.stop(),
     }
     say(f"replay: {events:,} events in {seconds:.1f}s", flush=True)
+
+
+def verify_journal(run: BenchRun) -> None:
+    """(j) `ledger verify` of the drained journal (after (d), so the projection it recomputes
+    is the whole journal's), as its own process: entries per second and its peak RSS (the
+    verify streams the journal, so the peak grows with the accounts, not the entries)."""
+    from ledger.runner import worker_command
+
+    results = run.results
+    entries = results["journal"]["entries"]
+    command = [*worker_command(())[:3], "verify", "--no-checkpoints"]
+    say("verify: the journal, the books and the projection ...", flush=True)
+    run.meter.start()
+    started = time.perf_counter()
+    with open(run.home / f"bench-{run.stamp}-verify.log", "wb") as out:
+        proc = subprocess.Popen(command, env=worker_env(run), stdout=out, stderr=out)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    seconds = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise BenchError(f"ledger verify exited {proc.returncode}; see {out.name}")
+    results["verify"] = {
+        "entries": entries,
+        "seconds": round(seconds, 3),
+        "rate": entries / seconds,
+        "peak_rss_mib": usage.ru_maxrss / 1024,  # KiB on Linux
+        # From its rusage: a process already reaped is gone from the meter's process table.
+        "cpu_us_per_entry": (usage.ru_utime + usage.ru_stime) * 1e6 / max(entries, 1),
+        "cpu_cores": run.meter.stop(),
+    }
+    say(f"verify: {entries:,} entries in {seconds:.1f}s, clean", flush=True)
+
+
+def storage(run: BenchRun) -> None:
+    """What the drained journal takes on disk (tables with their indexes and TOAST), in all and
+    per input record."""
+    with psycopg.connect(run.dsn, autocommit=True) as conn:
+        tables = conn.execute(QUERIES["bench_table_sizes"]).fetchall()
+    records = run.results["events_total"] - run.duplicates
+    total = sum(size for _, size in tables)
+    run.results["storage"] = {
+        "bytes": total,
+        "records": records,
+        "bytes_per_record": total / records,
+        "tables": dict(tables),
+    }
 
 
 def scale_out(run: BenchRun, total: int, counts: tuple[int, ...]) -> None:

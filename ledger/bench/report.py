@@ -75,6 +75,11 @@ def print_table(results: dict[str, Any]) -> None:
             f"{_us(raw, 'bench', raw['records'])})",
         ),
         (
+            "    after warm-up",
+            f"worker {ledger['steady_cpu_us']:.0f} µs of CPU per record (start-up, imports "
+            "and the first batch left out)",
+        ),
+        (
             "    journal",
             f"{journal['entries']:,} entries, {journal['postings']:,} postings, "
             f"{journal['rejected']:,} rejected; trial balance "
@@ -89,6 +94,10 @@ def print_table(results: dict[str, Any]) -> None:
             ),
             ("    after warm-up", _rate(proj["steady_rate"])),
             ("    worker peak RSS", f"{proj['peak_rss_mib']:.0f} MiB (VmHWM)"),
+            (
+                "    cpu per entry",
+                f"worker {proj['steady_cpu_us']:.0f} µs after warm-up",
+            ),
             ("    cpu cores", _cores(proj["cpu_cores"])),
         ]
     else:
@@ -106,6 +115,32 @@ def print_table(results: dict[str, Any]) -> None:
                 ),
                 ("    cpu cores", _cores(r[key]["cpu_cores"])),
             ]
+    if "verify" in r:
+        v = r["verify"]
+        rows += [
+            (
+                "(j) ledger verify",
+                f"{_rate(v['rate'])} entries  ({v['entries']:,} in {v['seconds']:.1f}s, its own "
+                f"process; peak RSS {v['peak_rss_mib']:.0f} MiB)",
+            ),
+            (
+                "    cpu",
+                f"verify {v['cpu_us_per_entry']:.0f} µs per entry (its own CPU time); "
+                + _cores(v["cpu_cores"]),
+            ),
+        ]
+    if "storage" in r:
+        st = r["storage"]
+        biggest = ", ".join(
+            f"{name} {size / st['records']:,.0f}" for name, size in list(st["tables"].items())[:4]
+        )
+        rows.append(
+            (
+                "storage",
+                f"{st['bytes_per_record']:,.0f} bytes per input record, tables + indexes + TOAST "
+                f"({st['bytes'] / 2**20:,.1f} MiB; {biggest})",
+            )
+        )
     for row in r.get("scale_out", []):
         rows.append(
             (

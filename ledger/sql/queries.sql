@@ -361,6 +361,13 @@ SELECT coalesce(sum(next_offset), 0)::bigint FROM consumer_offsets;
 SELECT (SELECT count(*) FROM journal_entries WHERE event_type <> 'ConfigPublished'),
        (SELECT count(*) FROM rejected_events), (SELECT count(*) FROM postings);
 
+-- name: bench_table_sizes
+-- Every table of the ledger's schema with its indexes and TOAST, largest first.
+SELECT c.relname, pg_total_relation_size(c.oid)
+  FROM pg_class c
+ WHERE c.relkind IN ('r', 'p') AND c.relnamespace = current_schema()::regnamespace
+ ORDER BY 2 DESC, 1;
+
 -- name: bench_rejects_by_reason
 SELECT reason, count(*) FROM rejected_events GROUP BY reason ORDER BY 2 DESC, 1;
 
@@ -554,19 +561,23 @@ SELECT invoice_id, account_id, month, issued_at, currency, exact_total, amount_d
 -- name: chain_entries
 -- Every entry in chain order (shard, shard_seq), with what its link covers: the raw bytes
 -- (a derived entry's are its cause's), postings in line order, and whether every posting
--- belongs to the entry's account in USD (the link does not cover those two columns).
+-- belongs to the entry's account in USD (the link does not cover those two columns). Read
+-- through a server-side cursor: a plan that streams in key order (no sort, no grouping of the
+-- whole journal).
 SELECT e.account_id, e.shard, e.shard_seq, e.event_id, e.event_type, e.status, e.payload,
        e.detail, e.prev_hash, e.entry_hash, coalesce(r.raw, c.raw),
-       coalesce(array_agg(p.ledger_account ORDER BY p.line) FILTER (WHERE p.line IS NOT NULL),
-                '{}'),
-       coalesce(array_agg(p.amount ORDER BY p.line) FILTER (WHERE p.line IS NOT NULL), '{}'),
+       coalesce(p.accounts, '{}'), coalesce(p.amounts, '{}'),
        e.chain_key_id, e.occurred_at, e.price_version, e.cause_event_id,
-       bool_and(p.account_id = e.account_id AND p.currency = 'USD') IS NOT FALSE
+       p.owned IS NOT FALSE
   FROM journal_entries e
   LEFT JOIN raw_events r ON r.event_id = e.event_id
   LEFT JOIN raw_events c ON c.event_id = e.cause_event_id
-  LEFT JOIN postings p ON p.shard = e.shard AND p.shard_seq = e.shard_seq
- GROUP BY e.shard, e.shard_seq, r.raw, c.raw
+  CROSS JOIN LATERAL (
+        SELECT array_agg(pp.ledger_account ORDER BY pp.line) AS accounts,
+               array_agg(pp.amount ORDER BY pp.line) AS amounts,
+               bool_and(pp.account_id = e.account_id AND pp.currency = 'USD') AS owned
+          FROM postings pp
+         WHERE pp.shard = e.shard AND pp.shard_seq = e.shard_seq) p
  ORDER BY e.shard, e.shard_seq;
 
 -- name: shard_chain_heads
