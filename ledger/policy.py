@@ -50,9 +50,12 @@ class Policy:
         return dataclasses.replace(_parse(data), ref=ref)
 
     def tier_for(self, paid: Decimal) -> Tier:
-        """The highest tier whose payment threshold `paid` reaches."""
-        reached = [t for t in self.tiers if paid >= t.paid_at_least]
-        return reached[-1]
+        """The highest tier whose payment threshold `paid` reaches (the first tier, which
+        starts at 0, for anything below)."""
+        for tier in reversed(self.tiers):
+            if paid >= tier.paid_at_least:
+                return tier
+        return self.tiers[0]
 
 
 def _tier_number(value: object, position: int) -> str:

@@ -33,10 +33,13 @@ ZERO = Decimal(0)
 CENT = Decimal("0.01")
 
 
+_NO_OFFSET = timedelta(0)
+
+
 def month_of(when: datetime) -> str:
     """"YYYY-MM" of `when` in UTC (as strftime("%Y-%m") would say it, without its cost: this
     runs for every usage event and every journal entry)."""
-    if when.tzinfo is not UTC:
+    if when.tzinfo is not UTC and when.utcoffset() != _NO_OFFSET:  # naive: local time
         when = when.astimezone(UTC)
     return f"{when.year}-{when.month:02d}"
 
