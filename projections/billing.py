@@ -37,7 +37,7 @@ _NO_OFFSET = timedelta(0)
 
 
 def month_of(when: datetime) -> str:
-    """"YYYY-MM" of `when` in UTC (as strftime("%Y-%m") would say it, without its cost: this
+    """The month of `when` in UTC, as strftime("%Y-%m") would write it, without its cost (this
     runs for every usage event and every journal entry)."""
     if when.tzinfo is not UTC and when.utcoffset() != _NO_OFFSET:  # naive: local time
         when = when.astimezone(UTC)
