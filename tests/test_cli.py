@@ -31,6 +31,12 @@ def ledger_cli(*args, env=None, check=False):
     [
         ("LEDGER_PARTITIONS", "eight", "LEDGER_PARTITIONS='eight': not an integer"),
         ("LEDGER_PARTITIONS", "0", "LEDGER_PARTITIONS=0: must be in [1, 10000]"),
+        # Batches beyond what the worker's memory budget was measured at are refused.
+        (
+            "LEDGER_BATCH_MAX_EVENTS",
+            "100000",
+            "LEDGER_BATCH_MAX_EVENTS=100000: must be in [1, 20000]",
+        ),
         ("LEDGER_BROKER", "rabbitmq", "LEDGER_BROKER='rabbitmq': must be one of"),
         ("LEDGER_DATABASE_URL", "mysql://x", "LEDGER_DATABASE_URL='mysql://x'"),
         ("LEDGER_KAFKA_BOOTSTRAP", "localhost", "LEDGER_KAFKA_BOOTSTRAP='localhost'"),
