@@ -129,27 +129,29 @@ SAMPLES_PER_S = 250
 
 def start_sampler(pid: int, out: Path) -> subprocess.Popen:
     """py-spy recording process `pid`'s Python stacks (only the thread holding the GIL, so the
-    samples split the process's Python CPU time) into `out` as collapsed stacks."""
+    samples split the process's Python CPU time) into `out` as collapsed stacks; its own
+    messages go to `out` + ".log"."""
     exe = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
     if exe is None:
         raise BenchError("--py-spy needs py-spy on the PATH (pip install -e '.[dev]')")
-    return subprocess.Popen(
-        [
-            *(exe, "record", "--pid", str(pid), "--gil", "--rate", str(SAMPLES_PER_S)),
-            *("--format", "raw", "--output", str(out)),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    with open(f"{out}.log", "wb") as messages:
+        return subprocess.Popen(
+            [
+                *(exe, "record", "--pid", str(pid), "--gil", "--rate", str(SAMPLES_PER_S)),
+                *("--format", "raw", "--output", str(out)),
+            ],
+            stdout=messages,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def stop_sampler(sampler: subprocess.Popen) -> None:
-    """Stop py-spy (SIGINT makes it write its file) and check it wrote it."""
+    """Stop py-spy (on SIGINT it writes its file and exits) and check that it exited cleanly."""
     sampler.send_signal(signal.SIGINT)
     try:
-        _, err = sampler.communicate(timeout=30)
+        sampler.wait(timeout=30)
     except subprocess.TimeoutExpired:
         sampler.kill()
         raise BenchError("py-spy did not stop within 30 s of SIGINT") from None
     if sampler.returncode not in (0, -signal.SIGINT):
-        raise BenchError(f"py-spy exited {sampler.returncode}: {err.decode(errors='replace')}")
+        raise BenchError(f"py-spy exited {sampler.returncode}; see its .log next to the samples")
