@@ -72,6 +72,11 @@ class _Schema:
     named: dict  # full name -> parsed named type, for references inside `parsed`
     fingerprint: int
     prefix: bytes  # MAGIC + fingerprint, the first HEADER_LEN bytes of every value
+    # For reading: `parsed` with the uuid logical type taken off its top-level fields (named in
+    # `uuid_fields`), which are then read as strings and checked by `_uuid_text`: fastavro
+    # would make a uuid.UUID of each, only for the ledger to make it a string again.
+    read_parsed: dict
+    uuid_fields: tuple[str, ...]
 
     @classmethod
     def parse(cls, schema: dict) -> _Schema:
@@ -81,7 +86,42 @@ class _Schema:
         parsed = parse_schema(schema, named_schemas=named)
         fp = schema_fingerprint(parsed)
         event_type = parsed["name"].rsplit(".", 1)[-1]
-        return cls(event_type, parsed, named, fp, MAGIC + fp.to_bytes(8, "little"))
+        uuid_fields = tuple(
+            f["name"]
+            for f in schema.get("fields", ())
+            if isinstance(f.get("type"), dict) and f["type"].get("logicalType") == "uuid"
+        )
+        read_parsed = parsed
+        if uuid_fields:
+            plain = dict(schema)
+            plain["fields"] = [
+                {**f, "type": {k: v for k, v in f["type"].items() if k != "logicalType"}}
+                if f["name"] in uuid_fields
+                else f
+                for f in schema["fields"]
+            ]
+            read_parsed = parse_schema(plain, named_schemas={})
+        return cls(
+            event_type,
+            parsed,
+            named,
+            fp,
+            MAGIC + fp.to_bytes(8, "little"),
+            read_parsed,
+            uuid_fields,
+        )
+
+
+# str(uuid.UUID(s)) == s exactly for these; other spellings uuid.UUID accepts (upper case,
+# braces, "urn:uuid:", no hyphens) are made this one, as fastavro's uuid type + str() did.
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def _uuid_text(value: str) -> str:
+    """`value` as the canonical text of a UUID; ValueError if it is none."""
+    if _CANONICAL_UUID.fullmatch(value):
+        return value
+    return str(uuid.UUID(value))
 
 
 class Codec:
@@ -221,8 +261,17 @@ class Codec:
         what = f"{writer.event_type} (schema {fp:016x})"
         try:
             event = fastavro.schemaless_reader(
-                fo, writer.parsed, None if reader is writer else reader.parsed
+                fo, writer.read_parsed, None if reader is writer else reader.read_parsed
             )
+            uuid_fields = (
+                reader.uuid_fields
+                if reader is writer
+                else (*writer.uuid_fields, *reader.uuid_fields)
+            )
+            for name in uuid_fields:
+                text = event.get(name)
+                if isinstance(text, str):
+                    event[name] = _uuid_text(text)
         except EOFError as exc:
             if _NEGATIVE_LENGTH.search(str(exc)):
                 raise SchemaViolationError(f"{what}: negative length in body") from None
@@ -244,9 +293,6 @@ class Codec:
             raise SchemaViolationError(f"{what}: {trailing} trailing bytes after the body")
         if not isinstance(event, dict):
             raise SchemaViolationError(f"{what}: body is not a record")
-        for name in ("event_id",):
-            if isinstance(event.get(name), uuid.UUID):
-                event[name] = str(event[name])
         try:
             bounds.check_event(event)
         except bounds.BoundsViolation as exc:

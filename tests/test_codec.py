@@ -607,3 +607,43 @@ def test_load_reads_history_as_extra_writer_versions(tmp_path, monkeypatch):
     assert loaded.fingerprint("PaymentMethodAdded") == Codec.default().fingerprint(
         "PaymentMethodAdded"
     )
+
+
+def _with_event_id(codec: Codec, event_type: str, event_id: str) -> bytes:
+    """SAMPLES[event_type] written with any string as its event_id (no UUID check on the way)."""
+    schema = avsc(event_type)
+    for field in schema["fields"]:
+        if field["name"] == "event_id":
+            field["type"] = "string"
+    datum = with_defaults(event_type, SAMPLES[event_type]) | {"event_id": event_id}
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, fastavro.parse_schema(schema), datum)
+    return MAGIC + struct.pack("<Q", codec.fingerprint(event_type)) + buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        "12345678-9abc-4def-8123-456789abcdef",
+        "12345678-9ABC-4DEF-8123-456789ABCDEF",
+        "{12345678-9abc-4def-8123-456789abcdef}",
+        "urn:uuid:12345678-9abc-4def-8123-456789abcdef",
+        "123456789abc4def8123456789abcdef",
+    ],
+)
+def test_an_event_id_is_read_as_the_canonical_text_of_its_uuid(codec, spelling):
+    # Every spelling of one UUID is one event_id (so one event for the dedupe), in lower case.
+    decoded = codec.decode(_with_event_id(codec, "UsageRecorded", spelling))
+    assert decoded.event["event_id"] == "12345678-9abc-4def-8123-456789abcdef"
+
+
+@pytest.mark.parametrize("bad", ["x", "", "12345678-9abc-4def-8123-456789abcdeg", "1" * 40])
+def test_an_event_id_that_is_no_uuid_is_a_schema_violation(codec, bad):
+    with pytest.raises(SchemaViolationError, match=": ValueError: "):
+        codec.decode(_with_event_id(codec, "UsageRecorded", bad))
+
+
+def test_a_config_publication_keeps_its_event_id_as_written(codec):
+    # Its event_id is no UUID (config:{kind}:{version}:{shard}), and its schema says so.
+    value = _with_event_id(codec, "ConfigPublished", "config:policy:2026-01:3")
+    assert codec.decode(value).event["event_id"] == "config:policy:2026-01:3"
