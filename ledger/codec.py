@@ -47,6 +47,7 @@ from ledger.errors import (
 
 MAGIC = b"\xc3\x01"
 HEADER_LEN = 10  # magic + 8-byte fingerprint
+_BYTES = (bytes, bytearray, memoryview)  # a tuple: `bytes | ...` would build a union per call
 _INT_RANGE = {"int": (-(2**31), 2**31 - 1), "long": (-(2**63), 2**63 - 1)}
 _MISSING = object()
 _DECIMAL_CONTEXT = Context(prec=60, traps=[InvalidOperation])  # independent of the caller's
@@ -235,7 +236,7 @@ class Codec:
         """Decode a Kafka value. Raises a DecodeError subclass, never anything else."""
         if value is None:
             raise TombstoneError("no value (tombstone)")
-        if not isinstance(value, bytes | bytearray | memoryview):
+        if not isinstance(value, _BYTES):
             raise BadMagicError(f"value is {_t(value)}, not bytes")
         value = bytes(value)
         if len(value) > bounds.MAX_EVENT_BYTES:
