@@ -203,14 +203,19 @@ UPDATE projection_positions SET position = %s, last_tick_at = %s
  WHERE projection = %s AND shard = %s AND position < %s;
 
 -- name: read_entries
+-- A range of one shard's entries with their postings. The postings are looked up per entry
+-- (LATERAL): PostgreSQL does not carry the range over to a join's other side, so a join read
+-- every posting of the shard for every range (a rebuild was quadratic in the shard's length),
+-- and on a database not yet analyzed (a replay's new one) it could pick far worse.
 SELECT e.shard, e.shard_seq, e.account_id, e.event_type, e.status, e.occurred_at, e.payload,
-       coalesce(array_agg(p.ledger_account ORDER BY p.line) FILTER (WHERE p.line IS NOT NULL),
-                '{}'),
-       coalesce(array_agg(p.amount ORDER BY p.line) FILTER (WHERE p.line IS NOT NULL), '{}')
+       coalesce(p.accounts, '{}'), coalesce(p.amounts, '{}')
   FROM journal_entries e
-  LEFT JOIN postings p ON p.shard = e.shard AND p.shard_seq = e.shard_seq
+ CROSS JOIN LATERAL (
+        SELECT array_agg(pp.ledger_account ORDER BY pp.line) AS accounts,
+               array_agg(pp.amount ORDER BY pp.line) AS amounts
+          FROM postings pp
+         WHERE pp.shard = e.shard AND pp.shard_seq = e.shard_seq) p
  WHERE e.shard = %s AND e.shard_seq > %s AND e.shard_seq <= %s
- GROUP BY e.shard, e.shard_seq
  ORDER BY e.shard_seq;
 
 -- name: load_account_status
@@ -620,15 +625,16 @@ SELECT shard FROM journal_entries WHERE account_id = %s LIMIT 1;
 
 -- name: audit_entries
 SELECT e.shard, e.shard_seq, e.account_id, e.event_type, e.status, e.occurred_at, e.payload,
-       coalesce(array_agg(p.ledger_account ORDER BY p.line) FILTER (WHERE p.line IS NOT NULL),
-                '{}'),
-       coalesce(array_agg(p.amount ORDER BY p.line) FILTER (WHERE p.line IS NOT NULL), '{}'),
+       coalesce(p.accounts, '{}'), coalesce(p.amounts, '{}'),
        e.event_id, e.price_version, e.detail
   FROM journal_entries e
-  LEFT JOIN postings p ON p.shard = e.shard AND p.shard_seq = e.shard_seq
+ CROSS JOIN LATERAL (  -- per entry, as in read_entries: not every posting of the shard
+        SELECT array_agg(pp.ledger_account ORDER BY pp.line) AS accounts,
+               array_agg(pp.amount ORDER BY pp.line) AS amounts
+          FROM postings pp
+         WHERE pp.shard = e.shard AND pp.shard_seq = e.shard_seq) p
  WHERE e.shard = %(shard)s AND e.account_id IN (%(account_id)s, '')
    AND (%(as_of)s::timestamptz IS NULL OR e.recorded_at <= %(as_of)s::timestamptz)
- GROUP BY e.shard, e.shard_seq
  ORDER BY e.shard_seq;
 
 -- ---------------------------------------------------------------------------------------------
