@@ -49,13 +49,7 @@ def audit_bill(
     month: str,
     as_of: datetime | None = None,
 ) -> dict[str, Any]:
-    row = conn.execute(QUERIES["account_shard"], (account_id,)).fetchone()
-    if row is None:
-        raise LedgerError(f"account {account_id!r} has no journal entries")
-    params = {"shard": row[0], "account_id": account_id, "as_of": as_of}
-    rows = conn.execute(QUERIES["audit_entries"], params).fetchall()
-    entries = [JournalEntry(*r[:7], tuple(zip(r[7], r[8], strict=True))) for r in rows]
-    extra = {r[1]: (r[9], r[10], r[11]) for r in rows}  # seq → (event_id, price_version, detail)
+    entries, extra = _account_entries(conn, account_id, as_of)
 
     projection = AccountStatusProjection(policy)
     states = {account_id: AccountStatus(account_id)}
@@ -102,13 +96,22 @@ def audit_bill(
 
 def journal_book(conn: psycopg.Connection, policy: Policy, account_id: str) -> AccountBook:
     """An account's book as its journal entries record it (what `ledger verify` folds)."""
+    entries, extra = _account_entries(conn, account_id, None)
+    return recorded_book(account_id, entries, extra, policy)
+
+
+def _account_entries(
+    conn: psycopg.Connection, account_id: str, as_of: datetime | None
+) -> tuple[list[JournalEntry], dict[int, tuple]]:
+    """The account's entries and its shard's ticks, as journaled by `as_of` (None: all), and
+    per shard_seq (event_id, price_version, detail)."""
     row = conn.execute(QUERIES["account_shard"], (account_id,)).fetchone()
     if row is None:
         raise LedgerError(f"account {account_id!r} has no journal entries")
-    params = {"shard": row[0], "account_id": account_id, "as_of": None}
+    params = {"shard": row[0], "account_id": account_id, "as_of": as_of}
     rows = conn.execute(QUERIES["audit_entries"], params).fetchall()
     entries = [JournalEntry(*r[:7], tuple(zip(r[7], r[8], strict=True))) for r in rows]
-    return recorded_book(account_id, entries, {r[1]: (r[9], r[10], r[11]) for r in rows}, policy)
+    return entries, {r[1]: (r[9], r[10], r[11]) for r in rows}
 
 
 def recorded_book(
