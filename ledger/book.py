@@ -329,7 +329,7 @@ class LedgerFold:
         covers = to_invoiced + to_receivable
         if credit - covers > 0:
             book.add_grant(gid, "promotional", credit - covers, expires)
-        return _entry(
+        return balanced_entry(
             (EXPENSE_PROMOTIONAL, credit),
             (invoiced_account(book.account_id), -to_invoiced),
             (receivable_account(book.account_id), -to_receivable),
@@ -368,7 +368,7 @@ class LedgerFold:
                 continue
             left, grant.remaining = grant.remaining, ZERO
             grant.expired += left
-            entry = _entry(
+            entry = balanced_entry(
                 (credit_account(book.account_id, grant.grant_id), left),
                 (REVENUE_BREAKAGE, -left),
                 detail={
@@ -414,7 +414,7 @@ class LedgerFold:
         owe(book, month_of(event["occurred_at"]), "usage", owed)
         postings = [(credit_account(book.account_id, g.grant_id), take) for g, take in burns]
         postings += [(receivable_account(book.account_id), owed), (REVENUE_USAGE, -charge)]
-        return _entry(
+        return balanced_entry(
             *postings,
             price_version=rating.price_version,
             detail={
@@ -493,7 +493,7 @@ class LedgerFold:
         book.add_grant(gid, "purchased", granted, None, applied=pays)
         if granted > 0:
             postings.append((credit_account(book.account_id, gid), -granted))
-        return _entry(
+        return balanced_entry(
             *postings,
             detail={
                 "grant_id": gid,
@@ -509,7 +509,7 @@ class LedgerFold:
         amount = self._check_amount(event)
         gid = self._new_grant_id(book, event)
         book.add_grant(gid, event["kind"], amount, event.get("expires_at"))
-        return _entry(
+        return balanced_entry(
             (EXPENSE_PROMOTIONAL, amount),
             (credit_account(book.account_id, gid), -amount),
             detail={"grant_id": gid, "kind": event["kind"], "amount": plain(amount)},
@@ -533,7 +533,7 @@ class LedgerFold:
         grant.revoked = True
         book.receivable += owed
         owe(book, month_of(event["occurred_at"]), "credit_revoked", owed)
-        return _entry(
+        return balanced_entry(
             (credit_account(book.account_id, gid), remaining),
             (receivable_account(book.account_id), owed),
             (source, -(remaining + owed)),
@@ -570,7 +570,7 @@ class LedgerFold:
             book.add_grant(gid, "purchased", extra, None)
             postings.append((credit_account(book.account_id, gid), -extra))
             detail["overpayment_grant_id"] = gid
-        return _entry(*postings, detail=detail)
+        return balanced_entry(*postings, detail=detail)
 
 
 def expiry_events(
@@ -721,7 +721,11 @@ def _recorded_grant(book: AccountBook, grant_id: str) -> Grant:
     return grant
 
 
-def _entry(*postings: tuple[str, Decimal], price_version: str | None = None, detail: dict) -> Entry:
+def balanced_entry(
+    *postings: tuple[str, Decimal], price_version: str | None = None, detail: dict
+) -> Entry:
+    """The entry of these (ledger account, amount) postings, those of zero left out; they
+    must sum to zero. "posted", or "noop" when nothing is left."""
     kept = tuple(Posting(acct, amount) for acct, amount in postings if amount != 0)
     assert sum((p.amount for p in kept), ZERO) == 0, f"unbalanced postings {kept}"
     return Entry("posted" if kept else "noop", kept, price_version, detail)

@@ -31,7 +31,7 @@ from ledger.book import (
     REVENUE_ROUNDING,
     AccountBook,
     Entry,
-    Posting,
+    balanced_entry,
     invoiced_account,
     receivable_account,
     settle_unbilled,
@@ -87,18 +87,10 @@ def invoice_events(
         book.invoiced += due
         book.last_invoice = month
         settle_unbilled(book)
-        postings = tuple(
-            Posting(acct, amount)
-            for acct, amount in (
-                (receivable_account(account_id), -exact),
-                (invoiced_account(account_id), due),
-                (REVENUE_ROUNDING, exact - due),
-            )
-            if amount != 0
-        )
-        entry = Entry(
-            "posted",
-            postings,
+        entry = balanced_entry(
+            (receivable_account(account_id), -exact),
+            (invoiced_account(account_id), due),
+            (REVENUE_ROUNDING, exact - due),
             detail={
                 "invoice_id": invoice["invoice_id"],
                 "month": month,
