@@ -54,15 +54,14 @@ def on_server(admin_dsn: str, query: str, database: str) -> None:
         admin.execute(sql.SQL(QUERIES[query]).format(sql.Identifier(database)))  # type: ignore[arg-type]
 
 
+def ledger_command(*args: str) -> list[str]:
+    """`ledger <args>`, run by this Python."""
+    return [sys.executable, "-m", "ledger.cli", *args]
+
+
 def worker_command(roles: Iterable[str]) -> list[str]:
     """`ledger worker --role ...`, run by this Python."""
-    return [
-        sys.executable,
-        "-m",
-        "ledger.cli",
-        "worker",
-        *(arg for role in roles for arg in ("--role", role)),
-    ]
+    return ledger_command("worker", *(arg for role in roles for arg in ("--role", role)))
 
 
 def start_worker(

@@ -393,11 +393,11 @@ def verify_journal(run: BenchRun) -> None:
     """(j) `ledger verify` of the drained journal (after (d), so the projection it recomputes
     is the whole journal's), as its own process: entries per second and its peak RSS (the
     verify streams the journal, so the peak grows with the accounts, not the entries)."""
-    from ledger.runner import worker_command
+    from ledger.runner import ledger_command
 
     results = run.results
     entries = results["journal"]["entries"]
-    command = [*worker_command(())[:3], "verify", "--no-checkpoints"]
+    command = ledger_command("verify", "--no-checkpoints")
     say("verify: the journal, the books and the projection ...", flush=True)
     run.meter.start()
     started = time.perf_counter()
