@@ -163,7 +163,10 @@ class AccountStatus:
         return SPEND_LIMIT_REACHED in self.reasons
 
     def to_json(self) -> dict[str, Any]:
-        return _to_json(dataclasses.asdict(self) | {"reasons": list(self.reasons)})
+        """The stored state (every field but account_id, the row's key), JSON-ready; read
+        field by field (`dataclasses.asdict` deep-copies every value first: it was a tenth of
+        the live projection's CPU)."""
+        return {name: _to_json(getattr(self, name)) for name in _STATE_FIELDS}
 
     @classmethod
     def from_json(cls, account_id: str, data: dict[str, Any]) -> AccountStatus:
@@ -203,13 +206,18 @@ class AccountStatus:
         )
 
 
+_STATE_FIELDS = tuple(
+    sorted(f.name for f in dataclasses.fields(AccountStatus) if f.name != "account_id")
+)
+
+
 def _to_json(value: Any) -> Any:
     if isinstance(value, Decimal):
         return format(value, "f")
     if isinstance(value, datetime):
         return value.isoformat()
     if isinstance(value, dict):
-        return {k: _to_json(v) for k, v in sorted(value.items()) if k != "account_id"}
+        return {k: _to_json(v) for k, v in sorted(value.items())}
     if isinstance(value, list | tuple):
         return [_to_json(v) for v in value]
     return value
