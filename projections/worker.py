@@ -63,32 +63,42 @@ class ProjectionWorker:
         self.batch_size = batch_size
         self.status_topic = settings.topic(topics.STATUS)
         self.conn = db.connect(dsn)
+        # shard -> the position after this worker's last committed step there
+        self._policy_known: dict[int, int] = {}
 
     def close(self) -> None:
         _close_quietly(self.conn)
 
     def run_once(self) -> int:
-        """One pass over every shard; returns the number of entries applied."""
-        heads = self.conn.execute(QUERIES["known_shards"]).fetchall()
-        for shard, _ in heads:
-            self.conn.execute(QUERIES["ensure_position"], (self.projection.name, shard))
+        """One pass over the shards with entries not folded yet; returns the number of
+        entries applied."""
+        name = self.projection.name
+        behind = self.conn.execute(QUERIES["shards_behind"], (name,)).fetchall()
+        for shard, _, has_position in behind:
+            if not has_position:
+                self.conn.execute(QUERIES["ensure_position"], (name, shard))
         self.conn.commit()
-        return sum(self._step(shard, head) for shard, head in heads)
+        return sum(self._step(shard, head) for shard, head, _ in behind)
 
     def _step(self, shard: int, head: int) -> int:
         name = self.projection.name
+        # The shard's policy is known without asking the journal only where this worker's
+        # own last committed step left the shard (any failure forgets it).
+        known = self._policy_known.pop(shard, None)
         with self.conn.transaction():
             row = self.conn.execute(QUERIES["lock_position"], (name, shard)).fetchone()
             if row is None or row[0] >= head:
                 return 0  # another worker holds this shard, or nothing new
             position, clock = row
-            self._use_policy_at(shard, position)
+            if position != known:
+                self._use_policy_at(shard, position)
             upto = min(head, position + self.batch_size)
             entries = list(read_entries(self.conn, shard, position, upto))
             effects, clock = self._apply(shard, entries, clock)
             self.conn.execute(QUERIES["save_position"], (upto, clock, name, shard, upto))
             if effects:
                 self.conn.execute(QUERIES["notify_outbox"])
+        self._policy_known[shard] = upto
         log.debug("projection_step", shard=shard, entries=len(entries), effects=len(effects))
         return len(entries)
 

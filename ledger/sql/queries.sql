@@ -186,8 +186,14 @@ SELECT pg_notify('ledger_outbox', '');
 -- ---------------------------------------------------------------------------------------------
 -- Projection workers.
 
--- name: known_shards
-SELECT shard, last_seq FROM shard_heads ORDER BY shard;
+-- name: shards_behind
+-- The shards with entries this projection has not folded, and whether it has a position there
+-- yet; one cheap statement per wake-up instead of a transaction per shard.
+SELECT h.shard, h.last_seq, p.position IS NOT NULL
+  FROM shard_heads h
+  LEFT JOIN projection_positions p ON p.projection = %s AND p.shard = h.shard
+ WHERE p.position IS NULL OR p.position < h.last_seq
+ ORDER BY h.shard;
 
 -- name: ensure_position
 INSERT INTO projection_positions (projection, shard, position) VALUES (%s, %s, 0)
