@@ -92,6 +92,8 @@ class BatchSizer:
 RETRY_FIRST_S = 0.5
 RETRY_MAX_S = 2.0  # a database back from a restart is written to within ~2 s
 LOSS_REPORT_S = 30.0
+# While records wait for the batch being written: how often the poll looks whether it is done.
+WRITER_CHECK_MS = 5
 # Records one poll may hand over (into ShardConsumer.buffered): all that has arrived.
 POLL_MAX_RECORDS = 100_000
 
@@ -167,24 +169,40 @@ class ShardConsumer:
             )
 
     def poll(
-        self, settings: Settings, stop: threading.Event, limit: int | None = None
+        self,
+        settings: Settings,
+        stop: threading.Event,
+        limit: int | None = None,
+        writing: Callable[[], bool] = lambda: True,
     ) -> tuple[list, Fetched]:
         """A batch of at most `limit` records (default LEDGER_BATCH_MAX_EVENTS; an equal share
-        of each partition's buffered records) and the offsets fetched per partition to get it."""
+        of each partition's buffered records) and the offsets fetched per partition to get it.
+
+        Group commit: records wait for more to join their batch (up to LEDGER_BATCH_MAX_MS)
+        only while `writing()`, i.e. while the previous batch is still being written; once
+        the writer is free, whatever has arrived goes at once. A busy ledger still writes
+        full batches (they fill during each write); a quiet one adds no batching delay to a
+        suspension."""
         self._report_lost()
         limit = settings.batch_max_events if limit is None else limit
         deadline = time.monotonic() + settings.batch_max_ms / 1000
         # Always one poll, even with a batch's worth buffered: the client does its network
         # work (fetches, metadata after a leader moved, reconnects) only inside poll. Then
-        # wait for more, up to the deadline, while less than a batch is buffered.
+        # wait for more, up to the deadline, while less than a batch is buffered and either
+        # nothing is or the writer is busy (checked every WRITER_CHECK_MS).
         timeout_ms = 0
         while not stop.is_set():
             polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=POLL_MAX_RECORDS)
             for tp, records in polled.items():
                 self.buffered.setdefault(tp, deque()).extend(records)
             timeout_ms = int((deadline - time.monotonic()) * 1000)
-            if timeout_ms <= 0 or self._buffered_count() >= limit:
+            buffered = self._buffered_count()
+            if timeout_ms <= 0 or buffered >= limit:
                 break
+            if buffered:
+                if not writing():
+                    break
+                timeout_ms = min(timeout_ms, WRITER_CHECK_MS)
         batch, taken = fair_shares(self.buffered, limit)
         fetched: dict[tuple[str, int], tuple[int, int]] = {}
         for tp, start in self.starts.items():
@@ -371,7 +389,9 @@ def run_ledger_consumer(
                     report_shards()
                     stop.wait(LEASE_REFRESH_S)
                     continue
-                batch, fetched = shards.poll(settings, stop, sizer.limit)
+                batch, fetched = shards.poll(
+                    settings, stop, sizer.limit, writing=lambda busy=pending: not _done(busy)
+                )
                 if time.monotonic() - renewed >= LEASE_REFRESH_S:
                     # A slow poll (a backlog to fetch, a busy machine): renew before the write
                     # too, so that the lease does not run out while the batch is written.
@@ -423,6 +443,10 @@ def run_ledger_consumer(
         leases.close()
         writer.conn.close()
         log.info("ledger_consumer_stopped")
+
+
+def _done(pending: tuple[Future, int] | None) -> bool:
+    return pending is None or pending[0].done()
 
 
 def in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:

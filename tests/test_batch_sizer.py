@@ -1,8 +1,14 @@
-"""The batch sizer keeps a batch's write well inside the shard lease (pure, no services)."""
+"""The batch sizer keeps a batch's write well inside the shard lease, and the poll batches only
+while the writer is busy (pure, no services)."""
 
 from __future__ import annotations
 
-from ledger.consumer import BatchSizer
+import threading
+from types import SimpleNamespace
+
+from kafka import TopicPartition
+
+from ledger.consumer import WRITER_CHECK_MS, BatchSizer, ShardConsumer
 from ledger.settings import Settings
 
 
@@ -56,3 +62,56 @@ def test_a_partial_batch_does_not_grow_the_limit():
     assert sizer.limit == 1000
     sizer.written(10, 0.01)
     assert sizer.limit == 1000
+
+
+class _Records:
+    """A stand-in for KafkaConsumer: each poll hands over the next planned records of one
+    partition, and counts the polls and the time they were asked to wait."""
+
+    def __init__(self, plan: list[int]):
+        self.plan = plan
+        self.polls: list[int] = []  # timeout_ms of each poll
+        self.offset = 0
+
+    def poll(self, timeout_ms: int, max_records: int) -> dict:
+        self.polls.append(timeout_ms)
+        count = self.plan.pop(0) if self.plan else 0
+        records = [SimpleNamespace(offset=self.offset + i) for i in range(count)]
+        self.offset += count
+        return {TopicPartition("usage", 0): records} if records else {}
+
+    def paused(self) -> set:
+        return set()
+
+    def pause(self, *partitions) -> None:
+        pass
+
+    def resume(self, *partitions) -> None:
+        pass
+
+
+def _poll(plan: list[int], writing: bool, limit: int = 100) -> tuple[list, _Records]:
+    records = _Records(plan)
+    shards = ShardConsumer(records, writer=None, input_topics=["usage"])
+    settings = Settings(batch_max_events=limit, batch_max_ms=60_000)
+    batch, _ = shards.poll(settings, threading.Event(), limit, writing=lambda: writing)
+    return batch, records
+
+
+def test_with_the_writer_free_what_has_arrived_goes_at_once():
+    """Group commit: no batching delay for a quiet ledger (a suspension waits for nothing)."""
+    batch, records = _poll([3, 5, 5], writing=False)
+    assert len(batch) == 3 and len(records.polls) == 1
+
+
+def test_while_the_previous_batch_is_written_records_wait_for_more_up_to_the_limit():
+    batch, records = _poll([3, 5, 500], writing=True, limit=100)
+    assert len(batch) == 100 and len(records.polls) == 3
+    # ... polling in short slices, to notice the write ending
+    assert all(0 < timeout <= WRITER_CHECK_MS for timeout in records.polls[1:])
+
+
+def test_with_nothing_buffered_the_poll_waits_for_the_first_record():
+    batch, records = _poll([0, 0, 2, 7], writing=False)
+    assert len(batch) == 2 and len(records.polls) == 3
+    assert records.polls[1] > WRITER_CHECK_MS  # a long wait, not a busy loop
