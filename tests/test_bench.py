@@ -47,6 +47,7 @@ def test_the_benchmark_runs_and_reports_every_phase(stack, base_settings):
         "worker peak RSS",
         "(d) projections",
         "(f) suspension latency",
+        "nothing else ingested",
         "while ingesting",
         "(g) projections rebuild",
         "(h) ledger replay",
@@ -65,6 +66,10 @@ def test_the_benchmark_runs_and_reports_every_phase(stack, base_settings):
     report = json.loads(results.read_text())
     assert report["journal"]["rejected_by_reason"] and report["scale_out"][0]["processes"] == 2
     assert results.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Suspension latency, idle and under load, each with the CPU of every role's process.
+    for key in ("latency_idle", "latency"):
+        assert len(report[key]["samples_ms"]) == 20
+        assert {"ledger", "projections", "relay"} <= set(report[key]["cpu_cores"]), key
     # The verify phase checked the whole drained journal, and the storage covers its tables.
     assert report["verify"]["entries"] == report["journal"]["entries"]
     assert {"journal_entries", "raw_events", "postings"} <= set(report["storage"]["tables"])

@@ -22,12 +22,14 @@ from kafka import KafkaConsumer
 
 from ledger import topics
 from ledger.bench import BenchError
+from ledger.bench.proc_readings import CpuMeter
 from ledger.codec import Codec
 from ledger.db import QUERIES
 from ledger.kafka_auth import client_options
 from ledger.producer import EventProducer
 from ledger.runner import start_worker, stop_worker
 
+ROLES = ("ledger", "projections", "relay")
 MODEL = "accounts/fireworks/models/deepseek-r1"  # 200,000 output tokens = $1.60 > $1 credit
 
 
@@ -42,12 +44,14 @@ def measure_suspension_latency(
     interval_s: float = 0.05,
     background: list | None = None,
     background_rate: float = 0.0,
+    meter: CpuMeter | None = None,
 ) -> dict[str, Any]:
     """Suspension latency of `accounts` accounts; with `background` (bench Messages) sent at
     `background_rate` per second from the first timed send until the last arrival, so the
     ledger is busy meanwhile."""
     codec = Codec.default()
     arrived: dict[str, float] = {}
+    cores: dict[str, float] | None = None
     stop = threading.Event()
     reader = KafkaConsumer(
         settings.topic(topics.STATUS),
@@ -69,7 +73,12 @@ def measure_suspension_latency(
                     if decoded.event_type == "AccountSuspended" and account.startswith("lat-"):
                         arrived.setdefault(account, now)
 
-    proc = start_worker(("ledger", "projections", "relay"), env, log_path)
+    # As deployed (deploy/): one process per role, so no role waits for another's GIL.
+    procs = [
+        start_worker((role,), env, log_path.with_name(f"{log_path.stem}-{role}.log"))
+        for role in ROLES
+    ]
+    logs = str(log_path.with_name(f"{log_path.stem}-*.log"))
     thread = threading.Thread(target=read, daemon=True)
     load: threading.Thread | None = None
     sent_load: list[float] = []  # [records sent, seconds] of the background load
@@ -80,8 +89,10 @@ def measure_suspension_latency(
             for name in names:
                 producer.send("AccountOpened", _event(name, at, created_at=at))
             producer.flush()
-            _wait_settled(dsn, accounts, proc, log_path)  # and the relay's backlog published
+            _wait_settled(dsn, accounts, procs, logs)  # and the relay's backlog published
             reader.poll(timeout_ms=500)  # join the topic's end before the first send
+            if meter is not None:
+                meter.start()
             thread.start()
             if background:
                 load = threading.Thread(
@@ -109,6 +120,8 @@ def measure_suspension_latency(
             time.sleep(0.05)
         if len(arrived) < accounts:
             raise BenchError(f"latency: {len(arrived)} of {accounts} suspensions arrived")
+        if meter is not None:
+            cores = meter.stop({role: proc.pid for role, proc in zip(ROLES, procs, strict=True)})
     finally:
         stop.set()
         if thread.is_alive():
@@ -116,9 +129,9 @@ def measure_suspension_latency(
         if load is not None:
             load.join(timeout=30)
         reader.close()
-        code = stop_worker(proc, timeout=60)
-    if code != 0:
-        raise BenchError(f"latency worker exited with {code}; see {log_path}")
+        codes = [stop_worker(proc, timeout=60) for proc in procs]
+    if any(codes):
+        raise BenchError(f"latency workers exited with {codes}; see {logs}")
     millis = sorted((arrived[n] - sent[n]) * 1000 for n in names)
     return {
         "accounts": accounts,
@@ -127,6 +140,7 @@ def measure_suspension_latency(
         "p99_ms": _percentile(millis, 99),
         "max_ms": millis[-1],
         "samples_ms": [round(m, 2) for m in millis],
+        **({"cpu_cores": cores} if cores is not None else {}),
         "background_rate_target": round(background_rate, 1),
         "background_sent": int(sent_load[0]) if sent_load else 0,
         "background_rate": sent_load[0] / sent_load[1] if sent_load and sent_load[1] else 0.0,
@@ -171,18 +185,19 @@ def _event(account_id: str, at: datetime, **fields) -> dict:
     return {"event_id": str(uuid.uuid4()), "account_id": account_id, "occurred_at": at, **fields}
 
 
-def _wait_settled(dsn: str, accounts: int, proc, log_path, timeout: float = 120) -> None:
+def _wait_settled(dsn: str, accounts: int, procs, logs: str, timeout: float = 120) -> None:
     """Until the new accounts are opened in the projection and nothing is left to publish."""
     deadline = time.monotonic() + timeout
     with psycopg.connect(dsn, autocommit=True) as conn:
         while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise BenchError(f"latency worker exited with {proc.returncode}; see {log_path}")
+            for proc in procs:
+                if proc.poll() is not None:
+                    raise BenchError(f"a latency worker exited with {proc.returncode}; see {logs}")
             opened, behind = conn.execute(QUERIES["bench_latency_ready"]).fetchone()
             if opened >= accounts and behind == 0:
                 return
             time.sleep(0.1)
-    raise BenchError(f"latency: the worker did not settle in {timeout}s; see {log_path}")
+    raise BenchError(f"latency: the workers did not settle in {timeout}s; see {logs}")
 
 
 def _percentile(sorted_values: list[float], pct: int) -> float:

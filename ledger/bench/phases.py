@@ -196,6 +196,18 @@ def suspension_latency(run: BenchRun) -> None:
         events, _ = make_events(run.args.accounts, count, run.args.seed + 7)
         usage = [e for e in events if e[0] == "UsageRecorded"]
         background = encode_events(run.settings, Codec.default(), usage)
+    # First with nothing else to do: the path's own latency, batching included.
+    say(f"latency: {accounts} suspensions, nothing else ingested ...", flush=True)
+    run.results["latency_idle"] = measure_suspension_latency(
+        run.info.bootstrap,
+        run.settings,
+        run.dsn,
+        worker_env(run),
+        run.home / f"bench-{run.stamp}-latency-idle.log",
+        accounts=accounts,
+        interval_s=interval_s,
+        meter=run.meter,
+    )
     say(
         f"latency: {accounts} suspensions, ingesting {rate:,.0f} usage/s meanwhile ...",
         flush=True,
@@ -205,11 +217,12 @@ def suspension_latency(run: BenchRun) -> None:
         run.settings,
         run.dsn,
         worker_env(run),
-        run.home / f"bench-{run.stamp}-latency-worker.log",
+        run.home / f"bench-{run.stamp}-latency.log",
         accounts=accounts,
         interval_s=interval_s,
         background=background,
         background_rate=rate,
+        meter=run.meter,
     )
 
 

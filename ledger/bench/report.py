@@ -160,14 +160,18 @@ def print_table(results: dict[str, Any]) -> None:
                 f"{1000 * ip['seconds'] / ip['batches']:.0f} ms/batch; no Kafka)",
             )
         )
+    if "latency_idle" in r:
+        lat = r["latency_idle"]
+        rows.append(("(f) suspension latency", _latency(lat) + "  nothing else ingested"))
+        if "cpu_cores" in lat:
+            rows.append(("    cpu cores", _cores(lat["cpu_cores"])))
     if "latency" in r:
         lat = r["latency"]
         rows.append(
             (
                 "(f) suspension latency",
-                f"p50 {lat['p50_ms']:.0f} ms · p95 {lat['p95_ms']:.0f} ms · "
-                f"p99 {lat['p99_ms']:.0f} ms · max {lat['max_ms']:.0f} ms  "
-                f"({lat['accounts']} accounts: usage sent → AccountSuspended received)",
+                _latency(lat)
+                + f"  ({lat['accounts']} accounts: usage sent → AccountSuspended received)",
             )
         )
         if lat.get("background_sent"):
@@ -179,6 +183,8 @@ def print_table(results: dict[str, Any]) -> None:
                     f"{_rate(lat['background_rate_target'])})",
                 )
             )
+        if "cpu_cores" in lat:
+            rows.append(("    cpu cores", _cores(lat["cpu_cores"])))
     rows += [
         (
             "machine",
@@ -234,6 +240,13 @@ def _us(phase: dict[str, Any], group: str, items: int) -> str:
     """Microseconds of CPU per item used by a process group during a phase."""
     cores = phase["cpu_cores"].get(group, 0.0)
     return f"{1e6 * cores * phase['seconds'] / max(items, 1):,.0f} µs"
+
+
+def _latency(lat: dict) -> str:
+    return (
+        f"p50 {lat['p50_ms']:.0f} ms · p95 {lat['p95_ms']:.0f} ms · "
+        f"p99 {lat['p99_ms']:.0f} ms · max {lat['max_ms']:.0f} ms"
+    )
 
 
 def _cores(cores: dict[str, float]) -> str:
