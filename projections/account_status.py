@@ -485,3 +485,7 @@ HANDLERS: dict[str, Handler | None] = {
     "InvoiceIssued": None,  # the writer's month close: published by `apply`
 }
 del P
+# Folded from their postings alone: the projection never reads these entries' payloads.
+POSTINGS_ONLY = sorted(
+    t for t, handler in HANDLERS.items() if handler is None and t != INVOICE_ISSUED
+)

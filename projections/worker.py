@@ -25,6 +25,7 @@ from ledger.db import QUERIES
 from ledger.policy import Policy
 from ledger.settings import Settings
 from projections.account_status import (
+    POSTINGS_ONLY,
     AccountStatus,
     AccountStatusProjection,
     Effect,
@@ -37,7 +38,10 @@ log = structlog.get_logger(__name__)
 
 
 def read_entries(conn: psycopg.Connection, shard: int, after: int, upto: int):
-    for row in conn.execute(QUERIES["read_entries"], (shard, after, upto)):
+    """The entries of `shard` in (after, upto], for the account_status fold: the payload of an
+    event type it folds from the postings alone (POSTINGS_ONLY) is left out, as {}."""
+    params = (POSTINGS_ONLY, shard, after, upto)
+    for row in conn.execute(QUERIES["read_entries"], params):
         shard_, seq, account_id, event_type, status, occurred_at, payload, accts, amounts = row
         yield JournalEntry(
             shard_,

@@ -212,8 +212,11 @@ UPDATE projection_positions SET position = %s, last_tick_at = %s
 -- A range of one shard's entries with their postings. The postings are looked up per entry
 -- (LATERAL): PostgreSQL does not carry the range over to a join's other side, so a join read
 -- every posting of the shard for every range (a rebuild was quadratic in the shard's length),
--- and on a database not yet analyzed (a replay's new one) it could pick far worse.
-SELECT e.shard, e.shard_seq, e.account_id, e.event_type, e.status, e.occurred_at, e.payload,
+-- and on a database not yet analyzed (a replay's new one) it could pick far worse. The payload
+-- of the event types in the first parameter (those the projection folds from the postings
+-- alone, e.g. usage) is read as '{}': neither sent nor parsed.
+SELECT e.shard, e.shard_seq, e.account_id, e.event_type, e.status, e.occurred_at,
+       CASE WHEN e.event_type = ANY(%s) THEN '{}'::jsonb ELSE e.payload END,
        coalesce(p.accounts, '{}'), coalesce(p.amounts, '{}')
   FROM journal_entries e
  CROSS JOIN LATERAL (
