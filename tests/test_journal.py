@@ -81,6 +81,28 @@ def test_an_unbalanced_entry_cannot_commit(writer, dsn):
             conn.execute("INSERT INTO postings VALUES (0, 99, 0, 'cash', 'a', 5, 'USD')")
 
 
+def test_postings_of_an_entry_that_does_not_exist_are_refused(writer, dsn):
+    """Checked per statement (migration 0012, in place of a per-row foreign key): one posting
+    without its entry among postings with theirs fails the whole statement, balanced or not."""
+    writer.write_batch([opened("a", 0)])
+    with psycopg.connect(dsn) as conn:
+        (seq,) = conn.execute(
+            "SELECT max(shard_seq) FROM journal_entries WHERE shard = 0"
+        ).fetchone()
+        with pytest.raises(
+            psycopg.errors.ForeignKeyViolation, match=r"\(0, 9999\), which does not"
+        ):
+            conn.execute(
+                "INSERT INTO postings VALUES (0, %s, 7, 'cash', 'a', 5, 'USD'), "
+                "(0, %s, 8, 'revenue:usage', 'a', -5, 'USD'), "
+                "(0, 9999, 0, 'cash', 'a', 5, 'USD'), "
+                "(0, 9999, 1, 'revenue:usage', 'a', -5, 'USD')",
+                (seq, seq),
+            )
+        conn.rollback()
+    assert count(dsn, "postings") == 2  # the sign-up's two postings only
+
+
 def test_a_batch_of_postings_with_one_unbalanced_entry_is_refused_whole(writer, dsn):
     """The balance check runs once per statement over every posting it inserts (the writer's
     one COPY per batch): one unbalanced entry among balanced ones fails the whole statement."""
