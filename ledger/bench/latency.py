@@ -162,7 +162,7 @@ def _paced_load(
         bootstrap_servers=bootstrap,
         client_id="ledger-bench-load",
         acks="all",
-        linger_ms=5,
+        linger_ms=100,  # batched like a fleet of API servers; only the timed sends are unbatched
         **client_options(settings),
     )
     started = time.monotonic()
