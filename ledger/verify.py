@@ -3,7 +3,8 @@ what was journaled.
 
 In one REPEATABLE READ snapshot (so the live projection's rows and positions agree with each
 other while workers keep running):
-  1. the trial balance is zero in every currency;
+  1. the trial balance is zero in every currency, and every posting belongs to a journal
+     entry;
   2. every shard's hash chain is intact, walked in shard_seq order: each entry links to the
      previous entry of its shard, its keyed link (HMAC-SHA256 under the chain key its
      `chain_key_id` names, `ledger.book.chain_link`) recomputes from what is stored (event
@@ -110,7 +111,7 @@ def verify(
     keys = keys if keys is not None else chain_keys.load(settings)
     with db.connect(dsn) as conn:
         conn.execute(QUERIES["set_repeatable_read"])
-        differences = _trial_balance(conn)
+        differences = _trial_balance(conn) + _orphan_postings(conn)
         differences += check_journal(conn, keys, policy, checkpoints, notes)
         positions = {
             shard: (position, clock)
@@ -227,6 +228,19 @@ def _trial_balance(conn: psycopg.Connection) -> list[Difference]:
         Difference("trial_balance", currency, f"postings sum to {total}, not 0")
         for currency, total in sorted(tb.totals.items())
         if total != 0
+    ]
+
+
+def _orphan_postings(conn: psycopg.Connection) -> list[Difference]:
+    """Postings of no journal entry: invisible to every check that reads entries, yet in every
+    sum over postings (the first 100)."""
+    return [
+        Difference(
+            "postings",
+            f"entry ({shard}, {seq})",
+            f"{count} posting(s) summing to {total} of a journal entry that does not exist",
+        )
+        for shard, seq, count, total in conn.execute(QUERIES["orphan_postings"])
     ]
 
 

@@ -204,6 +204,21 @@ def test_a_grant_remaining_changed_in_the_account_book_is_reported(ledger, setti
     assert "grant 'signup' remaining: book=1000 journal=0" in differences[0].detail
 
 
+def test_balanced_postings_of_no_entry_are_reported(ledger, settings, admin_dsn):
+    """A superuser adds a balanced pair of postings under an entry that does not exist: the
+    trial balance stays zero and no entry changed, but verify names them."""
+    traffic(ledger)
+    ledger.stop()
+    with superuser(admin_dsn) as conn:
+        conn.execute(
+            "INSERT INTO postings VALUES (0, 999999, 0, 'customer:tp-7:credit:signup', 'tp-7', "
+            "-1000, 'USD'), (0, 999999, 1, 'expense:promotional', 'tp-7', 1000, 'USD')"
+        )
+    differences = verify(settings, ledger.dsn)
+    assert [(d.check, d.subject) for d in differences] == [("postings", "entry (0, 999999)")]
+    assert "2 posting(s) summing to 0" in differences[0].detail
+
+
 def test_entries_before_and_after_a_key_rotation_verify(ledger, settings, tmp_path):
     traffic(ledger, "before")
     before = current_checkpoints(ledger, chain_keys.load(settings))

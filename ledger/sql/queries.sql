@@ -308,6 +308,18 @@ RETURNING id;
 SELECT currency, coalesce(sum(amount), 0), count(*) FROM postings GROUP BY currency
  ORDER BY currency;
 
+-- name: orphan_postings
+-- Postings whose journal entry does not exist (only a superuser bypassing the triggers can
+-- write them: migration 0012). Both primary keys are in (shard, shard_seq) order, so this
+-- can stream as a merge, whatever the journal's size.
+SELECT p.shard, p.shard_seq, count(*), sum(p.amount)
+  FROM postings p
+ WHERE NOT EXISTS (SELECT 1 FROM journal_entries e
+                    WHERE e.shard = p.shard AND e.shard_seq = p.shard_seq)
+ GROUP BY p.shard, p.shard_seq
+ ORDER BY p.shard, p.shard_seq
+ LIMIT 100;
+
 -- name: account_status_row
 SELECT s.opened, s.suspended, s.reasons, s.status_version, s.credit_balance, s.receivable,
        s.state, s.tier, s.effective_limit, s.month, s.month_to_date_spend, p.last_tick_at
