@@ -310,8 +310,8 @@ SELECT currency, coalesce(sum(amount), 0), count(*) FROM postings GROUP BY curre
 
 -- name: orphan_postings
 -- Postings whose journal entry does not exist (only a superuser bypassing the triggers can
--- write them: migration 0012). Both primary keys are in (shard, shard_seq) order, so this
--- can stream as a merge, whatever the journal's size.
+-- write them: migration 0012). An anti-join over both primary keys: a merge, or a hash join
+-- that spills to disk past work_mem, so the server's memory stays bounded at any size.
 SELECT p.shard, p.shard_seq, count(*), sum(p.amount)
   FROM postings p
  WHERE NOT EXISTS (SELECT 1 FROM journal_entries e
