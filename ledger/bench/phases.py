@@ -196,34 +196,28 @@ def suspension_latency(run: BenchRun) -> None:
         events, _ = make_events(run.args.accounts, count, run.args.seed + 7)
         usage = [e for e in events if e[0] == "UsageRecorded"]
         background = encode_events(run.settings, Codec.default(), usage)
+
+    def measure(name: str, **load: Any) -> dict[str, Any]:
+        return measure_suspension_latency(
+            run.info.bootstrap,
+            run.settings,
+            run.dsn,
+            worker_env(run),
+            run.home / f"bench-{run.stamp}-{name}.log",
+            accounts=accounts,
+            interval_s=interval_s,
+            meter=run.meter,
+            **load,
+        )
+
     # First with nothing else to do: the path's own latency, batching included.
     say(f"latency: {accounts} suspensions, nothing else ingested ...", flush=True)
-    run.results["latency_idle"] = measure_suspension_latency(
-        run.info.bootstrap,
-        run.settings,
-        run.dsn,
-        worker_env(run),
-        run.home / f"bench-{run.stamp}-latency-idle.log",
-        accounts=accounts,
-        interval_s=interval_s,
-        meter=run.meter,
-    )
+    run.results["latency_idle"] = measure("latency-idle")
     say(
         f"latency: {accounts} suspensions, ingesting {rate:,.0f} usage/s meanwhile ...",
         flush=True,
     )
-    run.results["latency"] = measure_suspension_latency(
-        run.info.bootstrap,
-        run.settings,
-        run.dsn,
-        worker_env(run),
-        run.home / f"bench-{run.stamp}-latency.log",
-        accounts=accounts,
-        interval_s=interval_s,
-        background=background,
-        background_rate=rate,
-        meter=run.meter,
-    )
+    run.results["latency"] = measure("latency", background=background, background_rate=rate)
 
 
 def drain_with_workers(run: BenchRun, total: int) -> None:
