@@ -56,7 +56,7 @@ def write_chart(results: dict[str, Any], path: Path) -> Path | None:
         for lat, label, color in rounds:
             samples = lat["samples_ms"]
             bins = min(40, max(5, len(samples) // 5))
-            right.hist(samples, bins=bins, color=color, alpha=0.7, label=f"{label}")
+            right.hist(samples, bins=bins, color=color, alpha=0.7, label=label)
             value = lat["p99_ms"]
             right.axvline(value, color=color, linestyle="--", linewidth=0.8)
             right.text(value, right.get_ylim()[1] * 0.9, f" p99 {value:.0f} ms", fontsize=8)
