@@ -173,8 +173,7 @@ class ShardConsumer:
         settings: Settings,
         stop: threading.Event,
         limit: int | None = None,
-        *,
-        writing: Callable[[], bool],
+        writing: Callable[[], bool] = lambda: True,
     ) -> tuple[list, Fetched]:
         """A batch of at most `limit` records (default LEDGER_BATCH_MAX_EVENTS; an equal share
         of each partition's buffered records) and the offsets fetched per partition to get it.
@@ -391,10 +390,7 @@ def run_ledger_consumer(
                     stop.wait(LEASE_REFRESH_S)
                     continue
                 batch, fetched = shards.poll(
-                    settings,
-                    stop,
-                    sizer.limit,
-                    writing=lambda busy=pending: busy is not None and not busy[0].done(),
+                    settings, stop, sizer.limit, writing=lambda busy=pending: not _done(busy)
                 )
                 if time.monotonic() - renewed >= LEASE_REFRESH_S:
                     # A slow poll (a backlog to fetch, a busy machine): renew before the write
@@ -447,6 +443,10 @@ def run_ledger_consumer(
         leases.close()
         writer.conn.close()
         log.info("ledger_consumer_stopped")
+
+
+def _done(pending: tuple[Future, int] | None) -> bool:
+    return pending is None or pending[0].done()
 
 
 def in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
