@@ -53,7 +53,7 @@ class ShardState:
         touched: set[str] = set()
         while self.position < upto:
             end = min(upto, self.position + CHUNK)
-            entries = list(read_entries(conn, shard, self.position, end))
+            entries = read_entries(conn, shard, self.position, end)
             touched |= {e.account_id for e in entries if e.account_id}
             before = set(self.states)
             # Accounts a month-turn or close tick revisited change too, even with no effect.

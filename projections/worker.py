@@ -13,6 +13,7 @@ import contextlib
 import threading
 from collections.abc import Iterable
 from datetime import datetime
+from decimal import Decimal
 
 import psycopg
 import structlog
@@ -37,22 +38,18 @@ from projections.fold import fold_entries, invoice_row, output_event, status_row
 log = structlog.get_logger(__name__)
 
 
-def read_entries(conn: psycopg.Connection, shard: int, after: int, upto: int):
-    """The entries of `shard` in (after, upto], for the account_status fold: the payload of an
-    event type it folds from the postings alone (POSTINGS_ONLY) is left out, as {}."""
-    params = (POSTINGS_ONLY, shard, after, upto)
-    for row in conn.execute(QUERIES["read_entries"], params):
-        shard_, seq, account_id, event_type, status, occurred_at, payload, accts, amounts = row
-        yield JournalEntry(
-            shard_,
-            seq,
-            account_id,
-            event_type,
-            status,
-            occurred_at,
-            payload,
-            tuple(zip(accts, amounts, strict=True)),
-        )
+def read_entries(conn: psycopg.Connection, shard: int, after: int, upto: int) -> list[JournalEntry]:
+    """The entries of `shard` in (after, upto] with their postings, for the account_status fold:
+    the payload of an event type it folds from the postings alone (POSTINGS_ONLY) is left out,
+    as {}. The entries are read first: the postings of every entry seen have committed with
+    it, so the second read (a later snapshot, under read committed) has them all."""
+    rows = conn.execute(QUERIES["read_entries"], (POSTINGS_ONLY, shard, after, upto)).fetchall()
+    postings: dict[int, list[tuple[str, Decimal]]] = {}
+    for seq, ledger_account, amount in conn.execute(
+        QUERIES["read_entry_postings"], (shard, after, upto)
+    ):
+        postings.setdefault(seq, []).append((ledger_account, amount))
+    return [JournalEntry(*row, tuple(postings.get(row[1], ()))) for row in rows]
 
 
 class ProjectionWorker:
@@ -97,7 +94,7 @@ class ProjectionWorker:
             if position != known:
                 self._use_policy_at(shard, position)
             upto = min(head, position + self.batch_size)
-            entries = list(read_entries(self.conn, shard, position, upto))
+            entries = read_entries(self.conn, shard, position, upto)
             effects, clock = self._apply(shard, entries, clock)
             self.conn.execute(QUERIES["save_position"], (upto, clock, name, shard, upto))
             if effects:
