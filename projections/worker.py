@@ -40,16 +40,20 @@ log = structlog.get_logger(__name__)
 
 def read_entries(conn: psycopg.Connection, shard: int, after: int, upto: int) -> list[JournalEntry]:
     """The entries of `shard` in (after, upto] with their postings, for the account_status fold:
-    the payload of an event type it folds from the postings alone (POSTINGS_ONLY) is left out,
-    as {}. The entries are read first: the postings of every entry seen have committed with
-    it, so the second read (a later snapshot, under read committed) has them all."""
+    the payload of an event type it folds from the postings alone (POSTINGS_ONLY) is not
+    read (an empty dict). The entries are read first: the postings of every entry seen have
+    committed with it, so the second read (a later snapshot, under read committed) has them
+    all."""
     rows = conn.execute(QUERIES["read_entries"], (POSTINGS_ONLY, shard, after, upto)).fetchall()
     postings: dict[int, list[tuple[str, Decimal]]] = {}
     for seq, ledger_account, amount in conn.execute(
         QUERIES["read_entry_postings"], (shard, after, upto)
-    ):
+    ).fetchall():
         postings.setdefault(seq, []).append((ledger_account, amount))
-    return [JournalEntry(*row, tuple(postings.get(row[1], ()))) for row in rows]
+    return [
+        JournalEntry(*row[:6], {} if row[6] is None else row[6], tuple(postings.get(row[1], ())))
+        for row in rows
+    ]
 
 
 class ProjectionWorker:

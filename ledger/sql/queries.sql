@@ -211,9 +211,9 @@ UPDATE projection_positions SET position = %s, last_tick_at = %s
 -- name: read_entries
 -- A range of one shard's entries, in order; their postings come from read_entry_postings. The
 -- payload of the event types in the first parameter (those the projection folds from the
--- postings alone, e.g. usage) is read as '{}': neither sent nor parsed.
+-- postings alone, e.g. usage) is read as NULL: neither sent nor parsed.
 SELECT shard, shard_seq, account_id, event_type, status, occurred_at,
-       CASE WHEN event_type = ANY(%s) THEN '{}'::jsonb ELSE payload END
+       CASE WHEN event_type = ANY(%s) THEN NULL ELSE payload END
   FROM journal_entries
  WHERE shard = %s AND shard_seq > %s AND shard_seq <= %s
  ORDER BY shard_seq;
