@@ -682,8 +682,12 @@ UPDATE rejected_events SET resolved_at = clock_timestamp(), resolution = %s
  WHERE id = %s AND resolved_at IS NULL
 RETURNING id;
 
--- name: reject_id_at
-SELECT id FROM rejected_events WHERE topic = %s AND kafka_partition = %s AND kafka_offset = %s;
+-- name: reject_ids_at
+-- The ids of the rejects at these (topic, partition, offset) positions: one statement for a
+-- batch's rejects (those it stored, and those stored before it at the same positions).
+SELECT r.topic, r.kafka_partition, r.kafka_offset, r.id
+  FROM unnest(%s::text[], %s::integer[], %s::bigint[]) AS p (topic, kafka_partition, kafka_offset)
+  JOIN rejected_events r USING (topic, kafka_partition, kafka_offset);
 
 -- name: reject_row
 SELECT id, reason, detail, topic, kafka_partition, kafka_offset, message_key, event_id,
