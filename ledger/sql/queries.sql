@@ -141,11 +141,14 @@ ON CONFLICT (account_id) DO UPDATE
 SELECT account_id, book, shard FROM account_books
  WHERE shard = %s AND first_pending_month <= %s ORDER BY account_id FOR UPDATE;
 
--- name: advance_shard
--- The new last sequence number, and the shard's chain head before this batch.
-INSERT INTO shard_heads (shard, last_seq) VALUES (%s, %s)
+-- name: advance_shards
+-- Per shard (first array) its new last sequence number, the count (second array) added to the
+-- last, and its chain head before this batch. One statement for all the batch's shards; the
+-- rows are locked in shard order, as one statement per shard did.
+INSERT INTO shard_heads (shard, last_seq)
+SELECT shard, added FROM unnest(%s::integer[], %s::bigint[]) AS x (shard, added) ORDER BY shard
 ON CONFLICT (shard) DO UPDATE SET last_seq = shard_heads.last_seq + EXCLUDED.last_seq
-RETURNING last_seq, head_hash;
+RETURNING shard, last_seq, head_hash;
 
 -- name: save_shard_head
 UPDATE shard_heads SET head_hash = %s WHERE shard = %s;
