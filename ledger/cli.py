@@ -400,7 +400,7 @@ def _projections(args: argparse.Namespace, settings: Settings) -> int:
     count = _with_progress(
         f"rebuilding {args.name}",
         "entries",
-        lambda progress: rebuild(settings, dsn, progress=progress),
+        lambda progress: rebuild(settings, dsn, progress=progress, jobs=args.jobs),
     )
     print(f"rebuilt {args.name}: {count} accounts, swapped in")
     return 0
@@ -697,6 +697,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("projections", help="rebuild projections from the journal")
     p.add_argument("action", choices=["rebuild"])
     p.add_argument("--name", choices=["account_status"], default="account_status")
+    p.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=None,
+        help="processes folding shards from scratch side by side (default: one per core, "
+        "from 50,000 entries on; 1: none besides this one)",
+    )
     p.set_defaults(func=_projections)
 
     p = sub.add_parser("verify", help="check the live state against the journal; exit 1 if not")

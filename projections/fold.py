@@ -112,7 +112,11 @@ def fold_entries(
 
 
 def status_row(projection: AccountStatusProjection, shard: int, state: AccountStatus) -> tuple:
-    """The account_status row of a state (columns in the order of save_account_status)."""
+    """The account_status row of a state (columns in the order of save_account_status). Its
+    tier and limit are those of the policy in force on its shard (`use`): a rebuild or verify
+    makes the rows after folding every shard, and shards may have journaled different
+    policies (one that has not journaled a new version yet)."""
+    projection.use(shard)
     tier, _ = projection.tier(state)
     return (
         state.account_id,

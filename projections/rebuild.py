@@ -9,7 +9,10 @@ the ledger consumer and the live projection keep running, then swaps it in atomi
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
+import os
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from datetime import datetime
 
 import psycopg
@@ -95,11 +98,64 @@ def recompute(
     return shards
 
 
-def rebuild(settings: Settings, dsn: str, *, progress: Progress | None = None) -> int:
+# Below this many entries to fold, one process is faster than several: a process takes
+# ~0.7 s to start and import the fold, what ~15,000 entries take to fold (measured on the
+# benchmark's journal: 31,403 entries rebuilt in 1.6 s by one process, 2.0 s by two).
+PARALLEL_FROM = 50_000
+
+
+def _jobs(jobs: int | None, entries: int) -> int:
+    """How many processes fold from scratch: `jobs` as given, or by default one per core
+    when there is enough to fold."""
+    if jobs is not None:
+        if jobs < 1:
+            raise ValueError(f"jobs must be at least 1, not {jobs}")
+        return jobs
+    return (os.cpu_count() or 1) if entries >= PARALLEL_FROM else 1
+
+
+def _fold_shard(dsn: str, policy: Policy, shard: int, upto: int) -> tuple[ShardState, Policy]:
+    """In a process of its own: one shard folded from scratch up to `upto`; its state and the
+    policy in force there at `upto` (the default, unless the shard journaled one)."""
+    projection = AccountStatusProjection(policy)
+    with db.connect(dsn) as conn:
+        state = ShardState()
+        state.advance(conn, projection, shard, upto)
+    return state, projection.policies.get(shard, policy)
+
+
+def _fold_apart(
+    dsn: str,
+    projection: AccountStatusProjection,
+    shards: dict[int, ShardState],
+    behind: dict[int, int],
+    jobs: int,
+    report: Callable[[int], None],
+) -> None:
+    """The shards in `behind` (all at position 0) folded from scratch, `jobs` processes at a
+    time, each shard in one process: shards are independent (an account lives on one, and so
+    do its policy and clock), so the states are those of one process folding them in turn."""
+    context = multiprocessing.get_context("spawn")  # no fork of a process with connections
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        futures = {
+            pool.submit(_fold_shard, dsn, projection.default_policy, shard, upto): shard
+            for shard, upto in sorted(behind.items())
+        }
+        for future in as_completed(futures):
+            shard = futures[future]
+            shards[shard], projection.policies[shard] = future.result()
+            report(0)
+
+
+def rebuild(
+    settings: Settings, dsn: str, *, progress: Progress | None = None, jobs: int | None = None
+) -> int:
     """Rebuild `account_status` from the journal and swap it in; returns accounts rebuilt.
 
     1. fold each shard from scratch up to the live projection's position, chasing it while it
-       moves (never past it: what the live projection has not applied, it will publish);
+       moves (never past it: what the live projection has not applied, it will publish); the
+       first pass folds `jobs` shards at a time, each in a process of its own (None: one per
+       core, if there are at least PARALLEL_FROM entries to fold; 1: all in this process);
     2. COPY the states into `account_status_rebuild`;
     3. in one transaction: lock the live positions (the live worker pauses), fold the last
        entries up to them, replace those rows, swap the table's rows into `account_status`.
@@ -127,6 +183,11 @@ def rebuild(settings: Settings, dsn: str, *, progress: Progress | None = None) -
             if not behind:
                 break
             total = sum(live.values())
+            fresh = {s: p for s, p in behind.items() if shards[s].position == 0}
+            processes = min(_jobs(jobs, sum(fresh.values())), len(fresh))
+            if processes > 1:
+                _fold_apart(dsn, projection, shards, fresh, processes, report)
+                behind = {s: p for s, p in behind.items() if s not in fresh}
             for shard, upto in sorted(behind.items()):
                 shards[shard].advance(conn, projection, shard, upto, progress=report)
         report(0)  # caught up: the bar ends at its total

@@ -1,6 +1,7 @@
 """Projection workers sharing a journal (real PostgreSQL, no Kafka: the writer is handed
 records). A worker skips looking a shard's policy up in the journal only where its own last
-step left the shard; after another worker folded a new policy there, it must look again."""
+step left the shard; after another worker folded a new policy there, it must look again. A
+rebuild that folds shards in processes of their own gives what one process gives."""
 
 from __future__ import annotations
 
@@ -11,6 +12,10 @@ import psycopg
 
 from ledger.config_versions import policy_version
 from ledger.configure import publish
+from ledger.policy import Policy
+from ledger.verify import verify
+from projections.account_status import AccountStatusProjection
+from projections.rebuild import ShardState, _fold_apart, rebuild, recompute
 from projections.worker import ProjectionWorker
 from tests.test_journal import opened
 
@@ -30,6 +35,17 @@ def limit(dsn: str, account_id: str) -> Decimal:
     return value
 
 
+def raised_policy(tmp_path: Path) -> Path:
+    """The shipped policy as version 2026-02, with tier 1 up to $70 a month (not $50)."""
+    edited = tmp_path / "policy.toml"
+    edited.write_text(
+        SHIPPED.read_text()
+        .replace('version = "2026-01"', 'version = "2026-02"')
+        .replace('monthly_limit = "50"', 'monthly_limit = "70"', 1)
+    )
+    return edited
+
+
 def test_a_worker_resuming_after_another_follows_the_policy_journaled_meanwhile(
     writer, dsn, base_settings, tmp_path
 ):
@@ -43,15 +59,8 @@ def test_a_worker_resuming_after_another_follows_the_policy_journaled_meanwhile(
         assert limit(dsn, "a") == 50
 
         # A new policy (tier 1 up to $70 a month), folded by the other worker.
-        edited = tmp_path / "policy.toml"
-        text = SHIPPED.read_text()
-        edited.write_text(
-            text.replace('version = "2026-01"', 'version = "2026-02"').replace(
-                'monthly_limit = "50"', 'monthly_limit = "70"', 1
-            )
-        )
         with psycopg.connect(dsn) as conn:
-            publish(conn, [policy_version(edited)])
+            publish(conn, [policy_version(raised_policy(tmp_path))])
         writer.write_batch([opened("b", 1)])
         drain(second)
         assert (limit(dsn, "a"), limit(dsn, "b")) == (50, 70)  # a was not folded again
@@ -64,3 +73,48 @@ def test_a_worker_resuming_after_another_follows_the_policy_journaled_meanwhile(
     finally:
         first.close()
         second.close()
+
+
+def test_a_rebuild_folding_shards_in_processes_equals_one_process(
+    writer, dsn, base_settings, tmp_path
+):
+    # Shards 0 and 1 journal the shipped policy; then shard 1 and the new shards 2 and 3 the
+    # raised one (a limit is the current policy's: b's is 70 now).
+    with psycopg.connect(dsn) as conn:
+        publish(conn, [policy_version(SHIPPED)])
+    writer.write_batch([opened("a", 0, 0), opened("b", 0, 1)])
+    with psycopg.connect(dsn) as conn:
+        publish(conn, [policy_version(raised_policy(tmp_path))])
+    writer.write_batch([opened("c", 1, 1), opened("d", 0, 2), opened("e", 0, 3)])
+    worker = ProjectionWorker(base_settings, dsn)
+    try:
+        drain(worker)
+    finally:
+        worker.close()
+    with psycopg.connect(dsn) as conn:
+        live = conn.execute("SELECT * FROM account_status ORDER BY account_id").fetchall()
+        heads = dict(conn.execute("SELECT shard, last_seq FROM shard_heads").fetchall())
+    assert [limit(dsn, a) for a in "abcde"] == [50, 70, 70, 70, 70]
+
+    # Each shard's states, clock and the policy in force at its end, from child processes,
+    # equal those of one process folding the shards in turn.
+    apart = AccountStatusProjection(Policy.load())
+    shards = {s: ShardState() for s in heads}
+    _fold_apart(dsn, apart, shards, heads, 2, lambda _: None)
+    together = AccountStatusProjection(Policy.load())
+    with psycopg.connect(dsn) as conn:
+        expected = recompute(conn, together, heads)
+    assert shards == expected
+    assert {s: apart.policies[s] for s in heads} == {
+        s: together.policies.get(s, together.default_policy) for s in heads
+    }
+    assert {p.tiers[0].monthly_limit for p in apart.policies.values()} == {50, 70}
+
+    # Both rebuilds give the live rows: a's limit is still 50, its shard's policy (the rows
+    # were once made with the policy of the shard folded last, for every shard).
+    for jobs in (1, 2):
+        assert rebuild(base_settings, dsn, jobs=jobs) == 5
+        with psycopg.connect(dsn) as conn:
+            rows = conn.execute("SELECT * FROM account_status ORDER BY account_id").fetchall()
+        assert rows == live
+    assert verify(base_settings, dsn) == []
