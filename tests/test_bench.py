@@ -72,6 +72,9 @@ def test_the_benchmark_runs_and_reports_every_phase(stack, base_settings):
         assert {"ledger", "projections", "relay"} <= set(report[key]["cpu_cores"]), key
     # The verify phase checked the whole drained journal, and the storage covers its tables.
     assert report["verify"]["entries"] == report["journal"]["entries"]
+    # Its peak RSS is read from its own VmHWM while it runs (the rusage of a child also counts
+    # the process it was forked from), within the verify's budget of 300 MB.
+    assert 0 < report["verify"]["peak_rss_mib"] < 250
     assert {"journal_entries", "raw_events", "postings"} <= set(report["storage"]["tables"])
     assert report["storage"]["bytes"] == sum(report["storage"]["tables"].values())
     # py-spy sampled the ledger worker in the writer's code.
