@@ -192,7 +192,9 @@ def _replay(args: argparse.Namespace, settings: Settings) -> int:
     count = _with_progress(
         "replaying",
         "events",
-        lambda progress: replay(settings, args.from_database_url, target, progress=progress),
+        lambda progress: replay(
+            settings, args.from_database_url, target, progress=progress, jobs=args.jobs
+        ),
     )
     print(f"replayed {count} events into {redact(target)}")
     return 0
@@ -631,6 +633,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--from-database-url",
         required=True,
         help="postgresql:// URL of the source journal; the target is LEDGER_DATABASE_URL",
+    )
+    p.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=None,
+        help="processes replaying shards side by side (default: one per core, from 10,000 "
+        "events on; 1: none besides this one)",
     )
     p.set_defaults(func=_replay)
 

@@ -463,14 +463,17 @@ SELECT account_id FROM account_status
 -- ---------------------------------------------------------------------------------------------
 -- Replay: another journal's events, in that journal's order.
 
--- name: replay_count
-SELECT count(*) FROM journal_entries WHERE cause_event_id IS NULL;
-
 -- name: replay_source
+-- The raw events of the given shards, in their journal order.
 SELECT r.topic, r.kafka_partition, r.kafka_offset, r.account_id, r.raw, r.recorded_at
   FROM journal_entries e JOIN raw_events r ON r.event_id = e.event_id
- WHERE e.cause_event_id IS NULL
+ WHERE e.cause_event_id IS NULL AND e.shard = ANY(%s)
  ORDER BY e.shard, e.shard_seq;
+
+-- name: replay_shards
+-- Each shard of the journal with the raw events it holds (what a replay feeds again).
+SELECT shard, count(*) FILTER (WHERE cause_event_id IS NULL)
+  FROM journal_entries GROUP BY shard ORDER BY shard;
 
 -- name: journal_is_empty
 SELECT NOT EXISTS (SELECT 1 FROM journal_entries);
