@@ -10,15 +10,13 @@ it derives is ever sent to Kafka again.
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing
-import os
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from datetime import datetime
 
 import structlog
 
-from ledger import chain_keys, db, topics
+from ledger import chain_keys, db, shard_pool, topics
 from ledger.book import LedgerFold
 from ledger.db import QUERIES
 from ledger.errors import LedgerError
@@ -44,8 +42,8 @@ class StoredRecord:
     recorded_at: datetime | None = None  # when the source journal recorded it: its clock
 
 
-# Below this many events, one process is faster than several: a process takes ~0.7 s to
-# start and import the writer, what ~1,500 events take to replay.
+# Below this many events, one process is faster than several: starting one takes what
+# ~1,500 events take to replay.
 PARALLEL_FROM = 10_000
 
 
@@ -79,10 +77,9 @@ def replay(
         if progress is not None:
             progress(done, total)
 
-    processes = min(_jobs(jobs, total), len(shards))
+    processes = shard_pool.process_count(jobs, total, PARALLEL_FROM, len(shards))
     if processes > 1:
-        context = multiprocessing.get_context("spawn")  # no fork of a process with connections
-        with ProcessPoolExecutor(max_workers=processes, mp_context=context) as pool:
+        with shard_pool.pool(processes) as pool:
             futures = [
                 pool.submit(replay_shards, settings, source_dsn, target_dsn, [s], batch_size)
                 for s in sorted(shards)
@@ -101,14 +98,6 @@ def replay(
         target.execute(QUERIES["mark_all_published"])
     log.info("replay_finished", events=done)
     return done
-
-
-def _jobs(jobs: int | None, events: int) -> int:
-    if jobs is not None:
-        if jobs < 1:
-            raise ValueError(f"jobs must be at least 1, not {jobs}")
-        return jobs
-    return (os.cpu_count() or 1) if events >= PARALLEL_FROM else 1
 
 
 def replay_shards(

@@ -9,16 +9,14 @@ the ledger consumer and the live projection keep running, then swaps it in atomi
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing
-import os
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from datetime import datetime
 
 import psycopg
 import structlog
 
-from ledger import db
+from ledger import db, shard_pool
 from ledger.db import QUERIES
 from ledger.policy import Policy
 from ledger.settings import Settings
@@ -98,20 +96,9 @@ def recompute(
     return shards
 
 
-# Below this many entries to fold, one process is faster than several: a process takes
-# ~0.7 s to start and import the fold, what ~15,000 entries take to fold (measured on the
+# Below this many entries to fold, one process is faster than several (measured on the
 # benchmark's journal: 31,403 entries rebuilt in 1.6 s by one process, 2.0 s by two).
 PARALLEL_FROM = 50_000
-
-
-def _jobs(jobs: int | None, entries: int) -> int:
-    """How many processes fold from scratch: `jobs` as given, or by default one per core
-    when there is enough to fold."""
-    if jobs is not None:
-        if jobs < 1:
-            raise ValueError(f"jobs must be at least 1, not {jobs}")
-        return jobs
-    return (os.cpu_count() or 1) if entries >= PARALLEL_FROM else 1
 
 
 def _fold_shard(dsn: str, policy: Policy, shard: int, upto: int) -> tuple[ShardState, Policy]:
@@ -135,8 +122,7 @@ def _fold_apart(
     """The shards in `behind` (all at position 0) folded from scratch, `jobs` processes at a
     time, each shard in one process: shards are independent (an account lives on one, and so
     do its policy and clock), so the states are those of one process folding them in turn."""
-    context = multiprocessing.get_context("spawn")  # no fork of a process with connections
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+    with shard_pool.pool(jobs) as pool:
         futures = {
             pool.submit(_fold_shard, dsn, projection.default_policy, shard, upto): shard
             for shard, upto in sorted(behind.items())
@@ -184,7 +170,9 @@ def rebuild(
                 break
             total = sum(live.values())
             fresh = {s: p for s, p in behind.items() if shards[s].position == 0}
-            processes = min(_jobs(jobs, sum(fresh.values())), len(fresh))
+            processes = shard_pool.process_count(
+                jobs, sum(fresh.values()), PARALLEL_FROM, len(fresh)
+            )
             if processes > 1:
                 _fold_apart(dsn, projection, shards, fresh, processes, report)
                 behind = {s: p for s, p in behind.items() if s not in fresh}
