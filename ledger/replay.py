@@ -21,6 +21,7 @@ from ledger.book import LedgerFold
 from ledger.db import QUERIES
 from ledger.errors import LedgerError
 from ledger.journal import LedgerWriter
+from ledger.log import configure_logging
 from ledger.policy import Policy
 from ledger.rating import PriceBook
 from ledger.settings import Settings
@@ -81,7 +82,7 @@ def replay(
     if processes > 1:
         with shard_pool.pool(processes) as pool:
             futures = [
-                pool.submit(replay_shards, settings, source_dsn, target_dsn, [s], batch_size)
+                pool.submit(_replay_apart, settings, source_dsn, target_dsn, [s], batch_size)
                 for s in sorted(shards)
             ]
             for future in as_completed(futures):
@@ -98,6 +99,14 @@ def replay(
         target.execute(QUERIES["mark_all_published"])
     log.info("replay_finished", events=done)
     return done
+
+
+def _replay_apart(
+    settings: Settings, source_dsn: str, target_dsn: str, shards: list[int], batch_size: int
+) -> int:
+    """`replay_shards` in a process of its own."""
+    configure_logging(settings)  # a spawned process starts with none
+    return replay_shards(settings, source_dsn, target_dsn, shards, batch_size)
 
 
 def replay_shards(

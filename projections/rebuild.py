@@ -18,6 +18,7 @@ import structlog
 
 from ledger import db, shard_pool
 from ledger.db import QUERIES
+from ledger.log import configure_logging
 from ledger.policy import Policy
 from ledger.settings import Settings
 from projections.account_status import AccountStatus, AccountStatusProjection, Effect
@@ -101,9 +102,12 @@ def recompute(
 PARALLEL_FROM = 50_000
 
 
-def _fold_shard(dsn: str, policy: Policy, shard: int, upto: int) -> tuple[ShardState, Policy]:
+def _fold_shard(
+    settings: Settings, dsn: str, policy: Policy, shard: int, upto: int
+) -> tuple[ShardState, Policy]:
     """In a process of its own: one shard folded from scratch up to `upto`; its state and the
     policy in force there at `upto` (the default, unless the shard journaled one)."""
+    configure_logging(settings)  # a spawned process starts with none
     projection = AccountStatusProjection(policy)
     with db.connect(dsn) as conn:
         state = ShardState()
@@ -112,6 +116,7 @@ def _fold_shard(dsn: str, policy: Policy, shard: int, upto: int) -> tuple[ShardS
 
 
 def _fold_apart(
+    settings: Settings,
     dsn: str,
     projection: AccountStatusProjection,
     shards: dict[int, ShardState],
@@ -124,7 +129,7 @@ def _fold_apart(
     do its policy and clock), so the states are those of one process folding them in turn."""
     with shard_pool.pool(jobs) as pool:
         futures = {
-            pool.submit(_fold_shard, dsn, projection.default_policy, shard, upto): shard
+            pool.submit(_fold_shard, settings, dsn, projection.default_policy, shard, upto): shard
             for shard, upto in sorted(behind.items())
         }
         for future in as_completed(futures):
@@ -174,7 +179,7 @@ def rebuild(
                 jobs, sum(fresh.values()), PARALLEL_FROM, len(fresh)
             )
             if processes > 1:
-                _fold_apart(dsn, projection, shards, fresh, processes, report)
+                _fold_apart(settings, dsn, projection, shards, fresh, processes, report)
                 behind = {s: p for s, p in behind.items() if s not in fresh}
             for shard, upto in sorted(behind.items()):
                 shards[shard].advance(conn, projection, shard, upto, progress=report)

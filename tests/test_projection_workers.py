@@ -100,7 +100,7 @@ def test_a_rebuild_folding_shards_in_processes_equals_one_process(
     # equal those of one process folding the shards in turn.
     apart = AccountStatusProjection(Policy.load())
     shards = {s: ShardState() for s in heads}
-    _fold_apart(dsn, apart, shards, heads, 2, lambda _: None)
+    _fold_apart(base_settings, dsn, apart, shards, heads, 2, lambda _: None)
     together = AccountStatusProjection(Policy.load())
     with psycopg.connect(dsn) as conn:
         expected = recompute(conn, together, heads)
