@@ -454,7 +454,13 @@ def _verify(args: argparse.Namespace, settings: Settings) -> int:
         "recomputing",
         "entries",
         lambda progress: verify(
-            settings, dsn, progress=progress, keys=keys, checkpoints=found, notes=notes
+            settings,
+            dsn,
+            progress=progress,
+            keys=keys,
+            checkpoints=found,
+            notes=notes,
+            jobs=args.jobs,
         ),
         transient=True,
     )
@@ -723,6 +729,13 @@ def build_parser() -> argparse.ArgumentParser:
         "instead of the checkpoint topic",
     )
     p.add_argument("--no-checkpoints", action="store_true", help="do not read the checkpoint topic")
+    p.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=None,
+        help="processes checking shards side by side, in one snapshot (default: one per core, "
+        "from 50,000 entries on; 1: none besides this one)",
+    )
     p.set_defaults(func=_verify)
 
     p = sub.add_parser(

@@ -1,4 +1,5 @@
-"""How many processes rebuild and replay start (`--jobs`): pure, no services."""
+"""Shards side by side (`--jobs` of rebuild, replay and verify): how many processes start,
+and how verify merges the walks of its shards. Pure, no services."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import os
 
 import pytest
 
+from ledger.book import AccountBook
 from ledger.shard_pool import process_count
+from ledger.verify import _Walked
 
 
 def test_by_default_one_process_per_core_only_when_there_is_enough_work():
@@ -25,3 +28,20 @@ def test_jobs_as_given_but_never_more_than_there_are_shards():
 def test_fewer_than_one_job_is_refused_naming_it():
     with pytest.raises(ValueError, match="jobs must be at least 1, not 0"):
         process_count(0, 10, 50_000, 8)
+
+
+def test_walks_of_shards_merged_report_an_account_with_entries_in_two_shards():
+    # What one walk through every shard reports (ledger.verify._walk_shard), when the
+    # shards were walked apart: the account's book does not fold, named once.
+    first, second, third = _Walked(), _Walked(), _Walked()
+    first.books["a"] = (AccountBook("a"), 0)
+    second.books |= {"a": (AccountBook("a"), 3), "b": (AccountBook("b"), 3)}
+    third.books["a"] = (AccountBook("a"), 5)
+    merged = _Walked()
+    for walked in (first, second, third):
+        merged.merge(walked)
+    assert merged.unfoldable == {"a"}
+    assert [str(d) for d in merged.out] == [
+        "account_book: a: the journal does not fold: it has entries in shard 0 and in shard 3"
+    ]
+    assert {a: shard for a, (_, shard) in merged.books.items()} == {"a": 0, "b": 3}

@@ -562,6 +562,10 @@ SELECT shard, position, last_tick_at FROM projection_positions
 -- name: set_repeatable_read
 SET TRANSACTION ISOLATION LEVEL REPEATABLE READ;
 
+-- name: export_snapshot
+-- The snapshot of this (repeatable read) transaction, for verify's other processes to share.
+SELECT pg_export_snapshot();
+
 -- name: create_status_rebuild
 -- Temporary (this session's own): the writer role that rebuilds creates no tables.
 CREATE TEMPORARY TABLE account_status_rebuild (LIKE account_status INCLUDING DEFAULTS);
@@ -591,12 +595,26 @@ SELECT account_id, opened, suspended, reasons, status_version, credit_balance, r
 SELECT invoice_id, account_id, month, issued_at, currency, exact_total, amount_due, lines
   FROM invoices ORDER BY invoice_id;
 
+-- name: journal_shards
+-- Every shard that has entries or a head: the entries' shards one index probe each (a loose
+-- scan of the primary key), not a scan of the journal.
+WITH RECURSIVE s (shard) AS (
+    SELECT min(shard) FROM journal_entries
+     UNION ALL
+    SELECT (SELECT min(e.shard) FROM journal_entries e WHERE e.shard > s.shard)
+      FROM s WHERE s.shard IS NOT NULL
+)
+SELECT shard FROM s WHERE shard IS NOT NULL
+ UNION
+SELECT shard FROM shard_heads
+ ORDER BY shard;
+
 -- name: chain_entries
--- Every entry in chain order (shard, shard_seq), with what its link covers: the raw bytes
+-- A shard's entries in chain order (shard_seq), with what its link covers: the raw bytes
 -- (a derived entry's are its cause's), postings in line order, and whether every posting
 -- belongs to the entry's account in USD (the link does not cover those two columns). Read
 -- through a server-side cursor: a plan that streams in key order (no sort, no grouping of the
--- whole journal).
+-- whole shard).
 SELECT e.account_id, e.shard, e.shard_seq, e.event_id, e.event_type, e.status, e.payload,
        e.detail, e.prev_hash, e.entry_hash, coalesce(r.raw, c.raw),
        coalesce(p.accounts, '{}'), coalesce(p.amounts, '{}'),
@@ -611,7 +629,8 @@ SELECT e.account_id, e.shard, e.shard_seq, e.event_id, e.event_type, e.status, e
                bool_and(pp.account_id = e.account_id AND pp.currency = 'USD') AS owned
           FROM postings pp
          WHERE pp.shard = e.shard AND pp.shard_seq = e.shard_seq) p
- ORDER BY e.shard, e.shard_seq;
+ WHERE e.shard = %s
+ ORDER BY e.shard_seq;
 
 -- name: shard_chain_heads
 SELECT shard, last_seq, head_hash FROM shard_heads ORDER BY shard;
