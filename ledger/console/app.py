@@ -388,7 +388,8 @@ def create_app(settings: Settings, dsn: str, *, bootstrap: str | None = None) ->
                 keys = chain_keys.ChainKeys({}, "no key file")
                 notes.append(f"no chain keys ({exc})")
             started = datetime.now(UTC)
-            differences = verify(settings, console.dsn, keys=keys, notes=notes)
+            # In the server's own process: a click must not start a process per core.
+            differences = verify(settings, console.dsn, keys=keys, notes=notes, jobs=1)
             result.last = {
                 "started_at": started,
                 "finished_at": datetime.now(UTC),
