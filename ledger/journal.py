@@ -370,13 +370,13 @@ class LedgerWriter:
     ) -> BatchResult:
         cur = self.conn.cursor()
         result = BatchResult()
+        # No pipeline mode in a batch: a backend waiting inside a pipeline (no Sync yet) is not
+        # "idle in transaction", so idle_in_transaction_session_timeout would not free the row
+        # locks of a holder frozen there (make chaos: every shard stalled for the 30 s SIGSTOP).
         if not replay:
-            # Pipelined: a statement whose result is not read goes out with the next one.
-            with self.conn.pipeline():
-                records = self._fresh_records(cur, records, fetched, result)
-                if self.fence is not None:
-                    shards = {r.partition for r in records} | {p for _, p in result.next_offsets}
-                    self.fence(cur, shards)
+            records = self._fresh_records(cur, records, fetched, result)
+        if self.fence is not None and not replay:
+            self.fence(cur, {r.partition for r in records} | {p for _, p in result.next_offsets})
         now = self.clock()
         accepted: list[_Accepted] = []
         rejects: list[tuple[Record, str | None, str | None, str, str]] = []
@@ -531,46 +531,39 @@ class LedgerWriter:
             journaled.append(item)
 
         numbered = self._copy_journal(cur, journaled)
-        # The rest is written pipelined: one round trip, two with rejects (their ids are read
-        # back); COPY cannot be pipelined.
-        with self.conn.pipeline():
-            config_seqs = {
-                shard: seq for shard, seq, a in numbered if a.event_type == CONFIG_PUBLISHED
-            }
-            _execute_each(
-                cur, "save_config_seq", [(seq, shard) for shard, seq in sorted(config_seqs.items())]
-            )
-            for shard, seq in config_seqs.items():
-                _, config, fold = self._configs[shard]
-                self._configs[shard] = (seq, config, fold)
-            self._insert_rejects(cur, rejects, replay)
-            _execute_each(
-                cur,
-                "save_book",
-                [
-                    (
-                        acct,
-                        Jsonb(book.to_json()),
-                        shard,
-                        book.next_expiry(),
-                        book.first_pending_month(),
-                    )
-                    for acct in sorted({j.event["account_id"] for j in journaled} - {""})
-                    for book, shard in [books[acct]]
-                ],
-            )
-            _execute_each(
-                cur, "save_shard_clock", [(clocks[shard], shard) for shard in sorted(moved)]
-            )
-            _execute_each(
-                cur,
-                "save_offset",
-                [(self.group_id, t, p, o) for (t, p), o in sorted(result.next_offsets.items())],
-            )
-            if journaled:
-                cur.execute(QUERIES["notify_journal"])
-            if rejects and not replay:
-                cur.execute(QUERIES["notify_outbox"])
+        config_seqs = {shard: seq for shard, seq, a in numbered if a.event_type == CONFIG_PUBLISHED}
+        _execute_each(
+            cur, "save_config_seq", [(seq, shard) for shard, seq in sorted(config_seqs.items())]
+        )
+        for shard, seq in config_seqs.items():
+            _, config, fold = self._configs[shard]
+            self._configs[shard] = (seq, config, fold)
+        self._insert_rejects(cur, rejects, replay)
+        _execute_each(
+            cur,
+            "save_book",
+            [
+                (
+                    acct,
+                    Jsonb(book.to_json()),
+                    shard,
+                    book.next_expiry(),
+                    book.first_pending_month(),
+                )
+                for acct in sorted({j.event["account_id"] for j in journaled} - {""})
+                for book, shard in [books[acct]]
+            ],
+        )
+        _execute_each(cur, "save_shard_clock", [(clocks[shard], shard) for shard in sorted(moved)])
+        _execute_each(
+            cur,
+            "save_offset",
+            [(self.group_id, t, p, o) for (t, p), o in sorted(result.next_offsets.items())],
+        )
+        if journaled:
+            cur.execute(QUERIES["notify_journal"])
+        if rejects and not replay:
+            cur.execute(QUERIES["notify_outbox"])
         result.journaled = len(journaled)
         result.rejected = len(rejects)
         result.journaled_by_type = Counter(j.event_type for j in journaled)
