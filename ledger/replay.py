@@ -91,8 +91,7 @@ def replay(
         replay_shards(settings, source_dsn, target_dsn, sorted(shards), batch_size, count)
     worker = ProjectionWorker(settings, target_dsn)
     try:
-        while worker.run_once():
-            pass
+        worker.drain()
     finally:
         worker.close()
     with db.connect(target_dsn) as target:

@@ -137,9 +137,7 @@ def verify(
                 processes, progress,
             )  # fmt: skip
         else:
-            walked = _Walked()
-            for shard in journal_shards:
-                _walk_shard(conn, shard, walked, keys, policy, checkpoints)
+            walked = _walk_all(conn, journal_shards, keys, policy, checkpoints)
             shards = recompute(conn, projection, upto, progress=progress, keep=InvoiceIssued)
         differences += _finish_journal(conn, walked, checkpoints, notes)
         for shard, (_, clock) in sorted(positions.items()):
@@ -239,12 +237,11 @@ def _verify_shard(
     in force at that position."""
     configure_logging(settings)  # a spawned process starts with none
     projection = AccountStatusProjection(policy)
-    walked, state = _Walked(), None
+    state = None
     with db.connect(dsn) as conn:
         conn.execute(QUERIES["set_repeatable_read"])
         conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
-        if has_entries:
-            _walk_shard(conn, shard, walked, keys, policy, checkpoints)
+        walked = _walk_all(conn, [shard] if has_entries else [], keys, policy, checkpoints)
         if position is not None:
             state = ShardState()
             state.advance(conn, projection, shard, position, keep=InvoiceIssued)
@@ -386,10 +383,23 @@ def check_journal(
 ) -> list[Difference]:
     """The hash chains, the checkpoints and the account books (checks 2-4 of the module
     docstring), in one pass over the journal, shard after shard."""
-    walked = _Walked()
-    for (shard,) in conn.execute(QUERIES["journal_shards"]).fetchall():
-        _walk_shard(conn, shard, walked, keys, policy, checkpoints)
+    shards = [shard for (shard,) in conn.execute(QUERIES["journal_shards"]).fetchall()]
+    walked = _walk_all(conn, shards, keys, policy, checkpoints)
     return _finish_journal(conn, walked, checkpoints, notes)
+
+
+def _walk_all(
+    conn: psycopg.Connection,
+    shards: list[int],
+    keys: ChainKeys,
+    policy: Policy,
+    checkpoints: list[Checkpoint] | None,
+) -> _Walked:
+    """`shards` walked one after the other in this process, with one state."""
+    walked = _Walked()
+    for shard in shards:
+        _walk_shard(conn, shard, walked, keys, policy, checkpoints)
+    return walked
 
 
 def _walk_shard(

@@ -74,6 +74,14 @@ class ProjectionWorker:
     def close(self) -> None:
         _close_quietly(self.conn)
 
+    def drain(self) -> int:
+        """Fold until nothing is left to fold (as of each pass); returns the entries applied.
+        For a caller that has stopped writing (replay, tests), not for a live worker."""
+        applied = 0
+        while step := self.run_once():
+            applied += step
+        return applied
+
     def run_once(self) -> int:
         """One pass over the shards with entries not folded yet; returns the number of
         entries applied."""

@@ -60,8 +60,7 @@ def usage(account_id: str, offset: int, at: datetime, tokens: int) -> FakeRecord
 def project(settings, dsn) -> None:
     worker = ProjectionWorker(settings, dsn)
     try:
-        while worker.run_once():
-            pass
+        worker.drain()
     finally:
         worker.close()
 

@@ -22,11 +22,6 @@ from tests.test_journal import opened
 SHIPPED = Path(__file__).parents[1] / "ledger" / "policy.toml"
 
 
-def drain(worker: ProjectionWorker) -> None:
-    while worker.run_once():
-        pass
-
-
 def limit(dsn: str, account_id: str) -> Decimal:
     with psycopg.connect(dsn) as conn:
         (value,) = conn.execute(
@@ -55,20 +50,20 @@ def test_a_worker_resuming_after_another_follows_the_policy_journaled_meanwhile(
     first = ProjectionWorker(base_settings, dsn)
     second = ProjectionWorker(base_settings, dsn)
     try:
-        drain(first)
+        first.drain()
         assert limit(dsn, "a") == 50
 
         # A new policy (tier 1 up to $70 a month), folded by the other worker.
         with psycopg.connect(dsn) as conn:
             publish(conn, [policy_version(raised_policy(tmp_path))])
         writer.write_batch([opened("b", 1)])
-        drain(second)
+        second.drain()
         assert (limit(dsn, "a"), limit(dsn, "b")) == (50, 70)  # a was not folded again
 
         # The first worker again: the shard moved on without it, so it reads the policy
         # journaled there (a stale one would give c a $50 limit).
         writer.write_batch([opened("c", 2)])
-        drain(first)
+        first.drain()
         assert limit(dsn, "c") == 70
     finally:
         first.close()
@@ -88,7 +83,7 @@ def test_a_rebuild_folding_shards_in_processes_equals_one_process(
     writer.write_batch([opened("c", 1, 1), opened("d", 0, 2), opened("e", 0, 3)])
     worker = ProjectionWorker(base_settings, dsn)
     try:
-        drain(worker)
+        worker.drain()
     finally:
         worker.close()
     with psycopg.connect(dsn) as conn:
