@@ -8,14 +8,18 @@ import sys
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
+import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
-from ledger import topics
-from ledger.consumer import ShardConsumer, kafka_consumer_options
+from ledger import chain_keys, topics
+from ledger.consumer import ShardConsumer, _writer_connection, kafka_consumer_options
+from ledger.journal import LedgerWriter
 from ledger.worker import start_roles
 from tests.harness import wait_until
+from tests.test_journal import opened
 
 
 def lease_holders(dsn: str) -> int:
@@ -173,6 +177,55 @@ def test_a_frozen_holder_loses_its_shards_and_stops_writing_when_it_thaws(ledger
                 proc.terminate()
                 proc.wait(timeout=30)
     ledger.start()
+
+
+def test_a_holder_frozen_inside_its_batch_frees_the_shard_after_the_lease_timeout(
+    writer, dsn, base_settings
+):
+    """A holder that stops between two statements of its batch transaction (SIGSTOP, a long
+    GC pause) holds its offset and head row locks only until the server aborts the idle
+    transaction, after the lease timeout; the standby that took the shard over then writes.
+    A batch sent as a pipeline without a Sync would not count as idle in transaction, and
+    would hold the standby up for as long as the holder stays frozen (it did once: `make
+    chaos`, every shard stalled for the 30 s SIGSTOP)."""
+    settings = dataclasses.replace(base_settings, lease_timeout_s=3)
+    frozen = LedgerWriter(
+        _writer_connection(dsn, settings),
+        writer.fold,
+        keys=chain_keys.load(settings),
+        group_id="ledger",
+        deadletter_topic="dlq",
+    )
+    inside, thaw = threading.Event(), threading.Event()
+
+    def freeze(cur: psycopg.Cursor, shards: set[int]) -> None:
+        inside.set()  # after the batch locked its offsets: frozen between two statements
+        thaw.wait(120)
+
+    frozen.fence = freeze
+    records = [opened(f"frozen-{n}", n) for n in range(3)]
+    with ThreadPoolExecutor(1) as pool:
+        holder = pool.submit(frozen.write_batch, records)
+        try:
+            assert inside.wait(30), "the frozen writer never reached its batch"
+            # A lock held past this fails the standby instead of hanging the test.
+            writer.conn.execute("SET lock_timeout = '30s'")
+            writer.conn.commit()
+            started = time.monotonic()
+            result = writer.write_batch(records)
+            waited_s = time.monotonic() - started
+        finally:
+            thaw.set()
+        with pytest.raises(psycopg.errors.IdleInTransactionSessionTimeout):
+            holder.result(timeout=60)  # the server ended its session under it
+    assert result.journaled == 3
+    # It waited for the frozen holder's locks (they were held), and not much past the timeout.
+    assert 2.0 < waited_s < 3 + 12, f"the standby waited {waited_s:.1f}s"
+    with psycopg.connect(dsn) as conn:
+        (entries,) = conn.execute(
+            "SELECT count(*) FROM journal_entries WHERE account_id LIKE 'frozen-%'"
+        ).fetchone()
+    assert entries == 3
 
 
 def test_a_backlog_on_one_partition_does_not_starve_the_others(settings, stack, writer):
