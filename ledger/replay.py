@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from concurrent.futures import as_completed
 from datetime import datetime
 
 import structlog
@@ -80,13 +79,9 @@ def replay(
 
     processes = shard_pool.process_count(jobs, total, PARALLEL_FROM, len(shards))
     if processes > 1:
-        with shard_pool.pool(processes) as pool:
-            futures = [
-                pool.submit(_replay_apart, settings, source_dsn, target_dsn, [s], batch_size)
-                for s in sorted(shards)
-            ]
-            for future in as_completed(futures):
-                count(future.result())
+        calls = {s: (settings, source_dsn, target_dsn, [s], batch_size) for s in shards}
+        for _, replayed in shard_pool.each_shard(processes, _replay_apart, calls):
+            count(replayed)
     else:
         replay_shards(settings, source_dsn, target_dsn, sorted(shards), batch_size, count)
     worker = ProjectionWorker(settings, target_dsn)

@@ -40,7 +40,6 @@ import contextlib
 import dataclasses
 import json
 from collections.abc import Callable
-from concurrent.futures import as_completed
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -197,20 +196,18 @@ def _verify_apart(
     secrets = ChainKeys(dict(keys.secrets), keys.source)  # without its HMAC objects
     total, done = sum(upto.values()), 0
     results: dict[int, tuple[_Walked, ShardState | None, Policy]] = {}
-    with shard_pool.pool(processes) as pool:
-        futures = {
-            pool.submit(
-                _verify_shard, settings, dsn, snapshot, secrets, projection.default_policy,
-                checkpoints, shard, shard in journal_shards, upto.get(shard),
-            ): shard
-            for shard in shards
-        }  # fmt: skip
-        for future in as_completed(futures):
-            shard = futures[future]
-            results[shard] = future.result()
-            done += upto.get(shard, 0)
-            if progress is not None:
-                progress(done, total)
+    calls = {
+        shard: (
+            settings, dsn, snapshot, secrets, projection.default_policy, checkpoints, shard,
+            shard in journal_shards, upto.get(shard),
+        )
+        for shard in shards
+    }  # fmt: skip
+    for shard, result in shard_pool.each_shard(processes, _verify_shard, calls):
+        results[shard] = result
+        done += upto.get(shard, 0)
+        if progress is not None:
+            progress(done, total)
     walked, states = _Walked(), {}
     for shard in shards:
         shard_walked, state, policy = results[shard]

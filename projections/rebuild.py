@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from concurrent.futures import as_completed
 from datetime import datetime
 
 import psycopg
@@ -127,15 +126,13 @@ def _fold_apart(
     """The shards in `behind` (all at position 0) folded from scratch, `jobs` processes at a
     time, each shard in one process: shards are independent (an account lives on one, and so
     do its policy and clock), so the states are those of one process folding them in turn."""
-    with shard_pool.pool(jobs) as pool:
-        futures = {
-            pool.submit(_fold_shard, settings, dsn, projection.default_policy, shard, upto): shard
-            for shard, upto in sorted(behind.items())
-        }
-        for future in as_completed(futures):
-            shard = futures[future]
-            shards[shard], projection.policies[shard] = future.result()
-            report(0)
+    calls = {
+        shard: (settings, dsn, projection.default_policy, shard, upto)
+        for shard, upto in behind.items()
+    }
+    for shard, (state, policy) in shard_pool.each_shard(jobs, _fold_shard, calls):
+        shards[shard], projection.policies[shard] = state, policy
+        report(0)
 
 
 def rebuild(

@@ -1,14 +1,17 @@
 """Shards side by side (`--jobs` of rebuild, replay and verify): how many processes start,
-and how verify merges the walks of its shards. Pure, no services."""
+what a failing shard does to the others, and how verify merges the walks of its shards. No
+services."""
 
 from __future__ import annotations
 
 import os
+import time
+from pathlib import Path
 
 import pytest
 
 from ledger.book import AccountBook
-from ledger.shard_pool import process_count
+from ledger.shard_pool import each_shard, process_count
 from ledger.verify import _Walked
 
 
@@ -28,6 +31,31 @@ def test_jobs_as_given_but_never_more_than_there_are_shards():
 def test_fewer_than_one_job_is_refused_naming_it():
     with pytest.raises(ValueError, match="jobs must be at least 1, not 0"):
         process_count(0, 10, 50_000, 8)
+
+
+def _mark(marks: Path, shard: int) -> int:
+    """A shard's work in a spawned process: leaves a mark; shard 0 fails."""
+    if shard == 0:
+        raise ValueError("shard 0 diverges")
+    time.sleep(0.5)
+    (marks / str(shard)).touch()
+    return shard * 10
+
+
+def test_each_shard_yields_every_result_with_its_shard(tmp_path):
+    calls = {shard: (tmp_path, shard) for shard in (3, 1, 2)}
+    assert dict(each_shard(2, _mark, calls)) == {1: 10, 2: 20, 3: 30}
+
+
+def test_a_failing_shard_cancels_the_shards_not_started_and_raises(tmp_path):
+    calls = {shard: (tmp_path, shard) for shard in range(16)}
+    with pytest.raises(ValueError, match="shard 0 diverges"):
+        dict(each_shard(1, _mark, calls))
+    # One process, shard 0 first: the pool may have queued a few more (its call queue is
+    # refilled as its process takes work) before the failure cancelled the rest, which
+    # would otherwise all have run before the error was raised.
+    ran = {int(p.name) for p in tmp_path.iterdir()}
+    assert len(ran) < 8, sorted(ran)
 
 
 def test_walks_of_shards_merged_report_an_account_with_entries_in_two_shards():
