@@ -35,13 +35,20 @@ def kafka_reconnect_options() -> dict[str, int]:
     out a broker restart: reconnect attempts back off from 100 ms to 1 s at most (the
     default grows to 30 s, which kept clients away for ~50 s after the broker was back),
     requests time out after 10 s, the first contact gives up after 10 s, and metadata is
-    refreshed at least every minute."""
+    refreshed every 5 s.
+
+    The short metadata age is for leader moves between live brokers (a broker's preferred
+    leader election ~5 min after it restarted, a reassignment): kafka-python 3.0 retries a
+    ListOffsets answered "not leader" against its cached leaders without refreshing them (the
+    Java client had the same bug, KAFKA-9159), so `beginning_offsets` / `end_offsets` fail
+    until the background refresh. At 60 s, a ledger worker taking shards over right after
+    such a move timed out twice (`make chaos`: every shard stalled 44 s)."""
     return {
         "reconnect_backoff_ms": 100,
         "reconnect_backoff_max_ms": 1000,
         "request_timeout_ms": 10_000,
         "bootstrap_timeout_ms": 10_000,
-        "metadata_max_age_ms": 60_000,
+        "metadata_max_age_ms": 5_000,
     }
 
 

@@ -51,6 +51,7 @@ import structlog
 from kafka import KafkaConsumer, TopicPartition
 
 from ledger import topics
+from ledger.backoff import kafka_reconnect_options
 from ledger.codec import Codec
 from ledger.errors import DecodeError, LedgerError
 from ledger.settings import Settings
@@ -147,7 +148,10 @@ class AccountStatusFollower:
             isolation_level="read_committed",
             enable_incremental_fetch_sessions=False,
             client_id="ledger-status-follower",
-            **consumer_options,
+            # The workers' reconnect and metadata options, unless given: a follower catching
+            # up right after a partition leader moved otherwise waits for its metadata's
+            # 5-minute refresh (kafka-python retries "not leader" against cached leaders).
+            **(kafka_reconnect_options() | consumer_options),
         )
 
     @classmethod
