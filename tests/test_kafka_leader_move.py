@@ -50,8 +50,13 @@ def test_beginning_offsets_after_the_leader_moved_to_another_live_broker(base_se
         # Node 2 becomes the preferred replica, then the leader; node 1 stays up and answers
         # "not leader" to a client that still sends there.
         admin.alter_partition_reassignments({tp: [2, 1] for tp in partitions})
-        wait_until(lambda: not admin.list_partition_reassignments(), 60, "reassignment done")
-        admin.elect_leaders(0, [TOPIC], raise_errors=False)  # 0: preferred
+
+        def moved() -> bool:  # the election is refused until node 2 is in sync again
+            admin.elect_leaders(0, [TOPIC], raise_errors=False)  # 0: preferred
+            (topic,) = admin.describe_topics([TOPIC])  # asks the cluster, not a cache
+            return {p["leader_id"] for p in topic["partitions"]} == {2}
+
+        wait_until(moved, 60, "the leaders moved to node 2")
         assert leaders(consumer, partitions) == {1}  # what the consumer still believes
 
         started = time.monotonic()
