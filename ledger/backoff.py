@@ -48,8 +48,74 @@ def kafka_reconnect_options() -> dict[str, int]:
         "reconnect_backoff_max_ms": 1000,
         "request_timeout_ms": 10_000,
         "bootstrap_timeout_ms": 10_000,
-        "metadata_max_age_ms": 5_000,
+        "metadata_max_age_ms": int(METADATA_MAX_AGE_S * 1000),
     }
+
+
+METADATA_MAX_AGE_S = 5.0
+# A client whose last metadata refresh is older than this has heard from no broker for two
+# refresh periods: it counts as cut off from Kafka (`kafka_silent_s`).
+KAFKA_SILENT_LIMIT_S = 2 * METADATA_MAX_AGE_S
+
+
+def kafka_silent_s(client: object) -> float | None:
+    """Seconds since a kafka-python 3 client last got an answer to a metadata request from any
+    broker; None when the client does not say (another kafka-python version).
+
+    With `kafka_reconnect_options` the client's own I/O thread asks every
+    METADATA_MAX_AGE_S, whether or not it has partitions assigned or is polled, so the age
+    stays under that while any broker answers. It is the one sign of a cut connection that
+    needs no request of its own: a consumer's `poll()` returns nothing, not an error, when no
+    broker answers, just as it does when nothing new arrived."""
+    # The consumer's cluster metadata is `_cluster`, the producer's `_metadata`.
+    cluster = getattr(client, "_cluster", None) or getattr(client, "_metadata", None)
+    last_ms = getattr(cluster, "_last_successful_refresh_ms", None)
+    if not isinstance(last_ms, (int, float)):
+        return None
+    return max(0.0, time.monotonic() - last_ms / 1000)
+
+
+class KafkaContact:
+    """Whether a role still hears from Kafka, for roles that hold what another worker could do
+    in their place (the ledger's shard leases, the relay's lock). A worker that reaches
+    PostgreSQL but no broker (a network partition, a firewall rule, a broker address it alone
+    resolves wrongly) would otherwise hold on and stall its work, as its standbys wait
+    on PostgreSQL's word that it is alive.
+
+    `hears(client)` is False once no broker answered the client (or the clients, if the role
+    made new ones meanwhile; None while it has none) for KAFKA_SILENT_LIMIT_S. The count
+    starts again at `reset()` (the role just took something over). One `kafka_unreachable`
+    line when contact is lost, one `kafka_reachable` when it is back."""
+
+    def __init__(self, role: str, limit_s: float = KAFKA_SILENT_LIMIT_S):
+        self.role = role
+        self.limit_s = limit_s
+        self.heard_at = time.monotonic()
+        self.cut_off = False
+
+    def reset(self) -> None:
+        self.heard_at = time.monotonic()
+
+    def hears(self, client: object | None) -> bool:
+        now = time.monotonic()
+        if client is not None:
+            silent = kafka_silent_s(client)
+            # A client that does not say is taken at its word: the check is off.
+            self.heard_at = max(self.heard_at, now - (silent if silent is not None else 0.0))
+        silent_s = now - self.heard_at
+        cut_off = silent_s > self.limit_s
+        if cut_off and not self.cut_off:
+            log.warning(
+                "kafka_unreachable",
+                role=self.role,
+                silent_s=round(silent_s, 1),
+                detail="no broker answered; what this worker holds is left to one that reaches "
+                "Kafka",
+            )
+        elif self.cut_off and not cut_off:
+            log.info("kafka_reachable", role=self.role)
+        self.cut_off = cut_off
+        return not cut_off
 
 
 class Backoff:

@@ -35,7 +35,7 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import OffsetOutOfRangeError as KafkaOffsetOutOfRange
 
 from ledger import chain_keys, db, metrics, topics
-from ledger.backoff import kafka_reconnect_options
+from ledger.backoff import KafkaContact, kafka_reconnect_options
 from ledger.book import LedgerFold
 from ledger.db import QUERIES
 from ledger.errors import StackError
@@ -291,11 +291,13 @@ def run_ledger_consumer(
     stop: threading.Event,
     *,
     on_batch: Callable[[int], None] | None = None,
+    consumer_options: dict[str, Any] | None = None,
 ) -> None:
     """Consume the owned shards until `stop` is set; then finish the batch in hand and
     commit it. Errors of the infrastructure (PostgreSQL or Kafka down or restarting) are
     retried with capped exponential backoff, one log line per attempt; a batch is never
-    skipped: after any failure, consumption resumes from the offsets stored with the journal."""
+    skipped: after any failure, consumption resumes from the offsets stored with the journal.
+    `consumer_options` (kafka-python keywords) override the consumer's."""
     fold = LedgerFold(PriceBook.load(settings.price_book), Policy.load(settings.policy))
     writer = LedgerWriter(
         _writer_connection(dsn, settings),
@@ -321,8 +323,7 @@ def run_ledger_consumer(
         # Small fetches per partition: what one partition's backlog puts in memory at a time
         # (ShardConsumer takes each batch in fair shares from every partition anyway).
         max_partition_fetch_bytes=256 * 1024,
-        **kafka_consumer_options(settings),
-        **client_options(settings),
+        **kafka_consumer_options(settings) | client_options(settings) | (consumer_options or {}),
     )
     input_topics = topics.input_topics(settings)
     shard_count = _shard_count(consumer, input_topics, stop)
@@ -333,6 +334,9 @@ def run_ledger_consumer(
     writer.fence = leases.fence
     shards = ShardConsumer(consumer, writer, input_topics)
     sizer = BatchSizer.for_settings(settings)
+    # A worker that hears from no broker lets its leases run out, so that a standby that can
+    # reach Kafka takes the shards (poll() returns nothing, not an error, when cut off).
+    contact = KafkaContact("ledger")
     owned: set[int] = set()
     next_refresh = 0.0  # when the leases are next refreshed and the assignment checked
     renewed = 0.0  # when the leases were last renewed
@@ -378,7 +382,7 @@ def run_ledger_consumer(
                         writer.conn = _writer_connection(dsn, settings)
                     shards.rewind()
                 if time.monotonic() >= next_refresh:
-                    held = leases.refresh()
+                    held = leases.refresh(renew=contact.hears(consumer))
                     renewed = time.monotonic()
                     if held != owned or shards.lost:
                         shards.assign(held)  # may fail (database down): then retried
@@ -396,7 +400,7 @@ def run_ledger_consumer(
                     # A slow poll (a backlog to fetch, a busy machine): renew before the write
                     # too, so that the lease does not run out while the batch is written.
                     renewed = time.monotonic()
-                    if leases.refresh() != owned:
+                    if leases.refresh(renew=contact.hears(consumer)) != owned:
                         next_refresh = 0.0  # reassigned at the top of the loop
                 # Decoded while the previous batch is written; then that write must have
                 # succeeded before this batch goes (if it failed, this one is dropped and

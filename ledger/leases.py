@@ -8,6 +8,10 @@ whose lease has expired (the holder crashed, froze, or lost the database) or was
 checks, after locking its offsets, that this worker still holds every shard it writes
 (`fence`), and otherwise writes nothing and gives the shards up.
 
+A holder that reaches PostgreSQL but hears from no Kafka broker (`ledger.backoff.KafkaContact`)
+stops renewing and taking leases, so its shards go to a standby that reaches Kafka; with no
+standby it takes them back as soon as a broker answers again.
+
 The lease is about liveness and not doing work twice; exactly-once never depends on it (each
 batch locks its stored offsets and drops what another writer already journaled). The writer's
 connection sets `idle_in_transaction_session_timeout` to the lease timeout, so a holder frozen
@@ -55,10 +59,17 @@ class ShardLeases:
         self.conn: psycopg.Connection | None = None
         self._renewed = time.monotonic()
 
-    def refresh(self) -> set[int]:
+    def refresh(self, *, renew: bool = True) -> set[int]:
         """Renew the leases held and take every wanted shard that is free or expired;
         returns the shards held now. Without the database for longer than the timeout, every
-        lease counts as lost (a standby may have them by now)."""
+        lease counts as lost (a standby may have them by now).
+
+        `renew=False` (the worker hears nothing from Kafka) neither renews nor takes: the
+        leases run out, so a standby that can reach Kafka takes the shards over, and they
+        count as lost here once the timeout passed."""
+        if not renew:
+            self._lapse("kafka unreachable")
+            return set(self.owned)
         try:
             if self.conn is None or self.conn.closed or self.conn.broken:
                 self.conn = db.connect(self.dsn, autocommit=True)
@@ -72,9 +83,7 @@ class ShardLeases:
                 },
             ).fetchall()
         except (psycopg.Error, LedgerError) as exc:
-            if self.owned and time.monotonic() - self._renewed > self.timeout_s:
-                log.warning("shard_leases_lost", shards=sorted(self.owned), error=str(exc)[:200])
-                self.owned = set()
+            self._lapse(str(exc)[:200])
             return set(self.owned)
         self._renewed = time.monotonic()
         held = {shard for (shard,) in rows}
@@ -84,6 +93,12 @@ class ShardLeases:
             log.warning("shard_leases_lost", shards=sorted(self.owned - held), holder=self.holder)
         self.owned = held
         return set(held)
+
+    def _lapse(self, reason: str) -> None:
+        """Not renewed: once the timeout passed, every lease counts as lost."""
+        if self.owned and time.monotonic() - self._renewed > self.timeout_s:
+            log.warning("shard_leases_lost", shards=sorted(self.owned), error=reason)
+            self.owned = set()
 
     def fence(self, cur: psycopg.Cursor, shards: set[int]) -> None:
         """Inside a batch transaction: refuse it unless this worker holds every shard."""

@@ -4,7 +4,11 @@ out.
 
 **One active relay.** A session advisory lock; other relays wait as standbys. The lock lives
 with the database session, so after a reconnect the relay takes it again (or, if another relay
-took it meanwhile, becomes the standby).
+took it meanwhile, becomes the standby). An active relay that hears from no Kafka broker for
+`KAFKA_SILENT_LIMIT_S` (10 s; `ledger.backoff.KafkaContact`) while PostgreSQL still answers
+gives the lock up (`relay_handing_over`) and asks again only after HAND_OVER_WAIT_S, so a
+standby that reaches Kafka takes over; with no standby it takes the lock back and goes on
+trying. Rows it sent and Kafka did not ack are sent again, by whichever relay has the lock.
 
 **Parking.** A row Kafka refuses for good is *parked* (`parked_at`, `park_reason`,
 `park_detail`, `attempts`) with one `outbox_parked` error line, and the relay moves on to later
@@ -76,6 +80,7 @@ from kafka import KafkaProducer
 from kafka import errors as kafka_errors
 
 from ledger import chain_keys, db, metrics, topics
+from ledger.backoff import METADATA_MAX_AGE_S, KafkaContact
 from ledger.checkpoints import Publisher
 from ledger.db import QUERIES, DatabaseError
 from ledger.kafka_auth import client_options
@@ -86,6 +91,9 @@ log = structlog.get_logger(__name__)
 BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 5.0
 STOP_CHECK_S = 0.5
+# After giving the lock up for want of Kafka, how long before asking for it again: standbys
+# ask every second, so one of them has it by then.
+HAND_OVER_WAIT_S = 3.0
 CONNECT_TIMEOUT_S = 3
 WAITING_NOTE_EVERY_S = 5.0
 # How long one checkpoint round waits for Kafka's acks (short: stop is looked at in between).
@@ -191,6 +199,8 @@ class OutboxRelay:
         self._next_checkpoint = 0.0  # monotonic time of the next checkpoint round
         self.status_topic = settings.topic(topics.STATUS)
         self.snapshot_topic = settings.topic(topics.STATUS_SNAPSHOT)
+        self.contact = KafkaContact("relay")
+        self.handovers = 0  # times the lock was given up for want of Kafka
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -209,7 +219,18 @@ class OutboxRelay:
                     log.info("relay_reconnected" if started else "relay_started")
                     started = True
                     database_backoff.reset()
-                    self._serve(conn, stop)
+                    self.contact.reset()
+                    if self._serve(conn, stop):
+                        continue
+                    # No broker answered for KAFKA_SILENT_LIMIT_S: give the lock up (closing
+                    # the session releases it) and let a standby that may reach Kafka take it
+                    # before this relay asks again.
+                    self.handovers += 1
+                    self._close_producer()
+                    self.awaiting_acks = 0
+                    log.warning("relay_handing_over", retry_in_s=HAND_OVER_WAIT_S)
+                    conn.close()
+                    stop.wait(HAND_OVER_WAIT_S)
                 except _DATABASE_TROUBLE as exc:
                     self.database_outages += 1
                     delay = database_backoff.next()
@@ -240,8 +261,12 @@ class OutboxRelay:
             stop.wait(1.0)
         return False
 
-    def _serve(self, conn: psycopg.Connection, stop: threading.Event) -> None:
+    def _serve(self, conn: psycopg.Connection, stop: threading.Event) -> bool:
+        """Relay until `stop` (True) or until no broker answered for KAFKA_SILENT_LIMIT_S
+        (False: the caller hands the lock over)."""
         while not stop.is_set():
+            if not self.contact.hears(self.producer):
+                return False
             try:
                 producer = self._ensure_producer()
                 self._checkpoint_if_due(conn, producer)
@@ -264,6 +289,7 @@ class OutboxRelay:
             wait = min(self.settings.poll_interval_ms / 1000, STOP_CHECK_S)
             for _ in conn.notifies(timeout=wait, stop_after=1):
                 pass
+        return True
 
     def _checkpoint_if_due(self, conn: psycopg.Connection, producer: KafkaProducer) -> None:
         """Publish the shards' chain heads that moved, once per checkpoint interval. A round
@@ -300,6 +326,8 @@ class OutboxRelay:
                 "delivery_timeout_ms": 30_000,
                 "reconnect_backoff_ms": int(BACKOFF_FIRST_S * 1000),
                 "reconnect_backoff_max_ms": int(BACKOFF_MAX_S * 1000),
+                # How `contact` knows the brokers still answer.
+                "metadata_max_age_ms": int(METADATA_MAX_AGE_S * 1000),
                 **client_options(self.settings),
                 **self.producer_options,
             }
@@ -481,12 +509,14 @@ class OutboxRelay:
     def _await_acks(
         self, producer: KafkaProducer, futures: list, stop: threading.Event | None
     ) -> None:
-        """Wait until Kafka answered for every future (acked or failed), or `stop`."""
+        """Wait until Kafka answered for every future (acked or failed), `stop`, or until no
+        broker answered for KAFKA_SILENT_LIMIT_S (the rows not acked are sent again, as after
+        a stop: by this relay, or by the standby it hands over to)."""
         waited = 0.0
         next_note = WAITING_NOTE_EVERY_S
         while (pending := sum(not f.is_done for f in futures)) > 0:
             self.awaiting_acks = pending
-            if stop is not None and stop.is_set():
+            if (stop is not None and stop.is_set()) or not self.contact.hears(producer):
                 return
             try:
                 producer.flush(timeout=STOP_CHECK_S)

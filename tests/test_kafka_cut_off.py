@@ -1,0 +1,158 @@
+"""A worker that reaches PostgreSQL but no Kafka broker (a network partition, a firewall rule)
+must not keep what it holds: its standbys see it alive in PostgreSQL and would wait forever.
+The shard holder lets its leases run out and the active relay gives its lock up, once no
+broker answered for `KAFKA_SILENT_LIMIT_S`; a standby that reaches Kafka takes both over.
+
+The cut worker's Kafka clients go through a proxy the test cuts (`tests.netcut`); the
+standby's connect directly to the same broker."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from types import SimpleNamespace
+
+import psycopg
+from kafka import KafkaConsumer, KafkaProducer
+
+from ledger.backoff import (
+    KAFKA_SILENT_LIMIT_S,
+    METADATA_MAX_AGE_S,
+    KafkaContact,
+    kafka_reconnect_options,
+    kafka_silent_s,
+)
+from ledger.consumer import run_ledger_consumer
+from ledger.relay import OutboxRelay
+from ledger.worker import start_roles
+from tests.harness import Ledger, wait_until
+from tests.netcut import ConnectProxy
+
+
+def lease_holders(dsn: str) -> dict[int, str]:
+    """Shard → holder of every lease not expired."""
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT shard, holder FROM shard_leases WHERE expires_at > clock_timestamp()"
+        ).fetchall()
+    return dict(rows)
+
+
+def worker(settings, bootstrap, dsn, stop, roles, kafka_options=None):
+    """The ledger and relay roles (and any other of `roles`) in threads, their Kafka clients
+    built with `kafka_options` besides their own; the threads and the relay."""
+    options = kafka_options or {}
+    relay = OutboxRelay(settings, bootstrap, dsn, producer_options=options)
+    threads = start_roles(
+        settings,
+        bootstrap,
+        dsn,
+        roles,
+        stop,
+        targets={
+            "ledger": lambda: run_ledger_consumer(
+                settings, bootstrap, dsn, stop, consumer_options=options
+            ),
+            "relay": lambda: relay.run(stop),
+        },
+    )
+    return threads, relay
+
+
+def test_a_worker_cut_off_from_kafka_hands_its_shards_and_the_relay_to_a_standby(
+    settings, stack, dsn
+):
+    settings = dataclasses.replace(settings, lease_timeout_s=3)  # the least allowed: quicker
+    proxy = ConnectProxy()
+    ledger = Ledger(settings, stack.bootstrap, dsn)  # for sending and reading; no roles
+    stops = {"cut": threading.Event(), "standby": threading.Event()}
+    threads: list[threading.Thread] = []
+    try:
+        started, cut_relay = worker(
+            settings,
+            stack.bootstrap,
+            dsn,
+            stops["cut"],
+            ("ledger", "projections", "relay"),
+            {"proxy_url": proxy.url},
+        )
+        threads += started
+        ledger.open_account("before-cut")
+        ledger.wait_journaled(1, 60)
+        wait_until(lambda: len(lease_holders(dsn)) == settings.partitions, 30, "every shard held")
+        (cut_holder,) = set(lease_holders(dsn).values())
+        assert proxy.tunnels > 0  # its clients go through the proxy
+
+        started, _ = worker(settings, stack.bootstrap, dsn, stops["standby"], ("ledger", "relay"))
+        threads += started
+        time.sleep(3)  # the standby is up and waiting (its leases and relay lock refused)
+        assert set(lease_holders(dsn).values()) == {cut_holder}
+
+        proxy.cut()
+        cut_at = time.monotonic()
+        # An account opened after the cut runs out of credit with no payment method: only a
+        # worker that reaches Kafka can journal it and publish the suspension.
+        ledger.open_account("after-cut")
+        ledger.use("after-cut", output_tokens=2_000_000)  # $1.80 > the $1 sign-up credit
+        wait_until(lambda: ledger.status_of("after-cut"), 90, "the suspension downstream")
+        took = time.monotonic() - cut_at
+        print(f"\nsuspension published {took:.1f} s after the cut")
+        holders = lease_holders(dsn)
+        assert len(holders) == settings.partitions
+        assert cut_holder not in holders.values(), "the cut worker still holds shards"
+        assert [t for t, _, _ in ledger.status_of("after-cut")] == ["AccountSuspended"]
+        # It took the silence (counted from the client's last answer, up to one metadata
+        # refresh before the cut) and the lease running out.
+        assert took > KAFKA_SILENT_LIMIT_S - METADATA_MAX_AGE_S
+        # The cut relay gave its lock up on the silence alone, before the suspension needed
+        # it: it never tried to send and failed.
+        assert cut_relay.handovers >= 1
+        assert cut_relay.kafka_outages == 0
+        assert ledger.journaled() == 3  # two sign-ups and the usage, once each
+    finally:
+        for stop in stops.values():
+            stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+        proxy.close()
+        ledger.close()
+    assert not [t.name for t in threads if t.is_alive()]
+    ledger.assert_trial_balance_zero()
+
+
+def test_kafka_contact_counts_from_the_last_answer_of_any_client():
+    def client(kind: str, silent_s: float) -> SimpleNamespace:
+        last_ms = (time.monotonic() - silent_s) * 1000
+        return SimpleNamespace(**{kind: SimpleNamespace(_last_successful_refresh_ms=last_ms)})
+
+    contact = KafkaContact("test", limit_s=10)
+    contact.heard_at = time.monotonic() - 60  # as if it had started a minute ago
+    assert contact.hears(client("_cluster", 2))  # a consumer that heard 2 s ago
+    assert contact.hears(client("_metadata", 11))  # the last answer of any client counts
+    contact.heard_at = time.monotonic() - 60
+    assert not contact.hears(client("_metadata", 11))  # a producer silent for 11 s
+    assert contact.cut_off
+    # No client (it could not be made): the silence goes on from the last answer heard.
+    contact.heard_at = time.monotonic() - 11
+    assert not contact.hears(None)
+    assert contact.hears(client("_metadata", 0))  # a new client got an answer
+    contact.reset()
+    assert contact.hears(None)  # the count starts again (the role just took over)
+    # A client that does not say when it last heard (another kafka-python) switches it off.
+    assert kafka_silent_s(SimpleNamespace()) is None
+    contact.heard_at = time.monotonic() - 60
+    assert contact.hears(SimpleNamespace())
+
+
+def test_the_kafka_clients_in_use_say_when_a_broker_last_answered(stack):
+    consumer = KafkaConsumer(bootstrap_servers=stack.bootstrap, **kafka_reconnect_options())
+    producer = KafkaProducer(bootstrap_servers=stack.bootstrap, **kafka_reconnect_options())
+    try:
+        consumer.topics()
+        for client in (consumer, producer):
+            silent = kafka_silent_s(client)
+            assert silent is not None and silent < METADATA_MAX_AGE_S
+    finally:
+        consumer.close()
+        producer.close()
