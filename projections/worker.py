@@ -5,12 +5,21 @@ workers split the shards and never process one twice), read the entries after it
 save the account states, the outbox rows of every status change and the new position, commit.
 Positions are per shard and shard sequences are gapless and commit in order, so no entry that
 commits late can be skipped.
+
+A worker frozen inside a step (SIGSTOP, a paused VM, a host gone without closing its
+connection) would hold its shard's position row, and every other worker skips a locked row:
+the shard's projection, and so its suspensions, would wait for it. So the connection sets
+`idle_in_transaction_session_timeout` to `LEDGER_LEASE_TIMEOUT_S`: PostgreSQL ends such a
+session and another worker takes the shard at its next pass. Steps are sized (like the ledger's
+batches, `BatchSizer`) so that one takes at most a quarter of that; a step the server ended
+anyway (a machine too loaded) is redone smaller, from the stored position.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Iterable
 from datetime import datetime
 from decimal import Decimal
@@ -22,6 +31,7 @@ from psycopg.types.json import Jsonb
 from ledger import db, metrics, topics
 from ledger.backoff import Outage
 from ledger.codec import Codec
+from ledger.consumer import BatchSizer
 from ledger.db import QUERIES
 from ledger.policy import Policy
 from ledger.settings import Settings
@@ -65,11 +75,19 @@ class ProjectionWorker:
         self.codec = codec or Codec.default()
         self.policy = Policy.load(settings.policy)
         self.projection = AccountStatusProjection(self.policy)
-        self.batch_size = batch_size
+        self.sizer = BatchSizer(batch_size, settings.lease_timeout_s / 4)
         self.status_topic = settings.topic(topics.STATUS)
-        self.conn = db.connect(dsn)
+        self.conn = self._connect()
         # shard -> the position after this worker's last committed step there
         self._policy_known: dict[int, int] = {}
+
+    def _connect(self) -> psycopg.Connection:
+        conn = db.connect(self.dsn)
+        conn.execute(
+            QUERIES["set_idle_in_transaction_timeout"], (f"{self.settings.lease_timeout_s}s",)
+        )
+        conn.commit()
+        return conn
 
     def close(self) -> None:
         _close_quietly(self.conn)
@@ -98,19 +116,34 @@ class ProjectionWorker:
         # The shard's policy is known without asking the journal only where this worker's
         # own last committed step left the shard (any failure forgets it).
         known = self._policy_known.pop(shard, None)
-        with self.conn.transaction():
-            row = self.conn.execute(QUERIES["lock_position"], (name, shard)).fetchone()
-            if row is None or row[0] >= head:
-                return 0  # another worker holds this shard, or nothing new
-            position, clock = row
-            if position != known:
-                self._use_policy_at(shard, position)
-            upto = min(head, position + self.batch_size)
-            entries = read_entries(self.conn, shard, position, upto)
-            effects, clock = self._apply(shard, entries, clock)
-            self.conn.execute(QUERIES["save_position"], (upto, clock, name, shard, upto))
-            if effects:
-                self.conn.execute(QUERIES["notify_outbox"])
+        started = time.monotonic()
+        entries: list[JournalEntry] = []
+        try:
+            with self.conn.transaction():
+                row = self.conn.execute(QUERIES["lock_position"], (name, shard)).fetchone()
+                if row is None or row[0] >= head:
+                    return 0  # another worker holds this shard, or nothing new
+                position, clock = row
+                if position != known:
+                    self._use_policy_at(shard, position)
+                upto = min(head, position + self.sizer.limit)
+                entries = read_entries(self.conn, shard, position, upto)
+                effects, clock = self._apply(shard, entries, clock)
+                self.conn.execute(QUERIES["save_position"], (upto, clock, name, shard, upto))
+                if effects:
+                    self.conn.execute(QUERIES["notify_outbox"])
+        except psycopg.errors.IdleInTransactionSessionTimeout:
+            # The server ended the step: this worker was frozen or starved in the middle of
+            # it. Another worker may have the shard by now; this one redoes it smaller.
+            log.warning(
+                "projection_step_timed_out",
+                shard=shard,
+                entries=len(entries),
+                seconds=round(time.monotonic() - started, 1),
+            )
+            self.sizer.limit = max(1, self.sizer.limit // 2)
+            raise
+        self.sizer.written(len(entries), time.monotonic() - started)
         self._policy_known[shard] = upto
         log.debug("projection_step", shard=shard, entries=len(entries), effects=len(effects))
         return len(entries)
@@ -175,7 +208,7 @@ class ProjectionWorker:
                     if listener is None:
                         listener = self._listen()
                     if self.conn.closed or self.conn.broken:
-                        self.conn = db.connect(self.dsn)
+                        self.conn = self._connect()
                     applied = self.run_once()
                     metrics.PROJECTION_ENTRIES.inc(applied)
                     outage.ok()
@@ -184,6 +217,8 @@ class ProjectionWorker:
                     timeout = self.settings.poll_interval_ms / 1000
                     for _ in listener.notifies(timeout=timeout, stop_after=1):
                         pass
+                except psycopg.errors.IdleInTransactionSessionTimeout:
+                    self._drop_failed_connection()  # logged by the step; made again at once
                 except (psycopg.OperationalError, psycopg.InterfaceError, db.DatabaseError) as exc:
                     _close_quietly(listener)
                     listener = None

@@ -5,6 +5,9 @@ rebuild that folds shards in processes of their own gives what one process gives
 
 from __future__ import annotations
 
+import dataclasses
+import threading
+import time
 from decimal import Decimal
 from pathlib import Path
 
@@ -17,6 +20,8 @@ from ledger.verify import verify
 from projections.account_status import AccountStatusProjection
 from projections.rebuild import ShardState, _fold_apart, rebuild, recompute
 from projections.worker import ProjectionWorker
+from tests.harness import T0, wait_until
+from tests.test_console_http import usage
 from tests.test_journal import opened
 
 SHIPPED = Path(__file__).parents[1] / "ledger" / "policy.toml"
@@ -113,3 +118,64 @@ def test_a_rebuild_folding_shards_in_processes_equals_one_process(
             rows = conn.execute("SELECT * FROM account_status ORDER BY account_id").fetchall()
         assert rows == live
     assert verify(base_settings, dsn) == []
+
+
+def test_a_worker_frozen_inside_a_step_frees_its_shard_after_the_lease_timeout(
+    writer, dsn, base_settings
+):
+    settings = dataclasses.replace(base_settings, lease_timeout_s=3)
+    writer.write_batch([opened("frozen", 0), usage("frozen", 1, T0, 40_000_000)])  # > $1
+    frozen = ProjectionWorker(settings, dsn)
+    other = ProjectionWorker(settings, dsn)
+    inside, thaw = threading.Event(), threading.Event()
+    step = frozen._apply
+
+    def stuck(*args):  # after the shard's position is locked and its entries read
+        inside.set()
+        thaw.wait(60)
+        return step(*args)
+
+    frozen._apply = stuck
+    stop = threading.Event()
+    thread = threading.Thread(target=frozen.run, args=(stop,), name="frozen-projection")
+    thread.start()
+    try:
+        assert inside.wait(30), "the frozen worker never started its step"
+        started = time.monotonic()
+        # Another worker skips the locked shard, until the server ends the frozen step.
+        wait_until(lambda: other.run_once() > 0, 30, "the other worker folding the shard")
+        waited = time.monotonic() - started
+        print(f"\nthe other worker had the shard {waited:.1f} s after the freeze")
+        assert 2 < waited < 15
+        assert suspensions(dsn, "frozen") == 1
+
+        # Thawed, the frozen worker finds its step ended; it goes on from the stored position
+        # and folds nothing twice.
+        thaw.set()
+        writer.write_batch([opened("later", 1)])
+        wait_until(lambda: folded(dsn, "later"), 30, "the thawed worker folding new entries")
+        assert thread.is_alive()
+    finally:
+        thaw.set()
+        stop.set()
+        thread.join(timeout=30)
+        other.close()
+    assert not thread.is_alive()
+    assert suspensions(dsn, "frozen") == 1
+
+
+def suspensions(dsn: str, account_id: str) -> int:
+    """Status changes of `account_id` written to the outbox."""
+    with psycopg.connect(dsn) as conn:
+        (n,) = conn.execute(
+            "SELECT count(*) FROM outbox WHERE message_key = %s", (account_id.encode(),)
+        ).fetchone()
+    return n
+
+
+def folded(dsn: str, account_id: str) -> bool:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT 1 FROM account_status WHERE account_id = %s", (account_id,)
+        ).fetchone()
+    return row is not None
