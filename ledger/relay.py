@@ -65,11 +65,20 @@ not yet marked (a crash, PostgreSQL gone, a stop, a transient failure of an earl
 its batch) is sent again. Status events carry `status_version` and a deterministic event_id
 so consumers drop the duplicates; the dead-letter topic is at-least-once (`rejected_events`
 is the exact record).
+
+**No late copies.** Rows are sent again only by a new producer, after the old one was dropped
+with whatever Kafka had not acked (`_close_producer`): after a transient failure, a lost
+database session (another relay may hold the lock by the time this one is back) and a
+hand-over. A producer left retrying in the background (what kafka-python's own close() does
+when its wait for the records in flight times out) could put an account's older status on the
+topics after its newer one, and the compacted snapshot keeps a key's last record.
 """
 
 from __future__ import annotations
 
 import re
+import socket
+import struct
 import threading
 import time
 from collections import Counter
@@ -232,6 +241,9 @@ class OutboxRelay:
                     conn.close()
                     stop.wait(HAND_OVER_WAIT_S)
                 except _DATABASE_TROUBLE as exc:
+                    # The lock went with the session: another relay may hold it by the time
+                    # this one is back, so nothing this producer has in flight may land later.
+                    self._close_producer()
                     self.database_outages += 1
                     delay = database_backoff.next()
                     log.warning(
@@ -328,6 +340,12 @@ class OutboxRelay:
                 "reconnect_backoff_max_ms": int(BACKOFF_MAX_S * 1000),
                 # How `contact` knows the brokers still answer.
                 "metadata_max_age_ms": int(METADATA_MAX_AGE_S * 1000),
+                # Closing a connection drops what the kernel still holds for it (see
+                # `_close_producer`).
+                "socket_options": [
+                    (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),
+                    (socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)),
+                ],
                 **client_options(self.settings),
                 **self.producer_options,
             }
@@ -338,12 +356,25 @@ class OutboxRelay:
         return self.producer
 
     def _close_producer(self) -> None:
-        if self.producer is not None:
-            try:
-                self.producer.close(timeout=1)
-            except Exception as exc:  # closing a producer that lost its broker must not crash
-                log.warning("relay_producer_close_failed", error=brief(exc))
-            self.producer = None
+        """Drop the producer at once with whatever Kafka has not acked (those rows are not
+        marked: whichever relay holds the lock next sends them again). Nothing of it may go
+        out later: records of the old producer landing after a new producer's would put an
+        account's older status after its newer one, and on the compacted snapshot topic the
+        last record of a key is the one kept. kafka-python's own close() waits for the records
+        in flight first and, when that times out, raises and leaves its sender thread running
+        and retrying; so the sender is stopped first, and its sockets close with SO_LINGER 0
+        (`_ensure_producer`), which makes the kernel drop what it still held for them."""
+        if self.producer is None:
+            return
+        producer, self.producer = self.producer, None
+        sender = getattr(producer, "_sender", None)
+        try:
+            if sender is not None:
+                sender.force_close()  # fails the batches not acked, closes the connections
+                sender.join(STOP_CHECK_S)
+            producer.close(timeout=0)
+        except Exception as exc:  # closing a producer that lost its broker must not crash
+            log.warning("relay_producer_close_failed", error=brief(exc))
 
     # --- one batch ------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ others, connected directly, keep them.
     proxy = ConnectProxy()
     consumer = KafkaConsumer(..., proxy_url=proxy.url)
     proxy.cut()     # from now on nothing passes, either way; nothing is refused either
+    proxy.heal()    # traffic passes again
     proxy.close()
 
 A cut is a black hole, like a dropped route or a firewall that drops packets: open tunnels
@@ -33,6 +34,11 @@ class ConnectProxy:
 
     def cut(self) -> None:
         self._cut.set()
+
+    def heal(self) -> None:
+        """Let traffic through again, on the tunnels still open and on new ones. What was
+        sent during the cut stays lost, as on a network that dropped it."""
+        self._cut.clear()
 
     def close(self) -> None:
         self._cut.set()

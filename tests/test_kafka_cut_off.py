@@ -14,8 +14,9 @@ import time
 from types import SimpleNamespace
 
 import psycopg
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
+from ledger import topics
 from ledger.backoff import (
     KAFKA_SILENT_LIMIT_S,
     METADATA_MAX_AGE_S,
@@ -26,7 +27,7 @@ from ledger.backoff import (
 from ledger.consumer import run_ledger_consumer
 from ledger.relay import OutboxRelay
 from ledger.worker import start_roles
-from tests.harness import Ledger, wait_until
+from tests.harness import Ledger, read_records, wait_until
 from tests.netcut import ConnectProxy
 
 
@@ -156,3 +157,42 @@ def test_the_kafka_clients_in_use_say_when_a_broker_last_answered(stack):
     finally:
         consumer.close()
         producer.close()
+
+
+def test_a_producer_the_relay_gives_up_sends_nothing_after_the_network_heals(settings, stack, dsn):
+    """Records sent into a cut and not acked are dropped with the producer: the rows stay
+    unpublished and are sent again by the next producer, in order. A producer left retrying
+    in the background would put them on the topic later, after newer ones."""
+    proxy = ConnectProxy()
+    # Requests time out after 2 s: a producer left running would retry within seconds.
+    options = {"proxy_url": proxy.url, "request_timeout_ms": 2000}
+    relay = OutboxRelay(settings, stack.bootstrap, dsn, producer_options=options)
+    topic = settings.topic(topics.DEADLETTER)
+    try:
+        producer = relay._ensure_producer()
+        producer.send(topic, key=b"k", value=b"before").get(timeout=30)
+        proxy.cut()
+        stale = producer.send(topic, key=b"k", value=b"stale")
+        time.sleep(1)
+        assert not stale.is_done  # in flight, not acked
+        relay._close_producer()
+        assert stale.is_done and stale.failed()  # given up at once, not left to a thread
+        assert not [t for t in threading.enumerate() if t is producer._sender]
+        proxy.heal()
+        after = KafkaProducer(bootstrap_servers=stack.bootstrap)
+        after.send(topic, key=b"k", value=b"after").get(timeout=30)
+        after.close()
+        time.sleep(6)  # three of the old producer's request timeouts
+        values = [r.value for r in read_records(stack.bootstrap, [topic], 2)]
+        assert values == [b"before", b"after"]
+        reader = KafkaConsumer(bootstrap_servers=stack.bootstrap)
+        try:
+            ends = reader.end_offsets(
+                [TopicPartition(topic, p) for p in reader.partitions_for_topic(topic)]
+            )
+        finally:
+            reader.close()
+        assert sum(ends.values()) == 2  # nothing else on the topic, later or earlier
+    finally:
+        relay._close_producer()
+        proxy.close()
