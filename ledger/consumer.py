@@ -32,10 +32,11 @@ from typing import Any, TypeVar
 import psycopg
 import structlog
 from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import KafkaConnectionError, KafkaTimeoutError
 from kafka.errors import OffsetOutOfRangeError as KafkaOffsetOutOfRange
 
 from ledger import chain_keys, db, metrics, topics
-from ledger.backoff import KafkaContact, kafka_reconnect_options
+from ledger.backoff import KafkaContact, Outage, kafka_reconnect_options
 from ledger.book import LedgerFold
 from ledger.db import QUERIES
 from ledger.errors import StackError
@@ -96,6 +97,9 @@ LOSS_REPORT_S = 30.0
 WRITER_CHECK_MS = 5
 # Records one poll may hand over (into ShardConsumer.buffered): all that has arrived.
 POLL_MAX_RECORDS = 100_000
+# The first contact with Kafka gives up after this long and is tried again (so a stop during an
+# outage at start-up is seen within ~2 s).
+BOOTSTRAP_TIMEOUT_MS = 2000
 
 
 class ShardConsumer:
@@ -298,16 +302,8 @@ def run_ledger_consumer(
     retried with capped exponential backoff, one log line per attempt; a batch is never
     skipped: after any failure, consumption resumes from the offsets stored with the journal.
     `consumer_options` (kafka-python keywords) override the consumer's."""
-    fold = LedgerFold(PriceBook.load(settings.price_book), Policy.load(settings.policy))
-    writer = LedgerWriter(
-        _writer_connection(dsn, settings),
-        fold,
-        keys=chain_keys.load(settings),
-        group_id=settings.consumer_group,
-        deadletter_topic=settings.topic(topics.DEADLETTER),
-        deadletter_max_bytes=settings.deadletter_max_bytes,
-    )
-    consumer = KafkaConsumer(
+    consumer = _kafka_consumer(
+        stop,
         bootstrap_servers=bootstrap,
         group_id=None,
         client_id=f"ledger-{settings.consumer_group}",
@@ -323,13 +319,38 @@ def run_ledger_consumer(
         # Small fetches per partition: what one partition's backlog puts in memory at a time
         # (ShardConsumer takes each batch in fair shares from every partition anyway).
         max_partition_fetch_bytes=256 * 1024,
-        **kafka_consumer_options(settings) | client_options(settings) | (consumer_options or {}),
+        **kafka_consumer_options(settings)
+        | {"bootstrap_timeout_ms": BOOTSTRAP_TIMEOUT_MS}
+        | client_options(settings)
+        | (consumer_options or {}),
     )
-    input_topics = topics.input_topics(settings)
-    shard_count = _shard_count(consumer, input_topics, stop)
-    wanted = settings.shards if settings.shards is not None else list(range(shard_count))
-    if any(shard >= shard_count for shard in wanted):
-        raise StackError(f"LEDGER_SHARDS={wanted}: the input topics have {shard_count} partitions")
+    if consumer is None:
+        return  # stopped before any broker answered
+    conn: psycopg.Connection | None = None
+    try:  # a failure here (no chain key, topics missing) leaves no client running
+        fold = LedgerFold(PriceBook.load(settings.price_book), Policy.load(settings.policy))
+        keys = chain_keys.load(settings)
+        input_topics = topics.input_topics(settings)
+        shard_count = _shard_count(consumer, input_topics, stop)
+        wanted = settings.shards if settings.shards is not None else list(range(shard_count))
+        if any(shard >= shard_count for shard in wanted):
+            raise StackError(
+                f"LEDGER_SHARDS={wanted}: the input topics have {shard_count} partitions"
+            )
+        conn = _writer_connection(dsn, settings)
+    except BaseException:
+        consumer.close(autocommit=False)
+        if conn is not None:
+            conn.close()
+        raise
+    writer = LedgerWriter(
+        conn,
+        fold,
+        keys=keys,
+        group_id=settings.consumer_group,
+        deadletter_topic=settings.topic(topics.DEADLETTER),
+        deadletter_max_bytes=settings.deadletter_max_bytes,
+    )
     leases = ShardLeases(dsn, settings.consumer_group, wanted, settings.lease_timeout_s)
     writer.fence = leases.fence
     shards = ShardConsumer(consumer, writer, input_topics)
@@ -447,6 +468,23 @@ def run_ledger_consumer(
         leases.close()
         writer.conn.close()
         log.info("ledger_consumer_stopped")
+
+
+def _kafka_consumer(stop: threading.Event, **options: Any) -> KafkaConsumer | None:
+    """The consumer, once a broker answers its bootstrap; None if `stop` came first. Until
+    then one `dependency_down` line every few seconds, as for PostgreSQL, instead of the role
+    crashing at each attempt (and the supervisor logging `role_crashed`) while Kafka is away
+    at start-up."""
+    outage = Outage("ledger", "kafka")
+    while not stop.is_set():
+        try:
+            consumer = KafkaConsumer(**options)
+        except (KafkaTimeoutError, KafkaConnectionError) as exc:
+            stop.wait(outage.failed(exc))
+            continue
+        outage.ok()
+        return consumer
+    return None
 
 
 def _done(pending: tuple[Future, int] | None) -> bool:

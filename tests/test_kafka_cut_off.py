@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import psycopg
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from structlog.testing import capture_logs
 
 from ledger import topics
 from ledger.backoff import (
@@ -196,3 +197,50 @@ def test_a_producer_the_relay_gives_up_sends_nothing_after_the_network_heals(set
     finally:
         relay._close_producer()
         proxy.close()
+
+
+def test_the_ledger_role_waits_for_kafka_at_start_up_instead_of_crashing(settings, stack, dsn):
+    proxy = ConnectProxy()
+    proxy.cut()  # no broker answers yet
+    stop = threading.Event()
+    failures: list[str] = []
+    ledger = Ledger(settings, stack.bootstrap, dsn)
+    with capture_logs() as logs:
+        threads = start_roles(
+            settings,
+            stack.bootstrap,
+            dsn,
+            ("ledger",),
+            stop,
+            failures,
+            targets={
+                "ledger": lambda: run_ledger_consumer(
+                    settings, stack.bootstrap, dsn, stop, consumer_options={"proxy_url": proxy.url}
+                )
+            },
+        )
+
+        def down() -> list[dict]:
+            return [
+                e
+                for e in logs
+                if e["event"] == "dependency_down" and e.get("dependency") == "kafka"
+            ]
+
+        try:
+            wait_until(lambda: down(), 30, "the ledger role waiting for Kafka")
+            time.sleep(5)  # more attempts than one, each giving up after 2 s
+            assert failures == []
+            proxy.heal()
+            ledger.open_account("after-kafka-came")
+            ledger.wait_journaled(1, 60)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=30)
+            proxy.close()
+            ledger.close()
+    assert failures == []
+    assert not [e for e in logs if e["event"] == "role_crashed"]
+    assert down()[0]["role"] == "ledger"
+    assert [e for e in logs if e["event"] == "dependency_back" and e.get("dependency") == "kafka"]

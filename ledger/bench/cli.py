@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive,
         nargs="*",
         default=[1, 2, 4],
-        help="phase (i): ledger process counts splitting the shards (1 2 4; none: skip)",
+        help="phase (i): ledger process counts splitting the shards (1 2 4; with no count: skip)",
     )
     p.add_argument(
         "--latency-accounts",
