@@ -94,11 +94,19 @@ class ProjectionWorker:
 
     def drain(self) -> int:
         """Fold until nothing is left to fold (as of each pass); returns the entries applied.
-        For a caller that has stopped writing (replay, tests), not for a live worker."""
+        For a caller that has stopped writing (replay, tests), not for a live worker. A step
+        the server ended (`projection_step_timed_out`) is redone smaller on a new connection."""
         applied = 0
-        while step := self.run_once():
+        while True:
+            try:
+                step = self.run_once()
+            except psycopg.errors.IdleInTransactionSessionTimeout:
+                _close_quietly(self.conn)
+                self.conn = self._connect()
+                continue
+            if not step:
+                return applied
             applied += step
-        return applied
 
     def run_once(self) -> int:
         """One pass over the shards with entries not folded yet; returns the number of

@@ -164,6 +164,26 @@ def test_a_worker_frozen_inside_a_step_frees_its_shard_after_the_lease_timeout(
     assert suspensions(dsn, "frozen") == 1
 
 
+def test_drain_redoes_smaller_a_step_the_server_ended(writer, dsn, base_settings):
+    settings = dataclasses.replace(base_settings, lease_timeout_s=3)
+    writer.write_batch([opened("slow", 0), usage("slow", 1, T0, 40_000_000)])
+    worker = ProjectionWorker(settings, dsn)
+    step, slowed = worker._apply, []
+
+    def slow_once(*args):  # the first step idles in its transaction past the timeout
+        if not slowed:
+            slowed.append(time.sleep(4))
+        return step(*args)
+
+    worker._apply = slow_once
+    try:
+        assert worker.drain() == 2  # the step redone, on a new connection
+        assert worker.sizer.limit < 5000
+    finally:
+        worker.close()
+    assert slowed and suspensions(dsn, "slow") == 1
+
+
 def suspensions(dsn: str, account_id: str) -> int:
     """Status changes of `account_id` written to the outbox."""
     with psycopg.connect(dsn) as conn:
