@@ -103,6 +103,8 @@ STOP_CHECK_S = 0.5
 # After giving the lock up for want of Kafka, how long before asking for it again: standbys
 # ask every second, so one of them has it by then.
 HAND_OVER_WAIT_S = 3.0
+# How long a dropped producer's sender thread gets to fail its batches and close.
+SENDER_STOP_S = 2.0
 CONNECT_TIMEOUT_S = 3
 WAITING_NOTE_EVERY_S = 5.0
 # How long one checkpoint round waits for Kafka's acks (short: stop is looked at in between).
@@ -371,7 +373,7 @@ class OutboxRelay:
         try:
             if sender is not None:
                 sender.force_close()  # fails the batches not acked, closes the connections
-                sender.join(STOP_CHECK_S)
+                sender.join(SENDER_STOP_S)
             producer.close(timeout=0)
         except Exception as exc:  # closing a producer that lost its broker must not crash
             log.warning("relay_producer_close_failed", error=brief(exc))
