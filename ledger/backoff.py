@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import structlog
 
+from ledger import metrics
 from ledger.log import describe_error
 
 log = structlog.get_logger(__name__)
@@ -103,6 +104,7 @@ class KafkaContact:
             # A client that does not say is taken at its word: the check is off.
             self.heard_at = max(self.heard_at, now - (silent if silent is not None else 0.0))
         silent_s = now - self.heard_at
+        metrics.KAFKA_SILENT.labels(self.role).set(round(silent_s, 1))
         cut_off = silent_s > self.limit_s
         if cut_off and not self.cut_off:
             log.warning(

@@ -99,6 +99,15 @@ SHARDS_HELD = Gauge(
     registry=REGISTRY,
 )
 
+KAFKA_SILENT = Gauge(
+    "ledger_kafka_silent_seconds",
+    "Seconds since a Kafka broker last answered this role's client (its metadata refresh, "
+    "every 5 s); past 10 s the ledger lets its shard leases run out and the relay gives its "
+    "lock up (ledger.backoff.KafkaContact)",
+    ["role"],
+    registry=REGISTRY,
+)
+
 # --- the projection worker (projections/worker.py) -------------------------------------------
 
 PROJECTION_ENTRIES = Counter(

@@ -17,7 +17,7 @@ import psycopg
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from structlog.testing import capture_logs
 
-from ledger import topics
+from ledger import metrics, topics
 from ledger.backoff import (
     KAFKA_SILENT_LIMIT_S,
     METADATA_MAX_AGE_S,
@@ -135,6 +135,11 @@ def test_kafka_contact_counts_from_the_last_answer_of_any_client():
     contact.heard_at = time.monotonic() - 60
     assert not contact.hears(client("_metadata", 11))  # a producer silent for 11 s
     assert contact.cut_off
+    assert (
+        11
+        <= metrics.REGISTRY.get_sample_value("ledger_kafka_silent_seconds", {"role": "test"})
+        < 12
+    )
     # No client (it could not be made): the silence goes on from the last answer heard.
     contact.heard_at = time.monotonic() - 11
     assert not contact.hears(None)
