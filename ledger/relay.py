@@ -237,7 +237,7 @@ class OutboxRelay:
                     # the session releases it) and let a standby that may reach Kafka take it
                     # before this relay asks again.
                     self.handovers += 1
-                    self._close_producer()
+                    self._close_producer()  # before the lock goes
                     self.awaiting_acks = 0
                     log.warning("relay_handing_over", retry_in_s=HAND_OVER_WAIT_S)
                     conn.close()
@@ -256,6 +256,9 @@ class OutboxRelay:
                     )
                     stop.wait(delay)
                 finally:
+                    # The producer never outlives the session that holds the lock (a stop, a
+                    # crash): another relay may take the lock the moment it is closed.
+                    self._close_producer()
                     if conn is not None:
                         conn.close()
         finally:

@@ -55,8 +55,8 @@ def test_kubernetes_manifests_validate_and_give_each_role_its_replica_semantics(
     port = int(settings["LEDGER_METRICS_PORT"])
     for role in ROLES:
         spec = deployments[f"ledger-{role}"]["spec"]
-        single = role in ("relay", "scheduler")
-        assert (spec["replicas"] == 1) == single
+        single = role == "scheduler"
+        assert (spec["replicas"] == 1) == single  # a relay has a standby (its lock)
         assert (spec["strategy"]["type"] == "Recreate") == single
         [container] = spec["template"]["spec"]["containers"]
         assert container["args"] == ["worker", "--role", role]
