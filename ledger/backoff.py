@@ -95,7 +95,9 @@ class KafkaContact:
         self.cut_off = False
 
     def reset(self) -> None:
+        """Count the silence from now (no `kafka_reachable` line: nothing was heard)."""
         self.heard_at = time.monotonic()
+        self.cut_off = False
 
     def hears(self, client: object | None) -> bool:
         now = time.monotonic()
