@@ -38,7 +38,6 @@ from kafka.errors import OffsetOutOfRangeError as KafkaOffsetOutOfRange
 from ledger import chain_keys, db, metrics, topics
 from ledger.backoff import KafkaContact, Outage, kafka_reconnect_options
 from ledger.book import LedgerFold
-from ledger.db import QUERIES
 from ledger.errors import StackError
 from ledger.journal import BatchResult, Fetched, LedgerWriter, OffsetGapError, one_line
 from ledger.kafka_auth import client_options
@@ -512,10 +511,7 @@ def _writer_connection(dsn: str, settings: Settings) -> psycopg.Connection:
     """The batch writer's connection. A batch transaction left idle longer than the lease
     timeout (its process frozen) is aborted by the server, so its row locks cannot hold a
     standby up after the standby took the shard over."""
-    conn = db.connect(dsn)
-    conn.execute(QUERIES["set_idle_in_transaction_timeout"], (f"{settings.lease_timeout_s}s",))
-    conn.commit()
-    return conn
+    return db.connect(dsn, idle_in_transaction_timeout_s=settings.lease_timeout_s)
 
 
 def _shard_count(

@@ -63,10 +63,16 @@ _SERVER_KEEPALIVES = (
 
 
 def connect(
-    dsn: str, *, autocommit: bool = False, timeout_s: int | None = None
+    dsn: str,
+    *,
+    autocommit: bool = False,
+    timeout_s: int | None = None,
+    idle_in_transaction_timeout_s: int | None = None,
 ) -> psycopg.Connection:
     """A connection; with `timeout_s`, connecting and every statement give up after that many
-    seconds (for probes and scrapes, which must answer even when the server does not).
+    seconds (for probes and scrapes, which must answer even when the server does not); with
+    `idle_in_transaction_timeout_s`, the server ends the session when a transaction waits that
+    long for its next statement (its worker frozen), which frees the rows it locked.
     Keepalives as above, unless the URL sets its own."""
     options = "-c TimeZone=UTC" + _SERVER_KEEPALIVES
     try:
@@ -77,6 +83,8 @@ def connect(
     if timeout_s is not None:
         options += f" -c statement_timeout={timeout_s * 1000}"
         extra["connect_timeout"] = timeout_s
+    if idle_in_transaction_timeout_s is not None:
+        options += f" -c idle_in_transaction_session_timeout={idle_in_transaction_timeout_s * 1000}"
     try:
         # The session time zone is pinned to UTC: timestamps the ledger reads back (audit,
         # reports, verify) never depend on the server's or the client's local zone.

@@ -82,12 +82,7 @@ class ProjectionWorker:
         self._policy_known: dict[int, int] = {}
 
     def _connect(self) -> psycopg.Connection:
-        conn = db.connect(self.dsn)
-        conn.execute(
-            QUERIES["set_idle_in_transaction_timeout"], (f"{self.settings.lease_timeout_s}s",)
-        )
-        conn.commit()
-        return conn
+        return db.connect(self.dsn, idle_in_transaction_timeout_s=self.settings.lease_timeout_s)
 
     def close(self) -> None:
         _close_quietly(self.conn)

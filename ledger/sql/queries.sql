@@ -104,9 +104,6 @@ SELECT shard FROM shard_leases
 -- name: release_shards
 DELETE FROM shard_leases WHERE group_id = %s AND holder = %s;
 
--- name: set_idle_in_transaction_timeout
-SELECT set_config('idle_in_transaction_session_timeout', %s, false);
-
 -- name: stored_offsets
 SELECT topic, kafka_partition, next_offset FROM consumer_offsets
  WHERE group_id = %(group_id)s AND topic = ANY(%(topics)s);
