@@ -238,7 +238,6 @@ class OutboxRelay:
                     # before this relay asks again.
                     self.handovers += 1
                     self._close_producer()  # before the lock goes
-                    self.awaiting_acks = 0
                     log.warning("relay_handing_over", retry_in_s=HAND_OVER_WAIT_S)
                     conn.close()
                     stop.wait(HAND_OVER_WAIT_S)
@@ -262,7 +261,6 @@ class OutboxRelay:
                     if conn is not None:
                         conn.close()
         finally:
-            self._close_producer()
             log.info("relay_stopped")
 
     def _take_lock(self, conn: psycopg.Connection, stop: threading.Event) -> bool:
@@ -372,6 +370,7 @@ class OutboxRelay:
         if self.producer is None:
             return
         producer, self.producer = self.producer, None
+        self.awaiting_acks = 0  # failed with the producer: nothing is awaited any more
         sender = getattr(producer, "_sender", None)
         try:
             if sender is not None:
