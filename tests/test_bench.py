@@ -49,6 +49,7 @@ def test_the_benchmark_runs_and_reports_every_phase(stack, base_settings):
         "(f) suspension latency",
         "nothing else ingested",
         "while ingesting",
+        "stages p50/p99",
         "(g) projections rebuild",
         "(h) ledger replay",
         "(i) ledger x2 process(es)",
@@ -70,6 +71,13 @@ def test_the_benchmark_runs_and_reports_every_phase(stack, base_settings):
     for key in ("latency_idle", "latency"):
         assert len(report[key]["samples_ms"]) == 20
         assert {"ledger", "projections", "relay"} <= set(report[key]["cpu_cores"]), key
+        # Where the time went, per stage, from the database's timestamps: the ledger's insert
+        # follows the send and the projection's outbox row follows the insert (a reader may
+        # see the record before the relay marks it published, so delivery can be below 0).
+        stages = report[key]["stages_ms"]
+        assert list(stages) == ["ledger", "projection", "relay", "delivery"], key
+        assert stages["ledger"]["p50_ms"] > 0 and stages["projection"]["p50_ms"] > 0, stages
+        assert all(s["p50_ms"] <= s["p99_ms"] <= s["max_ms"] for s in stages.values()), stages
     # The verify phase checked the whole drained journal, and the storage covers its tables.
     assert report["verify"]["entries"] == report["journal"]["entries"]
     # Its peak RSS is read from its own VmHWM while it runs (the rusage of a child also counts
@@ -102,3 +110,16 @@ def test_the_sample_summary_splits_cpu_time_by_function(tmp_path):
     lines = summary(path, cpu_seconds=2.0, records=1000)
     row = next(line for line in lines if line.endswith("write_batch (journal.py)"))
     assert row.split()[:2] == ["1800.0", "0.0"]
+
+
+def test_a_role_that_drained_everything_in_its_first_step_reports_its_whole_run():
+    from ledger.bench.worker_roles import RoleRun
+
+    def run(warm_items: int) -> RoleRun:
+        return RoleRun("projections", 1000, 2.0, 1.0, warm_items, 70.0, 0.5, 0.3, {}, 0)
+
+    # After warm-up: the 600 items after the first progress, in the second second.
+    assert run(400).steady_rate == 600 and round(run(400).steady_cpu_us) == 333
+    # Everything was done when progress was first seen: no steady part to time, so the whole
+    # run (it was a negative rate before).
+    assert run(1000).steady_rate == 500 and run(1000).steady_cpu_us == 500

@@ -7,6 +7,12 @@ payment method. A reader of the status topic (what a gateway runs) records when 
 AccountSuspended arrives. Latency = arrival − send, on one machine's monotonic clock; it covers
 the producer, the broker, the ledger batch (up to LEDGER_BATCH_MAX_MS), the projection (woken by
 NOTIFY), the relay and the consumer's fetch.
+
+Where that time goes, per stage, from the timestamps the database keeps (wall clock, same
+machine): `ledger` send → the usage's row inserted by its batch (raw_events.recorded_at; the
+batch commits after it), `projection` → the AccountSuspended outbox row (outbox.created_at),
+`relay` → marked published after Kafka's acks (outbox.published_at), `delivery` → received
+by the reader.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ def measure_suspension_latency(
     ledger is busy meanwhile."""
     codec = Codec.default()
     arrived: dict[str, float] = {}
+    arrived_wall: dict[str, float] = {}
     cores: dict[str, float] | None = None
     stop = threading.Event()
     reader = KafkaConsumer(
@@ -66,12 +73,13 @@ def measure_suspension_latency(
     def read() -> None:
         while not stop.is_set():
             for records in reader.poll(timeout_ms=100).values():
-                now = time.monotonic()
+                now, wall = time.monotonic(), time.time()
                 for record in records:
                     decoded = codec.decode(record.value)
                     account = decoded.event["account_id"]
                     if decoded.event_type == "AccountSuspended" and account.startswith("lat-"):
                         arrived.setdefault(account, now)
+                        arrived_wall.setdefault(account, wall)
 
     # As deployed (deploy/): one process per role, so no role waits for another's GIL.
     procs = [
@@ -102,6 +110,8 @@ def measure_suspension_latency(
                 )
                 load.start()
             sent: dict[str, float] = {}
+            sent_wall: dict[str, float] = {}
+            usage_ids: dict[str, str] = {}
             for name in names:
                 event = _event(
                     name,
@@ -112,6 +122,8 @@ def measure_suspension_latency(
                     service_tier="standard",
                     output_tokens=200_000,
                 )
+                usage_ids[name] = event["event_id"]
+                sent_wall[name] = time.time()
                 sent[name] = time.monotonic()
                 producer.send("UsageRecorded", event).get(timeout=30)
                 time.sleep(interval_s)
@@ -133,6 +145,7 @@ def measure_suspension_latency(
     if any(codes):
         raise BenchError(f"latency workers exited with {codes}; see {logs}")
     millis = sorted((arrived[n] - sent[n]) * 1000 for n in names)
+    stages = _stages(dsn, usage_ids, sent_wall, arrived_wall)
     return {
         "accounts": accounts,
         "p50_ms": _percentile(millis, 50),
@@ -141,6 +154,7 @@ def measure_suspension_latency(
         "max_ms": millis[-1],
         "samples_ms": [round(m, 2) for m in millis],
         **({"cpu_cores": cores} if cores is not None else {}),
+        **({"stages_ms": stages} if stages else {}),
         "background_rate_target": round(background_rate, 1),
         "background_sent": int(sent_load[0]) if sent_load else 0,
         "background_rate": sent_load[0] / sent_load[1] if sent_load and sent_load[1] else 0.0,
@@ -198,6 +212,42 @@ def _wait_settled(dsn: str, accounts: int, procs, logs: str, timeout: float = 12
                 return
             time.sleep(0.1)
     raise BenchError(f"latency: the workers did not settle in {timeout}s; see {logs}")
+
+
+STAGES = ("ledger", "projection", "relay", "delivery")
+
+
+def _stages(
+    dsn: str, usage_ids: dict[str, str], sent: dict[str, float], arrived: dict[str, float]
+) -> dict[str, dict[str, float]]:
+    """p50/p99/max in milliseconds of each stage (module docstring), over the accounts whose
+    every timestamp is known."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute(QUERIES["bench_latency_stages"], (list(usage_ids.values()),))
+        stamps = {str(event_id): rest for event_id, *rest in rows}
+    spans: dict[str, list[float]] = {stage: [] for stage in STAGES}
+    for name, event_id in usage_ids.items():
+        journaled, queued, published = stamps.get(event_id, (None, None, None))
+        if journaled is None or queued is None or published is None or name not in arrived:
+            continue
+        points = [
+            sent[name],
+            journaled.timestamp(),
+            queued.timestamp(),
+            published.timestamp(),
+            arrived[name],
+        ]
+        for stage, start, end in zip(STAGES, points, points[1:], strict=False):
+            spans[stage].append((end - start) * 1000)
+    return {
+        stage: {
+            "p50_ms": _percentile(sorted(values), 50),
+            "p99_ms": _percentile(sorted(values), 99),
+            "max_ms": max(values),
+        }
+        for stage, values in spans.items()
+        if values
+    }
 
 
 def _percentile(sorted_values: list[float], pct: int) -> float:

@@ -165,6 +165,8 @@ def print_table(results: dict[str, Any]) -> None:
         rows.append(("(f) suspension latency", _latency(lat) + "  nothing else ingested"))
         if "cpu_cores" in lat:
             rows.append(("    cpu cores", _cores(lat["cpu_cores"])))
+        if lat.get("stages_ms"):
+            rows.append(("    stages p50/p99", _stages(lat["stages_ms"])))
     if "latency" in r:
         lat = r["latency"]
         rows.append(
@@ -185,6 +187,8 @@ def print_table(results: dict[str, Any]) -> None:
             )
         if "cpu_cores" in lat:
             rows.append(("    cpu cores", _cores(lat["cpu_cores"])))
+        if lat.get("stages_ms"):
+            rows.append(("    stages p50/p99", _stages(lat["stages_ms"])))
     rows += [
         (
             "machine",
@@ -246,6 +250,12 @@ def _latency(lat: dict) -> str:
     return (
         f"p50 {lat['p50_ms']:.0f} ms · p95 {lat['p95_ms']:.0f} ms · "
         f"p99 {lat['p99_ms']:.0f} ms · max {lat['max_ms']:.0f} ms"
+    )
+
+
+def _stages(stages: dict[str, dict[str, float]]) -> str:
+    return " · ".join(
+        f"{stage} {v['p50_ms']:.0f}/{v['p99_ms']:.0f} ms" for stage, v in stages.items()
     )
 
 

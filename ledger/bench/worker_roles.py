@@ -38,12 +38,18 @@ class RoleRun:
 
     @property
     def steady_cpu_us(self) -> float:
-        """The worker's CPU per item after warm-up (imports, connections, the first batch)."""
-        steady_items = max(self.items - self.warm_items, 1)
-        return (self.cpu_seconds - self.warm_cpu_seconds) * 1e6 / steady_items
+        """The worker's CPU per item after warm-up (imports, connections, the first batch);
+        over the whole run when the first progress seen was already all of it."""
+        if self.items <= self.warm_items:
+            return self.cpu_seconds * 1e6 / max(self.items, 1)
+        return (self.cpu_seconds - self.warm_cpu_seconds) * 1e6 / (self.items - self.warm_items)
 
     @property
     def steady_rate(self) -> float:
+        """Items per second after warm-up; from the process start when the first progress
+        seen was already all of it (nothing was timed after warm-up)."""
+        if self.items <= self.warm_items:
+            return self.rate
         return (self.items - self.warm_items) / max(self.seconds - self.warm_seconds, 1e-9)
 
 

@@ -188,8 +188,8 @@ SELECT pg_notify('ledger_outbox', '');
 
 -- name: shards_behind
 -- The shards with entries this projection has not folded, and whether it has a position there
--- yet; one cheap statement per wake-up instead of a transaction per shard.
-SELECT h.shard, h.last_seq, p.position IS NOT NULL
+-- yet (and where it is, as of this snapshot); one cheap statement per wake-up.
+SELECT h.shard, h.last_seq, p.position IS NOT NULL, coalesce(p.position, 0)
   FROM shard_heads h
   LEFT JOIN projection_positions p ON p.projection = %s AND p.shard = h.shard
  WHERE p.position IS NULL OR p.position < h.last_seq
@@ -199,14 +199,17 @@ SELECT h.shard, h.last_seq, p.position IS NOT NULL
 INSERT INTO projection_positions (projection, shard, position) VALUES (%s, %s, 0)
 ON CONFLICT (projection, shard) DO NOTHING;
 
--- name: lock_position
-SELECT position, last_tick_at FROM projection_positions
- WHERE projection = %s AND shard = %s
+-- name: lock_positions
+-- The positions of the shards given that no other worker is folding (SKIP LOCKED).
+SELECT shard, position, last_tick_at FROM projection_positions
+ WHERE projection = %s AND shard = ANY(%s)
+ ORDER BY shard
    FOR UPDATE SKIP LOCKED;
 
--- name: save_position
-UPDATE projection_positions SET position = %s, last_tick_at = %s
- WHERE projection = %s AND shard = %s AND position < %s;
+-- name: save_positions
+UPDATE projection_positions p SET position = r.upto, last_tick_at = r.tick_at
+  FROM unnest(%s::int[], %s::bigint[], %s::timestamptz[]) AS r(shard, upto, tick_at)
+ WHERE p.projection = %s AND p.shard = r.shard AND p.position < r.upto;
 
 -- name: read_entries
 -- A range of one shard's entries, in order; their postings come from read_entry_postings. The
@@ -227,6 +230,27 @@ SELECT shard_seq, ledger_account, amount
   FROM postings
  WHERE shard = %s AND shard_seq > %s AND shard_seq <= %s
  ORDER BY shard_seq, line;
+
+-- name: read_entries_of_shards
+-- read_entries for several ranges (shard, after, upto) at once, each range in order (rows of
+-- one range come out together; the caller groups them by shard). OFFSET 0 keeps each range
+-- its own index range scan: pulled up, the subquery became a hash join over a sequential scan
+-- of the whole journal.
+SELECT e.shard, e.shard_seq, e.account_id, e.event_type, e.status, e.occurred_at,
+       CASE WHEN e.event_type = ANY(%s) THEN NULL ELSE e.payload END
+  FROM unnest(%s::int[], %s::bigint[], %s::bigint[]) AS r(shard, after, upto)
+ CROSS JOIN LATERAL (
+        SELECT * FROM journal_entries j
+         WHERE j.shard = r.shard AND j.shard_seq > r.after AND j.shard_seq <= r.upto
+         ORDER BY j.shard_seq OFFSET 0) e;
+
+-- name: read_entry_postings_of_shards
+SELECT p.shard, p.shard_seq, p.ledger_account, p.amount
+  FROM unnest(%s::int[], %s::bigint[], %s::bigint[]) AS r(shard, after, upto)
+ CROSS JOIN LATERAL (
+        SELECT * FROM postings q
+         WHERE q.shard = r.shard AND q.shard_seq > r.after AND q.shard_seq <= r.upto
+         ORDER BY q.shard_seq, q.line OFFSET 0) p;
 
 -- name: load_account_status
 SELECT account_id, state FROM account_status WHERE account_id = ANY(%s);
@@ -411,6 +435,19 @@ SELECT (SELECT count(*) FROM account_status WHERE account_id LIKE 'lat-%%' AND o
             LEFT JOIN projection_positions p
               ON p.shard = h.shard AND p.projection = 'account_status'
            WHERE coalesce(p.position, 0) < h.last_seq);
+
+-- name: bench_latency_stages
+-- Per timed usage event: when the ledger inserted it (inside its batch's transaction), when the
+-- projection wrote the account's AccountSuspended to the outbox, and when the relay marked it
+-- published (after Kafka's acks), all on the database's clock.
+SELECT r.event_id, r.recorded_at, o.created_at, o.published_at
+  FROM raw_events r
+  LEFT JOIN LATERAL (
+        SELECT created_at, published_at FROM outbox
+         WHERE message_key = convert_to(r.account_id, 'UTF8')
+           AND headers @> '[["event_type", "4163636f756e7453757370656e646564"]]'::jsonb
+         ORDER BY id LIMIT 1) o ON true
+ WHERE r.event_id = ANY(%s);
 
 -- ---------------------------------------------------------------------------------------------
 -- The demo (ledger/demo/).
