@@ -31,7 +31,7 @@ import hmac
 import json
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from ledger.money import plain, quantize
 from ledger.policy import Policy
@@ -86,7 +86,7 @@ class Grant:
     revoked: bool = False
 
     def usable_at(self, when: datetime) -> bool:
-        return self.remaining > 0 and (self.expires_at is None or when < self.expires_at)
+        return self.remaining > ZERO and (self.expires_at is None or when < self.expires_at)
 
 
 _T = TypeVar("_T")
@@ -209,13 +209,12 @@ class AccountBook:
         )
 
 
-@dataclasses.dataclass(frozen=True)
-class Posting:
+class Posting(NamedTuple):
     ledger_account: str
     amount: Decimal
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)
 class Entry:
     status: str  # posted | unpriced | noop
     postings: tuple[Posting, ...] = ()
@@ -293,6 +292,16 @@ class LedgerFold:
     def __init__(self, pricebook: PriceBook, policy: Policy):
         self.pricebook = pricebook
         self.policy = policy
+        # (meter, its upper bound per event), checked on every usage event.
+        self._meter_bounds = (
+            ("input_tokens", policy.max_tokens_per_event),
+            ("cached_input_tokens", policy.max_tokens_per_event),
+            ("output_tokens", policy.max_tokens_per_event),
+            ("training_tokens", policy.max_tokens_per_event),
+            ("images", policy.max_images_per_event),
+            ("steps", policy.max_steps_per_event),
+            ("gpu_seconds", policy.max_gpu_seconds_per_event),
+        )
 
     def post(self, book: AccountBook, event_type: str, event: dict[str, Any]) -> Entry:
         """Apply one event to `book` (mutated in place) and return its journal entry.
@@ -431,20 +440,10 @@ class LedgerFold:
         return {"policy_ref": self.policy.ref} if self.policy.ref else {}
 
     def _check_quantities(self, event: dict) -> None:
-        policy = self.policy
-        bounds = (
-            ("input_tokens", policy.max_tokens_per_event),
-            ("cached_input_tokens", policy.max_tokens_per_event),
-            ("output_tokens", policy.max_tokens_per_event),
-            ("training_tokens", policy.max_tokens_per_event),
-            ("images", policy.max_images_per_event),
-            ("steps", policy.max_steps_per_event),
-            ("gpu_seconds", policy.max_gpu_seconds_per_event),
-        )
-        for meter, bound in bounds:
+        for meter, bound in self._meter_bounds:
             value = event.get(meter)
-            if value is None:
-                continue
+            if not value:
+                continue  # absent, or zero: within every bound
             if value < 0:
                 raise Rejected("negative_quantity", f"{meter} = {value}")
             if value > bound:
@@ -762,14 +761,15 @@ def canonical_json(value: Any) -> str:
 
 
 @functools.cache
-def _event_type_json(event_type: str) -> str:
-    return canonical_json(event_type)
+def _string_json(text: str) -> str:
+    """canonical_json of a string from a small set (event types, entry statuses), once each."""
+    return canonical_json(text)
 
 
 def content_hash(event_type: str, event_json: str) -> bytes:
     """Identifies an event's content (for telling redeliveries from conflicting duplicates):
     the hash of canonical_json([event_type, event]), given the event's canonical JSON."""
-    return hashlib.sha256(f"[{_event_type_json(event_type)},{event_json}]".encode()).digest()
+    return hashlib.sha256(f"[{_string_json(event_type)},{event_json}]".encode()).digest()
 
 
 def _entry_body(event_json: str, entry: Entry, detail_json: str | None) -> str:
@@ -778,7 +778,8 @@ def _entry_body(event_json: str, entry: Entry, detail_json: str | None) -> str:
     postings = [[p.ledger_account, format(quantize(p.amount), "f")] for p in entry.postings]
     if detail_json is None:
         detail_json = canonical_json(entry.detail)
-    return f"[{event_json},{canonical_json(entry.status)},{canonical_json(postings)},{detail_json}]"
+    status = _string_json(entry.status)
+    return f"[{event_json},{status},{canonical_json(postings)},{detail_json}]"
 
 
 def chain_hash(
