@@ -50,6 +50,12 @@ from projections.fold import fold_entries, invoice_row, output_event, status_row
 
 log = structlog.get_logger(__name__)
 
+# Entries one pass may fold at most (fewer when a pass takes over a quarter of the lease
+# timeout, BatchSizer). A pass writes each account it touched once, so larger passes write
+# fewer states per entry: on the bench's 202,818-entry journal 20,000 drained 15 % faster
+# than 5,000 (64-72k against 52-63k entries/s in-process) for 22 MiB more peak RSS (90 MiB).
+STEP_MAX_ENTRIES = 20_000
+
 
 def read_entries(conn: psycopg.Connection, shard: int, after: int, upto: int) -> list[JournalEntry]:
     """The entries of `shard` in (after, upto] with their postings, for the account_status fold:
@@ -94,7 +100,12 @@ def read_entries_of_shards(
 
 class ProjectionWorker:
     def __init__(
-        self, settings: Settings, dsn: str, *, codec: Codec | None = None, batch_size: int = 5000
+        self,
+        settings: Settings,
+        dsn: str,
+        *,
+        codec: Codec | None = None,
+        batch_size: int = STEP_MAX_ENTRIES,
     ):
         self.settings = settings
         self.dsn = dsn
