@@ -19,7 +19,7 @@ from ledger.policy import Policy
 from ledger.verify import verify
 from projections.account_status import AccountStatusProjection
 from projections.rebuild import ShardState, _fold_apart, rebuild, recompute
-from projections.worker import ProjectionWorker
+from projections.worker import STEP_MAX_ENTRIES, ProjectionWorker
 from tests.harness import T0, wait_until
 from tests.test_console_http import usage
 from tests.test_journal import opened
@@ -178,7 +178,7 @@ def test_drain_redoes_smaller_a_step_the_server_ended(writer, dsn, base_settings
     worker._apply = slow_once
     try:
         assert worker.drain() == 2  # the step redone, on a new connection
-        assert worker.sizer.limit < 5000
+        assert worker.sizer.limit == STEP_MAX_ENTRIES // 2  # halved by the timed-out step
     finally:
         worker.close()
     assert slowed and suspensions(dsn, "slow") == 1
