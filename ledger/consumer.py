@@ -101,6 +101,11 @@ POLL_MAX_RECORDS = 100_000
 BOOTSTRAP_TIMEOUT_MS = 2000
 
 
+def _key(record: Any) -> tuple[str, int, int]:
+    """A record's key in `Prepared`."""
+    return (record.topic, record.partition, record.offset)
+
+
 class ShardConsumer:
     """The owned shards' partitions of every input topic, consumed by manual assignment from
     the offsets stored with the journal. Keeps, per partition, where the current fetch
@@ -233,9 +238,9 @@ class ShardConsumer:
         """What was prepared ahead of the records of `batch` (see the class docstring)."""
         taken: Prepared = {}
         for record in batch:
-            ahead = self.prepared.pop((record.topic, record.partition, record.offset), None)
+            ahead = self.prepared.pop(_key(record), None)
             if ahead is not None:
-                taken[(record.topic, record.partition, record.offset)] = ahead
+                taken[_key(record)] = ahead
         return taken
 
     def _buffered_count(self) -> int:
@@ -280,10 +285,6 @@ class ShardConsumer:
             offset = stored.get((tp.topic, tp.partition), 0)
             self.consumer.seek(tp, offset)
             self.starts[tp] = offset
-
-
-def _key(record: Any) -> tuple[str, int, int]:
-    return (record.topic, record.partition, record.offset)
 
 
 def fair_shares(

@@ -9,13 +9,13 @@ sequences are gapless and commit in order, so no entry that commits late can be 
 ledger had committed one batch touching every shard: under load the projection spent more on
 that than on folding.)
 
-A worker frozen inside a step (SIGSTOP, a paused VM, a host gone without closing its
-connection) would hold its shard's position row, and every other worker skips a locked row:
-the shard's projection, and so its suspensions, would wait for it. So the connection sets
+A worker frozen inside a pass (SIGSTOP, a paused VM, a host gone without closing its
+connection) would hold its shards' position rows, and every other worker skips a locked row:
+those shards' projection, and so their suspensions, would wait for it. So the connection sets
 `idle_in_transaction_session_timeout` to `LEDGER_LEASE_TIMEOUT_S`: PostgreSQL ends such a
-session and another worker takes the shard at its next pass. Steps are sized (like the ledger's
-batches, `BatchSizer`) so that one takes at most a quarter of that; a step the server ended
-anyway (a machine too loaded) is redone smaller, from the stored position.
+session and another worker takes the shards at its next pass. Passes are sized (like the
+ledger's batches, `BatchSizer`) so that one takes at most a quarter of that; a pass the server
+ended anyway (a machine too loaded) is redone smaller, from the stored positions.
 """
 
 from __future__ import annotations
