@@ -1,12 +1,16 @@
 """Shard leases with liveness: which worker writes which shard, and for how long.
 
 A lease is a row of `shard_leases`: (consumer group, shard) → holder, expires_at, on the
-database's clock. The holder renews its leases every LEASE_REFRESH_S; a standby takes a shard
-whose lease has expired (the holder crashed, froze, or lost the database) or was released
-(a clean stop). So a frozen holder loses its shards after `LEDGER_LEASE_TIMEOUT_S` (default
-10 s), and a holder that lost a lease notices at its next batch: every batch transaction
-checks, after locking its offsets, that this worker still holds every shard it writes
-(`fence`), and otherwise writes nothing and gives the shards up.
+database's clock. The holder renews its leases every LEASE_REFRESH_S through one long-lived
+session, whose backend pid the row records; a standby takes a shard whose lease has expired
+(the holder froze, or lost the database), was released (a clean stop), or whose holder's
+session is gone although the server has not restarted since the renewal (the holder crashed:
+the kernel closed its connection, so its shards move at the standby's next refresh instead of
+after the whole timeout; migration 0013). So a crashed holder loses its shards within ~2 s, a
+frozen one after `LEDGER_LEASE_TIMEOUT_S` (default 10 s), and a holder that lost a lease
+notices at its next batch: every batch transaction checks, after locking its offsets, that
+this worker still holds every shard it writes (`fence`), and otherwise writes nothing and
+gives the shards up.
 
 A holder that reaches PostgreSQL but hears from no Kafka broker (`ledger.backoff.KafkaContact`)
 stops renewing and taking leases, so its shards go to a standby that reaches Kafka; with no

@@ -17,6 +17,7 @@ from kafka import KafkaConsumer, KafkaProducer
 from ledger import chain_keys, topics
 from ledger.consumer import ShardConsumer, _writer_connection, kafka_consumer_options
 from ledger.journal import LedgerWriter
+from ledger.leases import ShardLeases
 from ledger.worker import start_roles
 from tests.harness import wait_until
 from tests.test_journal import opened
@@ -177,6 +178,71 @@ def test_a_frozen_holder_loses_its_shards_and_stops_writing_when_it_thaws(ledger
                 proc.terminate()
                 proc.wait(timeout=30)
     ledger.start()
+
+
+def test_a_crashed_holder_loses_its_shards_at_once_not_after_the_lease_timeout(ledger, tmp_path):
+    """SIGKILL the shard holder: its connections close with it, so a standby takes every shard
+    at its next lease refresh, long before the (here 60 s) lease would have expired."""
+    ledger.stop()
+    first = worker_process(ledger, tmp_path / "killed.log", lease_timeout_s=60)
+    standby = None
+    try:
+        for n in range(8):
+            ledger.open_account(f"kil-{n}")
+        wait_until(lambda: ledger.journaled() == 8, 60, "the first worker journals")
+        (first_holder,) = wait_until(lambda: holders(ledger.dsn), 10, "leases held")
+        standby = worker_process(ledger, tmp_path / "standby.log", lease_timeout_s=60)
+        time.sleep(3)  # the standby is up: a live holder keeps every lease
+        assert holders(ledger.dsn) == {first_holder}
+
+        first.kill()
+        first.wait(timeout=30)
+        killed_at = time.monotonic()
+        for n in range(8, 16):
+            ledger.open_account(f"kil-{n}")
+        wait_until(lambda: ledger.journaled() == 16, 30, "the standby journals new events")
+        took_over_s = time.monotonic() - killed_at
+        print(f"\nthe standby journaled {took_over_s:.1f} s after the holder was killed")
+        (standby_holder,) = holders(ledger.dsn)
+        assert standby_holder != first_holder
+        assert took_over_s < 20  # a lease refresh (2 s) and a batch, against a 60 s lease
+    finally:
+        for proc in (first, standby):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=30)
+    ledger.start()
+
+
+def test_a_lease_whose_holder_session_is_gone_is_taken_unless_the_server_restarted_since(dsn):
+    """The fast path of a crash, and its guard: after a server restart every session is gone,
+    and the holders' leases then wait for their expiry (the holders renew them as they come
+    back), so that the first worker to reconnect does not take every shard."""
+    first = ShardLeases(dsn, "g", [0, 1], timeout_s=60)
+    standby = ShardLeases(dsn, "g", [0, 1], timeout_s=60)
+    try:
+        assert first.refresh() == {0, 1}
+        assert standby.refresh() == set()  # the holder's session is alive
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            # A holder whose session is gone (pid 0 is never a backend's), renewed before
+            # the server last started: it waits for its expiry.
+            conn.execute(
+                "UPDATE shard_leases SET holder_pid = 0,"
+                " renewed_at = pg_postmaster_start_time() - interval '1 second'"
+            )
+            assert standby.refresh() == set()
+            # The same, renewed since the server started: a crash; taken at once.
+            conn.execute("UPDATE shard_leases SET renewed_at = clock_timestamp()")
+            assert standby.refresh() == {0, 1}
+        # A real crash: the standby's session ends without releasing; the other side takes
+        # the leases once the server has seen the connection close.
+        assert standby.conn is not None
+        standby.conn.close()
+        standby.conn = None
+        wait_until(lambda: first.refresh() == {0, 1}, 10, "the leases of a closed session")
+    finally:
+        first.close()
+        standby.close()
 
 
 def test_a_holder_frozen_inside_its_batch_frees_the_shard_after_the_lease_timeout(

@@ -88,13 +88,20 @@ SELECT shard, last_tick_at FROM shard_heads WHERE shard = ANY(%s);
 UPDATE shard_heads SET last_tick_at = %s WHERE shard = %s;
 
 -- name: claim_shards
-INSERT INTO shard_leases (group_id, shard, holder, expires_at)
-SELECT %(group)s, s, %(holder)s, clock_timestamp() + make_interval(secs => %(ttl)s)
+-- Renew this holder's leases and take those that expired, or whose holder's session is gone
+-- (renewed since the server started, its backend no longer running: migration 0013).
+INSERT INTO shard_leases (group_id, shard, holder, expires_at, holder_pid, renewed_at)
+SELECT %(group)s, s, %(holder)s, clock_timestamp() + make_interval(secs => %(ttl)s),
+       pg_backend_pid(), clock_timestamp()
   FROM unnest(%(shards)s::integer[]) AS s
  ORDER BY s
 ON CONFLICT (group_id, shard) DO UPDATE
-   SET holder = EXCLUDED.holder, expires_at = EXCLUDED.expires_at
- WHERE shard_leases.holder = EXCLUDED.holder OR shard_leases.expires_at < clock_timestamp()
+   SET holder = EXCLUDED.holder, expires_at = EXCLUDED.expires_at,
+       holder_pid = EXCLUDED.holder_pid, renewed_at = EXCLUDED.renewed_at
+ WHERE shard_leases.holder = EXCLUDED.holder
+    OR shard_leases.expires_at < clock_timestamp()
+    OR (shard_leases.renewed_at > pg_postmaster_start_time()
+        AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = shard_leases.holder_pid))
 RETURNING shard;
 
 -- name: fence_shards

@@ -505,3 +505,8 @@ BEGIN
     RETURN NULL;
 END;
 $$;
+
+-- 0013 ----------------------------------------------------------------------------------------
+-- A lease whose holder's session is gone (a crash) may be taken before it expires.
+ALTER TABLE shard_leases ADD COLUMN holder_pid integer;
+ALTER TABLE shard_leases ADD COLUMN renewed_at timestamptz;
