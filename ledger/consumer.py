@@ -39,7 +39,7 @@ from ledger import chain_keys, db, metrics, topics
 from ledger.backoff import KafkaContact, Outage, kafka_reconnect_options
 from ledger.book import LedgerFold
 from ledger.errors import StackError
-from ledger.journal import BatchResult, Fetched, LedgerWriter, OffsetGapError, Prepared, one_line
+from ledger.journal import BatchResult, Fetched, LedgerWriter, OffsetGapError, one_line
 from ledger.kafka_auth import client_options
 from ledger.leases import LEASE_REFRESH_S, LeaseLostError, ShardLeases
 from ledger.policy import Policy
@@ -101,11 +101,6 @@ POLL_MAX_RECORDS = 100_000
 BOOTSTRAP_TIMEOUT_MS = 2000
 
 
-def _key(record: Any) -> tuple[str, int, int]:
-    """A record's key in `Prepared`."""
-    return (record.topic, record.partition, record.offset)
-
-
 class ShardConsumer:
     """The owned shards' partitions of every input topic, consumed by manual assignment from
     the offsets stored with the journal. Keeps, per partition, where the current fetch
@@ -117,12 +112,7 @@ class ShardConsumer:
     outage) a partition or two at a time while every other shard waits. Instead, what Kafka
     returns is kept per partition (`buffered`) and each batch takes an equal share from every
     partition that has records, so each shard is served in every batch. A partition that has a
-    batch's worth buffered is paused (no more fetches for it) until the batches drained it.
-
-    Prepared ahead: records that arrive while the previous batch is being written are decoded
-    (and their canonical JSON and content hash made, `LedgerWriter.prepare`) as they arrive, up
-    to a batch's worth, so that a busy writer finds its next batch ready instead of waiting
-    while it is decoded."""
+    batch's worth buffered is paused (no more fetches for it) until the batches drained it."""
 
     def __init__(self, consumer: KafkaConsumer, writer: LedgerWriter, input_topics: list[str]):
         self.consumer = consumer
@@ -131,7 +121,6 @@ class ShardConsumer:
         self.starts: dict[TopicPartition, int] = {}
         self.buffered: dict[TopicPartition, deque] = {}
         self.lost: dict[TopicPartition, tuple[int, int]] = {}  # stored offset, log start
-        self.prepared: Prepared = {}  # of buffered records (see the class docstring)
         self._reported = 0.0
 
     def assign(self, shards: set[int]) -> None:
@@ -154,7 +143,7 @@ class ShardConsumer:
         if self.consumer.paused():
             self.consumer.resume(*self.consumer.paused())
         self.consumer.assign(partitions)
-        self.starts, self.buffered, self.prepared = {}, {}, {}
+        self.starts, self.buffered = {}, {}
         for tp in partitions:
             offset = stored.get((tp.topic, tp.partition), 0)
             self.consumer.seek(tp, offset)
@@ -209,9 +198,6 @@ class ShardConsumer:
             polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=POLL_MAX_RECORDS)
             for tp, records in polled.items():
                 self.buffered.setdefault(tp, deque()).extend(records)
-                room = limit - len(self.prepared)
-                if room > 0 and writing():
-                    self.prepared.update(self.writer.prepare(records[:room]))
             timeout_ms = int((deadline - time.monotonic()) * 1000)
             buffered = self._buffered_count()
             if timeout_ms <= 0 or buffered >= limit:
@@ -233,15 +219,6 @@ class ShardConsumer:
                 fetched[(tp.topic, tp.partition)] = (start, end)
         self._throttle(limit)
         return batch, fetched
-
-    def take_prepared(self, batch: list) -> Prepared:
-        """What was prepared ahead of the records of `batch` (see the class docstring)."""
-        taken: Prepared = {}
-        for record in batch:
-            ahead = self.prepared.pop(_key(record), None)
-            if ahead is not None:
-                taken[_key(record)] = ahead
-        return taken
 
     def _buffered_count(self) -> int:
         return sum(len(records) for records in self.buffered.values())
@@ -277,7 +254,7 @@ class ShardConsumer:
     def rewind(self) -> None:
         """Back to the stored offsets (after a failed batch or a refused fetch)."""
         stored = self.writer.stored_offsets(self.input_topics)
-        self.buffered, self.prepared = {}, {}
+        self.buffered = {}
         paused = self.consumer.paused()
         if paused:
             self.consumer.resume(*paused)
@@ -448,9 +425,7 @@ def run_ledger_consumer(
                 # Decoded while the previous batch is written; then that write must have
                 # succeeded before this batch goes (if it failed, this one is dropped and
                 # the loop rewinds to the stored offsets).
-                prepared = shards.take_prepared(batch)
-                if pending is not None:
-                    prepared.update(writer.prepare([r for r in batch if _key(r) not in prepared]))
+                prepared = writer.prepare(batch) if pending is not None else None
                 finish_pending()
                 if batch or fetched:
                     future = in_thread(timed_write, batch, fetched=fetched, prepared=prepared)

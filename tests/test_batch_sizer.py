@@ -76,10 +76,7 @@ class _Records:
     def poll(self, timeout_ms: int, max_records: int) -> dict:
         self.polls.append(timeout_ms)
         count = self.plan.pop(0) if self.plan else 0
-        records = [
-            SimpleNamespace(topic="usage", partition=0, offset=self.offset + i)
-            for i in range(count)
-        ]
+        records = [SimpleNamespace(offset=self.offset + i) for i in range(count)]
         self.offset += count
         return {TopicPartition("usage", 0): records} if records else {}
 
@@ -93,23 +90,9 @@ class _Records:
         pass
 
 
-class _Writer:
-    """A stand-in for LedgerWriter.prepare: what it was asked to prepare."""
-
-    def __init__(self) -> None:
-        self.prepared: list = []
-
-    def prepare(self, records: list) -> dict:
-        self.prepared += records
-        return {(r.topic, r.partition, r.offset): ("prepared", r.offset) for r in records}
-
-
-def _poll(
-    plan: list[int], writing: bool, limit: int = 100, shards: ShardConsumer | None = None
-) -> tuple[list, _Records]:
+def _poll(plan: list[int], writing: bool, limit: int = 100) -> tuple[list, _Records]:
     records = _Records(plan)
-    shards = shards or ShardConsumer(records, writer=_Writer(), input_topics=["usage"])
-    shards.consumer = records
+    shards = ShardConsumer(records, writer=None, input_topics=["usage"])
     settings = Settings(batch_max_events=limit, batch_max_ms=60_000)
     batch, _ = shards.poll(settings, threading.Event(), limit, writing=lambda: writing)
     return batch, records
@@ -126,21 +109,6 @@ def test_while_the_previous_batch_is_written_records_wait_for_more_up_to_the_lim
     assert len(batch) == 100 and len(records.polls) == 3
     # ... polling in short slices, to notice the write ending
     assert all(0 < timeout <= WRITER_CHECK_MS for timeout in records.polls[1:])
-
-
-def test_records_that_arrive_while_the_writer_is_busy_are_prepared_ahead_up_to_a_batch():
-    shards = ShardConsumer(None, writer=_Writer(), input_topics=["usage"])
-    batch, _ = _poll([3, 5, 500], writing=True, limit=100, shards=shards)
-    # Decoded as they arrived (3, 5, then the 92 that fill a batch), not after the write.
-    assert [r.offset for r in shards.writer.prepared] == list(range(100))
-    taken = shards.take_prepared(batch[:60])
-    assert sorted(taken) == [("usage", 0, i) for i in range(60)]
-    assert taken[("usage", 0, 7)] == ("prepared", 7)
-    assert len(shards.prepared) == 40  # the rest waits with its records for the next batch
-    # With the writer free nothing is prepared ahead: the batch goes at once.
-    idle = ShardConsumer(None, writer=_Writer(), input_topics=["usage"])
-    _poll([3, 5], writing=False, shards=idle)
-    assert idle.prepared == {} and idle.writer.prepared == []
 
 
 def test_with_nothing_buffered_the_poll_waits_for_the_first_record():
