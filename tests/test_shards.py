@@ -125,22 +125,39 @@ def holders(dsn: str) -> set[str]:
     return {holder for (holder,) in rows}
 
 
+def holder_and_standby(
+    ledger, first_log, standby_log, prefix: str, *, lease_timeout_s: int
+) -> tuple[subprocess.Popen, subprocess.Popen, str]:
+    """A worker that has journaled 8 accounts and holds every lease, and a standby that is up
+    and waiting beside it: (first, standby, the first's holder id)."""
+    first = worker_process(ledger, first_log, lease_timeout_s=lease_timeout_s)
+    standby = None
+    try:
+        for n in range(8):
+            ledger.open_account(f"{prefix}-{n}")
+        wait_until(lambda: ledger.journaled() == 8, 60, "the first worker journals")
+        (first_holder,) = wait_until(lambda: holders(ledger.dsn), 10, "leases held")
+        standby = worker_process(ledger, standby_log, lease_timeout_s=lease_timeout_s)
+        time.sleep(3)  # the standby is up and waiting: every lease is still the first's
+        assert holders(ledger.dsn) == {first_holder}
+    except BaseException:
+        for proc in (first, standby):
+            if proc is not None:
+                proc.kill()
+                proc.wait(timeout=30)
+        raise
+    return first, standby, first_holder
+
+
 def test_a_frozen_holder_loses_its_shards_and_stops_writing_when_it_thaws(ledger, tmp_path):
     """SIGSTOP the shard holder: a standby takes every shard once the lease times out; after
     SIGCONT the old holder finds its leases gone and writes nothing more."""
     ledger.stop()  # the test's own ledger role would compete; projections are not needed
     frozen_log = tmp_path / "frozen.log"
-    first = worker_process(ledger, frozen_log, lease_timeout_s=4)
-    standby = None
+    first, standby, first_holder = holder_and_standby(
+        ledger, frozen_log, tmp_path / "standby.log", "frz", lease_timeout_s=4
+    )
     try:
-        for n in range(8):
-            ledger.open_account(f"frz-{n}")
-        wait_until(lambda: ledger.journaled() == 8, 60, "the first worker journals")
-        (first_holder,) = wait_until(lambda: holders(ledger.dsn), 10, "leases held")
-        standby = worker_process(ledger, tmp_path / "standby.log", lease_timeout_s=4)
-        time.sleep(3)  # the standby is up and waiting: every lease is still the first's
-        assert holders(ledger.dsn) == {first_holder}
-
         first.send_signal(signal.SIGSTOP)
         frozen_at = time.monotonic()
         for n in range(8, 16):
@@ -184,17 +201,10 @@ def test_a_crashed_holder_loses_its_shards_at_once_not_after_the_lease_timeout(l
     """SIGKILL the shard holder: its connections close with it, so a standby takes every shard
     at its next lease refresh, long before the (here 60 s) lease would have expired."""
     ledger.stop()
-    first = worker_process(ledger, tmp_path / "killed.log", lease_timeout_s=60)
-    standby = None
+    first, standby, first_holder = holder_and_standby(
+        ledger, tmp_path / "killed.log", tmp_path / "standby.log", "kil", lease_timeout_s=60
+    )
     try:
-        for n in range(8):
-            ledger.open_account(f"kil-{n}")
-        wait_until(lambda: ledger.journaled() == 8, 60, "the first worker journals")
-        (first_holder,) = wait_until(lambda: holders(ledger.dsn), 10, "leases held")
-        standby = worker_process(ledger, tmp_path / "standby.log", lease_timeout_s=60)
-        time.sleep(3)  # the standby is up: a live holder keeps every lease
-        assert holders(ledger.dsn) == {first_holder}
-
         first.kill()
         first.wait(timeout=30)
         killed_at = time.monotonic()

@@ -12,7 +12,7 @@ Where that time goes, per stage, from the timestamps the database keeps (wall cl
 machine): `ledger` send → the usage's row inserted by its batch (raw_events.recorded_at; the
 batch commits after it), `projection` → the AccountSuspended outbox row (outbox.created_at),
 `relay` → marked published after Kafka's acks (outbox.published_at), `delivery` → received
-by the reader.
+by the reader (below 0 when the reader had the record before the relay's mark).
 """
 
 from __future__ import annotations
