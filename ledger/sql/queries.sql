@@ -247,7 +247,8 @@ SELECT e.shard, e.shard_seq, e.account_id, e.event_type, e.status, e.occurred_at
        CASE WHEN e.event_type = ANY(%s) THEN NULL ELSE e.payload END
   FROM unnest(%s::int[], %s::bigint[], %s::bigint[]) AS r(shard, after, upto)
  CROSS JOIN LATERAL (
-        SELECT * FROM journal_entries j
+        SELECT shard, shard_seq, account_id, event_type, status, occurred_at, payload
+          FROM journal_entries j
          WHERE j.shard = r.shard AND j.shard_seq > r.after AND j.shard_seq <= r.upto
          ORDER BY j.shard_seq OFFSET 0) e;
 
@@ -255,7 +256,8 @@ SELECT e.shard, e.shard_seq, e.account_id, e.event_type, e.status, e.occurred_at
 SELECT p.shard, p.shard_seq, p.ledger_account, p.amount
   FROM unnest(%s::int[], %s::bigint[], %s::bigint[]) AS r(shard, after, upto)
  CROSS JOIN LATERAL (
-        SELECT * FROM postings q
+        SELECT shard, shard_seq, ledger_account, amount
+          FROM postings q
          WHERE q.shard = r.shard AND q.shard_seq > r.after AND q.shard_seq <= r.upto
          ORDER BY q.shard_seq, q.line OFFSET 0) p;
 
