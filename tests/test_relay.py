@@ -330,6 +330,34 @@ def test_the_relay_rides_out_a_broker_restart(settings, dsn):
         shutil.rmtree(home, ignore_errors=True)
 
 
+def test_a_new_relay_producer_knows_the_status_topics_before_its_first_send(settings, stack, dsn):
+    """kafka-python looks a topic up at its first send, 100 ms after its last look-up: a new
+    relay's first suspension waited for two of them (snapshot, then status) before this."""
+    relay = OutboxRelay(settings, stack.bootstrap, dsn)
+    try:
+        producer = relay._ensure_producer()
+        cluster = producer._metadata
+        for base in (topics.STATUS, topics.STATUS_SNAPSHOT, topics.CHECKPOINTS):
+            assert cluster.partitions_for_topic(settings.topic(base)) == set(
+                range(settings.partitions)
+            ), base
+    finally:
+        relay._close_producer()
+
+
+def test_a_relay_whose_status_topic_is_missing_still_starts(settings, stack, dsn):
+    """The look-up is best effort: other topics' rows (dead letters) must still go out."""
+    missing = dataclasses.replace(settings, topic_prefix=f"{settings.topic_prefix}missing.")
+    relay = OutboxRelay(missing, stack.bootstrap, dsn)
+    try:
+        producer = relay._ensure_producer()
+        assert producer._metadata.partitions_for_topic(missing.topic(topics.STATUS)) is None
+        deadletter = settings.topic(topics.DEADLETTER)
+        producer.send(deadletter, key=b"k", value=b"v").get(timeout=30)
+    finally:
+        relay._close_producer()
+
+
 def test_with_kafka_unreachable_the_relay_retries_marks_nothing_and_stops_promptly(settings, dsn):
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind((procs.HOST, 0))
