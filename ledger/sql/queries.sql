@@ -830,12 +830,16 @@ SELECT p.id, p.kind, p.version, p.effective_from, p.sha256, p.published_at,
   FROM config_publications p ORDER BY p.id;
 
 -- name: pending_config
+-- Run for every batch. The shard and event type narrow the lookup to the shards' configuration
+-- entries (index journal_entries_config): with the event id alone the planner hashed every
+-- event id of the journal for each batch (23 ms at 57,000 entries, growing with the journal).
 SELECT s.shard, p.id, p.kind, p.version, p.effective_from, p.document, p.sha256, p.published_at
   FROM config_publications p
  CROSS JOIN unnest(%(shards)s::integer[]) AS s(shard)
  WHERE (p.kind = 'price_book' OR p.effective_from <= %(now)s)
    AND NOT EXISTS (SELECT 1 FROM journal_entries e
-                    WHERE e.event_id = 'config:' || p.kind || ':' || p.version || ':' || s.shard)
+                    WHERE e.shard = s.shard AND e.event_type = 'ConfigPublished'
+                      AND e.event_id = 'config:' || p.kind || ':' || p.version || ':' || s.shard)
  ORDER BY s.shard, p.id;
 
 -- name: shard_config_seqs
