@@ -539,21 +539,13 @@ class LedgerWriter:
             _, config, fold = self._configs[shard]
             self._configs[shard] = (seq, config, fold)
         self._insert_rejects(cur, rejects, replay)
-        _execute_each(
-            cur,
-            "save_book",
-            [
-                (
-                    acct,
-                    Jsonb(book.to_json()),
-                    shard,
-                    book.next_expiry(),
-                    book.first_pending_month(),
-                )
-                for acct in sorted({j.event["account_id"] for j in journaled} - {""})
-                for book, shard in [books[acct]]
-            ],
-        )
+        saved = [
+            (acct, book.to_json(), shard, _iso(book.next_expiry()), book.first_pending_month())
+            for acct in sorted({j.event["account_id"] for j in journaled} - {""})
+            for book, shard in [books[acct]]
+        ]
+        if saved:
+            cur.execute(QUERIES["save_books"], (Jsonb(saved),))
         _execute_each(cur, "save_shard_clock", [(clocks[shard], shard) for shard in sorted(moved)])
         _execute_each(
             cur,
@@ -1108,6 +1100,10 @@ def one_line(error: BaseException) -> str:
 def safe_text(text: str, limit: int = 4000) -> str:
     """Text for a reject's detail: no NUL (PostgreSQL text cannot hold it), bounded."""
     return text.replace("\x00", "\\x00")[:limit]
+
+
+def _iso(at: datetime | None) -> str | None:
+    return at.isoformat() if at is not None else None
 
 
 def _signed64(value: int) -> int:

@@ -138,6 +138,47 @@ def test_postings_of_every_entry_sum_to_zero(writer, dsn):
     assert len(sums) == 20 and all(total == 0 for _, total in sums)
 
 
+def test_the_books_are_saved_with_their_next_expiry_and_first_pending_month(writer, dsn):
+    """The columns the month close and the expiry ticks select books by, exact."""
+    codec = Codec.default()
+    expires = datetime(2026, 6, 30, 12, 34, 56, 789000, tzinfo=UTC)
+    grant = {
+        "event_id": str(uuid.uuid4()),
+        "account_id": "b1",
+        "occurred_at": T0,
+        "grant_id": "promo-1",
+        "amount": Decimal("5.00"),
+        "kind": "promotional",
+        "expires_at": expires,
+        "reason": "test",
+    }
+    usage = {
+        "event_id": str(uuid.uuid4()),
+        "account_id": "b2",
+        "occurred_at": T0,
+        "request_id": "r1",
+        "product": "serverless",
+        "model": "accounts/fireworks/models/deepseek-r1",
+        "service_tier": "standard",
+        "output_tokens": 1_000_000,  # $8: beyond the $1 sign-up credit
+    }
+    writer.write_batch(
+        [
+            opened("b1", 0),
+            opened("b2", 1),
+            FakeRecord("billing.credits.v1", 0, 0, codec.encode("CreditGranted", grant), b"b1"),
+            FakeRecord("billing.usage.v1", 0, 0, codec.encode("UsageRecorded", usage), b"b2"),
+        ]
+    )
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT account_id, shard, next_expiry, first_pending_month, book->'pending' "
+            "FROM account_books ORDER BY account_id"
+        ).fetchall()
+    assert [row[:4] for row in rows] == [("b1", 0, expires, None), ("b2", 0, None, "2026-03")]
+    assert rows[0][4] == {} and list(rows[1][4]) == ["2026-03"]
+
+
 def test_a_redelivered_batch_is_dropped_against_the_stored_offsets(writer, dsn):
     batch = [opened("a", 0), opened("b", 1)]
     first = writer.write_batch(batch)

@@ -98,8 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    base = Settings.from_env()
-    configure_logging(dataclasses.replace(base, log_level="WARNING"))
+    # WARNING for the processes the benchmark spawns too (replay's, rebuild's): a line per
+    # batch would bury the table.
+    base = dataclasses.replace(Settings.from_env(), log_level="WARNING")
+    configure_logging(base)
     # kafka-python's own chatter (slow event-loop tasks while we encode/decode) is not news here.
     logging.getLogger("kafka").setLevel(logging.ERROR)
     stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")

@@ -132,9 +132,13 @@ SELECT account_id, book, shard FROM account_books
 SELECT account_id, book, shard FROM account_books
  WHERE shard = %s AND next_expiry <= %s ORDER BY account_id FOR UPDATE;
 
--- name: save_book
+-- name: save_books
+-- The batch's books in one statement, from a JSON array of
+-- [account_id, book, shard, next_expiry, first_pending_month] (a statement per book cost the
+-- writer ~12 µs of Python per book, this ~5; account ids unique, sorted).
 INSERT INTO account_books (account_id, book, shard, next_expiry, first_pending_month)
-VALUES (%s, %s, %s, %s, %s)
+SELECT b->>0, b->1, (b->>2)::integer, (b->>3)::timestamptz, b->>4
+  FROM jsonb_array_elements(%s) AS b
 ON CONFLICT (account_id) DO UPDATE
    SET book = EXCLUDED.book, shard = EXCLUDED.shard, next_expiry = EXCLUDED.next_expiry,
        first_pending_month = EXCLUDED.first_pending_month;
