@@ -123,3 +123,16 @@ def test_a_role_that_drained_everything_in_its_first_step_reports_its_whole_run(
     # Everything was done when progress was first seen: no steady part to time, so the whole
     # run (it was a negative rate before).
     assert run(1000).steady_rate == 500 and run(1000).steady_cpu_us == 500
+
+
+def test_the_background_rate_of_the_latency_phase_can_be_fixed_and_must_be_positive(capsys):
+    import pytest
+
+    from ledger.bench.cli import build_parser
+
+    assert build_parser().parse_args([]).latency_rate is None  # half of (c)
+    assert build_parser().parse_args(["--latency-rate", "3500"]).latency_rate == 3500
+    for bad in ("0", "-5", "fast"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["--latency-rate", bad])
+        assert "--latency-rate" in capsys.readouterr().err

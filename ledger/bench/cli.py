@@ -79,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="suspensions timed end to end in phase (f); 0 skips it (200)",
     )
     p.add_argument(
+        "--latency-rate",
+        type=_positive,
+        default=None,
+        help="usage/s in the background of phase (f) under load (default: half of (c))",
+    )
+    p.add_argument(
         "--profile",
         action="store_true",
         help="also run write_batch in-process: timed steps, and under cProfile",

@@ -188,9 +188,13 @@ def suspension_latency(run: BenchRun) -> None:
     account's credit to its AccountSuspended arriving downstream."""
     accounts = run.args.latency_accounts
     interval_s = 0.05
-    # Under load: usage of the benchmark's accounts at half the ledger's measured capacity,
-    # for as long as the timed sends last and some more.
-    rate = run.results["ledger"]["steady_rate"] / 2 if "ledger" in run.results else 0.0
+    # Under load: usage of the benchmark's accounts at half the ledger's measured capacity (or
+    # at --latency-rate, to compare two commits at one load), for as long as the timed sends
+    # last and some more.
+    if run.args.latency_rate is not None:
+        rate = float(run.args.latency_rate)
+    else:
+        rate = run.results["ledger"]["steady_rate"] / 2 if "ledger" in run.results else 0.0
     count = min(200_000, int(rate * (accounts * interval_s + 10)))
     background: list = []
     if count > 0:
@@ -219,6 +223,7 @@ def suspension_latency(run: BenchRun) -> None:
         flush=True,
     )
     run.results["latency"] = measure("latency", background=background, background_rate=rate)
+    run.results["latency"]["background_rate_given"] = run.args.latency_rate is not None
 
 
 def drain_with_workers(run: BenchRun, total: int) -> None:

@@ -181,8 +181,13 @@ def print_table(results: dict[str, Any]) -> None:
                 (
                     "    while ingesting",
                     f"{_rate(lat['background_rate'])} usage in the background "
-                    f"({lat['background_sent']:,} sent; half of (c) after warm-up: "
-                    f"{_rate(lat['background_rate_target'])})",
+                    f"({lat['background_sent']:,} sent; "
+                    + (
+                        "as given: "
+                        if lat.get("background_rate_given")
+                        else "half of (c) after warm-up: "
+                    )
+                    + f"{_rate(lat['background_rate_target'])})",
                 )
             )
         if "cpu_cores" in lat:
