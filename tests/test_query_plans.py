@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 
 import psycopg
 import pytest
+from psycopg.types.json import Jsonb
 
 from ledger.db import QUERIES
 
@@ -56,9 +57,9 @@ def large_journal(owner_dsn: str) -> psycopg.Connection:
                     """INSERT INTO journal_entries (shard, shard_seq, event_id, account_id,
                                                     event_type, status, occurred_at, payload,
                                                     prev_hash, entry_hash)
-                       VALUES (%s, %s, %s, '', 'ConfigPublished', 'noop', '2026-01-01', '{}',
+                       VALUES (%s, %s, %s, '', 'ConfigPublished', 'noop', '2026-01-01', %s,
                                '\\x00', '\\x00')""",
-                    (shard, seq, f"config:{kind}:{version}:{shard}"),
+                    (shard, seq, f"config:{kind}:{version}:{shard}", Jsonb({"kind": kind})),
                 )
         conn.execute("ANALYZE journal_entries")
         yield conn
@@ -72,3 +73,18 @@ def test_finding_the_configuration_still_to_journal_reads_only_configuration_ent
     assert pending == []  # both versions are journaled on every shard
     read = rows_read(large_journal, QUERIES["pending_config"], params, "journal_entries")
     assert read <= 2 * len(SHARDS), f"read {read} journal rows for 16 configuration entries"
+
+
+@pytest.mark.parametrize(
+    ("query", "params"),
+    [
+        ("shard_config_entries", (3,)),  # a writer's configuration cache, when it is stale
+        ("shard_policy_at", (3, 10_000)),  # a projection taking over a shard
+    ],
+)
+def test_a_shards_configuration_is_read_from_its_configuration_entries(
+    large_journal, query, params
+):
+    assert large_journal.execute(QUERIES[query], params).fetchall()  # there is one to find
+    read = rows_read(large_journal, QUERIES[query], params, "journal_entries")
+    assert read <= 2 * len(SHARDS), f"{query} read {read} journal rows"
