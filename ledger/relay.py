@@ -365,16 +365,19 @@ class OutboxRelay:
         first sent to it and spaces its metadata requests `retry_backoff_ms` (100 ms) apart, so
         a new relay's first suspension waited ~100 ms for the snapshot topic and ~100 ms more
         for the status topic (after every start and every takeover). Best effort: a topic not
-        known now is looked up at its first send, as before."""
-        wanted = [self.status_topic, self.snapshot_topic, self.checkpoints.topic]
+        known now is looked up at its first send, as before (and a name Kafka does not allow
+        is left to the rows that name it, which are parked as `invalid_topic`)."""
+        names = [self.status_topic, self.snapshot_topic, self.checkpoints.topic]
+        wanted = [t for t in names if _TOPIC_NAME.fullmatch(t) and t not in (".", "..")]
         cluster = getattr(producer, "_metadata", None)  # kafka-python's ClusterMetadata
         try:
-            if cluster is not None and hasattr(cluster, "set_topics"):
+            if wanted and cluster is not None and hasattr(cluster, "set_topics"):
                 cluster.set_topics(wanted)  # one request for all of them
-            for topic in wanted[:2]:  # the checkpoints topic may not exist yet: not waited for
-                producer.partitions_for(topic)
-        except kafka_errors.KafkaError as exc:
-            log.warning("relay_topics_not_found", topics=wanted[:2], error=brief(exc))
+            for topic in wanted:
+                if topic != self.checkpoints.topic:  # it may not exist yet: not waited for
+                    producer.partitions_for(topic)
+        except (kafka_errors.KafkaError, ValueError) as exc:
+            log.warning("relay_topics_not_found", topics=wanted, error=brief(exc))
 
     def _close_producer(self) -> None:
         """Drop the producer at once with whatever Kafka has not acked (those rows are not
