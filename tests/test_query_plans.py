@@ -88,3 +88,18 @@ def test_a_shards_configuration_is_read_from_its_configuration_entries(
     assert large_journal.execute(QUERIES[query], params).fetchall()  # there is one to find
     read = rows_read(large_journal, QUERIES[query], params, "journal_entries")
     assert read <= 2 * len(SHARDS), f"{query} read {read} journal rows"
+
+
+def test_finding_a_shards_held_usage_reads_only_its_unpriced_entries(large_journal):
+    """Run for every shard when a price version is published (re-rating what was held)."""
+    large_journal.execute(
+        """INSERT INTO journal_entries (shard, shard_seq, event_id, account_id, event_type,
+                                        status, occurred_at, payload, prev_hash, entry_hash)
+           SELECT 3, 100000 + n, 'held-' || n, 'acct-3', 'UsageRecorded', 'unpriced',
+                  '2026-03-01', '{}', '\\x00', '\\x00'
+             FROM generate_series(1, 5) AS n"""
+    )
+    large_journal.execute("ANALYZE journal_entries")
+    assert len(large_journal.execute(QUERIES["held_usage"], (3,)).fetchall()) == 5
+    read = rows_read(large_journal, QUERIES["held_usage"], (3,), "journal_entries")
+    assert read <= 20, f"held_usage read {read} journal rows for 5 held entries"
