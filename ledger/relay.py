@@ -115,6 +115,11 @@ CHECKPOINT_RETRY_S = 10.0
 # Kafka's rule for topic names.
 _TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 
+
+def _legal_topic(name: str) -> bool:
+    return bool(_TOPIC_NAME.fullmatch(name)) and name not in (".", "..")
+
+
 # Errors that are about the row itself: retrying them as they are cannot succeed.
 _REFUSALS: tuple[tuple[type[BaseException], str], ...] = (
     (kafka_errors.MessageSizeTooLargeError, "message_too_large"),
@@ -368,7 +373,7 @@ class OutboxRelay:
         known now is looked up at its first send, as before (and a name Kafka does not allow
         is left to the rows that name it, which are parked as `invalid_topic`)."""
         names = [self.status_topic, self.snapshot_topic, self.checkpoints.topic]
-        wanted = [t for t in names if _TOPIC_NAME.fullmatch(t) and t not in (".", "..")]
+        wanted = [t for t in names if _legal_topic(t)]
         cluster = getattr(producer, "_metadata", None)  # kafka-python's ClusterMetadata
         try:
             if wanted and cluster is not None and hasattr(cluster, "set_topics"):
@@ -434,7 +439,7 @@ class OutboxRelay:
                 held.add(order_key)
                 continue
             try:
-                if not _TOPIC_NAME.fullmatch(topic) or topic in (".", ".."):
+                if not _legal_topic(topic):
                     raise kafka_errors.InvalidTopicError(f"{topic!r} is not a legal topic name")
                 record_headers = [(k, bytes.fromhex(v)) for k, v in headers]
                 future = producer.send(
@@ -529,7 +534,7 @@ class OutboxRelay:
             if not any(t in STATUS_CHANGES for t in types):
                 continue
             try:
-                if not _TOPIC_NAME.fullmatch(self.snapshot_topic):
+                if not _legal_topic(self.snapshot_topic):
                     raise kafka_errors.InvalidTopicError(
                         f"{self.snapshot_topic!r} is not a legal topic name"
                     )
