@@ -31,15 +31,17 @@ class FakeRecord:
     headers: tuple = ()
 
 
+def record(
+    topic: str, event_type: str, account_id: str, offset: int, partition: int = 0, **fields
+) -> FakeRecord:
+    """A new event of `account_id` at T0 (with `fields`), as the record Kafka would deliver."""
+    event = {"event_id": str(uuid.uuid4()), "account_id": account_id, "occurred_at": T0, **fields}
+    value = Codec.default().encode(event_type, event)
+    return FakeRecord(topic, partition, offset, value, account_id.encode())
+
+
 def opened(account_id: str, offset: int, partition: int = 0) -> FakeRecord:
-    event = {
-        "event_id": str(uuid.uuid4()),
-        "account_id": account_id,
-        "occurred_at": T0,
-        "created_at": T0,
-    }
-    value = Codec.default().encode("AccountOpened", event)
-    return FakeRecord(TOPIC, partition, offset, value, account_id.encode())
+    return record(TOPIC, "AccountOpened", account_id, offset, partition, created_at=T0)
 
 
 def count(dsn, table):
@@ -140,36 +142,30 @@ def test_postings_of_every_entry_sum_to_zero(writer, dsn):
 
 def test_the_books_are_saved_with_their_next_expiry_and_first_pending_month(writer, dsn):
     """The columns the month close and the expiry ticks select books by, exact."""
-    codec = Codec.default()
     expires = datetime(2026, 6, 30, 12, 34, 56, 789000, tzinfo=UTC)
-    grant = {
-        "event_id": str(uuid.uuid4()),
-        "account_id": "b1",
-        "occurred_at": T0,
-        "grant_id": "promo-1",
-        "amount": Decimal("5.00"),
-        "kind": "promotional",
-        "expires_at": expires,
-        "reason": "test",
-    }
-    usage = {
-        "event_id": str(uuid.uuid4()),
-        "account_id": "b2",
-        "occurred_at": T0,
-        "request_id": "r1",
-        "product": "serverless",
-        "model": "accounts/fireworks/models/deepseek-r1",
-        "service_tier": "standard",
-        "output_tokens": 1_000_000,  # $8: beyond the $1 sign-up credit
-    }
-    writer.write_batch(
-        [
-            opened("b1", 0),
-            opened("b2", 1),
-            FakeRecord("billing.credits.v1", 0, 0, codec.encode("CreditGranted", grant), b"b1"),
-            FakeRecord("billing.usage.v1", 0, 0, codec.encode("UsageRecorded", usage), b"b2"),
-        ]
+    grant = record(
+        "billing.credits.v1",
+        "CreditGranted",
+        "b1",
+        0,
+        grant_id="promo-1",
+        amount=Decimal("5.00"),
+        kind="promotional",
+        expires_at=expires,
+        reason="test",
     )
+    usage = record(
+        "billing.usage.v1",
+        "UsageRecorded",
+        "b2",
+        0,
+        request_id="r1",
+        product="serverless",
+        model="accounts/fireworks/models/deepseek-r1",
+        service_tier="standard",
+        output_tokens=1_000_000,  # $8: beyond the $1 sign-up credit
+    )
+    writer.write_batch([opened("b1", 0), opened("b2", 1), grant, usage])
     with psycopg.connect(dsn) as conn:
         rows = conn.execute(
             "SELECT account_id, shard, next_expiry, first_pending_month, book->'pending' "
@@ -211,16 +207,16 @@ def test_each_entry_links_to_the_previous_entry_of_its_shard_with_the_chain_key(
     writer, dsn, base_settings
 ):
     writer.write_batch([opened("a", 0), opened("b", 1), opened("c", 0, partition=1)])
-    event = {
-        "event_id": str(uuid.uuid4()),
-        "account_id": "a",
-        "occurred_at": T0,
-        "grant_id": "g",
-        "amount": Decimal("3"),
-        "payment_reference": "",
-    }
-    value = Codec.default().encode("CreditPurchased", event)
-    writer.write_batch([FakeRecord("billing.credits.v1", 0, 0, value)])
+    purchase = record(
+        "billing.credits.v1",
+        "CreditPurchased",
+        "a",
+        0,
+        grant_id="g",
+        amount=Decimal("3"),
+        payment_reference="",
+    )
+    writer.write_batch([purchase])
     keys = chain_keys.load(base_settings)
     with psycopg.connect(dsn) as conn:
         chain = conn.execute(
