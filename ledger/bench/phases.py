@@ -192,7 +192,7 @@ def suspension_latency(run: BenchRun) -> None:
     # at --latency-rate, to compare two commits at one load), for as long as the timed sends
     # last and some more.
     if run.args.latency_rate is not None:
-        rate = float(run.args.latency_rate)
+        rate = run.args.latency_rate  # an int of usage per second
     else:
         rate = run.results["ledger"]["steady_rate"] / 2 if "ledger" in run.results else 0.0
     count = min(200_000, int(rate * (accounts * interval_s + 10)))
