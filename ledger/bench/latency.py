@@ -58,8 +58,8 @@ def measure_suspension_latency(
     meter: CpuMeter | None = None,
 ) -> dict[str, Any]:
     """Suspension latency of `accounts` accounts; with `background` (bench Messages) sent at
-    `background_rate` per second from the first timed send until the last arrival, so the
-    ledger is busy meanwhile."""
+    `background_rate` per second from LOAD_SETTLE_S before the first timed send until the last
+    arrival, so the ledger is busy meanwhile."""
     codec = Codec.default()
     arrived: dict[str, float] = {}
     arrived_wall: dict[str, float] = {}
