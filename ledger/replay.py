@@ -80,7 +80,8 @@ def replay(
     processes = shard_pool.process_count(jobs, total, PARALLEL_FROM, len(shards))
     if processes > 1:
         calls = {s: (settings, source_dsn, target_dsn, [s], batch_size) for s in shards}
-        for _, replayed in shard_pool.each_shard(processes, _replay_apart, calls):
+        setup = (configure_logging, (settings,))  # a spawned process starts with no logging
+        for _, replayed in shard_pool.each_shard(processes, replay_shards, calls, setup=setup):
             count(replayed)
     else:
         replay_shards(settings, source_dsn, target_dsn, sorted(shards), batch_size, count)
@@ -93,14 +94,6 @@ def replay(
         target.execute(QUERIES["mark_all_published"])
     log.info("replay_finished", events=done)
     return done
-
-
-def _replay_apart(
-    settings: Settings, source_dsn: str, target_dsn: str, shards: list[int], batch_size: int
-) -> int:
-    """`replay_shards` in a process of its own."""
-    configure_logging(settings)  # a spawned process starts with none
-    return replay_shards(settings, source_dsn, target_dsn, shards, batch_size)
 
 
 def replay_shards(

@@ -189,21 +189,22 @@ def _verify_apart(
     processes: int,
     progress: Callable[[int, int], None] | None,
 ) -> tuple[_Walked, dict[int, ShardState]]:
-    """Each shard walked (chain, checkpoints, books) and its projection recomputed in a
-    process of its own, all in the snapshot `snapshot`; merged in shard order, as one
-    process going through them in turn would have found them."""
+    """Each shard walked (chain, checkpoints, books) and its projection recomputed, `processes`
+    at a time (this one included), all in the snapshot `snapshot`; merged in shard order, as
+    one process going through them in turn would have found them."""
     shards = sorted(set(journal_shards) | set(upto))
     secrets = ChainKeys(dict(keys.secrets), keys.source)  # without its HMAC objects
     total, done = sum(upto.values()), 0
     results: dict[int, tuple[_Walked, ShardState | None, Policy]] = {}
     calls = {
         shard: (
-            settings, dsn, snapshot, secrets, projection.default_policy, checkpoints, shard,
+            dsn, snapshot, secrets, projection.default_policy, checkpoints, shard,
             shard in journal_shards, upto.get(shard),
         )
         for shard in shards
     }  # fmt: skip
-    for shard, result in shard_pool.each_shard(processes, _verify_shard, calls):
+    setup = (configure_logging, (settings,))  # a spawned process starts with no logging
+    for shard, result in shard_pool.each_shard(processes, _verify_shard, calls, setup=setup):
         results[shard] = result
         done += upto.get(shard, 0)
         if progress is not None:
@@ -219,7 +220,6 @@ def _verify_apart(
 
 
 def _verify_shard(
-    settings: Settings,
     dsn: str,
     snapshot: str,
     keys: ChainKeys,
@@ -229,10 +229,9 @@ def _verify_shard(
     has_entries: bool,
     position: int | None,
 ) -> tuple[_Walked, ShardState | None, Policy]:
-    """In a process of its own, in the snapshot `snapshot`: the shard's walk, its projection
-    recomputed up to `position` (None: the projection has no position there) and the policy
-    in force at that position."""
-    configure_logging(settings)  # a spawned process starts with none
+    """On a connection of its own (in this process or a spawned one), in the snapshot
+    `snapshot`: the shard's walk, its projection recomputed up to `position` (None: the
+    projection has no position there) and the policy in force at that position."""
     projection = AccountStatusProjection(policy)
     state = None
     with db.connect(dsn) as conn:

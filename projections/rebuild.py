@@ -101,12 +101,10 @@ def recompute(
 PARALLEL_FROM = 50_000
 
 
-def _fold_shard(
-    settings: Settings, dsn: str, policy: Policy, shard: int, upto: int
-) -> tuple[ShardState, Policy]:
-    """In a process of its own: one shard folded from scratch up to `upto`; its state and the
-    policy in force there at `upto` (the default, unless the shard journaled one)."""
-    configure_logging(settings)  # a spawned process starts with none
+def _fold_shard(dsn: str, policy: Policy, shard: int, upto: int) -> tuple[ShardState, Policy]:
+    """One shard folded from scratch up to `upto` on a connection of its own (in this process
+    or a spawned one); its state and the policy in force there at `upto` (the default, unless
+    the shard journaled one)."""
     projection = AccountStatusProjection(policy)
     with db.connect(dsn) as conn:
         state = ShardState()
@@ -124,13 +122,12 @@ def _fold_apart(
     report: Callable[[int], None],
 ) -> None:
     """The shards in `behind` (all at position 0) folded from scratch, `jobs` processes at a
-    time, each shard in one process: shards are independent (an account lives on one, and so
-    do its policy and clock), so the states are those of one process folding them in turn."""
-    calls = {
-        shard: (settings, dsn, projection.default_policy, shard, upto)
-        for shard, upto in behind.items()
-    }
-    for shard, (state, policy) in shard_pool.each_shard(jobs, _fold_shard, calls):
+    time (this one included), each shard in one process: shards are independent (an account
+    lives on one, and so do its policy and clock), so the states are those of one process
+    folding them in turn."""
+    calls = {shard: (dsn, projection.default_policy, shard, upto) for shard, upto in behind.items()}
+    setup = (configure_logging, (settings,))  # a spawned process starts with no logging
+    for shard, (state, policy) in shard_pool.each_shard(jobs, _fold_shard, calls, setup=setup):
         shards[shard], projection.policies[shard] = state, policy
         report(0)
 

@@ -42,20 +42,60 @@ def _mark(marks: Path, shard: int) -> int:
     return shard * 10
 
 
-def test_each_shard_yields_every_result_with_its_shard(tmp_path):
-    calls = {shard: (tmp_path, shard) for shard in (3, 1, 2)}
-    assert dict(each_shard(2, _mark, calls)) == {1: 10, 2: 20, 3: 30}
+def _whose(shard: int) -> tuple[int, int]:
+    """A shard's work: which process did it (a spawned one has run its `setup` first)."""
+    time.sleep(0.3)
+    return os.getpid(), int(os.environ.get("SHARD_POOL_TEST_SETUP", "0"))
 
 
-def test_a_failing_shard_cancels_the_shards_not_started_and_raises(tmp_path):
+def _setup() -> None:
+    os.environ["SHARD_POOL_TEST_SETUP"] = "1"
+
+
+def test_each_shard_yields_every_result_once_with_its_shard(tmp_path):
+    calls = {shard: (tmp_path, shard) for shard in (3, 1, 2, 4, 5)}
+    results = list(each_shard(2, _mark, calls))
+    assert sorted(results) == [(1, 10), (2, 20), (3, 30), (4, 40), (5, 50)]
+
+
+def test_this_process_takes_shards_too_and_only_spawned_ones_run_the_setup():
+    calls = {shard: (shard,) for shard in range(8)}
+    by = dict(each_shard(2, _whose, calls, setup=(_setup, ())))
+    assert sorted(by) == list(range(8))
+    mine = {shard for shard, (pid, _) in by.items() if pid == os.getpid()}
+    spawned = {shard for shard, (pid, _) in by.items() if pid != os.getpid()}
+    # This process starts on a shard at once, while the spawned one imports the code.
+    assert mine and spawned, by
+    assert {setup for pid, setup in by.values() if pid == os.getpid()} == {0}
+    assert {setup for pid, setup in by.values() if pid != os.getpid()} == {1}
+    assert "SHARD_POOL_TEST_SETUP" not in os.environ
+
+
+def test_one_process_is_this_one_alone():
+    assert {pid for pid, _ in dict(each_shard(1, _whose, {0: (0,), 1: (1,)})).values()} == {
+        os.getpid()
+    }
+
+
+def test_a_failing_shard_in_a_spawned_process_cancels_the_shards_not_started(tmp_path):
     calls = {shard: (tmp_path, shard) for shard in range(16)}
     with pytest.raises(ValueError, match="shard 0 diverges"):
-        dict(each_shard(1, _mark, calls))
-    # One process, shard 0 first: the pool may have queued a few more (its call queue is
-    # refilled as its process takes work) before the failure cancelled the rest, which
-    # would otherwise all have run before the error was raised.
+        dict(each_shard(2, _mark, calls))
+    # Shard 0 goes to the spawned process first, while this one works on shard 1 and then
+    # the next (0.5 s each); the failure stops both from taking more, where all sixteen
+    # would otherwise have run (~4 s) before the error was raised.
     ran = {int(p.name) for p in tmp_path.iterdir()}
-    assert len(ran) < 8, sorted(ran)
+    assert 0 not in ran and len(ran) < 8, sorted(ran)
+
+
+def test_a_failing_shard_in_this_process_cancels_the_shards_not_started(tmp_path):
+    calls = {shard: (tmp_path, shard) for shard in range(16)}
+    calls[1] = (tmp_path, 0)  # this process's first shard (the spawned one has shard 0)
+    calls[0] = (tmp_path, 100)
+    with pytest.raises(ValueError, match="shard 0 diverges"):
+        dict(each_shard(2, _mark, calls))
+    ran = {int(p.name) for p in tmp_path.iterdir()}
+    assert len(ran) < 4, sorted(ran)
 
 
 def test_walks_of_shards_merged_report_an_account_with_entries_in_two_shards():
