@@ -252,7 +252,12 @@ class LedgerWriter:
             try:
                 d = decode(value)
             except DecodeError as exc:
-                out[(record.topic, record.partition, record.offset)] = (value, exc, "", b"")
+                out[(record.topic, record.partition, record.offset)] = (
+                    value,
+                    _without_traceback(exc),
+                    "",
+                    b"",
+                )
                 continue
             event_json = canonical_json(d.event)
             out[(record.topic, record.partition, record.offset)] = (
@@ -395,13 +400,19 @@ class LedgerWriter:
             if failure is not None:
                 rejects.append((record, None, None, "processing_error", safe_text(failure)))
                 continue
+            ahead = prepared.get((record.topic, record.partition, record.offset))
+            if ahead is not None and not (ahead[0] is record.value or ahead[0] == record.value):
+                ahead = None
+            if ahead is not None and isinstance(ahead[1], DecodeError):
+                # Refused when decoded ahead. Not raised again: raising attaches this frame
+                # (and the whole batch in its locals) to an error the prepared batch keeps.
+                failed = ahead[1]
+                rejects.append((record, None, None, failed.reason, safe_text(str(failed))))
+                continue
             try:
                 if record.tombstone:
                     raise TombstoneError("no value (tombstone)")
-                ahead = prepared.get((record.topic, record.partition, record.offset))
-                if ahead is not None and (ahead[0] is record.value or ahead[0] == record.value):
-                    if isinstance(ahead[1], DecodeError):
-                        raise ahead[1]
+                if ahead is not None:
                     d = ahead[1]
                     hashed[id(record)] = (ahead[2], ahead[3])
                 else:
@@ -1104,6 +1115,20 @@ def safe_text(text: str, limit: int = 4000) -> str:
 
 def _iso(at: datetime | None) -> str | None:
     return at.isoformat() if at is not None else None
+
+
+def _without_traceback(error: DecodeError) -> DecodeError:
+    """`error`, kept for later (a batch decoded ahead), without the frames it was raised
+    through, nor those of its causes. A traceback holds its frames and their locals, here the
+    whole batch being prepared, which holds the error: a reference cycle that only the
+    cyclic collector frees, keeping every such batch in memory until it runs."""
+    seen: set[int] = set()
+    link: BaseException | None = error
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        link.__traceback__ = None
+        link = link.__cause__ or link.__context__
+    return error
 
 
 def _signed64(value: int) -> int:

@@ -2,7 +2,9 @@
 balanced, exactly-once against the stored offsets."""
 
 import dataclasses
+import gc
 import uuid
+import weakref
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -11,6 +13,7 @@ import pytest
 
 from ledger import chain_keys
 from ledger.codec import Codec
+from ledger.errors import DecodeError
 from ledger.journal import OffsetGapError, split_fetched
 from ledger.policy import Policy
 from ledger.verify import check_journal
@@ -173,6 +176,32 @@ def test_the_books_are_saved_with_their_next_expiry_and_first_pending_month(writ
         ).fetchall()
     assert [row[:4] for row in rows] == [("b1", 0, expires, None), ("b2", 0, None, "2026-03")]
     assert rows[0][4] == {} and list(rows[1][4]) == ["2026-03"]
+
+
+def test_a_record_refused_when_decoded_ahead_is_quarantined_and_holds_no_batch_in_memory(
+    writer, dsn
+):
+    # The consumer decodes the next batch while the previous one is written (`prepare`). An
+    # error kept from that, raised again or with its traceback, held the frames it went
+    # through, and with them the whole batch, in a reference cycle: memory only the cyclic
+    # collector gave back (a worker with a lazier collector grew to 400 MiB).
+    good = opened("acct-ahead", 0)
+    bad = FakeRecord(TOPIC, 0, 1, b"not avro at all", b"acct-ahead")
+    prepared = writer.prepare([good, bad])
+    kept = prepared[(TOPIC, 0, 1)][1]
+    assert isinstance(kept, DecodeError) and kept.__traceback__ is None
+    alive = weakref.ref(good)
+    gc.collect()
+    gc.disable()
+    try:
+        result = writer.write_batch([good, bad], prepared=prepared)
+        del prepared, good, bad
+        assert alive() is None  # freed by reference counting alone
+    finally:
+        gc.enable()
+    assert (result.journaled, result.rejected_by_reason) == (1, {"bad_magic": 1})
+    assert kept.__traceback__ is None
+    assert count(dsn, "rejected_events") == 1
 
 
 def test_a_redelivered_batch_is_dropped_against_the_stored_offsets(writer, dsn):
