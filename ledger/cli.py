@@ -15,6 +15,7 @@ import re
 import sys
 from datetime import UTC, datetime
 
+from ledger import gc_tuning
 from ledger.errors import ConfigError, LedgerError, StackError
 from ledger.log import configure_logging
 from ledger.redact import redact
@@ -849,6 +850,7 @@ def _non_negative_int(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    gc_tuning.tune()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

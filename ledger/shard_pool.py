@@ -9,11 +9,14 @@ from __future__ import annotations
 import collections
 import multiprocessing
 import os
+import pickle
 import queue
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any, TypeVar
+
+from ledger import gc_tuning
 
 T = TypeVar("T")
 
@@ -41,7 +44,8 @@ def each_shard(
     shards too, from its first moment, while the `processes - 1` it spawns start (a spawned
     process first imports the code, ~0.3 s, on a rebuild of 200,000 entries a sixth of the
     whole); each takes the next shard in shard order when it is free. `setup` is
-    `(function, args)` run once in each spawned process before its first shard (logging).
+    `(function, args)` run once in each spawned process before its first shard (logging),
+    after the collector's thresholds (`ledger.gc_tuning`).
 
     The first failure (or the caller stopping, or Ctrl-C) cancels the shards not started yet
     and is raised once the running ones end (a failure in a spawned process, once this
@@ -50,18 +54,17 @@ def each_shard(
     todo = collections.deque(sorted(calls))
     if processes <= 1:
         for shard in todo:
-            yield shard, work(*calls[shard])
+            yield shard, work(*_as_sent(calls[shard]))
         return
     lock = threading.Lock()
     stopped = False
     finished: queue.SimpleQueue[tuple[int, Future[T]]] = queue.SimpleQueue()
     started = 0  # shards handed to the spawned processes (under `lock`)
-    initializer, initargs = setup if setup is not None else (None, ())
     pool = ProcessPoolExecutor(
         max_workers=processes - 1,
         mp_context=multiprocessing.get_context("spawn"),
-        initializer=initializer,
-        initargs=initargs,
+        initializer=_start,
+        initargs=(setup,),
     )
 
     def take() -> int | None:
@@ -97,7 +100,7 @@ def each_shard(
             for _ in range(processes - 1):
                 hand_out()
             while (shard := take()) is not None:
-                yield shard, work(*calls[shard])
+                yield shard, work(*_as_sent(calls[shard]))
                 while not finished.empty():
                     done_shard, future = finished.get()
                     received += 1
@@ -114,3 +117,19 @@ def each_shard(
                 stopped = True
             pool.shutdown(cancel_futures=True)
             raise
+
+
+def _start(setup: tuple[Callable[..., Any], tuple[Any, ...]] | None) -> None:
+    """A spawned process before its first shard: the collector's thresholds of every ledger
+    process (`ledger.gc_tuning`), then the caller's `setup`."""
+    gc_tuning.tune()
+    if setup is not None:
+        function, args = setup
+        function(*args)
+
+
+def _as_sent(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The arguments as a spawned process gets them (through pickle): a work function that
+    caches something in an argument (verify's chain keys keep their HMAC objects, which do
+    not pickle) must not change what is sent to the others, which share the same objects."""
+    return pickle.loads(pickle.dumps(args))

@@ -80,6 +80,20 @@ def test_read_only_commands_need_only_the_database(stack, dsn, tmp_path):
         assert "Kafka" not in result.stderr, (args, result.stderr)
 
 
+def test_every_ledger_command_collects_garbage_with_the_ledgers_thresholds():
+    from ledger import gc_tuning
+
+    code = (
+        "import contextlib, gc, io\n"
+        "from ledger.cli import main\n"
+        "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "    main(['--help'])\n"
+        "print(list(gc.get_threshold()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == list(gc_tuning.THRESHOLDS)
+
+
 def test_a_bad_argument_fails_fast_naming_it():
     result = ledger_cli("account", "show", "a1", "--last", "-3")
     assert result.returncode == 2

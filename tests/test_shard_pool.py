@@ -4,12 +4,15 @@ services."""
 
 from __future__ import annotations
 
+import gc
 import os
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from ledger import gc_tuning
 from ledger.book import AccountBook
 from ledger.shard_pool import each_shard, process_count
 from ledger.verify import _Walked
@@ -69,6 +72,38 @@ def test_this_process_takes_shards_too_and_only_spawned_ones_run_the_setup():
     assert {setup for pid, setup in by.values() if pid == os.getpid()} == {0}
     assert {setup for pid, setup in by.values() if pid != os.getpid()} == {1}
     assert "SHARD_POOL_TEST_SETUP" not in os.environ
+
+
+def _thresholds(shard: int) -> tuple[int, tuple[int, ...]]:
+    time.sleep(0.3)
+    return os.getpid(), gc.get_threshold()
+
+
+def test_spawned_processes_collect_garbage_with_the_ledgers_thresholds():
+    by = dict(each_shard(2, _thresholds, {shard: (shard,) for shard in range(6)}))
+    spawned = {thresholds for pid, thresholds in by.values() if pid != os.getpid()}
+    assert spawned == {gc_tuning.THRESHOLDS}
+    assert gc_tuning.THRESHOLDS != (700, 10, 10)  # Python's defaults: the test would be moot
+
+
+class _Holder:
+    """An argument every shard shares, which the work changes as it goes (as verify's chain
+    keys keep the HMAC objects they make, which do not pickle)."""
+
+    lock: threading.Lock | None = None
+
+
+def _keep_a_lock(holder: _Holder, shard: int) -> int:
+    time.sleep(0.2)
+    holder.lock = threading.Lock()
+    return shard
+
+
+def test_work_in_this_process_does_not_change_what_is_sent_to_the_others():
+    holder = _Holder()
+    calls = {shard: (holder, shard) for shard in range(6)}
+    assert sorted(dict(each_shard(2, _keep_a_lock, calls))) == list(range(6))
+    assert holder.lock is None
 
 
 def test_one_process_is_this_one_alone():

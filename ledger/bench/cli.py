@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import ledger.bench
-from ledger import stack
+from ledger import gc_tuning, stack
 from ledger.bench.chart import write_chart
 from ledger.bench.environment import cleanup, code_version, machine_info, stack_pids
 from ledger.bench.phases import (
@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # The collector's thresholds of every ledger process, for the phases run in this one
+    # (raw consumption, rebuild, replay), as `ledger` itself sets them.
+    gc_tuning.tune()
     # WARNING for the processes the benchmark spawns too (replay's, rebuild's): a line per
     # batch would bury the table.
     base = dataclasses.replace(Settings.from_env(), log_level="WARNING")
