@@ -195,9 +195,11 @@ class ShardConsumer:
         # nothing is or the writer is busy (checked every WRITER_CHECK_MS).
         timeout_ms = 0
         while not stop.is_set():
-            polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=POLL_MAX_RECORDS)
-            for tp, records in polled.items():
-                self.buffered.setdefault(tp, deque()).extend(records)
+            # Straight into the buffer, and the batch taken in a frame of its own (`_take`):
+            # kafka-python leaves some polls' frames, this one among them, in reference
+            # cycles, which would keep whatever records this frame's locals held in memory
+            # until the cyclic collector runs.
+            self._buffer(self.consumer.poll(timeout_ms=timeout_ms, max_records=POLL_MAX_RECORDS))
             timeout_ms = int((deadline - time.monotonic()) * 1000)
             buffered = self._buffered_count()
             if timeout_ms <= 0 or buffered >= limit:
@@ -206,6 +208,14 @@ class ShardConsumer:
                 if not writing():
                     break
                 timeout_ms = min(timeout_ms, WRITER_CHECK_MS)
+        return self._take(limit)
+
+    def _buffer(self, polled: dict[TopicPartition, list]) -> None:
+        for tp, records in polled.items():
+            self.buffered.setdefault(tp, deque()).extend(records)
+
+    def _take(self, limit: int) -> tuple[list, Fetched]:
+        """The batch (`fair_shares` of the buffer) and the offsets fetched to get it."""
         batch, taken = fair_shares(self.buffered, limit)
         fetched: dict[tuple[str, int], tuple[int, int]] = {}
         for tp, start in self.starts.items():
