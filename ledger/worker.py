@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 
 import structlog
 
-from ledger import db, health
+from ledger import db, gc_tuning, health
 from ledger.backoff import Backoff, Outage
 from ledger.consumer import run_ledger_consumer
 from ledger.db import DatabaseError
@@ -45,6 +45,9 @@ RESTART_MAX_S = 10.0
 HEALTHY_AFTER_S = 30.0
 # After SIGTERM, how long the process waits for its roles to finish before it exits anyway.
 SHUTDOWN_GRACE_S = 4.0
+# After this long the roles have imported their code and made their clients and connections:
+# what the process holds then is frozen out of the collector's scans (`gc_tuning.settle`).
+SETTLE_AFTER_S = 5.0
 
 
 def start_roles(
@@ -175,11 +178,15 @@ def run_worker(settings: Settings, bootstrap: str, dsn: str, roles: tuple[str, .
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    gc_tuning.tune(gc_tuning.LIVE)
     server = health.serve(settings, bootstrap, dsn, roles)  # LEDGER_METRICS_PORT (0: none)
     threads = start_roles(settings, bootstrap, dsn, roles, stop)
     log.info("worker_started", roles=list(roles))
+    settle_at = time.monotonic() + SETTLE_AFTER_S
     while not stop.wait(0.5):
-        pass
+        if settle_at and time.monotonic() >= settle_at:
+            gc_tuning.settle()  # the roles have imported, connected and made their clients
+            settle_at = 0.0
     deadline = time.monotonic() + SHUTDOWN_GRACE_S
     for thread in threads:
         thread.join(timeout=max(0.0, deadline - time.monotonic()))

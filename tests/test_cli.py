@@ -91,7 +91,7 @@ def test_every_ledger_command_collects_garbage_with_the_ledgers_thresholds():
         "print(list(gc.get_threshold()))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert json.loads(out.stdout) == list(gc_tuning.THRESHOLDS)
+    assert json.loads(out.stdout) == list(gc_tuning.FOLD)
 
 
 def test_a_bad_argument_fails_fast_naming_it():

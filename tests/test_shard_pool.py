@@ -82,8 +82,8 @@ def _thresholds(shard: int) -> tuple[int, tuple[int, ...]]:
 def test_spawned_processes_collect_garbage_with_the_ledgers_thresholds():
     by = dict(each_shard(2, _thresholds, {shard: (shard,) for shard in range(6)}))
     spawned = {thresholds for pid, thresholds in by.values() if pid != os.getpid()}
-    assert spawned == {gc_tuning.THRESHOLDS}
-    assert gc_tuning.THRESHOLDS != (700, 10, 10)  # Python's defaults: the test would be moot
+    assert spawned == {gc_tuning.FOLD}
+    assert gc_tuning.FOLD != (700, 10, 10)  # Python's defaults: the test would be moot
 
 
 class _Holder:
