@@ -96,6 +96,9 @@ LOSS_REPORT_S = 30.0
 WRITER_CHECK_MS = 5
 # Records one poll may hand over (into ShardConsumer.buffered): all that has arrived.
 POLL_MAX_RECORDS = 100_000
+# The consumer stops fetching the partitions it has records of once it holds this many
+# batches' worth (`ShardConsumer._throttle`): one being taken, one filling.
+BUFFERED_BATCHES = 2
 # The first contact with Kafka gives up after this long and is tried again (so a stop during an
 # outage at start-up is seen within ~2 s).
 BOOTSTRAP_TIMEOUT_MS = 2000
@@ -234,8 +237,15 @@ class ShardConsumer:
         return sum(len(records) for records in self.buffered.values())
 
     def _throttle(self, limit: int) -> None:
-        """Pause the partitions with a batch's worth buffered, resume the others."""
-        full = {tp for tp, records in self.buffered.items() if len(records) >= limit}
+        """Once the buffer holds BUFFERED_BATCHES batches' worth, pause the partitions that
+        have records in it; resume them once it holds less. A partition with nothing buffered
+        keeps fetching (it would otherwise wait for the others to drain). What the consumer
+        buffers is so bounded by the batch size (and one poll), not by the number of
+        partitions: the rule before, a batch's worth per partition, let a worker on 3 topics
+        of 64 partitions buffer 192 batches."""
+        full: set[TopicPartition] = set()
+        if self._buffered_count() >= BUFFERED_BATCHES * limit:
+            full = {tp for tp, records in self.buffered.items() if records}
         paused = self.consumer.paused()
         if full - paused:
             self.consumer.pause(*(full - paused))

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 from kafka import TopicPartition
 
-from ledger.consumer import WRITER_CHECK_MS, BatchSizer, ShardConsumer
+from ledger.consumer import BUFFERED_BATCHES, WRITER_CHECK_MS, BatchSizer, ShardConsumer
 from ledger.settings import Settings
 
 
@@ -115,3 +115,53 @@ def test_with_nothing_buffered_the_poll_waits_for_the_first_record():
     batch, records = _poll([0, 0, 2, 7], writing=False)
     assert len(batch) == 2 and len(records.polls) == 3
     assert records.polls[1] > WRITER_CHECK_MS  # a long wait, not a busy loop
+
+
+class _Partitions:
+    """A stand-in for KafkaConsumer with several partitions and pause state: the first poll
+    hands over `first[p]` records of partition p, later polls nothing."""
+
+    def __init__(self, first: dict[int, int]):
+        self.first = first
+        self.polled = False
+        self.paused_now: set[TopicPartition] = set()
+
+    def poll(self, timeout_ms: int, max_records: int) -> dict:
+        if self.polled:
+            return {}
+        self.polled = True
+        return {
+            TopicPartition("usage", p): [SimpleNamespace(offset=i) for i in range(n)]
+            for p, n in self.first.items()
+            if n
+        }
+
+    def paused(self) -> set:
+        return set(self.paused_now)
+
+    def pause(self, *partitions) -> None:
+        self.paused_now |= set(partitions)
+
+    def resume(self, *partitions) -> None:
+        self.paused_now -= set(partitions)
+
+    def position(self, tp) -> int:
+        return 0
+
+
+def test_the_buffer_is_bounded_by_batches_not_by_partitions():
+    # Eight partitions with 60 records each, none near a batch (100) alone: 480 buffered, 380
+    # left after the first batch, more than BUFFERED_BATCHES' worth. The partitions with records
+    # stop fetching; the one with none keeps fetching; all resume once the buffer is drained
+    # below that.
+    kafka = _Partitions({p: 60 for p in range(8)} | {8: 0})
+    shards = ShardConsumer(kafka, writer=None, input_topics=["usage"])
+    settings = Settings(batch_max_events=100, batch_max_ms=1)
+    assert BUFFERED_BATCHES * 100 < 380
+    batch, _ = shards.poll(settings, threading.Event(), 100, writing=lambda: False)
+    assert len(batch) == 100
+    assert kafka.paused_now == {TopicPartition("usage", p) for p in range(8)}
+    for _ in range(2):
+        batch, _ = shards.poll(settings, threading.Event(), 100, writing=lambda: False)
+        assert len(batch) == 100
+    assert kafka.paused_now == set()  # 180 left: below two batches' worth
