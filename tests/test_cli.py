@@ -34,8 +34,8 @@ def ledger_cli(*args, env=None, check=False):
         # Batches beyond what the worker's memory budget was measured at are refused.
         (
             "LEDGER_BATCH_MAX_EVENTS",
-            "100000",
-            "LEDGER_BATCH_MAX_EVENTS=100000: must be in [1, 20000]",
+            "20000",
+            "LEDGER_BATCH_MAX_EVENTS=20000: must be in [1, 10000]",
         ),
         ("LEDGER_BROKER", "rabbitmq", "LEDGER_BROKER='rabbitmq': must be one of"),
         ("LEDGER_DATABASE_URL", "mysql://x", "LEDGER_DATABASE_URL='mysql://x'"),
