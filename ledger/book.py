@@ -33,6 +33,8 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, NamedTuple, TypeVar
 
+import orjson
+
 from ledger.money import plain, quantize
 from ledger.policy import Policy
 from ledger.rating import PriceBook, Rating
@@ -751,10 +753,35 @@ _C_ENCODER = (
         {}, _json_default, json.encoder.encode_basestring_ascii, None, ":", ",", True, False, True
     )
 )
+# orjson writes the same bytes as the encoder above, 3-8 times faster, for what the journal
+# hashes: sorted keys, no spaces, decimals and date-times through `_json_default` (subclasses
+# of str and int too, so that they fail over to the encoder above as they would fail or be
+# written there). Where the two differ, its output is not used: non-ASCII text (it writes
+# UTF-8, the encoder above \u escapes), DEL (it does not escape it), what it refuses (integers
+# beyond 64 bits, non-text keys, lone surrogates, nesting deeper than 254) and floats, which
+# it writes in another notation (1e16 for 1e+16; null for NaN) and which therefore only
+# `canonical_json(value, floats=True)` takes.
+_ORJSON_OPTIONS = (
+    orjson.OPT_SORT_KEYS
+    | orjson.OPT_PASSTHROUGH_DATETIME
+    | orjson.OPT_PASSTHROUGH_SUBCLASS
+    | orjson.OPT_PASSTHROUGH_DATACLASS
+)
 
 
-def canonical_json(value: Any) -> str:
-    """Key-sorted, compact JSON with decimals as strings: the form every hash is taken over."""
+def canonical_json(value: Any, *, floats: bool = False) -> str:
+    """Key-sorted, compact, ASCII JSON with decimals as strings and date-times in ISO 8601:
+    the form every hash is taken over. `value` must hold no float unless `floats` (amounts
+    are decimals, and no event schema has a float field: `ledger.codec` refuses one); with
+    `floats`, the standard library's encoder writes it all (TOML configuration documents)."""
+    if not floats:
+        try:
+            encoded = orjson.dumps(value, default=_json_default, option=_ORJSON_OPTIONS)
+        except TypeError:  # orjson.JSONEncodeError; the encoder below says what is wrong
+            pass
+        else:
+            if encoded.isascii() and b"\x7f" not in encoded:
+                return encoded.decode("ascii")
     if _C_ENCODER is None or value.__class__ is str:
         return _CANONICAL.encode(value)
     return "".join(_C_ENCODER(value, 0))

@@ -113,6 +113,19 @@ class _Schema:
         )
 
 
+def _has_float(schema: Any) -> bool:
+    """Whether an Avro schema (as JSON) has a float or double anywhere in it."""
+    if isinstance(schema, str):
+        return schema in ("float", "double")
+    if isinstance(schema, list):
+        return any(_has_float(branch) for branch in schema)
+    if isinstance(schema, dict):
+        parts = [schema.get("type"), schema.get("items"), schema.get("values")]
+        parts += [field.get("type") for field in schema.get("fields", ())]
+        return any(_has_float(part) for part in parts if part is not None)
+    return False
+
+
 # str(uuid.UUID(s)) == s exactly for these; other spellings uuid.UUID accepts (upper case,
 # braces, "urn:uuid:", no hyphens) are made this one, as fastavro's uuid type + str() did.
 _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -156,8 +169,13 @@ class Codec:
         or the type has none yet; otherwise it is only known as a writer. Returns its fingerprint.
         """
         s = _Schema.parse(schema)
+        reader = current or s.event_type not in self._current
+        if reader and _has_float(schema):
+            # Amounts are decimals; and the journal's canonical JSON (ledger.book) takes no
+            # float. A writer schema with one is fine: its field is skipped or refused on read.
+            raise ValueError(f"{s.event_type}: a reader schema may not have a float or double")
         self._writers[s.fingerprint] = s
-        if current or s.event_type not in self._current:
+        if reader:
             self._current[s.event_type] = s
         return s.fingerprint
 

@@ -57,7 +57,7 @@ class ConfigVersion:
 
     @classmethod
     def of(cls, kind: str, version: str, effective_from: datetime, content: dict) -> ConfigVersion:
-        document = canonical_json(_plain(content))
+        document = canonical_json(_plain(content), floats=True)
         digest = hashlib.sha256(document.encode()).hexdigest()
         return cls(kind, version, effective_from, document, digest)
 
