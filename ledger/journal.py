@@ -60,7 +60,7 @@ from ledger.config_versions import (
     ConfigVersion,
     ShardConfig,
 )
-from ledger.db import QUERIES
+from ledger.db import QUERIES, jsonb
 from ledger.errors import DecodeError, LedgerError, TombstoneError
 from ledger.invoicing import INVOICE_ISSUED, invoice_events, months_to_close
 from ledger.settings import DEADLETTER_MAX_BYTES
@@ -556,7 +556,7 @@ class LedgerWriter:
             for book, shard in [books[acct]]
         ]
         if saved:
-            cur.execute(QUERIES["save_books"], (Jsonb(saved),))
+            cur.execute(QUERIES["save_books"], (jsonb(saved),))
         _execute_each(cur, "save_shard_clock", [(clocks[shard], shard) for shard in sorted(moved)])
         _execute_each(
             cur,

@@ -12,6 +12,7 @@ from decimal import Decimal
 
 from psycopg.types.json import Jsonb
 
+from ledger.db import jsonb
 from ledger.money import plain
 from projections import billing
 from projections.account_status import (
@@ -126,7 +127,7 @@ def status_row(projection: AccountStatusProjection, shard: int, state: AccountSt
         state.status_version,
         state.credit_balance,
         state.receivable,
-        Jsonb(state.to_json()),
+        jsonb(state.to_json()),
         shard,
         tier,
         projection.effective_limit(state),

@@ -1,12 +1,16 @@
 """The ledger's database sessions run in UTC whatever the server or client is set to, and
 notice a vanished peer at either end."""
 
+import json
 import os
 import socket
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 
 import psycopg
+import psycopg.types.json
+import pytest
 
 from ledger import db
 
@@ -54,3 +58,30 @@ def test_both_ends_of_a_connection_probe_a_silent_peer_within_half_a_minute(dsn)
     own = dsn + ("&" if "?" in dsn else "?") + "keepalives_idle=60"
     with db.connect(own) as conn:
         assert _tcp(conn)[:2] == (1, 60)
+
+
+def test_the_fast_jsonb_stores_what_json_dumps_stores(dsn):
+    # orjson writes UTF-8 where json.dumps writes \u escapes: the same jsonb either way.
+    documents = [
+        {"grants": {"bon-été 🎁": {"granted": "1.00", "expires_at": None, "order": 2**63 - 1}}},
+        {"tab\t": ["\x7f", 'quote"back\\slash', True, False, -(2**63)]},
+        [],
+        "plain text",
+    ]
+    with db.connect(dsn) as conn:
+        for document in documents:
+            pair = (db.jsonb(document), psycopg.types.json.Jsonb(document))
+            fast, standard, same = conn.execute(
+                "SELECT %s::jsonb, %s::jsonb, %s::jsonb = %s::jsonb", pair + pair
+            ).fetchone()
+            assert fast == standard == document and same is True
+        # What orjson refuses goes to json.dumps, which refuses it as before.
+        for refused in ({"amount": Decimal("1.5")}, {"big": 2**64}):
+            try:
+                expected = json.dumps(refused)
+            except TypeError:
+                with pytest.raises(TypeError):
+                    conn.execute("SELECT %s::jsonb", (db.jsonb(refused),))
+            else:
+                stored = conn.execute("SELECT %s::jsonb", (db.jsonb(refused),)).fetchone()[0]
+                assert stored == json.loads(expected)
