@@ -787,6 +787,18 @@ def canonical_json(value: Any, *, floats: bool = False) -> str:
     return "".join(_C_ENCODER(value, 0))
 
 
+def jsonb_dumps(document: Any) -> bytes | str:
+    """JSON text of one of the ledger's own documents for a jsonb column (account books,
+    projection states: text, integers, booleans, null; amounts as text, never floats), as
+    `Jsonb(document, dumps=jsonb_dumps)`: orjson's, ~0.25 µs for a book against json.dumps'
+    ~4. It differs from json.dumps' text only where PostgreSQL stores the same jsonb (UTF-8
+    for \\u escapes); what orjson refuses, json.dumps writes or refuses as before."""
+    try:
+        return orjson.dumps(document)
+    except TypeError:  # orjson.JSONEncodeError
+        return json.dumps(document)
+
+
 @functools.cache
 def _string_json(text: str) -> str:
     """canonical_json of a string from a small set (event types, entry statuses), once each."""

@@ -7,16 +7,12 @@ header and is loaded once into `QUERIES`; migrations are the numbered files in
 
 from __future__ import annotations
 
-import json
 import re
 from importlib import resources
-from typing import Any
 
-import orjson
 import psycopg
 import structlog
 from psycopg import sql as pgsql
-from psycopg.types.json import Jsonb
 
 from ledger.errors import LedgerError
 from ledger.redact import redact
@@ -44,22 +40,6 @@ def _load_queries() -> dict[str, str]:
 
 QUERIES: dict[str, str] = _load_queries()
 DEFAULT_ROLES = DbRoles()
-
-
-def jsonb(document: Any) -> Jsonb:
-    """One of the ledger's own documents (account books, projection states: text, integers,
-    booleans, null; amounts as text, never floats) as a jsonb parameter, written by orjson:
-    ~0.25 µs for a book against json.dumps' ~4. Its text differs from json.dumps' only where
-    PostgreSQL stores the same jsonb (UTF-8 for \\u escapes); what it refuses, json.dumps writes
-    or refuses as before."""
-    return Jsonb(document, dumps=_dumps)
-
-
-def _dumps(document: Any) -> bytes | str:
-    try:
-        return orjson.dumps(document)
-    except TypeError:  # orjson.JSONEncodeError
-        return json.dumps(document)
 
 
 # A peer that vanished without closing the connection (its host lost power, a network cut,

@@ -48,6 +48,7 @@ from ledger.book import (
     chain_link,
     content_hash,
     expiry_events,
+    jsonb_dumps,
     link_header,
     rerate_event,
 )
@@ -60,7 +61,7 @@ from ledger.config_versions import (
     ConfigVersion,
     ShardConfig,
 )
-from ledger.db import QUERIES, jsonb
+from ledger.db import QUERIES
 from ledger.errors import DecodeError, LedgerError, TombstoneError
 from ledger.invoicing import INVOICE_ISSUED, invoice_events, months_to_close
 from ledger.settings import DEADLETTER_MAX_BYTES
@@ -556,7 +557,7 @@ class LedgerWriter:
             for book, shard in [books[acct]]
         ]
         if saved:
-            cur.execute(QUERIES["save_books"], (jsonb(saved),))
+            cur.execute(QUERIES["save_books"], (Jsonb(saved, dumps=jsonb_dumps),))
         _execute_each(cur, "save_shard_clock", [(clocks[shard], shard) for shard in sorted(moved)])
         _execute_each(
             cur,

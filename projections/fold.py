@@ -12,7 +12,7 @@ from decimal import Decimal
 
 from psycopg.types.json import Jsonb
 
-from ledger.db import jsonb
+from ledger.book import jsonb_dumps
 from ledger.money import plain
 from projections import billing
 from projections.account_status import (
@@ -127,7 +127,7 @@ def status_row(projection: AccountStatusProjection, shard: int, state: AccountSt
         state.status_version,
         state.credit_balance,
         state.receivable,
-        jsonb(state.to_json()),
+        Jsonb(state.to_json(), dumps=jsonb_dumps),
         shard,
         tier,
         projection.effective_limit(state),
