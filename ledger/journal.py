@@ -897,7 +897,6 @@ class LedgerWriter:
         _execute_each(cur, "save_shard_head", heads)
 
         with cur.copy(QUERIES["copy_raw_events"]) as copy:
-            copy.set_types(RAW_EVENT_TYPES)
             for _, _, a in numbered:
                 if a.derived:
                     continue
@@ -917,7 +916,6 @@ class LedgerWriter:
                     )
                 )
         with cur.copy(QUERIES["copy_journal_entries"]) as copy:
-            copy.set_types(ENTRY_TYPES)
             for shard, seq, a in numbered:
                 assert a.entry is not None
                 copy.write_row(
@@ -930,8 +928,8 @@ class LedgerWriter:
                         a.entry.status,
                         a.event["occurred_at"],
                         a.entry.price_version,
-                        Jsonb(a.event_json, dumps=_as_is),
-                        Jsonb(a.detail_json, dumps=_as_is),
+                        a.event_json,
+                        a.detail_json,
                         a.prev_hash,
                         a.hash,
                         a.cause_event_id,
@@ -1132,24 +1130,6 @@ def _without_traceback(error: DecodeError) -> DecodeError:
         link.__traceback__ = None
         link = link.__cause__ or link.__context__
     return error
-
-
-# The column types of the binary COPYs (queries.sql: copy_raw_events, copy_journal_entries),
-# in their column order: the binary format has each value in its type's own form.
-RAW_EVENT_TYPES = (
-    "text", "text", "text", "text", "int4", "int8", "int8", "bytea", "bytea", "timestamptz",
-)  # fmt: skip
-ENTRY_TYPES = (
-    "int4", "int8", "text", "text", "text", "text", "timestamptz", "text", "jsonb", "jsonb",
-    "bytea", "bytea", "text", "text",
-)  # fmt: skip
-
-
-def _as_is(json_text: str) -> str:
-    """The `dumps` of a Jsonb whose value is JSON text already (the canonical JSON made once
-    per entry): sent as it is, where a jsonb column's dumper would encode a str as a JSON
-    string."""
-    return json_text
 
 
 def _signed64(value: int) -> int:
