@@ -409,3 +409,45 @@ def test_status_events_are_published_even_when_checkpoints_cannot_be(ledger, set
             "the relay to say it could not publish checkpoints",
         )
     assert [t for t, *_ in ledger.status_of("nc-1")] == ["AccountSuspended"]
+
+
+def test_text_left_to_the_standard_encoder_is_journaled_verified_and_guarded(
+    ledger, settings, admin_dsn
+):
+    """Non-ASCII text and DEL, which canonical JSON escapes and orjson would not (ledger.book
+    leaves such values to the standard encoder), in an event, its rating detail and its
+    postings' account names: journaled, verified, and a change to that text is caught."""
+    already = ledger.journaled()
+    ledger.open_account("ü-1")
+    grant = ledger.send(
+        "CreditGranted",
+        "ü-1",
+        grant_id="été-🎁",
+        amount=Decimal("2"),
+        kind="goodwill",
+        expires_at=None,
+        reason="geste \x7f commercial é",
+    )
+    ledger.use("ü-1", output_tokens=4_000_000)  # past both grants: burns the one named é
+    ledger.use("ü-1", model="modèle-é", output_tokens=10)  # unpriced: its detail names it
+    ledger.settle(already + 4)
+    ledger.stop()
+    assert verify(settings, ledger.dsn) == []
+    reason = ledger.db.execute(
+        "SELECT payload->>'reason' FROM journal_entries WHERE event_id = %s", (grant["event_id"],)
+    ).fetchone()[0]
+    assert reason == "geste \x7f commercial é"
+    burned = ledger.db.execute(
+        "SELECT count(*) FROM postings WHERE ledger_account LIKE %s", ("%:été-🎁",)
+    ).fetchone()[0]
+    assert burned == 2  # granted, then burned by the usage
+
+    conn = superuser(admin_dsn)
+    conn.execute(
+        "UPDATE journal_entries SET payload = jsonb_set(payload, '{reason}', to_jsonb(%s::text))"
+        " WHERE event_id = %s",
+        ("geste \x7f commercial e", grant["event_id"]),
+    )
+    conn.close()
+    chain = [d for d in verify(settings, ledger.dsn) if d.check == "hash_chain"]
+    assert len(chain) == 1 and grant["event_id"] in chain[0].subject
