@@ -31,6 +31,8 @@ def test_the_benchmark_runs_and_reports_every_phase(stack, base_settings):
             "--scale-out",
             "2",
             "--py-spy",
+            "--worker-log-level",
+            "INFO",
         ],
         capture_output=True,
         text=True,
@@ -88,6 +90,9 @@ def test_the_benchmark_runs_and_reports_every_phase(stack, base_settings):
     # py-spy sampled the ledger worker in the writer's code.
     samples = results.with_name(results.stem + "-ledger.pyspy.txt").read_text()
     assert "write_batch" in samples
+    # At INFO, the latency phase's ledger logged a line per batch (at WARNING it logs none).
+    batches = results.with_name(results.stem + "-latency-ledger.log").read_text()
+    assert '"event": "batch_committed"' in batches
 
 
 def test_the_sample_summary_splits_cpu_time_by_function(tmp_path):

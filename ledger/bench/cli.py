@@ -99,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--stall", type=float, default=120, help="give up after this long without progress (120)"
     )
     p.add_argument("--keep", action="store_true", help="keep the database and topics")
+    p.add_argument(
+        "--worker-log-level",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        default="WARNING",
+        help="LEDGER_LOG_LEVEL of the workers it starts; INFO keeps the ledger's line per batch "
+        "(records, ms) in <home>/bench-<stamp>-<phase>.log (WARNING)",
+    )
     return p
 
 

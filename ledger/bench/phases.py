@@ -172,7 +172,7 @@ def worker_env(run: BenchRun) -> dict[str, str]:
         "LEDGER_TOPIC_PREFIX": settings.topic_prefix,
         "LEDGER_CONSUMER_GROUP": settings.consumer_group,
         "LEDGER_PARTITIONS": str(settings.partitions),
-        "LEDGER_LOG_LEVEL": "WARNING",
+        "LEDGER_LOG_LEVEL": run.args.worker_log_level,
     }
 
 
