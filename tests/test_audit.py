@@ -10,6 +10,7 @@ import psycopg
 import pytest
 
 from ledger.audit import audit_bill
+from ledger.errors import LedgerError
 from ledger.policy import Policy
 from ledger.replay import replay
 from ledger.verify import verify
@@ -257,3 +258,37 @@ def test_rebuilding_while_events_flow_ends_verified_with_no_duplicate_status_eve
     # is the live one.
     assert live and {a: v[-1] for a, v in versions.items()} == live
     assert all(v == sorted(set(v)) for v in versions.values())
+
+
+def test_a_replay_that_diverges_stops_at_the_batch_that_did(
+    ledger, base_settings, stack, admin_dsn
+):
+    """A batch the replay's target refuses part of (a raw event garbled by hand in the
+    source) stops the replay with that error; no batch after it is written."""
+    ledger.open_account("rd-1")
+    uses = [ledger.use("rd-1", output_tokens=1_000) for _ in range(9)]
+    ledger.settle(10)
+    ledger.stop()
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute("SET session_replication_role = replica")  # as a superuser can
+        conn.execute(
+            "UPDATE raw_events SET raw = %s WHERE event_id = %s", (b"garbled", uses[4]["event_id"])
+        )
+        order = [
+            event_id
+            for (event_id,) in conn.execute(
+                "SELECT e.event_id FROM journal_entries e JOIN raw_events r USING (event_id)"
+                " WHERE e.cause_event_id IS NULL ORDER BY e.shard, e.shard_seq"
+            )
+        ]
+    at = order.index(uses[4]["event_id"])
+    copy = new_database(stack)
+    with pytest.raises(LedgerError, match="replay diverged: 1 rejected"):
+        replay(base_settings, ledger.dsn, copy, batch_size=2, jobs=1)
+    with psycopg.connect(copy) as conn:
+        journaled = {e for (e,) in conn.execute("SELECT event_id FROM raw_events")}
+        (rejected,) = conn.execute("SELECT count(*) FROM rejected_events").fetchone()
+    # Every batch up to the one that diverged (batches of two, in the source's order), and
+    # nothing after it.
+    assert at + 2 < len(order)
+    assert journaled == set(order[: at // 2 * 2 + 2]) - {order[at]} and rejected == 1
