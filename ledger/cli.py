@@ -766,7 +766,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("producer", "producer"),
     ):
         p.add_argument(f"--{role}-user", default=default, help=f"SASL user of the {role}")
-    p.set_defaults(func=_kafka_acls)
+    # A deployment's topics: LEDGER_TOPIC_PREFIX decides, never the local stack's demo run.
+    p.set_defaults(func=_kafka_acls, current_run=False)
 
     p = sub.add_parser(
         "console", help="the read-only web console: accounts, bills, rejects, operations"

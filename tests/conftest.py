@@ -4,7 +4,8 @@ Session-scoped, in dependency order:
 
     base_settings  Settings for the whole session: LEDGER_* from the environment, but with a
                    private `home` in a fresh temp dir, so tests never touch (or stop) a
-                   developer's own stack.
+                   developer's own stack. A `ledger` child process started without
+                   LEDGER_HOME gets an empty home of its own (pytest_configure).
     stack          the running Kafka + PostgreSQL (a `ledger.stack.StackInfo`): started once
                    per session, stopped at the end. With LEDGER_KAFKA_BOOTSTRAP and/or
                    LEDGER_DATABASE_URL set, those services are used and nothing is started.
@@ -20,6 +21,7 @@ Add further fixtures (database connections, topics, ...) below, building on `sta
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import tempfile
 import urllib.parse
@@ -40,6 +42,21 @@ from ledger.rating import PriceBook
 from ledger.runner import on_server, with_database
 from ledger.settings import Settings
 from tests.harness import Ledger
+
+_CHILD_HOME = pytest.StashKey[str]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A `ledger` child a test starts without LEDGER_HOME finds an empty home of its own, never
+    # the developer's stack or the demo run it may hold (whose topic prefix would leak in).
+    config.stash[_CHILD_HOME] = tempfile.mkdtemp(prefix="ledger-tests-home-")
+    os.environ["LEDGER_HOME"] = config.stash[_CHILD_HOME]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    home = config.stash.get(_CHILD_HOME, None)
+    if home is not None:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -309,9 +309,28 @@ def _succeeds(action):
         return None
 
 
-def test_the_readme_shows_the_acls_that_ledger_kafka_acls_prints():
+def test_the_readme_shows_the_acls_that_ledger_kafka_acls_prints(tmp_path):
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text("utf-8")
-    printed = ledger_cli("kafka-acls")
+    # A local stack whose current run is a demo's (as `make demo` leaves it) changes nothing:
+    # the ACLs are a deployment's, on the topics LEDGER_TOPIC_PREFIX names.
+    local_stack.set_current_run(
+        Settings(home=tmp_path),
+        {
+            "run_id": "20261202_205631_2219",
+            "database": "demo_20261202_205631_2219",
+            "topic_prefix": "demo-20261202-205631-2219.",
+            "consumer_group": "demo-20261202-205631-2219.ledger",
+        },
+    )
+    assert local_stack.current_run(Settings(home=tmp_path)) is not None
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LEDGER_")}
+    printed = subprocess.run(
+        [sys.executable, "-m", "ledger.cli", "kafka-acls"],
+        capture_output=True,
+        text=True,
+        env=env | {"LEDGER_HOME": str(tmp_path)},
+        timeout=60,
+    )
     assert printed.returncode == 0
     expected = kafka_acls.commands(kafka_acls.plan(Settings()))
     assert printed.stdout.splitlines() == expected
