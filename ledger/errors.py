@@ -77,3 +77,8 @@ class InvalidEventError(LedgerError):
         self.event_type = event_type
         self.field = field
         super().__init__(f"{event_type}.{field}: {message}")
+
+
+class UnfoldableEntryError(LedgerError):
+    """A journal entry the projections cannot fold: its payload or detail is not what the
+    writer stores (only a change behind the writer's back makes one)."""

@@ -17,6 +17,7 @@ import structlog
 
 from ledger import db, shard_pool
 from ledger.db import QUERIES
+from ledger.errors import UnfoldableEntryError
 from ledger.log import configure_logging
 from ledger.policy import Policy
 from ledger.settings import Settings
@@ -38,6 +39,8 @@ class ShardState:
     clock: datetime | None = None
     position: int = 0
     effects: list[Effect] = dataclasses.field(default_factory=list)
+    # Why the shard could not be folded past `position` (advance with tolerate=True), or None.
+    unfoldable: str | None = None
 
     def advance(
         self,
@@ -48,19 +51,28 @@ class ShardState:
         *,
         keep: type[Effect] | None = None,
         progress: Callable[[int], None] | None = None,
+        tolerate: bool = False,
     ) -> set[str]:
         """Fold this shard's entries (position, upto]; returns the accounts touched. Effects
-        of type `keep` are added to `effects`."""
+        of type `keep` are added to `effects`. An entry that does not fold raises
+        UnfoldableEntryError; with `tolerate`, the shard stops there instead, and
+        `unfoldable` says why (verify reports it)."""
         touched: set[str] = set()
-        while self.position < upto:
+        while self.position < upto and self.unfoldable is None:
             end = min(upto, self.position + CHUNK)
             entries = read_entries(conn, shard, self.position, end)
             touched |= {e.account_id for e in entries if e.account_id}
             before = set(self.states)
             # Accounts a month-turn or close tick revisited change too, even with no effect.
-            effects, self.clock = fold_entries(
-                projection, self.states, entries, self.clock, visited=touched
-            )
+            try:
+                effects, self.clock = fold_entries(
+                    projection, self.states, entries, self.clock, visited=touched
+                )
+            except UnfoldableEntryError as exc:
+                if not tolerate:
+                    raise
+                self.unfoldable = str(exc)
+                break
             touched |= set(self.states) - before
             touched |= {e.account_id for e in effects}
             if keep is not None:
@@ -78,9 +90,11 @@ def recompute(
     *,
     progress: Progress | None = None,
     keep: type[Effect] | None = None,
+    tolerate: bool = False,
 ) -> dict[int, ShardState]:
     """Every shard folded from scratch up to `positions[shard]`, with the effects of type
-    `keep` (only those: all of them would grow with the journal)."""
+    `keep` (only those: all of them would grow with the journal); `tolerate` as for
+    ShardState.advance."""
     total, done = sum(positions.values()), 0
     shards = {}
 
@@ -92,7 +106,9 @@ def recompute(
 
     for shard, upto in sorted(positions.items()):
         shards[shard] = ShardState()
-        shards[shard].advance(conn, projection, shard, upto, keep=keep, progress=tick)
+        shards[shard].advance(
+            conn, projection, shard, upto, keep=keep, progress=tick, tolerate=tolerate
+        )
     return shards
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import itertools
+import json
 import os
 import stat
 from datetime import timedelta
@@ -451,3 +452,52 @@ def test_text_left_to_the_standard_encoder_is_journaled_verified_and_guarded(
     conn.close()
     chain = [d for d in verify(settings, ledger.dsn) if d.check == "hash_chain"]
     assert len(chain) == 1 and grant["event_id"] in chain[0].subject
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"reason": "one", "reason": "two"}',  # a duplicate key
+        "[1, 2]",  # not an object at all
+    ],
+)
+def test_a_payload_changed_to_any_json_is_reported_not_a_crash(ledger, settings, admin_dsn, text):
+    """A superuser can store any JSON value as a payload, also one the writer never makes (an
+    array where an object belongs). verify reports the entry; it does not stop on it."""
+    already = ledger.journaled()
+    ledger.open_account("js-1")
+    grant = ledger.send(
+        "CreditGranted", "js-1", grant_id="g", amount=Decimal("2"), kind="goodwill",
+        expires_at=None, reason="plain",
+    )  # fmt: skip
+    ledger.open_account("js-2")
+    ledger.settle(already + 3)
+    ledger.stop()
+    assert verify(settings, ledger.dsn) == []
+    stored = ledger.db.execute(
+        "SELECT payload::text FROM journal_entries WHERE event_id = %s", (grant["event_id"],)
+    ).fetchone()[0]
+    assert json.loads(stored)["reason"] == "plain"
+
+    conn = superuser(admin_dsn)
+    conn.execute(
+        "UPDATE journal_entries SET payload = %s::json WHERE event_id = %s",
+        (text, grant["event_id"]),
+    )
+    conn.close()
+    differences = verify(settings, ledger.dsn)
+    chain = [d for d in differences if d.check == "hash_chain"]
+    assert len(chain) == 1 and grant["event_id"] in chain[0].subject, differences
+    rest = [d for d in differences if d.check != "hash_chain"]
+    if text.startswith("["):  # neither the writer's books nor the projection can fold it
+        shard = ledger.db.execute(
+            "SELECT shard FROM journal_entries WHERE event_id = %s", (grant["event_id"],)
+        ).fetchone()[0]
+        assert [(d.check, d.subject) for d in rest] == [
+            ("account_book", "js-1"),
+            ("projection", f"shard {shard}"),
+        ], rest
+        assert "payload of JSON type array" in rest[0].detail
+        assert "CreditGranted of account 'js-1' does not fold" in rest[1].detail
+    else:  # the reason is only text: the folds do not read it
+        assert rest == []
