@@ -36,6 +36,7 @@ from ledger.backoff import Outage
 from ledger.codec import Codec
 from ledger.consumer import BatchSizer
 from ledger.db import QUERIES
+from ledger.errors import UnfoldableEntryError
 from ledger.policy import Policy
 from ledger.settings import Settings
 from projections.account_status import (
@@ -55,6 +56,9 @@ log = structlog.get_logger(__name__)
 # fewer states per entry: on the bench's 202,818-entry journal 20,000 drained 15 % faster
 # than 5,000 (64-72k against 52-63k entries/s in-process) for 22 MiB more peak RSS (90 MiB).
 STEP_MAX_ENTRIES = 20_000
+# A shard whose next entry does not fold (a journal changed behind the writer's back) is
+# tried again this often by a live worker; each attempt logs `projection_shard_stopped`.
+STOPPED_RETRY_S = 30.0
 
 
 def read_entries(conn: psycopg.Connection, shard: int, after: int, upto: int) -> list[JournalEntry]:
@@ -118,6 +122,11 @@ class ProjectionWorker:
         # shard -> the position after this worker's last committed step there
         self._policy_known: dict[int, int] = {}
         self._passes = 0
+        # A live worker (`run`) folds on past a shard whose next entry does not fold: that
+        # shard waits (retried every `stopped_retry_s`), the others go on. `drain` raises.
+        self.isolate = False
+        self.stopped_retry_s = STOPPED_RETRY_S
+        self.stopped: dict[int, float] = {}  # shard -> when it is tried again (monotonic)
 
     def _connect(self) -> psycopg.Connection:
         return db.connect(self.dsn, idle_in_transaction_timeout_s=self.settings.lease_timeout_s)
@@ -146,6 +155,9 @@ class ProjectionWorker:
         the number of entries applied."""
         name = self.projection.name
         behind = self.conn.execute(QUERIES["shards_behind"], (name,)).fetchall()
+        if self.stopped:
+            now = time.monotonic()
+            behind = [row for row in behind if self.stopped.get(row[0], now) <= now]
         for shard, _, has_position, _ in behind:
             if not has_position:
                 self.conn.execute(QUERIES["ensure_position"], (name, shard))
@@ -192,7 +204,9 @@ class ProjectionWorker:
                 if not ranges:
                     return 0  # other workers hold these shards, or nothing new
                 entries = read_entries_of_shards(self.conn, ranges)
-                effects, clocks = self._apply(entries, clocks)
+                effects, clocks, failed = self._apply(entries, clocks)
+                self._stop_shards(failed)
+                ranges = [r for r in ranges if r[0] not in failed]
                 shards = [shard for shard, _, _ in ranges]
                 self.conn.execute(
                     QUERIES["save_positions"],
@@ -215,6 +229,8 @@ class ProjectionWorker:
         self.sizer.written(applied, time.monotonic() - started)
         for shard, _, upto in ranges:
             self._policy_known[shard] = upto
+            if self.stopped.pop(shard, None) is not None:
+                log.info("projection_shard_resumed", shard=shard)
         log.debug("projection_step", shards=len(ranges), entries=applied, effects=len(effects))
         return applied
 
@@ -227,17 +243,30 @@ class ProjectionWorker:
         else:
             self.projection.configure(shard, row[0])
 
+    def _stop_shards(self, failed: dict[int, str]) -> None:
+        """The shards whose entries did not fold wait; each is logged at every attempt."""
+        for shard, error in sorted(failed.items()):
+            self.stopped[shard] = time.monotonic() + self.stopped_retry_s
+            log.error(
+                "projection_shard_stopped",
+                shard=shard,
+                error=error,
+                retry_in_s=self.stopped_retry_s,
+            )
+
     def _apply(
         self, entries: dict[int, list[JournalEntry]], clocks: dict[int, datetime | None]
-    ) -> tuple[list[Effect], dict[int, datetime | None]]:
+    ) -> tuple[list[Effect], dict[int, datetime | None], dict[int, str]]:
         """Fold each shard's entries (an account lives on one shard) and write the states,
-        outbox rows and invoices; returns the effects and each shard's clock after."""
+        outbox rows and invoices; returns the effects, each shard's clock after, and (when
+        `isolate`) the shards left out because an entry of theirs did not fold, with why."""
         loaded = self._load(
             QUERIES["load_account_status"],
             sorted({e.account_id for shard_entries in entries.values() for e in shard_entries}),
         )
         effects: list[Effect] = []
         rows: list[tuple] = []
+        failed: dict[int, str] = {}
         for shard, shard_entries in entries.items():
             states = {
                 e.account_id: loaded[e.account_id] for e in shard_entries if e.account_id in loaded
@@ -246,9 +275,17 @@ class ProjectionWorker:
             def tick_sensitive(shard: int = shard) -> Iterable[tuple[str, dict]]:
                 return self.conn.execute(QUERIES["load_tick_sensitive"], (shard,))
 
-            shard_effects, clocks[shard] = fold_entries(
-                self.projection, states, shard_entries, clocks[shard], tick_sensitive
-            )
+            try:
+                shard_effects, clocks[shard] = fold_entries(
+                    self.projection, states, shard_entries, clocks[shard], tick_sensitive
+                )
+            except UnfoldableEntryError as exc:
+                if not self.isolate:
+                    raise
+                # Its states were copies (from_json): dropped with the shard's partial fold.
+                failed[shard] = str(exc)
+                self.projection.policies.pop(shard, None)  # a partial fold may have set it
+                continue
             effects += shard_effects
             rows += [status_row(self.projection, shard, s) for s in states.values()]
         invoices = [invoice_row(e.invoice) for e in effects if isinstance(e, InvoiceIssued)]
@@ -261,7 +298,7 @@ class ProjectionWorker:
             ):
                 if params:
                     cur.executemany(QUERIES[query], params)
-        return effects, clocks
+        return effects, clocks, failed
 
     def _load(self, query: str, *params) -> dict[str, AccountStatus]:
         return {
@@ -286,6 +323,7 @@ class ProjectionWorker:
         cut short rolls back and is redone from the stored position."""
         outage = Outage("projections", "postgresql")
         listener: psycopg.Connection | None = None
+        self.isolate = True
         log.info("projection_worker_started", projection=self.projection.name)
         try:
             while not stop.is_set():

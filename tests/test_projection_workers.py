@@ -12,9 +12,12 @@ from decimal import Decimal
 from pathlib import Path
 
 import psycopg
+import pytest
+from structlog.testing import capture_logs
 
 from ledger.config_versions import policy_version
 from ledger.configure import publish
+from ledger.errors import UnfoldableEntryError
 from ledger.policy import Policy
 from ledger.verify import verify
 from projections.account_status import AccountStatusProjection
@@ -199,3 +202,56 @@ def folded(dsn: str, account_id: str) -> bool:
             "SELECT 1 FROM account_status WHERE account_id = %s", (account_id,)
         ).fetchone()
     return row is not None
+
+
+def test_a_shard_whose_entry_does_not_fold_waits_and_the_other_shards_go_on(
+    writer, dsn, admin_dsn, base_settings
+):
+    """An entry changed behind the writer's back into something no fold can read stops its
+    own shard's projection, not every shard's: a live worker (`isolate`) folds the others,
+    logs the stopped shard at each attempt, and resumes it once the entry is restored.
+    `drain` (replay, tests) raises instead."""
+    writer.write_batch([opened("st-a", 0, partition=0), opened("st-b", 0, partition=1)])
+    with psycopg.connect(admin_dsn, autocommit=True) as su:
+        su.execute("SET session_replication_role = replica")  # a superuser, past the guard
+        [(original,)] = su.execute(
+            "SELECT payload::text FROM journal_entries WHERE account_id = 'st-a'"
+        ).fetchall()
+        su.execute("UPDATE journal_entries SET payload = '[1]' WHERE account_id = 'st-a'")
+    positions = "SELECT shard, position FROM projection_positions ORDER BY shard"
+    worker = ProjectionWorker(base_settings, dsn)
+    try:
+        with pytest.raises(UnfoldableEntryError, match=r"\(0, 1\) AccountOpened of account 'st-a'"):
+            worker.drain()
+        worker.conn.rollback()
+        worker.isolate, worker.stopped_retry_s = True, 3600.0
+        with capture_logs() as logs:
+            assert worker.run_once() == 1  # st-b's entry
+            assert worker.run_once() == 0  # shard 0 waits: not even read
+        assert list(worker.stopped) == [0]
+        stopped = [line for line in logs if line["event"] == "projection_shard_stopped"]
+        assert len(stopped) == 1 and stopped[0]["shard"] == 0
+        assert "payload is a list, not a JSON object" in stopped[0]["error"]
+        with psycopg.connect(dsn) as conn:
+            assert conn.execute(positions).fetchall() == [(0, 0), (1, 1)]
+            assert conn.execute(
+                "SELECT account_id FROM account_status ORDER BY account_id"
+            ).fetchall() == [("st-b",)]
+        # Restored: the next attempt folds it, and the shard is no longer stopped.
+        with psycopg.connect(admin_dsn, autocommit=True) as su:
+            su.execute("SET session_replication_role = replica")
+            su.execute(
+                "UPDATE journal_entries SET payload = %s::json WHERE account_id = 'st-a'",
+                (original,),
+            )
+        worker.stopped_retry_s = 0.0
+        worker.stopped[0] = 0.0
+        with capture_logs() as logs:
+            assert worker.run_once() == 1
+        assert worker.stopped == {}
+        resumed = [line for line in logs if line["event"] == "projection_shard_resumed"]
+        assert [line["shard"] for line in resumed] == [0]
+        with psycopg.connect(dsn) as conn:
+            assert conn.execute(positions).fetchall() == [(0, 1), (1, 1)]
+    finally:
+        worker.close()
