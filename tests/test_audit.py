@@ -186,7 +186,7 @@ def test_a_journal_row_changed_by_hand_is_reported_with_its_account_and_entry(
         ).fetchone()
         conn.execute("SET session_replication_role = replica")  # a superuser, past the guard
         conn.execute(
-            "UPDATE journal_entries SET payload = jsonb_set(payload, "
+            "UPDATE journal_entries SET payload = jsonb_set(payload::jsonb, "
             "'{output_tokens}', '1') WHERE shard = %s AND shard_seq = %s",
             (shard, seq),
         )
@@ -198,7 +198,7 @@ def test_a_journal_row_changed_by_hand_is_reported_with_its_account_and_entry(
     with psycopg.connect(admin_dsn) as conn:  # undo, so the fixture's checks hold
         conn.execute("SET session_replication_role = replica")
         conn.execute(
-            "UPDATE journal_entries SET payload = jsonb_set(payload, "
+            "UPDATE journal_entries SET payload = jsonb_set(payload::jsonb, "
             "'{output_tokens}', '100000') WHERE shard = %s AND shard_seq = %s",
             (shard, seq),
         )

@@ -110,7 +110,7 @@ def test_a_journal_from_before_the_keyed_chain_still_verifies_and_the_keyed_chai
     with psycopg.connect(with_database(stack.admin_dsn, name)) as conn:
         conn.execute("SET session_replication_role = replica")
         conn.execute(
-            "UPDATE journal_entries SET payload = jsonb_set(payload, '{kind}', '\"bank\"') "
+            "UPDATE journal_entries SET payload = jsonb_set(payload::jsonb, '{kind}', '\"bank\"') "
             "WHERE shard_seq = 1"
         )
         [changed] = check_journal(conn, keys, Policy.load())
@@ -118,6 +118,53 @@ def test_a_journal_from_before_the_keyed_chain_still_verifies_and_the_keyed_chai
     on_server(stack.owner_dsn, "drop_database", name)
     assert changed.subject.startswith("account 'old-1' entry (0, 1) PaymentMethodAdded")
     assert "unkeyed hash mismatch" in changed.detail
+
+
+def test_a_journal_from_before_payloads_became_json_still_verifies(stack, base_settings):
+    """Migration 0014 on a journal whose payloads and details are jsonb: they become json
+    holding jsonb's text of them (not the canonical text hashed), and still verify, as the
+    entries written after it, which hold the canonical text itself."""
+    name = f"ledger_test_{uuid.uuid4().hex[:12]}"
+    on_server(stack.owner_dsn, "create_database", name)
+    dsn = with_database(stack.owner_dsn, name)  # migrations run as the owner
+    with psycopg.connect(dsn) as conn:  # the schema as it was before 0014
+        conn.execute(QUERIES["create_migrations_table"])
+        for version, migration, text in db.migrations():
+            if version < 14:
+                conn.execute(text)
+                conn.execute(QUERIES["record_migration"], (version, migration))
+        conn.commit()
+    keys = chain_keys.load(base_settings)
+    texts = "SELECT payload::text, detail::text FROM journal_entries ORDER BY shard, shard_seq"
+    try:
+        with psycopg.connect(dsn) as conn:
+            writer = LedgerWriter(conn, _fold(), keys=keys, group_id="ledger", deadletter_topic="d")
+            writer.write_batch([opened("j-1", 0), opened("j-2", 1)])
+            before = conn.execute(texts).fetchall()
+        assert db.migrate(dsn) == [14]
+        with psycopg.connect(dsn) as conn:
+            assert conn.execute(texts).fetchall() == before  # jsonb's text, as it was
+            assert all(": " in payload for payload, _ in before)  # not the canonical text
+            assert check_journal(conn, keys, Policy.load()) == []
+            writer = LedgerWriter(conn, _fold(), keys=keys, group_id="ledger", deadletter_topic="d")
+            writer.write_batch([opened("j-3", 2)])
+            payload, detail = conn.execute(texts).fetchall()[-1]
+            assert payload == canonical_json(json.loads(payload))
+            assert detail == canonical_json(json.loads(detail))
+            assert json.loads(payload)["account_id"] == "j-3"
+            assert check_journal(conn, keys, Policy.load()) == []
+        # A change to an entry from before the migration is still found.
+        with psycopg.connect(with_database(stack.admin_dsn, name)) as conn:
+            conn.execute("SET session_replication_role = replica")
+            conn.execute(
+                "UPDATE journal_entries SET payload = jsonb_set(payload::jsonb, '{account_id}', "
+                "'\"j-9\"') WHERE shard_seq = 1"
+            )
+            [changed] = [d for d in check_journal(conn, keys, Policy.load()) if "hash" in d.detail]
+            conn.rollback()
+        assert "hash mismatch" in changed.detail
+    finally:
+        on_server(stack.owner_dsn, "drop_database", name)
 
 
 def _fold() -> LedgerFold:

@@ -445,8 +445,8 @@ def test_text_left_to_the_standard_encoder_is_journaled_verified_and_guarded(
 
     conn = superuser(admin_dsn)
     conn.execute(
-        "UPDATE journal_entries SET payload = jsonb_set(payload, '{reason}', to_jsonb(%s::text))"
-        " WHERE event_id = %s",
+        "UPDATE journal_entries SET payload = "
+        "jsonb_set(payload::jsonb, '{reason}', to_jsonb(%s::text)) WHERE event_id = %s",
         ("geste \x7f commercial e", grant["event_id"]),
     )
     conn.close()
@@ -457,13 +457,17 @@ def test_text_left_to_the_standard_encoder_is_journaled_verified_and_guarded(
 @pytest.mark.parametrize(
     "text",
     [
+        '{"reason": "a \\u0000 NUL"}',  # json keeps what jsonb refuses
+        '{"reason": "a lone \\ud800 surrogate"}',
         '{"reason": "one", "reason": "two"}',  # a duplicate key
         "[1, 2]",  # not an object at all
     ],
 )
 def test_a_payload_changed_to_any_json_is_reported_not_a_crash(ledger, settings, admin_dsn, text):
     """A superuser can store any JSON value as a payload, also one the writer never makes (an
-    array where an object belongs). verify reports the entry; it does not stop on it."""
+    array where an object belongs), and since payloads are json (the canonical text as
+    written), whose input checks syntax only, also text jsonb would refuse (NUL, a lone
+    surrogate). verify reports the entry; it does not stop on it."""
     already = ledger.journaled()
     ledger.open_account("js-1")
     grant = ledger.send(
@@ -478,6 +482,7 @@ def test_a_payload_changed_to_any_json_is_reported_not_a_crash(ledger, settings,
         "SELECT payload::text FROM journal_entries WHERE event_id = %s", (grant["event_id"],)
     ).fetchone()[0]
     assert json.loads(stored)["reason"] == "plain"
+    assert stored == canonical_json(json.loads(stored))  # the text the writer hashed, as is
 
     conn = superuser(admin_dsn)
     conn.execute(

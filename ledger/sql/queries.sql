@@ -702,7 +702,7 @@ SELECT coalesce(sum(amount), 0) FROM postings WHERE ledger_account = %s;
 -- name: applied_to_invoices
 -- Per customer: what payments (and credit that paid what was owed) applied to issued invoices.
 SELECT account_id, sum((detail->>'applied_to_invoiced')::numeric) FROM journal_entries
- WHERE detail ? 'applied_to_invoiced' GROUP BY account_id ORDER BY account_id;
+ WHERE detail->>'applied_to_invoiced' IS NOT NULL GROUP BY account_id ORDER BY account_id;
 
 -- name: checkpoint_heads
 -- Each shard's last entry: what a checkpoint publishes.
