@@ -53,15 +53,8 @@ def test_a_journal_from_before_the_keyed_chain_still_verifies_and_the_keyed_chai
     """Migration 0008 on a journal written with unkeyed per-account links: those entries keep
     verifying by the old rule, the shard's keyed chain starts from its last one, and a change
     to an old entry is still found."""
-    name = f"ledger_test_{uuid.uuid4().hex[:12]}"
-    on_server(stack.owner_dsn, "create_database", name)
-    dsn = with_database(stack.owner_dsn, name)  # migrations run as the owner
-    with psycopg.connect(dsn) as conn:  # the schema as it was before 0008
-        conn.execute(QUERIES["create_migrations_table"])
-        for version, migration, text in db.migrations():
-            if version < 8:
-                conn.execute(text)
-                conn.execute(QUERIES["record_migration"], (version, migration))
+    name, dsn = _database_before(stack, 8)
+    with psycopg.connect(dsn) as conn:
         # One event journaled the old way: a payment method of an account not opened yet.
         at = datetime(2026, 3, 1, tzinfo=UTC)
         event = {"event_id": str(uuid.uuid4()), "account_id": "old-1", "occurred_at": at,
@@ -124,16 +117,7 @@ def test_a_journal_from_before_payloads_became_json_still_verifies(stack, base_s
     """Migration 0014 on a journal whose payloads and details are jsonb: they become json
     holding jsonb's text of them (not the canonical text hashed), and still verify, as the
     entries written after it, which hold the canonical text itself."""
-    name = f"ledger_test_{uuid.uuid4().hex[:12]}"
-    on_server(stack.owner_dsn, "create_database", name)
-    dsn = with_database(stack.owner_dsn, name)  # migrations run as the owner
-    with psycopg.connect(dsn) as conn:  # the schema as it was before 0014
-        conn.execute(QUERIES["create_migrations_table"])
-        for version, migration, text in db.migrations():
-            if version < 14:
-                conn.execute(text)
-                conn.execute(QUERIES["record_migration"], (version, migration))
-        conn.commit()
+    name, dsn = _database_before(stack, 14)
     keys = chain_keys.load(base_settings)
     texts = "SELECT payload::text, detail::text FROM journal_entries ORDER BY shard, shard_seq"
     try:
@@ -165,6 +149,21 @@ def test_a_journal_from_before_payloads_became_json_still_verifies(stack, base_s
         assert "hash mismatch" in changed.detail
     finally:
         on_server(stack.owner_dsn, "drop_database", name)
+
+
+def _database_before(stack, version: int) -> tuple[str, str]:
+    """A new database with the schema as it was before migration `version`: its name, and the
+    owner's URL of it (migrations run as the owner)."""
+    name = f"ledger_test_{uuid.uuid4().hex[:12]}"
+    on_server(stack.owner_dsn, "create_database", name)
+    dsn = with_database(stack.owner_dsn, name)
+    with psycopg.connect(dsn) as conn:
+        conn.execute(QUERIES["create_migrations_table"])
+        for number, migration, text in db.migrations():
+            if number < version:
+                conn.execute(text)
+                conn.execute(QUERIES["record_migration"], (number, migration))
+    return name, dsn
 
 
 def _fold() -> LedgerFold:
