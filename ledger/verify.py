@@ -144,10 +144,10 @@ def verify(
         # A shard whose journal does not fold is reported once, and left out of the checks of
         # what the projection made (a partial fold would differ from every row after it).
         unfoldable = {shard for shard, s in shards.items() if s.unfoldable is not None}
-        for shard in sorted(unfoldable):
-            differences.append(
-                Difference("projection", f"shard {shard}", f"{shards[shard].unfoldable}")
-            )
+        differences += [
+            Difference("projection", f"shard {shard}", str(shards[shard].unfoldable))
+            for shard in sorted(unfoldable)
+        ]
         shards = {shard: s for shard, s in shards.items() if shard not in unfoldable}
         for shard, (_, clock) in sorted(positions.items()):
             if shard in shards and shards[shard].clock != clock:
