@@ -506,3 +506,24 @@ def test_a_payload_changed_to_any_json_is_reported_not_a_crash(ledger, settings,
         assert "CreditGranted of account 'js-1' does not fold" in rest[1].detail
     else:  # the reason is only text: the folds do not read it
         assert rest == []
+
+
+def test_an_account_book_changed_into_json_no_fold_reads_stops_only_that_account(ledger, admin_dsn):
+    """A superuser turns an account's book into a JSON array. The writer cannot fold that
+    account's events: each is quarantined (processing_error, the record alone), and the other
+    accounts of the batch and the shard are journaled as before."""
+    already = ledger.journaled()
+    ledger.open_account("bk-1")
+    ledger.open_account("bk-2")
+    ledger.settle(already + 2)
+    with superuser(admin_dsn) as conn:
+        conn.execute("UPDATE account_books SET book = '[]' WHERE account_id = 'bk-1'")
+    rejected = len(ledger.rejected())
+    broken = ledger.use("bk-1", output_tokens=10)
+    fine = ledger.use("bk-2", output_tokens=10)
+    ledger.wait_journaled(already + 4)
+    ids = {row[0] for row in ledger.db.execute("SELECT event_id FROM journal_entries")}
+    assert fine["event_id"] in ids and broken["event_id"] not in ids
+    [(topic, _, _, reason, detail)] = ledger.rejected()[rejected:]
+    assert (topic.endswith("billing.usage.v1"), reason) == (True, "processing_error")
+    assert "TypeError" in detail
