@@ -26,6 +26,7 @@ they propagate, and the consumer retries the batch with backoff.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hmac
 import time
@@ -399,7 +400,15 @@ class LedgerWriter:
         for record in records:
             failure = poison.get((record.topic, record.partition, record.offset))
             if failure is not None:
-                rejects.append((record, None, None, "processing_error", safe_text(failure)))
+                # Named in the reject row when the bytes decode; this is the last resort for
+                # a record, so nothing raised while naming it may stop the batch again.
+                event_id = event_type = None
+                with contextlib.suppress(Exception):
+                    poisoned = self.codec.decode(record.value)
+                    event_id, event_type = poisoned.event["event_id"], poisoned.event_type
+                rejects.append(
+                    (record, event_id, event_type, "processing_error", safe_text(failure))
+                )
                 continue
             ahead = prepared.get((record.topic, record.partition, record.offset))
             if ahead is not None and not (ahead[0] is record.value or ahead[0] == record.value):

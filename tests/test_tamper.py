@@ -524,6 +524,6 @@ def test_an_account_book_changed_into_json_no_fold_reads_stops_only_that_account
     ledger.wait_journaled(already + 4)
     ids = {row[0] for row in ledger.db.execute("SELECT event_id FROM journal_entries")}
     assert fine["event_id"] in ids and broken["event_id"] not in ids
-    [(topic, _, _, reason, detail)] = ledger.rejected()[rejected:]
-    assert (topic.endswith("billing.usage.v1"), reason) == (True, "processing_error")
-    assert "TypeError" in detail
+    [(topic, _, event_id, reason, detail)] = ledger.rejected()[rejected:]
+    assert (event_id, reason) == (broken["event_id"], "processing_error")
+    assert topic.endswith("billing.usage.v1") and "TypeError" in detail
