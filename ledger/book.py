@@ -184,12 +184,12 @@ class AccountBook:
             gid: Grant(
                 gid,
                 g["kind"],
-                Decimal(g["granted"]),
-                Decimal(g["remaining"]),
-                datetime.fromisoformat(g["expires_at"]) if g["expires_at"] else None,
+                _amount(g["granted"]),
+                _amount(g["remaining"]),
+                _time(g["expires_at"]) if g["expires_at"] else None,
                 g["order"],
-                Decimal(g.get("expired", "0")),
-                Decimal(g.get("applied", "0")),
+                _amount(g.get("expired", "0")),
+                _amount(g.get("applied", "0")),
                 # Before `revoked` was kept, a revoked grant was one with nothing granted.
                 g.get("revoked", Decimal(g["granted"]) == 0),
             )
@@ -198,17 +198,35 @@ class AccountBook:
         return cls(
             account_id,
             data["opened"],
-            Decimal(data["receivable"]),
+            _amount(data["receivable"]),
             grants,
             data["next_order"],
             {
-                m: {k: Decimal(v) for k, v in kinds.items()}
+                m: {k: _amount(v) for k, v in kinds.items()}
                 for m, kinds in data.get("pending", {}).items()
             },
-            Decimal(data.get("prepaid", "0")),
-            Decimal(data.get("invoiced", "0")),
+            _amount(data.get("prepaid", "0")),
+            _amount(data.get("invoiced", "0")),
             data.get("last_invoice"),
         )
+
+
+def _amount(text: str) -> Decimal:
+    """An amount of a stored book: a finite decimal (Decimal() also reads NaN and Infinity,
+    which no book the writer wrote holds, and which would stop a comparison further on)."""
+    amount = Decimal(text)
+    if not amount.is_finite():
+        raise ValueError(f"amount {text!r} is not a finite number")
+    return amount
+
+
+def _time(text: str) -> datetime:
+    """A time of a stored book: with its offset (a naive time could not be compared with the
+    ticks' and would stop the shard's next tick)."""
+    at = datetime.fromisoformat(text)
+    if at.tzinfo is None:
+        raise ValueError(f"time {text!r} has no UTC offset")
+    return at
 
 
 class Posting(NamedTuple):
