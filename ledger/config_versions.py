@@ -102,6 +102,17 @@ class ConfigVersion:
             raise ValueError(f"{self.kind} {self.version}: {exc}") from exc
 
 
+def published_policy(payload: Any) -> Policy | None:
+    """The policy that a journaled ConfigPublished entry (its payload) puts in force on its
+    shard from that entry on; None for a price version, or for a payload that does not hold
+    together (the writer journals none; verify reports a changed one by its link)."""
+    try:
+        version = ConfigVersion.from_event(payload)
+        return version.parsed() if version.kind == POLICY else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def event_id(kind: str, version: str, shard: int) -> str:
     return f"config:{kind}:{version}:{shard}"
 

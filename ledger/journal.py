@@ -32,9 +32,9 @@ import hmac
 import time
 import traceback
 from collections import Counter, defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import psycopg
 import structlog
@@ -65,9 +65,12 @@ from ledger.config_versions import (
 from ledger.db import QUERIES
 from ledger.errors import DecodeError, LedgerError, TombstoneError
 from ledger.invoicing import INVOICE_ISSUED, invoice_events, months_to_close
+from ledger.log import describe_error
 from ledger.settings import DEADLETTER_MAX_BYTES
 
 log = structlog.get_logger(__name__)
+
+_T = TypeVar("_T")
 
 GENESIS = b"\x00" * 32
 
@@ -474,8 +477,9 @@ class LedgerWriter:
         if not replay:
             accepted.sort(key=lambda a: a.event["occurred_at"])
         accepted = publications + accepted
-        books = self._load_books(
-            cur, {a.event["account_id"] for a in accepted if a.event["account_id"]}
+        books = _Books()
+        self._load_books(
+            cur, {a.event["account_id"] for a in accepted if a.event["account_id"]}, books
         )
         clocks = self._shard_clocks(
             cur, {a.record.partition for a in accepted if a.event_type == "PeriodTick"}
@@ -512,6 +516,19 @@ class LedgerWriter:
                     )
                 continue
             account_id = item.event["account_id"]
+            if account_id in books.unreadable:
+                rejects.append(
+                    (
+                        item.record,
+                        item.event["event_id"],
+                        item.event_type,
+                        "processing_error",
+                        f"the account book of {account_id} cannot be read "
+                        f"({books.unreadable[account_id]}); its events are quarantined until "
+                        "it is restored (ledger books restore)",
+                    )
+                )
+                continue
             book, home = books.get(account_id) or (AccountBook(account_id), item.record.partition)
             if home is not None and home != item.record.partition:
                 rejects.append(
@@ -560,13 +577,13 @@ class LedgerWriter:
             _, config, fold = self._configs[shard]
             self._configs[shard] = (seq, config, fold)
         self._insert_rejects(cur, rejects, replay)
-        saved = [
-            (acct, book.to_json(), shard, _iso(book.next_expiry()), book.first_pending_month())
-            for acct in sorted({j.event["account_id"] for j in journaled} - {""})
-            for book, shard in [books[acct]]
-        ]
-        if saved:
-            cur.execute(QUERIES["save_books"], (Jsonb(saved, dumps=jsonb_dumps),))
+        save_books(
+            cur,
+            [
+                (acct, *books[acct])
+                for acct in sorted({j.event["account_id"] for j in journaled} - {""})
+            ],
+        )
         _execute_each(cur, "save_shard_clock", [(clocks[shard], shard) for shard in sorted(moved)])
         _execute_each(
             cur,
@@ -671,33 +688,34 @@ class LedgerWriter:
             )
         return None
 
-    def _load_books(
-        self, cur: psycopg.Cursor, account_ids: set[str]
-    ) -> dict[str, tuple[AccountBook, int]]:
-        rows = cur.execute(QUERIES["lock_books"], (sorted(account_ids),)).fetchall()
-        return {a: (AccountBook.from_json(a, b), shard) for a, b, shard in rows}
+    def _load_books(self, cur: psycopg.Cursor, account_ids: set[str], books: _Books) -> None:
+        books.read(cur.execute(QUERIES["lock_books"], (sorted(account_ids),)).fetchall())
 
     def _period_tick(
         self,
         cur: psycopg.Cursor,
         tick: _Accepted,
-        books: dict[str, tuple[AccountBook, int]],
+        books: _Books,
     ) -> list[_Accepted]:
         """Journal a PeriodTick (so projections see the shard's clock move, in order) and
         expire what is left of every grant in its shard whose expires_at has come."""
         shard, at = tick.record.partition, tick.event["tick_at"]
         tick.entry = Entry("noop", detail={"tick_at": at.isoformat()})
         out = [tick]
-        for account_id, book, shard_ in cur.execute(QUERIES["lock_expiring_books"], (shard, at)):
-            books.setdefault(account_id, (AccountBook.from_json(account_id, book), shard_))
+        books.read(cur.execute(QUERIES["lock_expiring_books"], (shard, at)))
         due = sorted(
             a
             for a, (book, s) in books.items()
             if s == shard and (when := book.next_expiry()) is not None and when <= at
         )
+        fold = self.fold_for(shard)
         for account_id in due:
-            book, _ = books[account_id]
-            for event, entry in expiry_events(self.fold_for(shard), tick.event, account_id, book):
+            derived = books.derive(
+                account_id,
+                "GrantExpired",
+                lambda b, a=account_id: expiry_events(fold, tick.event, a, b),
+            )
+            for event, entry in derived or ():
                 item = _Accepted(
                     tick.record,
                     "GrantExpired",
@@ -708,7 +726,6 @@ class LedgerWriter:
                     cause_event_id=tick.event["event_id"],
                 )
                 out.append(item)
-            books[account_id] = (book, shard)
         return out
 
     def _close_months(
@@ -716,7 +733,7 @@ class LedgerWriter:
         cur: psycopg.Cursor,
         tick: _Accepted,
         previous: datetime | None,
-        books: dict[str, tuple[AccountBook, int]],
+        books: _Books,
     ) -> list[_Accepted]:
         """The month close (`ledger.invoicing`): if the tick closes a month in its shard, an
         InvoiceIssued entry for each account with charges waiting that is due an invoice.
@@ -726,8 +743,7 @@ class LedgerWriter:
         before, upto = months_to_close(policy, at, previous)
         if upto is None or upto == before:
             return []
-        for account_id, book, shard_ in cur.execute(QUERIES["lock_billable_books"], (shard, upto)):
-            books.setdefault(account_id, (AccountBook.from_json(account_id, book), shard_))
+        books.read(cur.execute(QUERIES["lock_billable_books"], (shard, upto)))
         due = sorted(
             a
             for a, (book, s) in books.items()
@@ -735,8 +751,12 @@ class LedgerWriter:
         )
         out = []
         for account_id in due:
-            book, _ = books[account_id]
-            for event, entry in invoice_events(policy, tick.event, previous, account_id, book):
+            derived = books.derive(
+                account_id,
+                INVOICE_ISSUED,
+                lambda b, a=account_id: invoice_events(policy, tick.event, previous, a, b),
+            )
+            for event, entry in derived or ():
                 out.append(
                     _Accepted(
                         tick.record,
@@ -803,7 +823,7 @@ class LedgerWriter:
         self,
         cur: psycopg.Cursor,
         item: _Accepted,
-        books: dict[str, tuple[AccountBook, int]],
+        books: _Books,
         journaled: list[_Accepted],
     ) -> list[_Accepted]:
         """Journal a ConfigPublished: from here on the shard uses the version; a price
@@ -833,7 +853,7 @@ class LedgerWriter:
         self,
         cur: psycopg.Cursor,
         publication: _Accepted,
-        books: dict[str, tuple[AccountBook, int]],
+        books: _Books,
         journaled: list[_Accepted],
         fold: LedgerFold,
     ) -> list[_Accepted]:
@@ -850,13 +870,16 @@ class LedgerWriter:
             and j.entry.status == "unpriced"
         ]
         done = {j.event["usage_event_id"] for j in journaled if j.event_type == "UsageRerated"}
-        books.update(self._load_books(cur, {a for _, a, _ in held if a not in books}))
+        self._load_books(cur, {a for _, a, _ in held if a not in books}, books)
         out = []
         for event_id, account_id, usage in held:
-            if event_id in done:
-                continue
-            book, home = books[account_id]
-            derived = rerate_event(fold, publication.event["event_id"], usage, book)
+            if event_id in done or account_id in books.unreadable:
+                continue  # an unreadable book's usage stays held (`_Books`)
+            derived = books.derive(
+                account_id,
+                "UsageRerated",
+                lambda b, u=usage: rerate_event(fold, publication.event["event_id"], u, b),
+            )
             if derived is None:
                 continue
             event, entry = derived
@@ -869,7 +892,6 @@ class LedgerWriter:
                 entry=entry,
                 cause_event_id=publication.event["event_id"],
             )
-            books[account_id] = (book, home)
             out.append(item)
             done.add(event_id)
         return out
@@ -1025,6 +1047,69 @@ class LedgerWriter:
             # Same key as the original, so the same partitioning: per-account order kept.
             copies.append((self.deadletter_topic, r.key, Jsonb(headers), value_of))
         _execute_each(cur, "insert_deadletter_copy", copies)
+
+
+class _Books(dict[str, tuple[AccountBook, int]]):
+    """A batch's account books: account id -> (book, home shard), as locked and read from
+    `account_books`, then moved by the batch's events.
+
+    A book that cannot be read (a superuser changed it into something the writer never
+    writes) stops nothing but its own account: it is left out and named in `unreadable`, with
+    one `account_book_unreadable` error line; that account's events are quarantined
+    (processing_error, saying so), and a tick's expiries and month close and a price
+    publication's re-rating pass it by, so the shard's clock, the other accounts' invoices
+    and the shard's prices still move. What is passed by is done once the book is restored
+    (`ledger books restore`): its expiries at the next tick, its invoice at the next month
+    close (its charges as dated adjustment lines, as for late usage), its held usage at the
+    next price publication; the quarantined events with `ledger rejects replay`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unreadable: dict[str, str] = {}  # account id -> why
+
+    def read(self, rows: Iterable[tuple[str, Any, int]]) -> None:
+        """Add the books of (account_id, book as JSON, home shard) rows not read yet."""
+        for account_id, data, shard in rows:
+            if account_id in self or account_id in self.unreadable:
+                continue
+            try:
+                self[account_id] = (AccountBook.from_json(account_id, data), shard)
+            except Exception as exc:
+                self.unreadable[account_id] = describe_error(exc)
+                log.error(
+                    "account_book_unreadable",
+                    account_id=account_id,
+                    shard=shard,
+                    error=self.unreadable[account_id],
+                )
+
+    def derive(self, account_id: str, what: str, derive: Callable[[AccountBook], _T]) -> _T | None:
+        """`derive(book)` on the account's book (which it moves), for entries a tick or a
+        publication derives; None, with the book as it was and an `account_skipped` error
+        line, when it raises: a book that reads but holds what the fold never wrote must not
+        stop the tick or the publication for every other account."""
+        book, home = self[account_id]
+        kept = book.copy()
+        try:
+            return derive(book)
+        except Exception as exc:
+            self[account_id] = (kept, home)
+            log.error(
+                "account_skipped", account_id=account_id, entry=what, error=describe_error(exc)
+            )
+            return None
+
+
+def save_books(cur: psycopg.Cursor, books: Sequence[tuple[str, AccountBook, int]]) -> None:
+    """Write (account_id, book, home shard) rows to `account_books` in one statement, with
+    the columns the ticks' indexed queries read (next expiry, first month waiting for an
+    invoice)."""
+    saved = [
+        (account_id, book.to_json(), shard, _iso(book.next_expiry()), book.first_pending_month())
+        for account_id, book, shard in books
+    ]
+    if saved:
+        cur.execute(QUERIES["save_books"], (Jsonb(saved, dumps=jsonb_dumps),))
 
 
 def _execute_each(cur: psycopg.Cursor, query: str, rows: list) -> None:

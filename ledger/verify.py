@@ -36,7 +36,6 @@ Each difference is reported with what it concerns; any difference means a non-ze
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 from collections.abc import Callable
@@ -61,10 +60,10 @@ from ledger.book import (
 )
 from ledger.chain_keys import ChainKeys
 from ledger.checkpoints import Checkpoint
-from ledger.config_versions import CONFIG_PUBLISHED, POLICY, ConfigVersion
+from ledger.config_versions import CONFIG_PUBLISHED, published_policy
 from ledger.db import QUERIES
 from ledger.journal import GENESIS
-from ledger.log import configure_logging
+from ledger.log import configure_logging, describe_error
 from ledger.policy import Policy
 from ledger.reports import trial_balance
 from ledger.settings import Settings
@@ -286,10 +285,8 @@ def _receivables(
             )
         )
     paid = dict(conn.execute(QUERIES["applied_to_invoices"]).fetchall())
-    waiting = {
-        account_id: _waiting(AccountBook.from_json(account_id, book))
-        for account_id, book, *_ in conn.execute(QUERIES["all_account_books"])
-    }
+    live, unreadable = _live_books(conn)  # an unreadable book: reported by _compare_books
+    waiting = {account_id: _waiting(book) for account_id, (book, *_) in live.items()}
     balances = {a: (r, i) for a, r, i in conn.execute(QUERIES["receivable_balances"])}
     for account_id in sorted(set(balances) | set(invoiced_total) | set(waiting)):
         receivable, invoiced = balances.get(account_id, (Decimal(0), Decimal(0)))
@@ -303,7 +300,7 @@ def _receivables(
                     f"paid on them {_shown(unpaid)}",
                 )
             )
-        if receivable != waiting.get(account_id, Decimal(0)):
+        if account_id not in unreadable and receivable != waiting.get(account_id, Decimal(0)):
             out.append(
                 Difference(
                     "receivable",
@@ -479,10 +476,8 @@ def _walk_shard(
             walk.keyed = walk.keyed or key_id is not None
         walk.last_seq, walk.head = seq, entry_hash
         if event_type == CONFIG_PUBLISHED:  # a policy applies from its entry on, as written
-            version = _config_version(payload)
-            if version is not None and version.kind == POLICY:
-                with contextlib.suppress(ValueError):
-                    shard_policy = version.parsed()
+            published = published_policy(payload)
+            shard_policy = shard_policy if published is None else published
         if account_id and account_id not in unfoldable:
             book, home = books.setdefault(account_id, (AccountBook(account_id), shard))
             try:
@@ -534,13 +529,6 @@ def _json_type(value: object) -> str:
     """The JSON type of a value as psycopg loads it."""
     names = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
     return names.get(type(value), "number")
-
-
-def _config_version(payload: dict) -> ConfigVersion | None:
-    try:
-        return ConfigVersion.from_event(payload)
-    except (ValueError, KeyError, TypeError):
-        return None  # its link says whether it was changed; the writer refused no such entry
 
 
 def _link_problem(
@@ -632,13 +620,12 @@ def _compare_books(
 ) -> list[Difference]:
     """Each account_books row against the book folded from the journal."""
     out = []
-    live = {
-        account_id: (AccountBook.from_json(account_id, book), shard, next_expiry, first_pending)
-        for account_id, book, shard, next_expiry, first_pending in conn.execute(
-            QUERIES["all_account_books"]
-        )
-    }
-    for account_id in sorted(set(live) | set(folded)):
+    live, unreadable = _live_books(conn)
+    for account_id in sorted(set(live) | set(folded) | set(unreadable)):
+        if account_id in unreadable:
+            why = unreadable[account_id]
+            out.append(Difference("account_book", account_id, f"the book cannot be read: {why}"))
+            continue
         if account_id in unfoldable:
             continue
         if account_id not in folded:
@@ -664,6 +651,24 @@ def _compare_books(
                     )
                 )
     return out
+
+
+def _live_books(
+    conn: psycopg.Connection,
+) -> tuple[dict[str, tuple[AccountBook, int, datetime | None, str | None]], dict[str, str]]:
+    """The writer's books (account_books) as (book, shard, next_expiry, first_pending_month)
+    per account, and the books that cannot be read ({account: why}: changed by hand into
+    something the writer never writes)."""
+    live, unreadable = {}, {}
+    for account_id, book, shard, next_expiry, first_pending in conn.execute(
+        QUERIES["all_account_books"]
+    ):
+        try:
+            live[account_id] = (AccountBook.from_json(account_id, book), shard, next_expiry,
+                                first_pending)  # fmt: skip
+        except Exception as exc:
+            unreadable[account_id] = describe_error(exc)
+    return live, unreadable
 
 
 def _book_fields(book: AccountBook, shard: int, next_expiry: datetime | None) -> dict[str, Any]:

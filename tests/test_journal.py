@@ -10,6 +10,7 @@ from decimal import Decimal
 
 import psycopg
 import pytest
+from structlog.testing import capture_logs
 
 from ledger import chain_keys
 from ledger.codec import Codec
@@ -295,3 +296,49 @@ def test_a_split_batch_hands_each_half_the_offsets_it_fetched():
     assert left == {(TOPIC, 0): (2, 6), (TOPIC, 2): (7, 8)}
     assert right == {(TOPIC, 0): (6, 12), (TOPIC, 1): (4, 6)}
     assert split_fetched(None, [a], [b]) == (None, None)
+
+
+def test_a_tick_passes_by_an_account_whose_month_close_raises_and_keeps_its_book(
+    writer, dsn, monkeypatch
+):
+    """One account's invoice cannot be derived (a bug, or a book that reads but holds what
+    the fold never wrote): the closing tick is journaled, the other account is invoiced, and
+    the failing account is passed by with its book as it was before the attempt (which had
+    already moved it), instead of the tick being quarantined and the shard's clock stopped."""
+    from ledger import journal
+
+    def usage(account_id: str, offset: int) -> FakeRecord:
+        return record(
+            "billing.usage.v1", "UsageRecorded", account_id, offset, request_id=f"r{offset}",
+            product="serverless", model="accounts/fireworks/models/deepseek-r1",
+            service_tier="standard", output_tokens=1_000_000,
+        )  # fmt: skip
+
+    writer.write_batch([opened("c1", 0), opened("c2", 1), usage("c1", 0), usage("c2", 1)])
+    real = journal.invoice_events
+
+    def failing_for_c1(policy, tick, previous, account_id, book):
+        if account_id == "c1":
+            book.receivable += 1  # moved before it raises: must not be kept
+            raise ArithmeticError("no invoice for c1")
+        return real(policy, tick, previous, account_id, book)
+
+    monkeypatch.setattr(journal, "invoice_events", failing_for_c1)
+    with psycopg.connect(dsn) as conn:
+        (before,) = conn.execute("SELECT book FROM account_books WHERE account_id = 'c1'").fetchone()
+    close = datetime(2026, 4, 4, 0, 0, 1, tzinfo=UTC)
+    tick = record("billing.control.v1", "PeriodTick", "", 0, tick_at=close, occurred_at=close)
+    with capture_logs() as logs:
+        result = writer.write_batch([tick])
+    assert result.rejected == 0
+    with psycopg.connect(dsn) as conn:
+        journaled = conn.execute(
+            "SELECT event_type, account_id FROM journal_entries WHERE shard_seq > 4 "
+            "ORDER BY shard_seq"
+        ).fetchall()
+        (after,) = conn.execute("SELECT book FROM account_books WHERE account_id = 'c1'").fetchone()
+    assert journaled == [("PeriodTick", ""), ("InvoiceIssued", "c2")]
+    assert after == before
+    [skipped] = [e for e in logs if e["event"] == "account_skipped"]
+    assert (skipped["account_id"], skipped["entry"]) == ("c1", "InvoiceIssued")
+    assert skipped["error"] == "ArithmeticError: no invoice for c1"
