@@ -12,6 +12,7 @@ JSON (without `as_of`): identical on every replay of the same journal.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 from collections import defaultdict
@@ -22,9 +23,11 @@ from typing import Any
 import psycopg
 
 from ledger.book import AccountBook, apply_recorded, canonical_json
+from ledger.config_versions import CONFIG_PUBLISHED, published_policy
 from ledger.db import QUERIES
 from ledger.errors import LedgerError
 from ledger.invoicing import INVOICE_ISSUED
+from ledger.log import describe_error
 from ledger.money import plain
 from ledger.policy import Policy
 from projections import billing
@@ -100,6 +103,47 @@ def journal_book(conn: psycopg.Connection, policy: Policy, account_id: str) -> A
     return recorded_book(account_id, entries, extra, policy)
 
 
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    """What `restore_book` did with one account's book."""
+
+    account_id: str
+    changed: bool
+    was: str  # "unreadable: <why>", "different" or "equal"
+
+
+def restore_book(conn: psycopg.Connection, policy: Policy, account_id: str) -> Restored:
+    """Write an account's book (`account_books`) as its journal entries record it: for a book a
+    superuser changed by hand (`ledger verify` reports it; the writer quarantines the events
+    of an account whose book it cannot read). The book's row is locked first, as the writer
+    locks it for a batch, so the journal read after it is the account's whole journal and no
+    batch moves the book until the transaction ends. An equal book is left as it is. Raises
+    LedgerError when the account has no book or no journal entries, or when its entries do
+    not fold (then the journal itself was changed: nothing is written)."""
+    from ledger.journal import save_books
+
+    with conn.transaction():
+        row = conn.execute(QUERIES["lock_book"], (account_id,)).fetchone()
+        if row is None:
+            raise LedgerError(f"account {account_id!r} has no book")
+        stored, _ = row
+        try:
+            entries, extra = _account_entries(conn, account_id, None)
+            book = recorded_book(account_id, entries, extra, policy)
+        except (ValueError, KeyError, TypeError, ArithmeticError) as exc:
+            raise LedgerError(
+                f"the journal entries of account {account_id!r} do not fold ({exc}); "
+                "run `ledger verify`: the book is left as it is"
+            ) from exc
+        try:
+            was = "equal" if AccountBook.from_json(account_id, stored) == book else "different"
+        except Exception as exc:  # whatever was written there by hand
+            was = f"unreadable: {describe_error(exc)}"
+        if was != "equal":
+            save_books(conn.cursor(), [(account_id, book, entries[0].shard)])
+    return Restored(account_id, was != "equal", was)
+
+
 def _account_entries(
     conn: psycopg.Connection, account_id: str, as_of: datetime | None
 ) -> tuple[list[JournalEntry], dict[int, tuple]]:
@@ -117,10 +161,15 @@ def _account_entries(
 def recorded_book(
     account_id: str, entries: list[JournalEntry], extra: dict, policy: Policy
 ) -> AccountBook:
-    """The account's book folded from its entries as recorded (`ledger.book.apply_recorded`)."""
+    """The account's book folded from its entries as recorded (`ledger.book.apply_recorded`),
+    each under the policy in force on its shard at that entry (`policy` until one was
+    published there), as `ledger verify` folds it."""
     book = AccountBook(account_id)
     for e in entries:
-        if e.account_id == account_id:
+        if e.event_type == CONFIG_PUBLISHED:
+            published = published_policy(e.payload)
+            policy = policy if published is None else published
+        elif e.account_id == account_id:
             apply_recorded(
                 book, e.event_type, e.payload, extra[e.shard_seq][2], list(e.postings), policy
             )

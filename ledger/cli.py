@@ -30,6 +30,7 @@ COMMAND_ROLES = {
     "rejects replay": "writer",
     "rejects resolve": "writer",
     "offsets accept-loss": "writer",
+    "books restore": "writer",
     "outbox retry": "writer",
     "projections rebuild": "writer",
     "prune": "writer",
@@ -357,6 +358,22 @@ def _account(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if view["known"] else 4
 
 
+def _books(args: argparse.Namespace, settings: Settings) -> int:
+    from ledger import db
+    from ledger.audit import restore_book
+    from ledger.policy import Policy
+
+    policy = Policy.load(settings.policy)
+    with db.connect(_database(settings, "writer")) as conn:
+        for account_id in args.account_ids:
+            done = restore_book(conn, policy, account_id)
+            if done.changed:
+                print(f"{account_id}: restored from its journal entries (the book was {done.was})")
+            else:
+                print(f"{account_id}: unchanged (the book already is what the journal records)")
+    return 0
+
+
 def _invoices(args: argparse.Namespace, settings: Settings) -> int:
     from ledger import db
     from ledger.reports import invoices_of_month
@@ -671,6 +688,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", type=_shard, help="the shard (partition number) to accept")
     p.add_argument("--note", help="why the loss is accepted (kept with the record)")
     p.set_defaults(func=_offsets)
+    p = sub.add_parser(
+        "books", help="account books: write one back as its journal entries record it"
+    )
+    p.add_argument("action", choices=["restore"])
+    p.add_argument("account_ids", nargs="+", metavar="ACCOUNT", help="account id(s)")
+    p.set_defaults(func=_books)
     p = sub.add_parser("outbox", help="outbox rows Kafka refused: list them, try them again")
     p.add_argument("action", choices=["parked", "retry"])
     p.add_argument("--id", type=_positive_int, help="retry this parked row")

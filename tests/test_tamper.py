@@ -10,7 +10,7 @@ import itertools
 import json
 import os
 import stat
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import psycopg
@@ -21,7 +21,15 @@ from structlog.testing import capture_logs
 
 from ledger import chain_keys, topics
 from ledger.audit import journal_book
-from ledger.book import Entry, Posting, canonical_json, chain_hash, chain_link, link_header
+from ledger.book import (
+    AccountBook,
+    Entry,
+    Posting,
+    canonical_json,
+    chain_hash,
+    chain_link,
+    link_header,
+)
 from ledger.checkpoints import digest, latest, parse_digest, read_topic
 from ledger.db import QUERIES
 from ledger.policy import Policy
@@ -527,3 +535,94 @@ def test_an_account_book_changed_into_json_no_fold_reads_stops_only_that_account
     [(topic, _, event_id, reason, detail)] = ledger.rejected()[rejected:]
     assert (event_id, reason) == (broken["event_id"], "processing_error")
     assert topic.endswith("billing.usage.v1") and "TypeError" in detail
+
+
+def test_ticks_and_a_month_close_pass_an_unreadable_book_by_until_it_is_restored(
+    ledger, settings, admin_dsn
+):
+    """One account's book is made unreadable while a grant of it is due to expire and its
+    March charges wait for their invoice. The shard's ticks are still journaled (not
+    quarantined, which would stop the shard's clock, every expiry and every month close in
+    it): the other account's grant expires and its March invoice is issued, the broken one is
+    passed by with an error line, and its own usage is quarantined saying why. `ledger books
+    restore` writes its book back from the journal; the next tick expires its grant and the
+    next month close bills its March charges, as late usage is billed."""
+    r1 = "accounts/fireworks/models/deepseek-r1"  # $8 / 1M output tokens
+    already = ledger.journaled()
+    for a in ("ub-1", "ub-2"):
+        ledger.open_account(a)
+        ledger.send("PaymentMethodAdded", a, payment_method_id="pm", kind="card")
+        ledger.use(a, model=r1, output_tokens=1_250_000)  # $10: $1 of credit, $9 receivable
+        ledger.send("CreditGranted", a, grant_id="promo", amount=Decimal("5"),
+                    kind="promotional", expires_at=T0 + timedelta(days=1), reason="")  # fmt: skip
+    ledger.settle(already + 8)
+    (saved,) = ledger.db.execute(
+        "SELECT book FROM account_books WHERE account_id = 'ub-1'"
+    ).fetchone()
+    with superuser(admin_dsn) as conn:
+        conn.execute("UPDATE account_books SET book = '[]' WHERE account_id = 'ub-1'")
+    rejected = len(ledger.rejected())
+
+    def entries(event_type, account_id):
+        return ledger.db.execute(
+            "SELECT event_id FROM journal_entries WHERE event_type = %s AND account_id = %s",
+            (event_type, account_id),
+        ).fetchall()
+
+    def ticks():
+        sql = "SELECT count(*) FROM journal_entries WHERE event_type = 'PeriodTick'"
+        return ledger.db.execute(sql).fetchone()[0]
+
+    april_close = datetime(2026, 4, 4, 0, 0, 1, tzinfo=UTC)
+    with capture_logs() as logs:
+        sent = ledger.period_tick(T0 + timedelta(days=2))
+        wait_until(lambda: ticks() == sent and entries("GrantExpired", "ub-2"), 30, "the tick")
+        sent += ledger.period_tick(april_close)
+        wait_until(lambda: ticks() == sent and entries("InvoiceIssued", "ub-2"), 30, "the close")
+    assert entries("GrantExpired", "ub-1") == [] and entries("InvoiceIssued", "ub-1") == []
+    assert ledger.rejected()[rejected:] == []  # no tick was quarantined
+    unreadable = [e for e in logs if e["event"] == "account_book_unreadable"]
+    assert {e["account_id"] for e in unreadable} == {"ub-1"}, unreadable
+    assert unreadable[0]["error"].startswith("TypeError"), unreadable
+    late = ledger.use("ub-1", model=r1, output_tokens=10, occurred_at=april_close)
+    wait_until(lambda: len(ledger.rejected()) == rejected + 1, 30, "ub-1's usage quarantined")
+    [(_, _, event_id, reason, detail)] = ledger.rejected()[rejected:]
+    assert (event_id, reason) == (late["event_id"], "processing_error")
+    assert "account book of ub-1 cannot be read" in detail and "books restore" in detail
+
+    about = [d for d in verify(settings, ledger.dsn) if "ub-" in d.subject]
+    assert [(d.check, d.subject, d.detail) for d in about] == [
+        ("account_book", "ub-1", f"the book cannot be read: {unreadable[0]['error']}")
+    ]
+
+    env = {"LEDGER_DATABASE_URL": ledger.dsn}
+    restored = ledger_cli("books", "restore", "ub-1", "ub-2", env=env)
+    assert restored.returncode == 0, restored.stderr
+    assert restored.stdout.splitlines() == [
+        "ub-1: restored from its journal entries (the book was unreadable: "
+        + unreadable[0]["error"]
+        + ")",
+        "ub-2: unchanged (the book already is what the journal records)",
+    ]
+    (book,) = ledger.db.execute(
+        "SELECT book FROM account_books WHERE account_id = 'ub-1'"
+    ).fetchone()
+    assert AccountBook.from_json("ub-1", book) == AccountBook.from_json("ub-1", saved)
+    unknown = ledger_cli("books", "restore", "nobody", env=env)
+    assert unknown.returncode == 1 and "account 'nobody' has no book" in unknown.stderr
+
+    sent += ledger.period_tick(april_close + timedelta(minutes=1))
+    wait_until(lambda: ticks() == sent and entries("GrantExpired", "ub-1"), 30, "the expiry")
+    sent += ledger.period_tick(datetime(2026, 5, 4, 0, 0, 1, tzinfo=UTC))
+    wait_until(lambda: entries("InvoiceIssued", "ub-1"), 30, "ub-1's invoice")
+    ledger.wait_projected()
+    ledger.stop()
+    invoices = ledger.db.execute(
+        "SELECT account_id, month, amount_due, lines FROM invoices ORDER BY account_id"
+    ).fetchall()
+    assert [row[:3] for row in invoices] == [
+        ("ub-1", "2026-04", Decimal("9.00")),  # March's $9, on the next invoice
+        ("ub-2", "2026-03", Decimal("9.00")),
+    ]
+    assert [(line["kind"], line["month"]) for line in invoices[0][3]] == [("adjustment", "2026-03")]
+    assert verify(settings, ledger.dsn) == []

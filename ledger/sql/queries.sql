@@ -717,6 +717,11 @@ SELECT h.shard, h.last_seq, e.entry_hash, e.chain_key_id, e.event_id
 -- name: account_shard
 SELECT shard FROM journal_entries WHERE account_id = %s LIMIT 1;
 
+-- name: lock_book
+-- One account's book, locked as the writer locks it for a batch (so the journal of the account
+-- does not move until the lock is let go).
+SELECT book, shard FROM account_books WHERE account_id = %s FOR UPDATE;
+
 -- name: audit_entries
 SELECT e.shard, e.shard_seq, e.account_id, e.event_type, e.status, e.occurred_at, e.payload,
        coalesce(p.accounts, '{}'), coalesce(p.amounts, '{}'),
