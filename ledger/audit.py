@@ -152,8 +152,23 @@ def _account_entries(
     row = conn.execute(QUERIES["account_shard"], (account_id,)).fetchone()
     if row is None:
         raise LedgerError(f"account {account_id!r} has no journal entries")
-    params = {"shard": row[0], "account_id": account_id, "as_of": as_of}
+    return account_journal(conn, account_id, row[0], as_of)
+
+
+def account_journal(
+    conn: psycopg.Connection,
+    account_id: str,
+    shard: int,
+    as_of: datetime | None = None,
+    through: int | None = None,
+) -> tuple[list[JournalEntry], dict[int, tuple]]:
+    """The entries of an account and of its shard ('': ticks, published versions), in shard
+    order, as recorded by `as_of` and up to shard_seq `through` (None: all), and per
+    shard_seq (event_id, price_version, detail)."""
+    params = {"shard": shard, "account_id": account_id, "as_of": as_of}
     rows = conn.execute(QUERIES["audit_entries"], params).fetchall()
+    if through is not None:
+        rows = [r for r in rows if r[1] <= through]
     entries = [JournalEntry(*r[:7], tuple(zip(r[7], r[8], strict=True))) for r in rows]
     return entries, {r[1]: (r[9], r[10], r[11]) for r in rows}
 

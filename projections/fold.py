@@ -74,7 +74,7 @@ def fold_entries(
     states: dict[str, AccountStatus],
     entries: Iterable[JournalEntry],
     clock: datetime | None,
-    tick_sensitive: Callable[[], Iterable[tuple[str, dict]]] | None = None,
+    tick_sensitive: Callable[[], Iterable[tuple[str, AccountStatus]]] | None = None,
     visited: set[str] | None = None,
 ) -> tuple[list[Effect], datetime | None]:
     """Apply one shard's entries, in order, to `states` (mutated; accounts are added as they
@@ -104,7 +104,7 @@ def fold_entries(
                     continue
                 if clock is None or billing.month_of(tick_at) > billing.month_of(clock):
                     for account_id, state in tick_sensitive() if tick_sensitive else ():
-                        states.setdefault(account_id, AccountStatus.from_json(account_id, state))
+                        states.setdefault(account_id, state)
                     for account_id in sorted(states):
                         if states[account_id].tick_sensitive:
                             effects += projection.on_tick(

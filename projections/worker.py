@@ -37,6 +37,7 @@ from ledger.codec import Codec
 from ledger.consumer import BatchSizer
 from ledger.db import QUERIES
 from ledger.errors import UnfoldableEntryError
+from ledger.log import describe_error
 from ledger.policy import Policy
 from ledger.settings import Settings
 from projections.account_status import (
@@ -260,7 +261,7 @@ class ProjectionWorker:
         """Fold each shard's entries (an account lives on one shard) and write the states,
         outbox rows and invoices; returns the effects, each shard's clock after, and (when
         `isolate`) the shards left out because an entry of theirs did not fold, with why."""
-        loaded = self._load(
+        loaded, unreadable = self._load(
             QUERIES["load_account_status"],
             sorted({e.account_id for shard_entries in entries.values() for e in shard_entries}),
         )
@@ -268,14 +269,27 @@ class ProjectionWorker:
         rows: list[tuple] = []
         failed: dict[int, str] = {}
         for shard, shard_entries in entries.items():
-            states = {
-                e.account_id: loaded[e.account_id] for e in shard_entries if e.account_id in loaded
-            }
+            after = shard_entries[0].shard_seq - 1  # the shard's position: states fold to it
+            states: dict[str, AccountStatus] = {}
 
-            def tick_sensitive(shard: int = shard) -> Iterable[tuple[str, dict]]:
-                return self.conn.execute(QUERIES["load_tick_sensitive"], (shard,))
+            def tick_sensitive(
+                shard: int = shard, after: int = after, states: dict = states
+            ) -> Iterable[tuple[str, AccountStatus]]:
+                found, broken = self._load(QUERIES["load_tick_sensitive"], shard)
+                for account_id, why in broken.items():
+                    if account_id not in states:
+                        found[account_id] = self._recompute(account_id, shard, after, why)
+                return found.items()
 
             try:
+                for e in shard_entries:
+                    if e.account_id in states:
+                        continue
+                    if e.account_id in loaded:
+                        states[e.account_id] = loaded[e.account_id]
+                    elif e.account_id in unreadable:
+                        why = unreadable[e.account_id]
+                        states[e.account_id] = self._recompute(e.account_id, shard, after, why)
                 shard_effects, clocks[shard] = fold_entries(
                     self.projection, states, shard_entries, clocks[shard], tick_sensitive
                 )
@@ -300,11 +314,36 @@ class ProjectionWorker:
                     cur.executemany(QUERIES[query], params)
         return effects, clocks, failed
 
-    def _load(self, query: str, *params) -> dict[str, AccountStatus]:
-        return {
-            account_id: AccountStatus.from_json(account_id, state)
-            for account_id, state in self.conn.execute(query, params)
-        }
+    def _load(self, query: str, *params) -> tuple[dict[str, AccountStatus], dict[str, str]]:
+        """The account states a query selects, and those that cannot be read ({account: why}:
+        a row changed by hand into something this worker never writes)."""
+        states, unreadable = {}, {}
+        for account_id, state in self.conn.execute(query, params):
+            try:
+                states[account_id] = AccountStatus.from_json(account_id, state)
+            except Exception as exc:
+                unreadable[account_id] = describe_error(exc)
+        return states, unreadable
+
+    def _recompute(self, account_id: str, shard: int, through: int, why: str) -> AccountStatus:
+        """An account state that cannot be read, folded again from the journal up to the
+        shard's position (`through`), as a rebuild would fold it; the pass goes on from it
+        and writes it back. A state is derived data; the journal is the record. The fold's
+        effects are dropped: they were published when the entries were first folded. Raises
+        UnfoldableEntryError if the account's entries do not fold (the shard then waits)."""
+        from ledger.audit import account_journal
+
+        log.error(
+            "projection_state_unreadable",
+            account_id=account_id,
+            shard=shard,
+            error=why,
+            recomputed_through=through,
+        )
+        entries, _ = account_journal(self.conn, account_id, shard, through=through)
+        states = {account_id: AccountStatus(account_id)}
+        fold_entries(AccountStatusProjection(self.projection.default_policy), states, entries, None)
+        return states[account_id]
 
     def _outbox_row(self, effect: Effect) -> tuple:
         event_type, event = output_event(effect)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from projections.rebuild import ShardState, _fold_apart, rebuild, recompute
 from projections.worker import STEP_MAX_ENTRIES, ProjectionWorker
 from tests.harness import T0, wait_until
 from tests.test_console_http import usage
-from tests.test_journal import opened
+from tests.test_journal import opened, record
 
 SHIPPED = Path(__file__).parents[1] / "ledger" / "policy.toml"
 
@@ -196,6 +197,12 @@ def suspensions(dsn: str, account_id: str) -> int:
     return n
 
 
+def suspended(dsn: str, account_id: str) -> bool:
+    with psycopg.connect(dsn) as conn:
+        sql = "SELECT suspended FROM account_status WHERE account_id = %s"
+        return conn.execute(sql, (account_id,)).fetchone()[0]
+
+
 def folded(dsn: str, account_id: str) -> bool:
     with psycopg.connect(dsn) as conn:
         row = conn.execute(
@@ -255,3 +262,83 @@ def test_a_shard_whose_entry_does_not_fold_waits_and_the_other_shards_go_on(
             assert conn.execute(positions).fetchall() == [(0, 1), (1, 1)]
     finally:
         worker.close()
+
+
+def test_an_account_state_no_one_can_read_is_folded_again_from_the_journal(
+    writer, dsn, admin_dsn, base_settings
+):
+    """A superuser turns a suspended account's projected state into a JSON array. The live
+    worker does not stop (it would, for every shard, at each pass): it folds that account's
+    state again from the journal up to the shard's position, goes on from it (so the payment
+    method added next reinstates the account, which only a state that knows the suspension
+    can tell), and writes it back; verify then finds the projection equal to a rebuild."""
+    writer.write_batch([opened("ps-a", 0), usage("ps-a", 0, T0, 6_000_000)])  # $1.32: past the $1
+    worker = ProjectionWorker(base_settings, dsn)
+    try:
+        worker.drain()
+        assert suspensions(dsn, "ps-a") == 1
+        with psycopg.connect(admin_dsn, autocommit=True) as su:
+            su.execute("UPDATE account_status SET state = '[]' WHERE account_id = 'ps-a'")
+        added = record(
+            "billing.payment-methods.v1", "PaymentMethodAdded", "ps-a", 0,
+            payment_method_id="pm", kind="card",
+        )  # fmt: skip
+        writer.write_batch([added, opened("ps-b", 1)])
+        worker.isolate = True
+        with capture_logs() as logs:
+            assert worker.run_once() == 2
+        assert worker.stopped == {}
+        [unreadable] = [e for e in logs if e["event"] == "projection_state_unreadable"]
+        assert (unreadable["account_id"], unreadable["shard"]) == ("ps-a", 0)
+        assert unreadable["recomputed_through"] == 2
+        assert unreadable["error"] == "AttributeError: 'list' object has no attribute 'get'"
+        assert suspensions(dsn, "ps-a") == 2  # suspended, then reinstated
+        assert not suspended(dsn, "ps-a")
+    finally:
+        worker.close()
+    assert verify(base_settings, dsn) == []
+
+
+def test_an_unreadable_state_revisited_at_the_month_turn_is_folded_again(
+    writer, dsn, admin_dsn, base_settings
+):
+    """The same for a state the month's first tick revisits without an entry of its own (an
+    account suspended for its spend limit, `tick_sensitive`): folded again from the journal,
+    so the new month reinstates it."""
+    spend = record(
+        "billing.usage.v1",
+        "UsageRecorded",
+        "ts-a",
+        0,
+        request_id="r",
+        product="serverless",
+        model="accounts/fireworks/models/deepseek-r1",
+        service_tier="standard",
+        output_tokens=7_500_000,
+    )  # fmt: skip  ($60: past the new account's $50 limit)
+    added = record(
+        "billing.payment-methods.v1", "PaymentMethodAdded", "ts-a", 0,
+        payment_method_id="pm", kind="card",
+    )  # fmt: skip
+    writer.write_batch([opened("ts-a", 0), added, spend])
+    worker = ProjectionWorker(base_settings, dsn)
+    try:
+        worker.drain()
+        written = suspensions(dsn, "ts-a")  # the limit's warnings, then its suspension
+        assert suspended(dsn, "ts-a")
+        with psycopg.connect(admin_dsn, autocommit=True) as su:
+            su.execute("UPDATE account_status SET state = '{}' WHERE account_id = 'ts-a'")
+        april = datetime(2026, 4, 1, 0, 1, tzinfo=UTC)
+        tick = record("billing.control.v1", "PeriodTick", "", 0, tick_at=april, occurred_at=april)
+        writer.write_batch([tick])
+        worker.isolate = True
+        with capture_logs() as logs:
+            assert worker.run_once() == 1
+        assert worker.stopped == {}
+        [unreadable] = [e for e in logs if e["event"] == "projection_state_unreadable"]
+        assert (unreadable["account_id"], unreadable["recomputed_through"]) == ("ts-a", 3)
+        assert suspensions(dsn, "ts-a") == written + 1  # reinstated by the new month
+        assert not suspended(dsn, "ts-a")
+    finally:
+        worker.close()
+    assert verify(base_settings, dsn) == []
