@@ -910,15 +910,36 @@ class LedgerWriter:
         key_id, mac = self.key_id, self._mac
         shards = sorted(per_shard)
         # The shards' row locks are held until commit: their heads and sequences are ours.
+        counts = [len(per_shard[s]) for s in shards]
         advanced = {
-            shard: (last, head)
-            for shard, last, head in cur.execute(
-                QUERIES["advance_shards"], (shards, [len(per_shard[s]) for s in shards])
+            shard: (last, head, journaled)
+            for shard, last, head, journaled in cur.execute(
+                QUERIES["advance_shards"], (shards, counts)
             )
         }
+        behind = [
+            (shard, n)
+            for shard, n in zip(shards, counts, strict=True)
+            if (journaled := advanced[shard][2]) is not None and journaled > advanced[shard][0] - n
+        ]
+        if behind:
+            # shard_heads is the writer's working state, the journal the record: a head
+            # behind it (changed by hand) would reuse sequence numbers, and every batch of
+            # the shard would fail on them and be quarantined. Repaired, loudly.
+            for shard, n in behind:
+                log.error(
+                    "shard_head_repaired",
+                    shard=shard,
+                    head_seq=advanced[shard][0] - n,
+                    journal_seq=advanced[shard][2],
+                )
+            repaired = cur.execute(
+                QUERIES["repair_shard_heads"], ([s for s, _ in behind], [n for _, n in behind])
+            )
+            advanced |= {shard: (last, head, j) for shard, last, head, j in repaired}
         for shard in shards:
             items = per_shard[shard]
-            last, head = advanced[shard]
+            last, head, _ = advanced[shard]
             first = last - len(items) + 1
             head = bytes(head)
             for i, item in enumerate(items):

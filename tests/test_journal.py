@@ -325,7 +325,9 @@ def test_a_tick_passes_by_an_account_whose_month_close_raises_and_keeps_its_book
 
     monkeypatch.setattr(journal, "invoice_events", failing_for_c1)
     with psycopg.connect(dsn) as conn:
-        (before,) = conn.execute("SELECT book FROM account_books WHERE account_id = 'c1'").fetchone()
+        (before,) = conn.execute(
+            "SELECT book FROM account_books WHERE account_id = 'c1'"
+        ).fetchone()
     close = datetime(2026, 4, 4, 0, 0, 1, tzinfo=UTC)
     tick = record("billing.control.v1", "PeriodTick", "", 0, tick_at=close, occurred_at=close)
     with capture_logs() as logs:
@@ -342,3 +344,36 @@ def test_a_tick_passes_by_an_account_whose_month_close_raises_and_keeps_its_book
     [skipped] = [e for e in logs if e["event"] == "account_skipped"]
     assert (skipped["account_id"], skipped["entry"]) == ("c1", "InvoiceIssued")
     assert skipped["error"] == "ArithmeticError: no invoice for c1"
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["DELETE FROM shard_heads WHERE shard = 0", "UPDATE shard_heads SET last_seq = 1"],
+    ids=["deleted", "moved-back"],
+)
+def test_a_shard_head_left_behind_its_journal_by_hand_is_repaired_not_every_event_quarantined(
+    writer, dsn, admin_dsn, base_settings, change
+):
+    """shard_heads is the writer's working state. A head behind the journal would hand out
+    sequence numbers already taken: every batch of the shard would fail on the journal's
+    primary key and each of its events be quarantined, for good. The writer numbers on from
+    the journal's last entry and links to it, with one error line per repair, and the
+    journal still verifies."""
+    writer.write_batch([opened("a", 0), opened("b", 1)])
+    with psycopg.connect(admin_dsn, autocommit=True) as su:
+        su.execute(change)
+    with capture_logs() as logs:
+        result = writer.write_batch([opened("c", 2), opened("d", 3)])
+        again = writer.write_batch([opened("e", 4)])
+    assert (result.journaled, result.rejected, again.journaled) == (2, 0, 1)
+    [repaired] = [e for e in logs if e["event"] == "shard_head_repaired"]
+    assert (repaired["shard"], repaired["journal_seq"]) == (0, 2)
+    assert repaired["head_seq"] == (0 if change.startswith("DELETE") else 1)
+    with psycopg.connect(dsn) as conn:
+        seqs = conn.execute(
+            "SELECT account_id, shard_seq FROM journal_entries ORDER BY shard_seq"
+        ).fetchall()
+        assert conn.execute("SELECT last_seq FROM shard_heads").fetchall() == [(5,)]
+        differences = check_journal(conn, chain_keys.load(base_settings), Policy.load())
+    assert seqs == [("a", 1), ("b", 2), ("c", 3), ("d", 4), ("e", 5)]
+    assert differences == []

@@ -153,10 +153,24 @@ SELECT account_id, book, shard FROM account_books
 -- Per shard (first array) its new last sequence number, the count (second array) added to the
 -- last, and its chain head before this batch. One statement for all the batch's shards; the
 -- rows are locked in shard order, as one statement per shard did.
+-- Also the shard's last journaled sequence number (an index probe), by which the writer knows
+-- a head left behind its journal by hand (`repair_shard_heads`).
 INSERT INTO shard_heads (shard, last_seq)
 SELECT shard, added FROM unnest(%s::integer[], %s::bigint[]) AS x (shard, added) ORDER BY shard
 ON CONFLICT (shard) DO UPDATE SET last_seq = shard_heads.last_seq + EXCLUDED.last_seq
-RETURNING shard, last_seq, head_hash;
+RETURNING shard, last_seq, head_hash,
+          (SELECT max(j.shard_seq) FROM journal_entries j WHERE j.shard = shard_heads.shard);
+
+-- name: repair_shard_heads
+-- Shard heads behind their journal (a row deleted, or its last_seq lowered, by hand): moved to
+-- the journal's last entry and past it by the count (second array) this batch adds. Returns
+-- what advance_shards returns, the journal's last sequence number as repaired.
+UPDATE shard_heads h SET last_seq = e.shard_seq + x.added, head_hash = e.entry_hash
+  FROM unnest(%s::integer[], %s::bigint[]) AS x (shard, added)
+ CROSS JOIN LATERAL (SELECT j.shard_seq, j.entry_hash FROM journal_entries j
+                      WHERE j.shard = x.shard ORDER BY j.shard_seq DESC LIMIT 1) e
+ WHERE h.shard = x.shard
+RETURNING h.shard, h.last_seq, h.head_hash, e.shard_seq;
 
 -- name: save_shard_head
 UPDATE shard_heads SET head_hash = %s WHERE shard = %s;
