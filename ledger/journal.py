@@ -787,8 +787,14 @@ class LedgerWriter:
                 self._configs.pop(shard, None)
                 continue
             config = ShardConfig()
-            for (payload,) in cur.execute(QUERIES["shard_config_entries"], (shard,)):
-                config.add(ConfigVersion.from_event(payload))
+            for event_id, payload, *published in cur.execute(
+                QUERIES["shard_config_entries"], (shard,)
+            ):
+                try:
+                    version = ConfigVersion.from_event(payload)
+                except (ValueError, KeyError, TypeError) as exc:
+                    version = _as_published(shard, event_id, published, exc)
+                config.add(version)
             self._configs[shard] = (seq, config, config.fold(self.fold))
 
     def _pending_configs(
@@ -1119,6 +1125,31 @@ class _Books(dict[str, tuple[AccountBook, int]]):
                 "account_skipped", account_id=account_id, entry=what, error=describe_error(exc)
             )
             return None
+
+
+def _as_published(
+    shard: int, event_id: str, published: list, error: BaseException
+) -> ConfigVersion:
+    """The version a ConfigPublished entry whose payload no longer reads (changed by hand:
+    verify reports its link) was made from, read from its `config_publications` row (checked
+    against its sha256 as the entry would be), so that the shard goes on priced as journaled;
+    one `config_entry_unreadable` error line each time the shard's versions are loaded. Raises
+    the entry's error when that row is gone or changed too: nothing is priced by guess."""
+    kind, name, effective, document, sha = published
+    log.error(
+        "config_entry_unreadable",
+        shard=shard,
+        event_id=event_id,
+        error=describe_error(error),
+        using="config_publications" if kind is not None else None,
+    )
+    if kind is None:
+        raise error
+    version = ConfigVersion(kind, name, effective, document, sha)
+    try:
+        return ConfigVersion.from_event(version.event(shard, effective))
+    except (ValueError, KeyError, TypeError):
+        raise error from None
 
 
 def save_books(cur: psycopg.Cursor, books: Sequence[tuple[str, AccountBook, int]]) -> None:

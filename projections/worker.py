@@ -187,6 +187,7 @@ class ProjectionWorker:
             planned[shard] = min(head - position, room)
             room -= planned[shard]
         ranges: list[tuple[int, int, int]] = []
+        unreadable_policy: dict[int, str] = {}
         try:
             with self.conn.transaction():
                 clocks: dict[int, datetime | None] = {}
@@ -201,7 +202,11 @@ class ProjectionWorker:
                     # The shard's policy is known without asking the journal only where this
                     # worker's own last committed pass left the shard (failures forget it).
                     if self._policy_known.pop(shard, None) != position:
-                        self._use_policy_at(shard, position)
+                        unread = self._use_policy_at(shard, position)
+                        if unread is not None:
+                            ranges.pop()  # the shard waits, like one whose entry won't fold
+                            unreadable_policy[shard] = unread
+                self._stop_shards(unreadable_policy)
                 if not ranges:
                     return 0  # other workers hold these shards, or nothing new
                 entries = read_entries_of_shards(self.conn, ranges)
@@ -235,14 +240,26 @@ class ProjectionWorker:
         log.debug("projection_step", shards=len(ranges), entries=applied, effects=len(effects))
         return applied
 
-    def _use_policy_at(self, shard: int, position: int) -> None:
+    def _use_policy_at(self, shard: int, position: int) -> str | None:
         """The policy journaled on `shard` at or before `position` (another worker may have
-        folded the entries since this one last did): the shard's policy from here."""
+        folded the entries since this one last did): the shard's policy from here. Returns
+        why not when that entry does not read (changed by hand): under `isolate` the shard
+        then waits as for an entry that does not fold; otherwise UnfoldableEntryError."""
         row = self.conn.execute(QUERIES["shard_policy_at"], (shard, position)).fetchone()
         if row is None:
             self.projection.policies.pop(shard, None)
-        else:
+            return None
+        try:
             self.projection.configure(shard, row[0])
+        except (ValueError, KeyError, TypeError) as exc:
+            why = (
+                f"the policy journaled on shard {shard} at or before entry {position} does not "
+                f"read: {describe_error(exc)} (`ledger verify` says what changed)"
+            )
+            if not self.isolate:
+                raise UnfoldableEntryError(why) from exc
+            return why
+        return None
 
     def _stop_shards(self, failed: dict[int, str]) -> None:
         """The shards whose entries did not fold wait; each is logged at every attempt."""

@@ -377,3 +377,41 @@ def test_a_shard_head_left_behind_its_journal_by_hand_is_repaired_not_every_even
         differences = check_journal(conn, chain_keys.load(base_settings), Policy.load())
     assert seqs == [("a", 1), ("b", 2), ("c", 3), ("d", 4), ("e", 5)]
     assert differences == []
+
+
+def test_a_configuration_entry_changed_by_hand_is_read_from_its_publication(
+    writer, dsn, admin_dsn, tmp_path
+):
+    """The versions a shard prices and bills by are read back from its ConfigPublished
+    entries (after a restart, or when another writer held the shard). One whose payload no
+    longer reads is taken from the publication it was made from (sha256 checked), with an
+    error line, so the shard goes on as journaled; with that row gone too, the batch fails
+    (the consumer retries it) rather than price anything by guess or quarantine it."""
+    from ledger.config_versions import policy_version
+    from ledger.configure import publish
+    from tests.test_projection_workers import raised_policy
+
+    with psycopg.connect(dsn) as conn:
+        publish(conn, [policy_version(raised_policy(tmp_path))])
+    writer.write_batch([opened("a", 0)])  # journals the version on shard 0 first
+    with psycopg.connect(admin_dsn, autocommit=True) as su:
+        su.execute("SET session_replication_role = replica")  # past the append-only guard
+        su.execute(
+            'UPDATE journal_entries SET payload = \'{"kind": "policy"}\' '
+            "WHERE event_type = 'ConfigPublished'"
+        )
+    writer._configs.clear()  # as after a restart
+    with capture_logs() as logs:
+        result = writer.write_batch([opened("b", 1)])
+    assert (result.journaled, result.rejected) == (1, 0)
+    [unreadable] = [e for e in logs if e["event"] == "config_entry_unreadable"]
+    assert unreadable["event_id"] == "config:policy:2026-02:0"
+    assert unreadable["using"] == "config_publications"
+    assert writer._configs[0][1].policy.version == "2026-02"
+
+    with psycopg.connect(admin_dsn, autocommit=True) as su:
+        su.execute("DELETE FROM config_publications")
+    writer._configs.clear()
+    with pytest.raises(KeyError):
+        writer.write_batch([opened("c", 2)])
+    assert count(dsn, "rejected_events") == 0 and count(dsn, "journal_entries") == 3

@@ -342,3 +342,37 @@ def test_an_unreadable_state_revisited_at_the_month_turn_is_folded_again(
     finally:
         worker.close()
     assert verify(base_settings, dsn) == []
+
+
+def test_a_shard_whose_journaled_policy_no_longer_reads_waits_and_the_others_go_on(
+    writer, dsn, admin_dsn, base_settings, tmp_path
+):
+    """A worker that takes a shard over reads the policy journaled there up to its position.
+    If that entry was changed by hand, the shard waits (as for an entry that does not fold)
+    and the pass folds the other shards; `drain` raises."""
+    with psycopg.connect(dsn) as conn:
+        publish(conn, [policy_version(raised_policy(tmp_path))])
+    writer.write_batch([opened("pa", 0), opened("pb", 0, partition=1)])
+    ProjectionWorker(base_settings, dsn).drain()
+    with psycopg.connect(admin_dsn, autocommit=True) as su:
+        su.execute("SET session_replication_role = replica")
+        su.execute(
+            'UPDATE journal_entries SET payload = \'{"kind": "policy"}\' '
+            "WHERE event_type = 'ConfigPublished' AND shard = 0"
+        )
+    writer.write_batch([opened("pc", 1), opened("pd", 1, partition=1)])
+    worker = ProjectionWorker(base_settings, dsn)  # knows no shard's policy yet
+    try:
+        with pytest.raises(UnfoldableEntryError, match="policy journaled on shard 0"):
+            worker.drain()
+        worker.conn.rollback()
+        worker.isolate, worker.stopped_retry_s = True, 3600.0
+        with capture_logs() as logs:
+            assert worker.run_once() == 1  # shard 1's new entry
+        assert list(worker.stopped) == [0]
+        [stopped] = [e for e in logs if e["event"] == "projection_shard_stopped"]
+        assert stopped["shard"] == 0 and "KeyError" in stopped["error"]
+        assert folded(dsn, "pd") and not folded(dsn, "pc")
+        assert limit(dsn, "pd") == 70  # shard 1 kept its journaled policy
+    finally:
+        worker.close()

@@ -869,8 +869,13 @@ SELECT s.shard, p.id, p.kind, p.version, p.effective_from, p.document, p.sha256,
 SELECT shard, config_seq FROM shard_heads WHERE shard = ANY(%s);
 
 -- name: shard_config_entries
-SELECT payload FROM journal_entries
- WHERE shard = %s AND event_type = 'ConfigPublished' ORDER BY shard_seq;
+-- With the publication each entry was made from (its event id names kind, version, shard): what
+-- the writer falls back on for an entry whose payload no longer reads.
+SELECT e.event_id, e.payload, p.kind, p.version, p.effective_from, p.document, p.sha256
+  FROM journal_entries e
+  LEFT JOIN config_publications p
+    ON e.event_id = 'config:' || p.kind || ':' || p.version || ':' || e.shard
+ WHERE e.shard = %s AND e.event_type = 'ConfigPublished' ORDER BY e.shard_seq;
 
 -- name: save_config_seq
 UPDATE shard_heads SET config_seq = %s WHERE shard = %s;
