@@ -109,7 +109,7 @@ class Restored:
 
     account_id: str
     changed: bool
-    was: str  # "unreadable: <why>", "different" or "equal"
+    was: str  # "unreadable: <why>", "missing", "different" or "equal"
 
 
 def restore_book(conn: psycopg.Connection, policy: Policy, account_id: str) -> Restored:
@@ -117,16 +117,14 @@ def restore_book(conn: psycopg.Connection, policy: Policy, account_id: str) -> R
     superuser changed by hand (`ledger verify` reports it; the writer quarantines the events
     of an account whose book it cannot read). The book's row is locked first, as the writer
     locks it for a batch, so the journal read after it is the account's whole journal and no
-    batch moves the book until the transaction ends. An equal book is left as it is. Raises
-    LedgerError when the account has no book or no journal entries, or when its entries do
-    not fold (then the journal itself was changed: nothing is written)."""
+    batch moves the book until the transaction ends (a book deleted by hand is written anew:
+    the writer holds such an account's events meanwhile). An equal book is left as it is.
+    Raises LedgerError when the account has no journal entries, or when its entries do not
+    fold (then the journal itself was changed: nothing is written)."""
     from ledger.journal import save_books
 
     with conn.transaction():
         row = conn.execute(QUERIES["lock_book"], (account_id,)).fetchone()
-        if row is None:
-            raise LedgerError(f"account {account_id!r} has no book")
-        stored, _ = row
         try:
             entries, extra = _account_entries(conn, account_id, None)
             book = recorded_book(account_id, entries, extra, policy)
@@ -135,10 +133,14 @@ def restore_book(conn: psycopg.Connection, policy: Policy, account_id: str) -> R
                 f"the journal entries of account {account_id!r} do not fold ({exc}); "
                 "run `ledger verify`: the book is left as it is"
             ) from exc
-        try:
-            was = "equal" if AccountBook.from_json(account_id, stored) == book else "different"
-        except Exception as exc:  # whatever was written there by hand
-            was = f"unreadable: {describe_error(exc)}"
+        if row is None:
+            was = "missing"  # deleted by hand: the writer holds the account's events meanwhile
+        else:
+            try:
+                same = AccountBook.from_json(account_id, row[0]) == book
+                was = "equal" if same else "different"
+            except Exception as exc:  # whatever was written there by hand
+                was = f"unreadable: {describe_error(exc)}"
         if was != "equal":
             save_books(conn.cursor(), [(account_id, book, entries[0].shard)])
     return Restored(account_id, was != "equal", was)

@@ -690,6 +690,13 @@ class LedgerWriter:
 
     def _load_books(self, cur: psycopg.Cursor, account_ids: set[str], books: _Books) -> None:
         books.read(cur.execute(QUERIES["lock_books"], (sorted(account_ids),)).fetchall())
+        # An account without a book is new, unless the journal has entries of it: a fresh
+        # book would forget its grants and payments (and bill what they should pay).
+        missing = sorted(account_ids - books.keys() - books.unreadable.keys())
+        if missing:
+            for (account_id,) in cur.execute(QUERIES["accounts_journaled"], (missing,)):
+                books.unreadable[account_id] = "no book, yet the journal has entries of it"
+                log.error("account_book_unreadable", account_id=account_id, error="no book")
 
     def _period_tick(
         self,
@@ -879,8 +886,8 @@ class LedgerWriter:
         self._load_books(cur, {a for _, a, _ in held if a not in books}, books)
         out = []
         for event_id, account_id, usage in held:
-            if event_id in done or account_id in books.unreadable:
-                continue  # an unreadable book's usage stays held (`_Books`)
+            if event_id in done or account_id not in books:
+                continue  # an unreadable (or missing) book's usage stays held (`_Books`)
             derived = books.derive(
                 account_id,
                 "UsageRerated",

@@ -415,3 +415,33 @@ def test_a_configuration_entry_changed_by_hand_is_read_from_its_publication(
     with pytest.raises(KeyError):
         writer.write_batch([opened("c", 2)])
     assert count(dsn, "rejected_events") == 0 and count(dsn, "journal_entries") == 3
+
+
+def test_an_account_whose_book_was_deleted_is_held_not_started_afresh(
+    writer, dsn, admin_dsn, base_settings
+):
+    """An account with journal entries but no book (its row deleted by hand) is not a new
+    account: a fresh book would forget its grants and bill what they should pay. Its events
+    are quarantined, saying why, until `ledger books restore` writes the book anew."""
+    from ledger.audit import restore_book
+
+    def use(offset: int) -> FakeRecord:
+        return record(
+            "billing.usage.v1", "UsageRecorded", "gone", offset, request_id=f"r{offset}",
+            product="serverless", model="accounts/fireworks/models/deepseek-r1",
+            service_tier="standard", output_tokens=10_000,
+        )  # fmt: skip
+
+    writer.write_batch([opened("gone", 0), use(0)])
+    with psycopg.connect(admin_dsn, autocommit=True) as su:
+        su.execute("DELETE FROM account_books WHERE account_id = 'gone'")
+    held = writer.write_batch([use(1)])
+    assert (held.journaled, held.rejected_by_reason) == (0, {"processing_error": 1})
+    with psycopg.connect(dsn) as conn:
+        (detail,) = conn.execute("SELECT detail FROM rejected_events").fetchone()
+        assert "no book, yet the journal has entries of it" in detail
+        done = restore_book(conn, Policy.load(), "gone")
+    assert (done.changed, done.was) == (True, "missing")
+    assert writer.write_batch([use(2)]).journaled == 1
+    with psycopg.connect(dsn) as conn:
+        assert check_journal(conn, chain_keys.load(base_settings), Policy.load()) == []

@@ -609,7 +609,7 @@ def test_ticks_and_a_month_close_pass_an_unreadable_book_by_until_it_is_restored
     ).fetchone()
     assert AccountBook.from_json("ub-1", book) == AccountBook.from_json("ub-1", saved)
     unknown = ledger_cli("books", "restore", "nobody", env=env)
-    assert unknown.returncode == 1 and "account 'nobody' has no book" in unknown.stderr
+    assert unknown.returncode == 1 and "account 'nobody' has no journal entries" in unknown.stderr
 
     sent += ledger.period_tick(april_close + timedelta(minutes=1))
     wait_until(lambda: ticks() == sent and entries("GrantExpired", "ub-1"), 30, "the expiry")

@@ -128,6 +128,11 @@ SELECT event_id, content_hash FROM raw_events WHERE event_id = ANY(%s);
 SELECT account_id, book, shard FROM account_books
  WHERE account_id = ANY(%s) ORDER BY account_id FOR UPDATE;
 
+-- name: accounts_journaled
+-- Which of these accounts (ones without a book) have journal entries all the same: their book
+-- was deleted by hand (index journal_entries_account).
+SELECT DISTINCT account_id FROM journal_entries WHERE account_id = ANY(%s);
+
 -- name: lock_expiring_books
 SELECT account_id, book, shard FROM account_books
  WHERE shard = %s AND next_expiry <= %s ORDER BY account_id FOR UPDATE;
