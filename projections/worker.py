@@ -298,6 +298,16 @@ class ProjectionWorker:
                         found[account_id] = self._recompute(account_id, shard, after, why)
                 return found.items()
 
+            # An account without a state row is new to the projection, unless the shard's
+            # folded entries hold some of it (its row deleted by hand): folded again too.
+            stateless = sorted(
+                {e.account_id for e in shard_entries} - loaded.keys() - unreadable.keys() - {""}
+            )
+            if stateless:
+                for (account_id,) in self.conn.execute(
+                    QUERIES["accounts_folded_before"], (stateless, shard, after)
+                ):
+                    unreadable[account_id] = "no state row, yet entries of it were folded"
             try:
                 for e in shard_entries:
                     if e.account_id in states:

@@ -376,3 +376,31 @@ def test_a_shard_whose_journaled_policy_no_longer_reads_waits_and_the_others_go_
         assert limit(dsn, "pd") == 70  # shard 1 kept its journaled policy
     finally:
         worker.close()
+
+
+def test_an_account_state_deleted_by_hand_is_folded_again_not_started_afresh(
+    writer, dsn, admin_dsn, base_settings
+):
+    """A state row deleted while the account has folded entries is not a new account (a
+    fresh state would not know it was opened and suspended): folded again from the
+    journal, so the payment method added next reinstates it."""
+    writer.write_batch([opened("dl-a", 0), usage("dl-a", 0, T0, 6_000_000)])  # suspended
+    worker = ProjectionWorker(base_settings, dsn)
+    try:
+        worker.drain()
+        assert suspended(dsn, "dl-a")
+        with psycopg.connect(admin_dsn, autocommit=True) as su:
+            su.execute("DELETE FROM account_status WHERE account_id = 'dl-a'")
+        added = record(
+            "billing.payment-methods.v1", "PaymentMethodAdded", "dl-a", 0,
+            payment_method_id="pm", kind="card",
+        )  # fmt: skip
+        writer.write_batch([added])
+        with capture_logs() as logs:
+            assert worker.run_once() == 1
+        [line] = [e for e in logs if e["event"] == "projection_state_unreadable"]
+        assert line["account_id"] == "dl-a" and "no state row" in line["error"]
+        assert suspensions(dsn, "dl-a") == 2 and not suspended(dsn, "dl-a")  # reinstated
+    finally:
+        worker.close()
+    assert verify(base_settings, dsn) == []

@@ -287,6 +287,12 @@ SELECT p.shard, p.shard_seq, p.ledger_account, p.amount
 -- name: load_account_status
 SELECT account_id, state FROM account_status WHERE account_id = ANY(%s);
 
+-- name: accounts_folded_before
+-- Which of these accounts (ones without a state row) have entries the shard's projection
+-- already folded: their row was deleted by hand (index journal_entries_account).
+SELECT DISTINCT account_id FROM journal_entries
+ WHERE account_id = ANY(%s) AND shard = %s AND shard_seq <= %s;
+
 -- name: load_tick_sensitive
 SELECT account_id, state FROM account_status WHERE shard = %s AND tick_sensitive;
 
