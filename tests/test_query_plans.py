@@ -103,3 +103,32 @@ def test_finding_a_shards_held_usage_reads_only_its_unpriced_entries(large_journ
     assert len(large_journal.execute(QUERIES["held_usage"], (3,)).fetchall()) == 5
     read = rows_read(large_journal, QUERIES["held_usage"], (3,), "journal_entries")
     assert read <= 20, f"held_usage read {read} journal rows for 5 held entries"
+
+
+def test_advancing_the_shard_heads_reads_one_journal_row_per_shard(large_journal):
+    """Every batch: the heads move on, and each shard's last journaled sequence number comes
+    back with them (to catch a head left behind its journal by hand), from the index's end."""
+    params = (SHARDS, [1] * len(SHARDS))
+    read = rows_read(large_journal, QUERIES["advance_shards"], params, "journal_entries")
+    assert read <= len(SHARDS), f"advance_shards read {read} journal rows"
+
+
+@pytest.mark.parametrize(
+    ("query", "params", "found"),
+    [
+        # A batch's accounts without a book: new ones, and one whose book was deleted.
+        ("accounts_journaled", ([f"new-{n}" for n in range(100)] + ["acct-7"],), ["acct-7"]),
+        # A pass's accounts without a state row, by what the shard's projection folded.
+        (
+            "accounts_folded_before",
+            ([f"new-{n}" for n in range(100)] + ["acct-7"], 7, 100_000),
+            ["acct-7"],
+        ),
+    ],
+)
+def test_looking_up_accounts_without_a_book_or_state_reads_only_their_entries(
+    large_journal, query, params, found
+):
+    assert [a for (a,) in large_journal.execute(QUERIES[query], params)] == found
+    read = rows_read(large_journal, QUERIES[query], params, "journal_entries")
+    assert read <= 2 * ENTRIES // 500, f"{query} read {read} journal rows"

@@ -131,7 +131,9 @@ SELECT account_id, book, shard FROM account_books
 -- name: accounts_journaled
 -- Which of these accounts (ones without a book) have journal entries all the same: their book
 -- was deleted by hand (index journal_entries_account).
-SELECT DISTINCT account_id FROM journal_entries WHERE account_id = ANY(%s);
+SELECT a.account_id FROM unnest(%s::text[]) AS a (account_id)
+ CROSS JOIN LATERAL (SELECT 1 FROM journal_entries e WHERE e.account_id = a.account_id
+                      LIMIT 1) AS journaled;
 
 -- name: lock_expiring_books
 SELECT account_id, book, shard FROM account_books
@@ -290,8 +292,11 @@ SELECT account_id, state FROM account_status WHERE account_id = ANY(%s);
 -- name: accounts_folded_before
 -- Which of these accounts (ones without a state row) have entries the shard's projection
 -- already folded: their row was deleted by hand (index journal_entries_account).
-SELECT DISTINCT account_id FROM journal_entries
- WHERE account_id = ANY(%s) AND shard = %s AND shard_seq <= %s;
+-- A probe per account (LATERAL ... LIMIT 1), never one pass over the shard's entries.
+SELECT a.account_id FROM unnest(%s::text[]) AS a (account_id)
+ CROSS JOIN LATERAL (SELECT 1 FROM journal_entries e
+                      WHERE e.account_id = a.account_id AND e.shard = %s AND e.shard_seq <= %s
+                      LIMIT 1) AS folded;
 
 -- name: load_tick_sensitive
 SELECT account_id, state FROM account_status WHERE shard = %s AND tick_sensitive;
