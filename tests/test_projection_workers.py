@@ -264,21 +264,37 @@ def test_a_shard_whose_entry_does_not_fold_waits_and_the_other_shards_go_on(
         worker.close()
 
 
-def test_an_account_state_no_one_can_read_is_folded_again_from_the_journal(
-    writer, dsn, admin_dsn, base_settings
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        (
+            "UPDATE account_status SET state = '[]' WHERE account_id = 'ps-a'",
+            "AttributeError: 'list' object has no attribute 'get'",
+        ),
+        (
+            "DELETE FROM account_status WHERE account_id = 'ps-a'",
+            "no state row, yet entries of it were folded",
+        ),
+    ],
+    ids=["unreadable", "deleted"],
+)
+def test_an_account_state_changed_by_hand_is_folded_again_from_the_journal(
+    writer, dsn, admin_dsn, base_settings, change, error
 ):
-    """A superuser turns a suspended account's projected state into a JSON array. The live
-    worker does not stop (it would, for every shard, at each pass): it folds that account's
-    state again from the journal up to the shard's position, goes on from it (so the payment
-    method added next reinstates the account, which only a state that knows the suspension
-    can tell), and writes it back; verify then finds the projection equal to a rebuild."""
+    """A superuser turns a suspended account's projected state into a JSON array, or deletes
+    it. The live worker neither stops (it would, for every shard, at each pass) nor starts
+    the account afresh (a fresh state would not know it was opened and suspended): it folds
+    that account's state again from the journal up to the shard's position, goes on from it
+    (so the payment method added next reinstates the account, which only a state that knows
+    the suspension can tell), and writes it back; verify then finds the projection equal to
+    a rebuild."""
     writer.write_batch([opened("ps-a", 0), usage("ps-a", 0, T0, 6_000_000)])  # $1.32: past the $1
     worker = ProjectionWorker(base_settings, dsn)
     try:
         worker.drain()
-        assert suspensions(dsn, "ps-a") == 1
+        assert suspensions(dsn, "ps-a") == 1 and suspended(dsn, "ps-a")
         with psycopg.connect(admin_dsn, autocommit=True) as su:
-            su.execute("UPDATE account_status SET state = '[]' WHERE account_id = 'ps-a'")
+            su.execute(change)
         added = record(
             "billing.payment-methods.v1", "PaymentMethodAdded", "ps-a", 0,
             payment_method_id="pm", kind="card",
@@ -290,8 +306,7 @@ def test_an_account_state_no_one_can_read_is_folded_again_from_the_journal(
         assert worker.stopped == {}
         [unreadable] = [e for e in logs if e["event"] == "projection_state_unreadable"]
         assert (unreadable["account_id"], unreadable["shard"]) == ("ps-a", 0)
-        assert unreadable["recomputed_through"] == 2
-        assert unreadable["error"] == "AttributeError: 'list' object has no attribute 'get'"
+        assert (unreadable["recomputed_through"], unreadable["error"]) == (2, error)
         assert suspensions(dsn, "ps-a") == 2  # suspended, then reinstated
         assert not suspended(dsn, "ps-a")
     finally:
@@ -376,31 +391,3 @@ def test_a_shard_whose_journaled_policy_no_longer_reads_waits_and_the_others_go_
         assert limit(dsn, "pd") == 70  # shard 1 kept its journaled policy
     finally:
         worker.close()
-
-
-def test_an_account_state_deleted_by_hand_is_folded_again_not_started_afresh(
-    writer, dsn, admin_dsn, base_settings
-):
-    """A state row deleted while the account has folded entries is not a new account (a
-    fresh state would not know it was opened and suspended): folded again from the
-    journal, so the payment method added next reinstates it."""
-    writer.write_batch([opened("dl-a", 0), usage("dl-a", 0, T0, 6_000_000)])  # suspended
-    worker = ProjectionWorker(base_settings, dsn)
-    try:
-        worker.drain()
-        assert suspended(dsn, "dl-a")
-        with psycopg.connect(admin_dsn, autocommit=True) as su:
-            su.execute("DELETE FROM account_status WHERE account_id = 'dl-a'")
-        added = record(
-            "billing.payment-methods.v1", "PaymentMethodAdded", "dl-a", 0,
-            payment_method_id="pm", kind="card",
-        )  # fmt: skip
-        writer.write_batch([added])
-        with capture_logs() as logs:
-            assert worker.run_once() == 1
-        [line] = [e for e in logs if e["event"] == "projection_state_unreadable"]
-        assert line["account_id"] == "dl-a" and "no state row" in line["error"]
-        assert suspensions(dsn, "dl-a") == 2 and not suspended(dsn, "dl-a")  # reinstated
-    finally:
-        worker.close()
-    assert verify(base_settings, dsn) == []
