@@ -39,6 +39,7 @@ COMMAND_ROLES = {
     "rejects list": "reader",
     "rejects show": "reader",
     "offsets show": "reader",
+    "offsets audit": "reader",
     "outbox parked": "reader",
     "trial-balance": "reader",
     "account show": "reader",
@@ -240,6 +241,8 @@ def _offsets(args: argparse.Namespace, settings: Settings) -> int:
     dsn = db.require_current_schema(
         info.role_dsn("writer" if args.action == "accept-loss" else "reader")
     )
+    if args.action == "audit":
+        return _offsets_audit(args, settings, info.bootstrap, dsn)
     if args.action == "accept-loss":
         if args.shard is None:
             raise ConfigError("offsets accept-loss: --shard is required")
@@ -255,6 +258,43 @@ def _offsets(args: argparse.Namespace, settings: Settings) -> int:
     if not lost:
         print("no lost offsets: every stored offset is still in Kafka")
     return 1 if lost else 0
+
+
+def _offsets_audit(args: argparse.Namespace, settings: Settings, bootstrap: str, dsn: str) -> int:
+    from ledger.offsets import audit
+
+    shards = None if args.shard is None else [args.shard]
+    audits = _with_progress(
+        "records",
+        "records",
+        lambda progress: audit(settings, bootstrap, dsn, shards, progress=progress),
+        transient=True,
+    )
+    missing = 0
+    for a in audits:
+        if a.stored <= a.first:
+            unread = "nothing read yet" if a.stored == a.first else "LOST: see offsets show"
+            print(
+                f"{a.topic}[{a.partition}] {unread} "
+                f"(stored offset {a.stored}, Kafka from {a.first})"
+            )
+            continue
+        print(
+            f"{a.topic}[{a.partition}] offsets {a.first}..{a.stored - 1}: {a.records} records, "
+            f"{a.journaled} journaled, {a.redelivered} redelivered, {a.quarantined} quarantined, "
+            f"{a.pruned} quarantined and pruned, {a.missing} unaccounted"
+        )
+        for u in a.unaccounted:
+            print(
+                f"UNACCOUNTED {a.topic}[{a.partition}] offsets {u.first}..{u.last} "
+                f"({u.records} records): {u.why}"
+            )
+        missing += a.missing
+    if missing:
+        print(f"{missing} records below the stored offsets left no trace in the journal")
+        return 1
+    print("every record below the stored offsets is journaled, redelivered or quarantined")
+    return 0
 
 
 def _rejects_show(args: argparse.Namespace, settings: Settings) -> int:
@@ -682,10 +722,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_rejects)
 
     p = sub.add_parser(
-        "offsets", help="stored offsets Kafka deleted before they were journaled; accept a loss"
+        "offsets",
+        help="stored offsets Kafka deleted before they were journaled; accept a loss; audit "
+        "that every record below them is in the journal",
     )
-    p.add_argument("action", choices=["show", "accept-loss"])
-    p.add_argument("--shard", type=_shard, help="the shard (partition number) to accept")
+    p.add_argument("action", choices=["show", "accept-loss", "audit"])
+    p.add_argument(
+        "--shard", type=_shard, help="the shard (partition number) to accept, or to audit"
+    )
     p.add_argument("--note", help="why the loss is accepted (kept with the record)")
     p.set_defaults(func=_offsets)
     p = sub.add_parser(

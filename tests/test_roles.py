@@ -35,7 +35,10 @@ WORKING_STATE = (
     "account_status",
     "outbox",
 )
-OTHER = ("schema_migrations",)  # the migrator's record: read by everyone, written by the owner
+OTHER = (
+    "schema_migrations",  # the migrator's record: read by everyone, written by the owner
+    "pruned_rejects",  # where each pruned reject came from: written only by ledger_prune()
+)
 
 # Every way we know to change a journal row or get past its guards, as the writer.
 ATTACKS = [

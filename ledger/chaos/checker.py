@@ -17,7 +17,8 @@ Checks, in the order their differences are reported (the first one is "the first
                   version the projection recorded (outbox) but nobody published, or the last
                   one not the projection's
   verify          `ledger verify` (trial balance, hash chains, rebuilt projection = live,
-                  invoices), and `ledger projections rebuild` changing no account's row
+                  invoices), `ledger projections rebuild` changing no account's row, and
+                  `ledger offsets audit` finding every record below the stored offsets
   stall           a shard made no progress for longer than allowed
 """
 

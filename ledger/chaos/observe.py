@@ -1,6 +1,6 @@
 """Read what the ledger ended with, for the checker: PostgreSQL (raw events, rejects, postings,
 live status versions, commit times), Kafka (the status and dead-letter topics, read from the
-start) and `ledger verify`."""
+start), `ledger verify` and `ledger offsets audit`."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from ledger.codec import Codec
 from ledger.db import QUERIES
 from ledger.errors import DecodeError
 from ledger.kafka_auth import client_options
+from ledger.offsets import audit as offsets_audit
 from ledger.settings import Settings
 from ledger.verify import verify
 from projections.rebuild import rebuild
@@ -65,6 +66,12 @@ def observe(settings: Settings, bootstrap: str, dsn: str) -> Observed:
         for d in verify(settings, dsn, keys=keys, checkpoints=checkpoints)
     ]
     differences += rebuild_differences(settings, dsn)
+    # Every record below the stored offsets accounted for by the audit an operator runs.
+    differences += [
+        ("offsets audit", f"{a.topic}[{a.partition}] offsets {u.first}..{u.last}", u.why)
+        for a in offsets_audit(settings, bootstrap, dsn)
+        for u in a.unaccounted
+    ]
     return Observed(
         journaled=journaled,
         journaled_twice=twice,

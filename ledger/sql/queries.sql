@@ -121,6 +121,22 @@ VALUES (%s, %s, %s, %s)
 ON CONFLICT (group_id, topic, kafka_partition) DO UPDATE SET next_offset = EXCLUDED.next_offset
  WHERE consumer_offsets.next_offset < EXCLUDED.next_offset;
 
+-- name: audit_journaled
+-- `ledger offsets audit`: where each of these events was journaled from, and its content.
+SELECT event_id, content_hash, topic, kafka_partition, kafka_offset FROM raw_events
+ WHERE event_id = ANY(%s);
+
+-- name: audit_quarantined
+-- `ledger offsets audit`: the offsets of one partition's range that were quarantined (TRUE if
+-- retention has since pruned the reject, with only where it came from kept).
+SELECT kafka_offset, FALSE FROM rejected_events
+ WHERE topic = %(topic)s AND kafka_partition = %(partition)s
+   AND kafka_offset BETWEEN %(first)s AND %(last)s
+UNION ALL
+SELECT kafka_offset, TRUE FROM pruned_rejects
+ WHERE topic = %(topic)s AND kafka_partition = %(partition)s
+   AND kafka_offset BETWEEN %(first)s AND %(last)s;
+
 -- name: known_events
 SELECT event_id, content_hash FROM raw_events WHERE event_id = ANY(%s);
 
