@@ -131,6 +131,10 @@ class AccountStatus:
     # (customer:A:invoiced); the invoices journaled for it.
     invoiced_outstanding: Decimal = ZERO
     invoices: list[str] = dataclasses.field(default_factory=list)
+    # The shard_seq of the last entry folded into this state (0: not known): the fold skips
+    # entries at or below it, so nothing is folded twice. Bookkeeping, kept in its own column
+    # (account_status.folded_through), not in the state document, and not compared.
+    folded_through: int = dataclasses.field(default=0, compare=False)
 
     @property
     def credit_balance(self) -> Decimal:
@@ -208,7 +212,11 @@ class AccountStatus:
 
 
 _STATE_FIELDS = tuple(
-    sorted(f.name for f in dataclasses.fields(AccountStatus) if f.name != "account_id")
+    sorted(
+        f.name
+        for f in dataclasses.fields(AccountStatus)
+        if f.name not in ("account_id", "folded_through")
+    )
 )
 
 

@@ -76,6 +76,7 @@ def fold_entries(
     clock: datetime | None,
     tick_sensitive: Callable[[], Iterable[tuple[str, AccountStatus]]] | None = None,
     visited: set[str] | None = None,
+    refolded: list[JournalEntry] | None = None,
 ) -> tuple[list[Effect], datetime | None]:
     """Apply one shard's entries, in order, to `states` (mutated; accounts are added as they
     appear). The one loop shared by the live worker, rebuild, verify and audit. A
@@ -85,7 +86,10 @@ def fold_entries(
     accounts, and only those that need it (a limit suspension): `tick_sensitive` supplies
     those not in `states` (the live worker reads them from the database; a fold from scratch
     has them all already). Invoices are journaled entries (InvoiceIssued, the ledger writer's
-    month close), read like any other."""
+    month close), read like any other.
+
+    An entry at or below a state's `folded_through` was folded into it already (a position
+    moved back): it is skipped, and added to `refolded` when given."""
     effects: list[Effect] = []
     entry: JournalEntry | None = None
     try:  # one try around the loop, not a call per entry: the fold's hottest path
@@ -106,16 +110,21 @@ def fold_entries(
                     for account_id, state in tick_sensitive() if tick_sensitive else ():
                         states.setdefault(account_id, state)
                     for account_id in sorted(states):
-                        if states[account_id].tick_sensitive:
-                            effects += projection.on_tick(
-                                states[account_id], tick_at, clock, entry.shard_seq
-                            )
+                        state = states[account_id]
+                        if state.tick_sensitive and state.folded_through < entry.shard_seq:
+                            effects += projection.on_tick(state, tick_at, clock, entry.shard_seq)
+                            state.folded_through = entry.shard_seq
                             if visited is not None:
                                 visited.add(account_id)
                 clock = tick_at
                 continue
             state = states.setdefault(entry.account_id, AccountStatus(entry.account_id))
+            if entry.shard_seq <= state.folded_through:
+                if refolded is not None:
+                    refolded.append(entry)
+                continue
             effects += projection.apply(state, entry, clock)
+            state.folded_through = entry.shard_seq
     except (AttributeError, KeyError, TypeError, ValueError, ArithmeticError) as exc:
         if entry is None:
             raise
@@ -150,6 +159,7 @@ def status_row(projection: AccountStatusProjection, shard: int, state: AccountSt
         state.month,
         state.month_to_date_spend,
         state.tick_sensitive,
+        state.folded_through,
     )
 
 

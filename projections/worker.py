@@ -317,9 +317,26 @@ class ProjectionWorker:
                     elif e.account_id in unreadable:
                         why = unreadable[e.account_id]
                         states[e.account_id] = self._recompute(e.account_id, shard, after, why)
+                refolded: list[JournalEntry] = []
                 shard_effects, clocks[shard] = fold_entries(
-                    self.projection, states, shard_entries, clocks[shard], tick_sensitive
+                    self.projection,
+                    states,
+                    shard_entries,
+                    clocks[shard],
+                    tick_sensitive,
+                    refolded=refolded,
                 )
+                if refolded:
+                    # The shard's position was behind what its states had folded (moved
+                    # back by hand, or restored from an older backup than the states).
+                    log.error(
+                        "projection_entries_already_folded",
+                        shard=shard,
+                        position=after,
+                        skipped=len(refolded),
+                        first=refolded[0].shard_seq,
+                        last=refolded[-1].shard_seq,
+                    )
             except UnfoldableEntryError as exc:
                 if not self.isolate:
                     raise
@@ -345,11 +362,13 @@ class ProjectionWorker:
         """The account states a query selects, and those that cannot be read ({account: why}:
         a row changed by hand into something this worker never writes)."""
         states, unreadable = {}, {}
-        for account_id, state in self.conn.execute(query, params):
+        for account_id, state, folded_through in self.conn.execute(query, params):
             try:
                 states[account_id] = AccountStatus.from_json(account_id, state)
             except Exception as exc:
                 unreadable[account_id] = describe_error(exc)
+            else:
+                states[account_id].folded_through = folded_through
         return states, unreadable
 
     def _recompute(self, account_id: str, shard: int, through: int, why: str) -> AccountStatus:

@@ -125,7 +125,7 @@ def test_a_journal_from_before_payloads_became_json_still_verifies(stack, base_s
             writer = LedgerWriter(conn, _fold(), keys=keys, group_id="ledger", deadletter_topic="d")
             writer.write_batch([opened("j-1", 0), opened("j-2", 1)])
             before = conn.execute(texts).fetchall()
-        assert db.migrate(dsn) == [14]
+        assert db.migrate(dsn) == [v for v, _, _ in db.migrations() if v >= 14]
         with psycopg.connect(dsn) as conn:
             assert conn.execute(texts).fetchall() == before  # jsonb's text, as it was
             assert all(": " in payload for payload, _ in before)  # not the canonical text

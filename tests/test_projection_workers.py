@@ -314,6 +314,43 @@ def test_an_account_state_changed_by_hand_is_folded_again_from_the_journal(
     assert verify(base_settings, dsn) == []
 
 
+def test_a_position_moved_back_folds_nothing_twice(writer, dsn, admin_dsn, base_settings):
+    """A shard's projection position moved back by hand (or the positions restored from a
+    backup older than the states): the entries its states already folded are skipped, so no
+    usage is counted twice and no status change is sent twice; verify names a state that says
+    it folded past its shard's position (it would skip entries it never folded)."""
+    writer.write_batch([opened("pm-a", 0), usage("pm-a", 0, T0, 6_000_000)])  # $1.32: past $1
+    worker = ProjectionWorker(base_settings, dsn)
+    columns = "suspended, reasons, status_version, credit_balance, receivable, state"
+    row = f"SELECT {columns} FROM account_status WHERE account_id = 'pm-a'"
+    try:
+        worker.drain()
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            before = conn.execute(row).fetchone()
+            (position,) = conn.execute(
+                "SELECT position FROM projection_positions WHERE shard = 0"
+            ).fetchone()
+            conn.execute("UPDATE projection_positions SET position = 0 WHERE shard = 0")
+        assert before[0] and suspensions(dsn, "pm-a") == 1
+        writer.write_batch([opened("pm-b", 1)])
+        with capture_logs() as logs:
+            assert worker.run_once() == position + 1
+        [skipped] = [e for e in logs if e["event"] == "projection_entries_already_folded"]
+        assert (skipped["shard"], skipped["position"], skipped["skipped"]) == (0, 0, 2)
+        with psycopg.connect(dsn) as conn:
+            assert conn.execute(row).fetchone() == before
+        assert suspensions(dsn, "pm-a") == 1
+        assert folded(dsn, "pm-b")
+    finally:
+        worker.close()
+    assert verify(base_settings, dsn) == []
+    with psycopg.connect(admin_dsn, autocommit=True) as su:
+        su.execute("UPDATE account_status SET folded_through = 1000 WHERE account_id = 'pm-b'")
+    [ahead] = verify(base_settings, dsn)
+    assert (ahead.check, ahead.subject) == ("projection", "pm-b")
+    assert ahead.detail == f"folded_through 1000 is past shard 0's position {position + 1}"
+
+
 def test_an_unreadable_state_revisited_at_the_month_turn_is_folded_again(
     writer, dsn, admin_dsn, base_settings
 ):

@@ -583,3 +583,7 @@ BEGIN
                             'ledger_writer'));
 END;
 $$;
+
+-- 0016 ----------------------------------------------------------------------------------------
+-- The last entry folded into each account state: the projection folds nothing twice.
+ALTER TABLE account_status ADD COLUMN folded_through bigint NOT NULL DEFAULT 0;
