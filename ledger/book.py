@@ -180,41 +180,58 @@ class AccountBook:
 
     @classmethod
     def from_json(cls, account_id: str, data: dict[str, Any]) -> AccountBook:
+        """A stored book, refused (ValueError, TypeError, KeyError) unless it holds what the
+        writer writes: each field of its type, amounts as finite decimal strings, times with
+        their offset. A value of another type would fail later, at each event of the account
+        or at a tick, far from the cause (or, a float amount, be read inexactly)."""
         grants = {
             gid: Grant(
                 gid,
-                g["kind"],
+                _typed(g["kind"], str, "kind"),
                 _amount(g["granted"]),
                 _amount(g["remaining"]),
-                _time(g["expires_at"]) if g["expires_at"] else None,
-                g["order"],
+                _time(g["expires_at"]) if g["expires_at"] is not None else None,
+                _typed(g["order"], int, "order"),
                 _amount(g.get("expired", "0")),
                 _amount(g.get("applied", "0")),
                 # Before `revoked` was kept, a revoked grant was one with nothing granted.
-                g.get("revoked", Decimal(g["granted"]) == 0),
+                _typed(g.get("revoked", _amount(g["granted"]) == 0), bool, "revoked"),
             )
-            for gid, g in data["grants"].items()
+            for gid, g in _typed(data["grants"], dict, "grants").items()
         }
         return cls(
             account_id,
-            data["opened"],
+            _typed(data["opened"], bool, "opened"),
             _amount(data["receivable"]),
             grants,
-            data["next_order"],
+            _typed(data["next_order"], int, "next_order"),
             {
-                m: {k: _amount(v) for k, v in kinds.items()}
-                for m, kinds in data.get("pending", {}).items()
+                _typed(m, str, "pending month"): {
+                    _typed(k, str, "pending kind"): _amount(v)
+                    for k, v in _typed(kinds, dict, "pending month").items()
+                }
+                for m, kinds in _typed(data.get("pending", {}), dict, "pending").items()
             },
             _amount(data.get("prepaid", "0")),
             _amount(data.get("invoiced", "0")),
-            data.get("last_invoice"),
+            _typed(data.get("last_invoice"), (str, type(None)), "last_invoice"),
         )
 
 
+def _typed(value: Any, kinds: type | tuple[type, ...], what: str) -> Any:
+    """`value` if it is exactly of one of `kinds` (so True is not an int here), else TypeError."""
+    allowed = kinds if isinstance(kinds, tuple) else (kinds,)
+    if type(value) not in allowed:
+        names = " or ".join("null" if k is type(None) else k.__name__ for k in allowed)
+        raise TypeError(f"{what} {value!r} is a {type(value).__name__}, not {names}")
+    return value
+
+
 def _amount(text: str) -> Decimal:
-    """An amount of a stored book: a finite decimal (Decimal() also reads NaN and Infinity,
-    which no book the writer wrote holds, and which would stop a comparison further on)."""
-    amount = Decimal(text)
+    """An amount of a stored book: a finite decimal written as a string (Decimal() also reads
+    NaN and Infinity, which no book the writer wrote holds, and which would stop a comparison
+    further on; and a float, inexactly)."""
+    amount = Decimal(_typed(text, str, "amount"))
     if not amount.is_finite():
         raise ValueError(f"amount {text!r} is not a finite number")
     return amount
@@ -223,7 +240,7 @@ def _amount(text: str) -> Decimal:
 def _time(text: str) -> datetime:
     """A time of a stored book: with its offset (a naive time could not be compared with the
     ticks' and would stop the shard's next tick)."""
-    at = datetime.fromisoformat(text)
+    at = datetime.fromisoformat(_typed(text, str, "time"))
     if at.tzinfo is None:
         raise ValueError(f"time {text!r} has no UTC offset")
     return at
