@@ -187,60 +187,62 @@ class AccountBook:
         grants = {
             gid: Grant(
                 gid,
-                _typed(g["kind"], str, "kind"),
-                _amount(g["granted"]),
-                _amount(g["remaining"]),
-                _time(g["expires_at"]) if g["expires_at"] is not None else None,
-                _typed(g["order"], int, "order"),
-                _amount(g.get("expired", "0")),
-                _amount(g.get("applied", "0")),
+                stored_typed(g["kind"], str, "kind"),
+                stored_amount(g["granted"]),
+                stored_amount(g["remaining"]),
+                stored_time(g["expires_at"]) if g["expires_at"] is not None else None,
+                stored_typed(g["order"], int, "order"),
+                stored_amount(g.get("expired", "0")),
+                stored_amount(g.get("applied", "0")),
                 # Before `revoked` was kept, a revoked grant was one with nothing granted.
-                _typed(g.get("revoked", _amount(g["granted"]) == 0), bool, "revoked"),
+                stored_typed(g.get("revoked", stored_amount(g["granted"]) == 0), bool, "revoked"),
             )
-            for gid, g in _typed(data["grants"], dict, "grants").items()
+            for gid, g in stored_typed(data["grants"], dict, "grants").items()
         }
         return cls(
             account_id,
-            _typed(data["opened"], bool, "opened"),
-            _amount(data["receivable"]),
+            stored_typed(data["opened"], bool, "opened"),
+            stored_amount(data["receivable"]),
             grants,
-            _typed(data["next_order"], int, "next_order"),
+            stored_typed(data["next_order"], int, "next_order"),
             {
-                _typed(m, str, "pending month"): {
-                    _typed(k, str, "pending kind"): _amount(v)
-                    for k, v in _typed(kinds, dict, "pending month").items()
+                stored_typed(m, str, "pending month"): {
+                    stored_typed(k, str, "pending kind"): stored_amount(v)
+                    for k, v in stored_typed(kinds, dict, "pending month").items()
                 }
-                for m, kinds in _typed(data.get("pending", {}), dict, "pending").items()
+                for m, kinds in stored_typed(data.get("pending", {}), dict, "pending").items()
             },
-            _amount(data.get("prepaid", "0")),
-            _amount(data.get("invoiced", "0")),
-            _typed(data.get("last_invoice"), (str, type(None)), "last_invoice"),
+            stored_amount(data.get("prepaid", "0")),
+            stored_amount(data.get("invoiced", "0")),
+            stored_typed(data.get("last_invoice"), (str, type(None)), "last_invoice"),
         )
 
 
-def _typed(value: Any, kinds: type | tuple[type, ...], what: str) -> Any:
+def stored_typed(value: Any, kinds: type | tuple[type, ...], what: str) -> Any:
     """`value` if it is exactly of one of `kinds` (so True is not an int here), else TypeError."""
+    if type(value) is kinds or (type(kinds) is tuple and type(value) in kinds):
+        return value
     allowed = kinds if isinstance(kinds, tuple) else (kinds,)
-    if type(value) not in allowed:
-        names = " or ".join("null" if k is type(None) else k.__name__ for k in allowed)
-        raise TypeError(f"{what} {value!r} is a {type(value).__name__}, not {names}")
-    return value
+    names = " or ".join("null" if k is type(None) else k.__name__ for k in allowed)
+    raise TypeError(f"{what} {value!r} is a {type(value).__name__}, not {names}")
 
 
-def _amount(text: str) -> Decimal:
-    """An amount of a stored book: a finite decimal written as a string (Decimal() also reads
-    NaN and Infinity, which no book the writer wrote holds, and which would stop a comparison
-    further on; and a float, inexactly)."""
-    amount = Decimal(_typed(text, str, "amount"))
+def stored_amount(text: str) -> Decimal:
+    """An amount of a stored book or state: a finite decimal written as a string (Decimal()
+    also reads NaN and Infinity, which nothing the ledger wrote holds, and which would stop a
+    comparison further on; and a float, inexactly)."""
+    if type(text) is not str:
+        stored_typed(text, str, "amount")
+    amount = Decimal(text)
     if not amount.is_finite():
         raise ValueError(f"amount {text!r} is not a finite number")
     return amount
 
 
-def _time(text: str) -> datetime:
+def stored_time(text: str) -> datetime:
     """A time of a stored book: with its offset (a naive time could not be compared with the
     ticks' and would stop the shard's next tick)."""
-    at = datetime.fromisoformat(_typed(text, str, "time"))
+    at = datetime.fromisoformat(stored_typed(text, str, "time"))
     if at.tzinfo is None:
         raise ValueError(f"time {text!r} has no UTC offset")
     return at
