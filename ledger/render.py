@@ -48,6 +48,15 @@ def print_account(view: dict[str, Any], console: Console | None = None) -> None:
         for gid, balance in view["grants"].items():
             grants.add_row(gid, balance)
         console.print(grants)
+    if view.get("book_unreadable"):
+        from ledger.rejects import printable  # what was written by hand may hold escapes
+
+        console.print(
+            f"not yet invoiced: unknown, the account book cannot be read "
+            f"({printable(view['book_unreadable'])}); `ledger verify` names it, "
+            f"`ledger books restore {view['account_id']}` writes it back",
+            markup=False,
+        )
     if view.get("open_charges"):
         charges = Table(title="not yet invoiced")
         for col in ("month", "kind", "amount"):

@@ -8,7 +8,9 @@ from typing import Any
 
 import psycopg
 
+from ledger.book import stored_amount, stored_typed
 from ledger.db import QUERIES
+from ledger.log import describe_error
 from ledger.money import plain
 from projections.billing import month_of
 
@@ -58,7 +60,7 @@ def account_view(conn: psycopg.Connection, account_id: str, last: int = 10) -> d
             "month": month,
             "month_to_date_spend": plain(mtd),
             "headroom": plain(limit - mtd) if limit is not None else None,
-            "open_charges": _open_charges(conn, account_id),
+            **_open_charges(conn, account_id),
             "invoiced_outstanding": state.get("invoiced_outstanding", "0"),
         }
     view["invoices"] = [
@@ -82,10 +84,23 @@ def account_view(conn: psycopg.Connection, account_id: str, last: int = 10) -> d
     return view
 
 
-def _open_charges(conn: psycopg.Connection, account_id: str) -> dict[str, dict[str, str]]:
-    """Charges waiting for an invoice, by month and kind (the ledger writer's book)."""
+def _open_charges(conn: psycopg.Connection, account_id: str) -> dict[str, Any]:
+    """`open_charges`: charges waiting for an invoice, by month and kind (the ledger writer's
+    book); with `book_unreadable` (why) instead when the book's pending charges are not what
+    the writer writes (changed by hand: the writer holds the account until it is restored)."""
     row = conn.execute(QUERIES["account_book_pending"], (account_id,)).fetchone()
-    return {m: dict(kinds) for m, kinds in (row[0] if row else {}).items()}
+    try:
+        pending = stored_typed(row[0] if row else {}, dict, "pending")
+        charges = {
+            stored_typed(month, str, "pending month"): {
+                stored_typed(kind, str, "pending kind"): str(stored_amount(amount))
+                for kind, amount in stored_typed(kinds, dict, "pending month").items()
+            }
+            for month, kinds in pending.items()
+        }
+    except (TypeError, ValueError, ArithmeticError) as exc:
+        return {"open_charges": {}, "book_unreadable": describe_error(exc)}
+    return {"open_charges": charges}
 
 
 def invoices_of_month(conn: psycopg.Connection, month: str) -> list[dict[str, Any]]:

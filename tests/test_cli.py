@@ -139,7 +139,7 @@ def test_trial_balance_exits_zero_when_balanced_and_one_when_not(ledger, stack, 
         conn.execute("DELETE FROM postings WHERE line = 99")
 
 
-def test_account_show_prints_balances_status_and_entries(ledger, stack, dsn):
+def test_account_show_prints_balances_status_and_entries(ledger, stack, dsn, admin_dsn):
     ledger.open_account("show-1")
     ledger.use("show-1", output_tokens=2_000_000)  # $1.80: $1 credit, $0.80 owed
     ledger.settle(2)
@@ -158,6 +158,25 @@ def test_account_show_prints_balances_status_and_entries(ledger, stack, dsn):
     assert "CREDITS_EXHAUSTED_NO_PAYMENT_METHOD" in table.stdout
     unknown = ledger_cli("account", "show", "nobody", env=services_env(stack, dsn))
     assert unknown.returncode == 4
+
+    # The book's waiting charges changed by hand into what the writer never writes: the rest
+    # of the account is shown, and the charges are said to be unknown.
+    with psycopg.connect(admin_dsn, autocommit=True) as su:
+        su.execute(
+            "UPDATE account_books SET book = jsonb_set(book, '{pending}', %s::jsonb) "
+            "WHERE account_id = 'show-1'",
+            ('{"2026-03": {"usage": 5}}',),
+        )
+    result = ledger_cli("account", "show", "show-1", "--json", env=services_env(stack, dsn))
+    assert result.returncode == 0, result.stderr
+    view = json.loads(result.stdout)
+    assert view["open_charges"] == {}
+    assert view["book_unreadable"] == "TypeError: amount 5 is a int, not str"
+    assert view["status"] == "suspended"
+    table = ledger_cli("account", "show", "show-1", env=services_env(stack, dsn))
+    assert table.returncode == 0, table.stderr
+    assert "the account book cannot be read (TypeError: amount 5 is a int" in table.stdout
+    assert "ledger books restore show-1" in table.stdout
 
 
 def test_account_show_and_invoices_list_give_limits_and_invoices(ledger, stack, dsn):

@@ -319,3 +319,21 @@ def test_a_chart_scales_its_bars_to_the_highest_day_and_keeps_the_values_exact()
     assert chart.total == Decimal("7.5000001") and chart.peak == Decimal("5")
     assert all(b.y + b.height == chart.base for b in chart.bars)
     assert bar_chart("nothing", "USD", [("2026-03-01", Decimal(0))]).bars[0].height == 0
+
+
+def test_an_account_whose_book_cannot_be_read_is_shown_with_its_charges_unknown(
+    console, writer, base_settings, dsn, admin_dsn
+):
+    at = datetime(2026, 3, 2, tzinfo=UTC)
+    writer.write_batch([opened("unread-1", 0), usage("unread-1", 1, at, 5_000_000)])
+    project(base_settings, dsn)
+    assert "Not yet invoiced" in console.get("/accounts/unread-1").text
+    with psycopg.connect(admin_dsn, autocommit=True) as su:
+        su.execute(
+            "UPDATE account_books SET book = jsonb_set(book, '{pending}', '[\"<b>x\"]') "
+            "WHERE account_id = 'unread-1'"
+        )
+    page = console.get("/accounts/unread-1")
+    assert page.status_code == 200, page.text
+    assert "the account book cannot be read (TypeError: pending [&#39;&lt;b&gt;x&#39;]" in page.text
+    assert "<b>x" not in page.text
