@@ -55,12 +55,7 @@ def lost_ranges(
     )
     try:
         names = topics.input_topics(settings)
-        partitions = [
-            TopicPartition(name, p)
-            for name in names
-            for p in sorted(consumer.partitions_for_topic(name) or ())
-            if shards is None or p in shards
-        ]
+        partitions = _input_partitions(consumer, names, shards)
         begin = consumer.beginning_offsets(partitions, timeout_ms=10_000) if partitions else {}
     finally:
         consumer.close()
@@ -75,6 +70,18 @@ def lost_ranges(
         LostRange(tp.topic, tp.partition, stored.get((tp.topic, tp.partition), 0), begin[tp])
         for tp in partitions
         if stored.get((tp.topic, tp.partition), 0) < begin[tp]
+    ]
+
+
+def _input_partitions(
+    consumer: KafkaConsumer, names: list[str], shards: list[int] | None
+) -> list[TopicPartition]:
+    """The partitions of the input topics `names` (of `shards`, or all), in order."""
+    return [
+        TopicPartition(name, p)
+        for name in names
+        for p in sorted(consumer.partitions_for_topic(name) or ())
+        if shards is None or p in shards
     ]
 
 
@@ -234,12 +241,7 @@ def audit(
     )
     try:
         names = topics.input_topics(settings)
-        partitions = [
-            TopicPartition(name, p)
-            for name in names
-            for p in sorted(consumer.partitions_for_topic(name) or ())
-            if shards is None or p in shards
-        ]
+        partitions = _input_partitions(consumer, names, shards)
         if not partitions:
             return []
         begin = consumer.beginning_offsets(partitions, timeout_ms=10_000)
