@@ -185,18 +185,7 @@ class AccountBook:
         their offset. A value of another type would fail later, at each event of the account
         or at a tick, far from the cause (or, a float amount, be read inexactly)."""
         grants = {
-            gid: Grant(
-                gid,
-                stored_typed(g["kind"], str, "kind"),
-                stored_amount(g["granted"]),
-                stored_amount(g["remaining"]),
-                stored_time(g["expires_at"]) if g["expires_at"] is not None else None,
-                stored_typed(g["order"], int, "order"),
-                stored_amount(g.get("expired", "0")),
-                stored_amount(g.get("applied", "0")),
-                # Before `revoked` was kept, a revoked grant was one with nothing granted.
-                stored_typed(g.get("revoked", stored_amount(g["granted"]) == 0), bool, "revoked"),
-            )
+            gid: _stored_grant(gid, g)
             for gid, g in stored_typed(data["grants"], dict, "grants").items()
         }
         return cls(
@@ -205,17 +194,38 @@ class AccountBook:
             stored_amount(data["receivable"]),
             grants,
             stored_typed(data["next_order"], int, "next_order"),
-            {
-                stored_typed(m, str, "pending month"): {
-                    stored_typed(k, str, "pending kind"): stored_amount(v)
-                    for k, v in stored_typed(kinds, dict, "pending month").items()
-                }
-                for m, kinds in stored_typed(data.get("pending", {}), dict, "pending").items()
-            },
+            stored_pending(data.get("pending", {})),
             stored_amount(data.get("prepaid", "0")),
             stored_amount(data.get("invoiced", "0")),
             stored_typed(data.get("last_invoice"), (str, type(None)), "last_invoice"),
         )
+
+
+def _stored_grant(grant_id: str, g: dict[str, Any]) -> Grant:
+    granted = stored_amount(g["granted"])
+    return Grant(
+        grant_id,
+        stored_typed(g["kind"], str, "kind"),
+        granted,
+        stored_amount(g["remaining"]),
+        stored_time(g["expires_at"]) if g["expires_at"] is not None else None,
+        stored_typed(g["order"], int, "order"),
+        stored_amount(g.get("expired", "0")),
+        stored_amount(g.get("applied", "0")),
+        # Before `revoked` was kept, a revoked grant was one with nothing granted.
+        stored_typed(g["revoked"], bool, "revoked") if "revoked" in g else granted == 0,
+    )
+
+
+def stored_pending(value: Any) -> dict[str, dict[str, Decimal]]:
+    """A book's charges waiting for an invoice ({month: {kind: amount}}), each of its type."""
+    return {
+        stored_typed(month, str, "pending month"): {
+            stored_typed(kind, str, "pending kind"): stored_amount(amount)
+            for kind, amount in stored_typed(kinds, dict, "pending month").items()
+        }
+        for month, kinds in stored_typed(value, dict, "pending").items()
+    }
 
 
 def stored_typed(value: Any, kinds: type | tuple[type, ...], what: str) -> Any:

@@ -8,7 +8,7 @@ from typing import Any
 
 import psycopg
 
-from ledger.book import stored_amount, stored_typed
+from ledger.book import stored_pending
 from ledger.db import QUERIES
 from ledger.log import describe_error
 from ledger.money import plain
@@ -90,17 +90,15 @@ def _open_charges(conn: psycopg.Connection, account_id: str) -> dict[str, Any]:
     the writer writes (changed by hand: the writer holds the account until it is restored)."""
     row = conn.execute(QUERIES["account_book_pending"], (account_id,)).fetchone()
     try:
-        pending = stored_typed(row[0] if row else {}, dict, "pending")
-        charges = {
-            stored_typed(month, str, "pending month"): {
-                stored_typed(kind, str, "pending kind"): str(stored_amount(amount))
-                for kind, amount in stored_typed(kinds, dict, "pending month").items()
-            }
-            for month, kinds in pending.items()
-        }
+        pending = stored_pending(row[0] if row else {})
     except (TypeError, ValueError, ArithmeticError) as exc:
         return {"open_charges": {}, "book_unreadable": describe_error(exc)}
-    return {"open_charges": charges}
+    return {
+        "open_charges": {
+            month: {kind: str(amount) for kind, amount in kinds.items()}
+            for month, kinds in pending.items()
+        }
+    }
 
 
 def invoices_of_month(conn: psycopg.Connection, month: str) -> list[dict[str, Any]]:
