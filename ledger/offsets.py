@@ -131,8 +131,8 @@ class PartitionAudit:
     quarantined: int = 0  # a reject row at this offset (open or resolved)
     pruned: int = 0  # quarantined, resolved, and its row deleted by retention
     unaccounted: list[Unaccounted] = dataclasses.field(default_factory=list)
-    # The offset of the last record counted: a run of unaccounted records goes on across chunks.
-    last_counted: int = dataclasses.field(default=-1, repr=False, compare=False)
+    # Whether the last record counted was unaccounted: a run of them goes on across chunks.
+    last_missed: bool = dataclasses.field(default=False, repr=False, compare=False)
 
     @property
     def records(self) -> int:
@@ -142,12 +142,15 @@ class PartitionAudit:
     def missing(self) -> int:
         return sum(u.records for u in self.unaccounted)
 
-    def _miss(self, offset: int, why: str, after_miss: bool) -> None:
-        if after_miss and self.unaccounted:
-            last = self.unaccounted[-1]
-            last.last, last.records = offset, last.records + 1
-        else:
-            self.unaccounted.append(Unaccounted(offset, offset, 1, why))
+    def _count(self, offset: int, why: str | None) -> None:
+        """Record at `offset` counted elsewhere (None) or unaccounted (why)."""
+        if why is not None:
+            if self.last_missed:
+                run = self.unaccounted[-1]
+                run.last, run.records = offset, run.records + 1
+            else:
+                self.unaccounted.append(Unaccounted(offset, offset, 1, why))
+        self.last_missed = why is not None
 
 
 # A record as the audit reads it: (offset, value); value None for a tombstone.
@@ -181,15 +184,13 @@ def account_for(
         event_id = d.event["event_id"]
         decoded[offset] = (event_id, content_hash(d.event_type, canonical_json(d.event)))
     found = journaled(sorted({v[0] for v in decoded.values() if isinstance(v, tuple)}))
-    after_miss = bool(audit.unaccounted) and audit.unaccounted[-1].last == audit.last_counted
     for offset, _ in records:
-        audit.last_counted = offset
         if offset in quarantined:
             if quarantined[offset]:
                 audit.pruned += 1
             else:
                 audit.quarantined += 1
-            after_miss = False
+            audit._count(offset, None)
             continue
         what = decoded[offset]
         why = what if isinstance(what, str) else None
@@ -207,9 +208,7 @@ def account_for(
                 audit.journaled += 1
             else:
                 audit.redelivered += 1
-        if why is not None:
-            audit._miss(offset, why, after_miss)
-        after_miss = why is not None
+        audit._count(offset, why)
 
 
 AUDIT_CHUNK = 5_000
